@@ -1,0 +1,3 @@
+from remote_exec.cli import main
+
+main()

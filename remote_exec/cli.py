@@ -1,0 +1,328 @@
+"""The ``remote-exec`` command line: parse, call the library, print. Nothing else lives here.
+
+Heavy imports (asyncssh, rich) happen inside the commands that need them, so
+``remote-exec --help`` and argument errors stay fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from remote_exec import __version__
+from remote_exec.errors import ConfigError, RemoteExecError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _fail(err: RemoteExecError, as_json: bool = False) -> NoReturn:
+    if as_json:
+        import json
+
+        sys.stderr.write(json.dumps({"event": "error", "message": err.message, "hint": err.hint,
+                                     "exit_code": err.exit_code}) + "\n")
+    else:
+        click.echo(f"remote-exec: error: {err}", err=True)
+    sys.exit(err.exit_code)
+
+
+def _resolve_site(config_path: str | None, name: str, transfer: str | None = None) -> Any:
+    from remote_exec.config import load_config
+    from remote_exec.sandbox import SITE_NAME, Sandbox
+
+    config = load_config(config_path)
+    if name == SITE_NAME and name not in config.sites:
+        sandbox = Sandbox()
+        if sandbox.port is None:
+            raise ConfigError(
+                "the sandbox site is not set up", hint="start it with `remote-exec sandbox up`"
+            )
+        config.sites[SITE_NAME] = sandbox.site_definition()
+    site = config.site(name)
+    if transfer:
+        site.transfer = transfer
+    return site, config
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="remote-exec")
+def main() -> None:
+    """Run a MInt module's remote step over one SSH connection.
+
+    Stage the declared inputs into a fresh <root>/<uuid> directory on the remote
+    host, run the site's entrypoint (or an allowlisted template) there, bring the
+    whole directory back, and clean up. Start with `remote-exec demo`.
+    """
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--site", "-s", "site_name", required=True, metavar="SITE",
+              help="A site from the configuration, or any SSH host / ~/.ssh/config alias.")
+@click.option("--cmd", "command", metavar="CMD",
+              help="Run this command line in the run directory (remote login shell).")
+@click.option("--template", "-t", metavar="NAME", help="Run the allowlisted template NAME.")
+@click.option("--param", "-p", "params", multiple=True, metavar="KEY=VALUE",
+              help="A template parameter (repeat for several; repeat a list parameter).")
+@click.option("--into", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
+              show_default=True, help="Where the returned files go.")
+@click.option("--keep", is_flag=True, help="Keep the remote directory even after success.")
+@click.option("--follow", "-f", is_flag=True,
+              help="Stream remote_program_exec.log while the entrypoint runs.")
+@click.option("--transfer", type=click.Choice(["auto", "rsync", "sftp"]),
+              help="How files move (default: the site's `transfer`, else auto).")
+@click.option("--config", "config_path", metavar="FILE", envvar=None,
+              help="Configuration file (default: $REMOTE_EXEC_CONFIG, ./remote-exec.yaml, "
+              "~/.config/remote-exec/sites.yaml).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable events on stderr.")
+@click.option("--quiet", "-q", is_flag=True, help="Only errors and the remote log on failure.")
+@click.argument("inputs", nargs=-1, metavar="INPUT...")
+def run(site_name: str, command: str | None, template: str | None, params: tuple[str, ...],
+        into: Path, keep: bool, follow: bool, transfer: str | None, config_path: str | None,
+        as_json: bool, quiet: bool, inputs: tuple[str, ...]) -> None:
+    """Stage INPUTs, run the entrypoint remotely, and fetch the run directory back.
+
+    \b
+    What runs, in the run directory <root>/<uuid> on the site:
+      --cmd CMD         a command line (as the legacy script did)
+      --template NAME   a rendered template, if the site allows it
+      (neither)         the site's entrypoint, by default
+                        ~/misrc_remote_workflow/scripts/execute_remote-side_program_ssh.sh
+    Output goes to remote_program_exec.log there. Inputs are files or directories;
+    symlinks are followed and base names kept.
+
+    \b
+    Exit status: 0 success; the entrypoint's own code when it fails;
+    66 input error, 69 connection error, 73 staging error, 74 fetch error,
+    75 outcome unknown, 77 authentication / host key, 78 configuration.
+
+    \b
+    Examples:
+      remote-exec run --site sandbox --cmd 'cat a b > out' a b
+      remote-exec run --site lab -t generic -p program=~/bin/solver -p args=in.dat in.dat
+    """
+    from remote_exec.ui import Reporter
+
+    ui = Reporter(quiet=quiet, as_json=as_json)
+    try:
+        request = _build_request(site_name, command, template, params, into, keep, follow,
+                                 transfer, config_path, inputs)
+        result = _execute(request, ui)
+    except RemoteExecError as err:
+        _fail(err, as_json)
+    except KeyboardInterrupt:
+        click.echo("remote-exec: interrupted", err=True)
+        sys.exit(130)
+    if not result.ok:
+        from remote_exec.run import read_log_tail
+
+        if not as_json:
+            click.echo(f"remote-exec: the entrypoint failed with exit code {result.exit_code}; "
+                       f"remote directory kept at {site_name}:{result.rundir}", err=True)
+            tail = read_log_tail(into)
+            if tail:
+                click.echo("---------- remote side log (last lines) ----------", err=True)
+                click.echo(tail, err=True)
+                click.echo("---------------------------------------------------", err=True)
+    sys.exit(result.exit_code)
+
+
+def _build_request(site_name: str, command: str | None, template: str | None,
+                   params: tuple[str, ...], into: Path, keep: bool, follow: bool,
+                   transfer: str | None, config_path: str | None,
+                   inputs: tuple[str, ...]) -> Any:
+    from remote_exec.entrypoint import Entrypoint
+    from remote_exec.inputs import check_inputs
+    from remote_exec.run import RunRequest
+
+    if command is not None and template is not None:
+        raise ConfigError("give either --cmd or --template, not both")
+    if params and template is None:
+        raise ConfigError("--param needs --template")
+    site, _ = _resolve_site(config_path, site_name, transfer)
+    if template is not None:
+        from remote_exec import templates
+
+        if template not in site.templates:
+            allowed = ", ".join(site.templates) or "none"
+            raise ConfigError(
+                f"template {template!r} is not allowed on site {site.name!r}",
+                hint=f"allowed templates: {allowed} (the site's `templates` list)",
+            )
+        tpl = templates.load_template(template)
+        entry = Entrypoint("template", f"template {template}", tpl.render(tpl.bind(list(params))))
+    elif command is not None:
+        if not command.strip():
+            raise ConfigError("--cmd is empty")
+        entry = Entrypoint("command", f"command {command!r}", command)
+    else:
+        entry = Entrypoint("site", f"site entrypoint {site.entrypoint}", site.entrypoint)
+    checked = check_inputs(list(inputs))
+    return RunRequest(site=site, inputs=checked, entrypoint=entry, into=into.absolute(),
+                      keep=keep, follow=follow)
+
+
+def _execute(request: Any, ui: Any) -> Any:
+    from remote_exec.run import execute
+
+    try:
+        return execute(request, ui)
+    except RemoteExecError:
+        raise
+    except Exception as exc:  # a bug: say so plainly, keep the traceback for a report
+        import traceback
+
+        traceback.print_exc()
+        raise RemoteExecError(f"internal error: {exc!r}", hint="please report this") from exc
+
+
+@main.command(context_settings={**CONTEXT, "ignore_unknown_options": True},
+              add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def legacy(ctx: click.Context, args: tuple[str, ...]) -> None:
+    """MInt drop-in: client_name:HOST client_cmd:CMD client_files:a,b,c
+
+    Same arguments and exit codes (0 success, 1 failure) as MInt's
+    execute_remote_command.sample.py; outputs land in the current directory; on
+    failure the remote log is printed between marker lines. With $MISYSTEM_SITEID
+    set, start / normal end / abnormal end lines go to solver_execute.log.
+    """
+    from remote_exec import legacy as lg
+
+    if any(a in ("-h", "--help") for a in args):
+        click.echo(ctx.get_help())
+        click.echo("\n" + lg.USAGE)
+        sys.exit(0)
+    parsed = lg.parse(list(args))
+    if parsed is None:
+        click.echo(lg.USAGE)
+        sys.exit(1)
+    from remote_exec.ui import Reporter
+
+    ui = Reporter(quiet=bool(os.environ.get("REMOTE_EXEC_QUIET")))
+    solver_log = None
+    try:
+        from remote_exec.entrypoint import Entrypoint
+        from remote_exec.inputs import check_inputs
+        from remote_exec.run import RunRequest
+
+        site, config = _resolve_site(None, parsed.client_name)
+        solver_log = lg.SolverLog(config.solver_log_base, parsed.solver)
+        request = RunRequest(
+            site=site, inputs=check_inputs(parsed.client_files),
+            entrypoint=Entrypoint("command", f"command {parsed.client_cmd!r}", parsed.client_cmd),
+            into=Path.cwd(),
+        )
+        solver_log.write("start")
+        result = _execute(request, ui)
+    except RemoteExecError as err:
+        click.echo(f"remote-exec: error: {err}", err=True)
+        if solver_log is not None:
+            solver_log.write("abnormal end")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        if solver_log is not None:
+            solver_log.write("abnormal end")
+        sys.exit(1)
+    if result.ok:
+        solver_log.write("normal end")
+        sys.exit(0)
+    from remote_exec.run import read_log_tail
+
+    solver_log.write("abnormal end")
+    lg.print_remote_log(read_log_tail(Path.cwd(), lines=10**6))
+    sys.exit(1)
+
+
+@main.group(context_settings=CONTEXT)
+def sandbox() -> None:
+    """A throwaway OpenSSH server on 127.0.0.1 to try real runs without a remote host.
+
+    Keys and state live under ~/.local/state/remote-exec/sandbox
+    ($REMOTE_EXEC_STATE_DIR overrides); the site `sandbox` is recorded in
+    ~/.config/remote-exec/sites.yaml.
+    """
+
+
+@sandbox.command("up", context_settings=CONTEXT)
+@click.option("--no-config", is_flag=True, help="Do not record the site in the user config.")
+def sandbox_up(no_config: bool) -> None:
+    """Start the sandbox sshd (if it is not running) and record the `sandbox` site."""
+    from remote_exec.sandbox import Sandbox
+
+    box = Sandbox()
+    try:
+        was_running = box.running()
+        site = box.up()
+        where = None if no_config else box.write_user_config()
+    except RemoteExecError as err:
+        _fail(err)
+    state = "already running" if was_running else "started"
+    click.echo(f"sandbox sshd {state} on 127.0.0.1:{site['port']} (state in {box.dir})")
+    if where:
+        click.echo(f"site 'sandbox' recorded in {where}")
+    click.echo("try: remote-exec run --site sandbox --cmd 'uname -a > uname.txt'")
+
+
+@sandbox.command("down", context_settings=CONTEXT)
+def sandbox_down() -> None:
+    """Stop the sandbox sshd."""
+    from remote_exec.sandbox import Sandbox
+
+    click.echo("sandbox stopped" if Sandbox().down() else "sandbox was not running")
+
+
+@sandbox.command("status", context_settings=CONTEXT)
+def sandbox_status() -> None:
+    """Say whether the sandbox sshd is running, and where. Exit 0 if it is, 3 if not."""
+    from remote_exec.sandbox import Sandbox
+
+    box = Sandbox()
+    if box.running():
+        click.echo(f"running: pid {box.pid()} on 127.0.0.1:{box.port}; state in {box.dir}")
+        sys.exit(0)
+    click.echo(f"not running (state in {box.dir}); start it with `remote-exec sandbox up`")
+    sys.exit(3)
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--into", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the results go (default: a new directory under the state dir).")
+def demo(into: Path | None) -> None:
+    """Run the sample solver through the sandbox end to end and show what came back.
+
+    Starts the sandbox if needed, writes three material-property inputs, runs the
+    site's entrypoint (a sample Ramberg-Osgood curve solver) with them, and lists
+    the returned files.
+    """
+    from remote_exec import demo as demo_mod
+
+    try:
+        code = demo_mod.run_demo(into)
+    except RemoteExecError as err:
+        _fail(err)
+    sys.exit(code)
+
+
+@main.command("templates", context_settings=CONTEXT)
+@click.argument("name", required=False)
+def templates_cmd(name: str | None) -> None:
+    """List the shipped templates, or show one template's parameters."""
+    from remote_exec import templates
+
+    try:
+        if name is None:
+            for tname in templates.available():
+                click.echo(f"{tname:16} {templates.load_template(tname).description}")
+            return
+        tpl = templates.load_template(name)
+    except RemoteExecError as err:
+        _fail(err)
+    click.echo(f"{tpl.name}: {tpl.description}\nparameters:")
+    for p in tpl.parameters.values():
+        extra = " (required)" if p.required else f" (default: {p.default!r})"
+        click.echo(f"  {p.name:12} {p.type:7}{extra}  {p.description}")

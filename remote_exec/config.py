@@ -1,0 +1,273 @@
+"""The site configuration: where it is looked up, its schema, and the resolved :class:`Site`.
+
+A configuration file is YAML::
+
+    defaults:               # optional, merged under every site
+      root: /tmp
+    sites:
+      lab:
+        host: lab-server    # an address or a ~/.ssh/config Host alias
+        port: 22
+        user: mint
+        identity_file: ~/.ssh/id_ed25519
+        root: /tmp
+        entrypoint: ~/misrc_remote_workflow/scripts/execute_remote-side_program_ssh.sh
+        templates: [generic]
+        cleanup: on-success
+    legacy:
+      solver_log_base: /home/misystem/assets/workflow
+
+The file is looked up as ``--config``, ``$REMOTE_EXEC_CONFIG``, ``./remote-exec.yaml``,
+then ``~/.config/remote-exec/sites.yaml``; the first that exists is used. A site name
+that the file does not define is taken as an SSH host (or ``~/.ssh/config`` alias),
+exactly as ``ssh NAME`` would.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from remote_exec.errors import ConfigError
+from remote_exec.paths import user_config_file
+
+DEFAULT_ROOT = "/tmp"
+DEFAULT_ENTRYPOINT = "~/misrc_remote_workflow/scripts/execute_remote-side_program_ssh.sh"
+DEFAULT_SOLVER_LOG_BASE = "/home/misystem/assets/workflow"
+CLEANUP_POLICIES = ("on-success", "always", "never")
+TRANSFER_METHODS = ("auto", "rsync", "sftp")
+
+_SITE_PROPERTIES: dict[str, Any] = {
+    "host": {"type": "string", "minLength": 1},
+    "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+    "user": {"type": "string", "minLength": 1},
+    "identity_file": {"type": "string", "minLength": 1},
+    "known_hosts": {"type": "string", "minLength": 1},
+    "root": {"type": "string", "minLength": 1},
+    "entrypoint": {"type": "string", "minLength": 1},
+    "templates": {"type": "array", "items": {"type": "string"}},
+    "cleanup": {"enum": list(CLEANUP_POLICIES)},
+    "transfer": {"enum": list(TRANSFER_METHODS)},
+    "rsync_threshold": {"type": "integer", "minimum": 0},
+    "connect_timeout": {"type": "number", "exclusiveMinimum": 0},
+    "description": {"type": "string"},
+}
+
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "defaults": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": _SITE_PROPERTIES,
+        },
+        "sites": {
+            "type": "object",
+            "additionalProperties": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": _SITE_PROPERTIES,
+            },
+        },
+        "legacy": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "solver_log_base": {"type": "string", "minLength": 1},
+                "site": {"type": "string", "minLength": 1},
+            },
+        },
+    },
+}
+
+
+@dataclass
+class Site:
+    """Everything needed to reach one remote site and run there."""
+
+    name: str
+    host: str
+    port: int | None = None
+    user: str | None = None
+    identity_file: str | None = None
+    known_hosts: str | None = None
+    root: str = DEFAULT_ROOT
+    entrypoint: str = DEFAULT_ENTRYPOINT
+    templates: list[str] = field(default_factory=list)
+    cleanup: str = "on-success"
+    transfer: str = "auto"
+    rsync_threshold: int = 4 * 1024 * 1024
+    connect_timeout: float = 30.0
+    description: str = ""
+    defined_in: str | None = None  # the file that defined it, None for a bare host alias
+
+    @property
+    def display(self) -> str:
+        """``user@host:port`` as far as known, for messages."""
+        text = self.host
+        if self.user:
+            text = f"{self.user}@{text}"
+        if self.port:
+            text = f"{text}:{self.port}"
+        return text
+
+
+@dataclass
+class Config:
+    """A loaded configuration file (or none at all)."""
+
+    path: Path | None
+    sites: dict[str, dict[str, Any]]
+    defaults: dict[str, Any]
+    legacy: dict[str, Any]
+
+    def site(self, name: str) -> Site:
+        """The site ``name``; an undefined name is an SSH host alias with defaults."""
+        if not name or name.startswith("-") or any(c.isspace() for c in name):
+            raise ConfigError(f"invalid site or host name {name!r}")
+        values: dict[str, Any] = dict(self.defaults)
+        if name in self.sites:
+            values.update(self.sites[name])
+            values.setdefault("host", name)
+            defined_in = str(self.path)
+        else:
+            values["host"] = name
+            defined_in = None
+        for key in ("identity_file", "known_hosts"):
+            if values.get(key):
+                values[key] = os.path.expanduser(values[key])
+        return Site(name=name, defined_in=defined_in, **values)
+
+    @property
+    def solver_log_base(self) -> str:
+        return str(self.legacy.get("solver_log_base", DEFAULT_SOLVER_LOG_BASE))
+
+
+def find_config_file(explicit: str | os.PathLike[str] | None = None) -> Path | None:
+    """The configuration file to use, in the documented lookup order, or None."""
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise ConfigError(
+                f"configuration file {path} does not exist",
+                hint="check the --config path",
+            )
+        return path
+    env = os.environ.get("REMOTE_EXEC_CONFIG")
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_file():
+            raise ConfigError(
+                f"configuration file {path} (from $REMOTE_EXEC_CONFIG) does not exist",
+                hint="unset REMOTE_EXEC_CONFIG or point it at a file",
+            )
+        return path
+    for candidate in (Path("remote-exec.yaml"), user_config_file()):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
+    """Find, parse and validate the configuration; errors name the file, line and key."""
+    path = find_config_file(explicit)
+    if path is None:
+        return Config(path=None, sites={}, defaults={}, legacy={})
+    return parse_config(path.read_text(encoding="utf-8"), path)
+
+
+def parse_config(text: str, path: Path) -> Config:
+    """Parse and validate configuration ``text`` read from ``path``."""
+    import yaml
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    try:
+        node = yaml.compose(text, Loader=loader)
+        data = yaml.load(text, Loader=loader) if node is not None else {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+    if data is None:
+        data = {}
+    _validate(data, node, path)
+    return Config(
+        path=path,
+        sites={k: dict(v or {}) for k, v in (data.get("sites") or {}).items()},
+        defaults=dict(data.get("defaults") or {}),
+        legacy=dict(data.get("legacy") or {}),
+    )
+
+
+_VALIDATOR = None
+
+
+def _validator() -> Any:
+    global _VALIDATOR
+    if _VALIDATOR is None:
+        import fastjsonschema
+
+        _VALIDATOR = fastjsonschema.compile(SCHEMA)
+    return _VALIDATOR
+
+
+def _validate(data: Any, node: Any, path: Path) -> None:
+    import fastjsonschema
+
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}:1: the top level must be a mapping with a 'sites' key")
+    try:
+        _validator()(data)
+    except fastjsonschema.JsonSchemaValueException as exc:
+        keys = [str(p) for p in (exc.path or [])[1:]]
+        line, key = _locate(node, keys)
+        message = exc.message.replace("data.", "", 1).replace("data ", "", 1)
+        if exc.rule == "additionalProperties":
+            allowed = sorted(_SITE_PROPERTIES) if len(keys) >= 1 else sorted(SCHEMA["properties"])
+            unknown = _unknown_key(exc.value, keys, data)
+            where = ".".join(keys) or "top level"
+            key = unknown or key
+            line = _locate(node, [*keys, unknown])[0] if unknown else line
+            message = f"unknown key {unknown!r} in {where}; allowed keys: {', '.join(allowed)}"
+        raise ConfigError(f"{path}:{line}: {key}: {message}") from None
+
+
+def _unknown_key(value: Any, keys: list[str], data: Any) -> str | None:
+    if not isinstance(value, dict):
+        return None
+    if not keys:
+        known = set(SCHEMA["properties"])
+    elif keys == ["legacy"]:
+        known = {"solver_log_base", "site"}
+    else:
+        known = set(_SITE_PROPERTIES)
+    extra = [k for k in value if k not in known]
+    return str(extra[0]) if extra else None
+
+
+def _locate(node: Any, keys: list[str]) -> tuple[int, str]:
+    """The 1-based line of the YAML node at ``keys`` and the dotted key for messages."""
+    line = 1 if node is None else node.start_mark.line + 1
+    current = node
+    for key in keys:
+        found = None
+        if current is not None and hasattr(current, "value") and isinstance(current.value, list):
+            for item in current.value:
+                if isinstance(item, tuple) and str(item[0].value) == key:
+                    found = item
+                    break
+            if found is None and key.isdigit():
+                index = int(key)
+                if index < len(current.value) and not isinstance(current.value[index], tuple):
+                    current = current.value[index]
+                    line = current.start_mark.line + 1
+                    continue
+        if found is None:
+            break
+        line = found[0].start_mark.line + 1
+        current = found[1]
+    return line, ".".join(keys) or "(top level)"

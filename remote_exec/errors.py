@@ -1,0 +1,77 @@
+"""One exception hierarchy; each error carries a message a user can act on and an exit code.
+
+Exit codes (documented in the README). The entrypoint's own exit code is passed
+through unchanged when the remote program fails, so these are chosen from the
+``sysexits.h`` range that solvers rarely use.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_USAGE = 2  # click's own code for bad arguments
+EXIT_INPUT = 66  # EX_NOINPUT: a declared input is missing, unreadable or clashes
+EXIT_CONNECT = 69  # EX_UNAVAILABLE: host unknown, unreachable, refused, dropped
+EXIT_INTERNAL = 70  # EX_SOFTWARE: a bug in remote-exec
+EXIT_STAGE = 73  # EX_CANTCREAT: the remote run directory or staging failed
+EXIT_FETCH = 74  # EX_IOERR: pulling results back failed
+EXIT_AUTH = 77  # EX_NOPERM: authentication failed or the host key is not trusted
+EXIT_CONFIG = 78  # EX_CONFIG: configuration or template error
+EXIT_REMOTE_LOST = 75  # EX_TEMPFAIL: the entrypoint's outcome could not be read
+
+
+class RemoteExecError(Exception):
+    """Base of every expected failure. ``str(err)`` is the message for the user."""
+
+    exit_code = EXIT_INTERNAL
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        if self.hint:
+            return f"{self.message}\n  hint: {self.hint}"
+        return self.message
+
+
+class ConfigError(RemoteExecError):
+    """The site configuration, a template or a parameter is wrong."""
+
+    exit_code = EXIT_CONFIG
+
+
+class InputError(RemoteExecError):
+    """A declared input cannot be staged (missing, unreadable, name clash)."""
+
+    exit_code = EXIT_INPUT
+
+
+class ConnectError(RemoteExecError):
+    """The host cannot be reached or the connection dropped."""
+
+    exit_code = EXIT_CONNECT
+
+
+class AuthError(RemoteExecError):
+    """Authentication failed or the host key could not be verified."""
+
+    exit_code = EXIT_AUTH
+
+
+class StageError(RemoteExecError):
+    """Creating the remote run directory or copying inputs into it failed."""
+
+    exit_code = EXIT_STAGE
+
+
+class FetchError(RemoteExecError):
+    """Copying results back failed; the remote directory is kept."""
+
+    exit_code = EXIT_FETCH
+
+
+class RemoteLostError(RemoteExecError):
+    """The entrypoint ran but its outcome could not be read back."""
+
+    exit_code = EXIT_REMOTE_LOST

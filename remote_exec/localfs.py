@@ -1,0 +1,47 @@
+"""Putting fetched results in place so that an interrupted pull never leaves half-written files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def partial_dir(into: Path, run_id: str) -> Path:
+    """A fresh directory beside the destination (same file system: renames are atomic)."""
+    into.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".remote-exec-{run_id[:8]}-", dir=into))
+
+
+def place(partial: Path, into: Path) -> list[str]:
+    """Move everything under ``partial`` into ``into``; returns the top-level names placed.
+
+    Each file is moved with one rename, so a reader of ``into`` sees either the old
+    file or the whole new one. Directories are merged, as ``rsync -a`` would.
+    """
+    placed = sorted(os.listdir(partial))
+    for name in placed:
+        _merge(partial / name, into / name)
+    shutil.rmtree(partial, ignore_errors=True)
+    return placed
+
+
+def _merge(src: Path, dst: Path) -> None:
+    if src.is_dir() and not src.is_symlink():
+        if dst.is_symlink() or (dst.exists() and not dst.is_dir()):
+            dst.unlink()
+        if not dst.exists():
+            os.replace(src, dst)
+            return
+        for name in os.listdir(src):
+            _merge(src / name, dst / name)
+        shutil.copystat(src, dst, follow_symlinks=False)
+        return
+    if dst.is_dir() and not dst.is_symlink():
+        shutil.rmtree(dst)
+    os.replace(src, dst)
+
+
+def discard(partial: Path) -> None:
+    shutil.rmtree(partial, ignore_errors=True)

@@ -1,0 +1,263 @@
+"""A throwaway OpenSSH server on 127.0.0.1, so a real run needs no remote host.
+
+``remote-exec sandbox up`` generates a host key and a user key under the state
+directory, starts ``sshd`` on a free loopback port that accepts only that user key,
+pins the host key in a known_hosts file of its own, installs the sample site-side
+scripts, and records a site named ``sandbox``. The tests use the same class to
+start their servers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from remote_exec.errors import ConfigError, ConnectError
+from remote_exec.paths import shipped_dir, state_dir, user_config_file
+from remote_exec.ssh.connect import local_user
+
+SITE_NAME = "sandbox"
+ENTRYPOINT_NAME = "execute_remote-side_program_ssh.sh"
+
+
+def find_sshd() -> str:
+    """The sshd binary, or a ConfigError that says how to install it."""
+    for candidate in (shutil.which("sshd"), "/usr/sbin/sshd", "/usr/local/sbin/sshd"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise ConfigError(
+        "sshd (the OpenSSH server) is not installed, so the sandbox cannot start",
+        hint="install it: `sudo apt-get install -y openssh-server` (Debian/Ubuntu)",
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Sandbox:
+    """One loopback sshd and its keys, living in ``directory``."""
+
+    def __init__(self, directory: Path | None = None, *, extra_config: list[str] | None = None,
+                 wrapper: list[str] | None = None) -> None:
+        self.dir = Path(directory) if directory else state_dir() / "sandbox"
+        self.extra_config = list(extra_config or [])
+        self.wrapper = list(wrapper or [])  # e.g. a namespace wrapper in the tests
+
+    # -- files -------------------------------------------------------------------------
+    @property
+    def host_key(self) -> Path:
+        return self.dir / "ssh_host_ed25519_key"
+
+    @property
+    def user_key(self) -> Path:
+        return self.dir / "id_ed25519"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.dir / "known_hosts"
+
+    @property
+    def authorized_keys(self) -> Path:
+        return self.dir / "authorized_keys"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.dir / "sshd.pid"
+
+    @property
+    def port_file(self) -> Path:
+        return self.dir / "port"
+
+    @property
+    def log_file(self) -> Path:
+        return self.dir / "sshd.log"
+
+    @property
+    def site_dir(self) -> Path:
+        """What a site administrator would install: the entrypoint and its helpers."""
+        return self.dir / "site"
+
+    @property
+    def runs_root(self) -> Path:
+        return self.dir / "runs"
+
+    @property
+    def port(self) -> int | None:
+        try:
+            return int(self.port_file.read_text())
+        except (OSError, ValueError):
+            return None
+
+    # -- life --------------------------------------------------------------------------
+    def pid(self) -> int | None:
+        """The sshd pid if it is running."""
+        try:
+            pid = int(self.pid_file.read_text())
+            os.kill(pid, 0)
+            return pid
+        except (OSError, ValueError):
+            return None
+
+    def running(self) -> bool:
+        port = self.port
+        if self.pid() is None or port is None:
+            return False
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def up(self) -> dict[str, Any]:
+        """Start the server if it is not running; returns the site definition."""
+        if self.running():
+            return self.site_definition()
+        sshd = find_sshd()
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.runs_root.mkdir(exist_ok=True, mode=0o700)
+        self._make_keys()
+        self._install_site_scripts()
+        port = free_port()
+        self.port_file.write_text(str(port))
+        config = self.dir / "sshd_config"
+        config.write_text(self._sshd_config(port))
+        kind, blob = Path(f"{self.host_key}.pub").read_text().split()[:2]
+        self.known_hosts.write_text(f"[127.0.0.1]:{port} {kind} {blob}\n")
+        if os.geteuid() == 0:
+            Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        self.log_file.write_text("")
+        proc = subprocess.Popen(
+            [*self.wrapper, sshd, "-D", "-f", str(config), "-E", str(self.log_file)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        self.pid_file.write_text(str(proc.pid))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                err = (proc.stderr.read() if proc.stderr else b"").decode(errors="replace")
+                log = self.log_file.read_text(errors="replace")
+                raise ConnectError(f"the sandbox sshd exited at once: {err.strip()} {log.strip()}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            self.down()
+            raise ConnectError(f"the sandbox sshd did not listen on 127.0.0.1:{port} within 10 s")
+        return self.site_definition()
+
+    def down(self) -> bool:
+        """Stop the server; returns whether one was running."""
+        pid = self.pid()
+        if pid is None:
+            return False
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGTERM)
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except OSError:
+                break
+            with contextlib.suppress(OSError):
+                os.waitpid(pid, os.WNOHANG)
+            time.sleep(0.05)
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+    def site_definition(self) -> dict[str, Any]:
+        """The ``sites.sandbox`` entry of the configuration."""
+        return {
+            "host": "127.0.0.1",
+            "port": self.port,
+            "user": local_user(),
+            "identity_file": str(self.user_key),
+            "known_hosts": str(self.known_hosts),
+            "root": str(self.runs_root),
+            "entrypoint": str(self.site_dir / ENTRYPOINT_NAME),
+            "templates": ["generic"],
+            "description": "throwaway loopback sshd started by `remote-exec sandbox up`",
+        }
+
+    def write_user_config(self, path: Path | None = None) -> Path:
+        """Record the ``sandbox`` site in the user configuration file."""
+        import yaml
+
+        path = path or user_config_file()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data: dict[str, Any] = {}
+        if path.is_file():
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            if not isinstance(data, dict):
+                raise ConfigError(f"{path}: the top level must be a mapping")
+            shutil.copy2(path, path.with_suffix(".yaml.bak"))
+        data.setdefault("sites", {})
+        if data["sites"] is None:
+            data["sites"] = {}
+        data["sites"][SITE_NAME] = self.site_definition()
+        header = "# remote-exec sites (see `remote-exec run --help`).\n"
+        path.write_text(header + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        return path
+
+    # -- helpers -----------------------------------------------------------------------
+    def _make_keys(self) -> None:
+        import asyncssh
+
+        for key_path in (self.host_key, self.user_key):
+            if key_path.exists():
+                continue
+            key = asyncssh.generate_private_key("ssh-ed25519", comment=f"remote-exec {key_path.name}")
+            key.write_private_key(str(key_path))
+            key.write_public_key(str(key_path) + ".pub")
+            os.chmod(key_path, 0o600)
+        self.authorized_keys.write_text(Path(str(self.user_key) + ".pub").read_text())
+        os.chmod(self.authorized_keys, 0o600)
+
+    def _install_site_scripts(self) -> None:
+        self.site_dir.mkdir(exist_ok=True)
+        scripts = shipped_dir("remote-side_scripts")
+        for name, target in (
+            ("execute_remote-side_program_ssh.sample.sh", ENTRYPOINT_NAME),
+            ("sample_solver.py", "sample_solver.py"),
+        ):
+            source = scripts / name
+            if source.is_file():
+                shutil.copy(source, self.site_dir / target)
+                os.chmod(self.site_dir / target, 0o755)
+
+    def _sshd_config(self, port: int) -> str:
+        lines = [
+            f"Port {port}",
+            "ListenAddress 127.0.0.1",
+            f"HostKey {self.host_key}",
+            f"AuthorizedKeysFile {self.authorized_keys}",
+            f"PidFile {self.dir / 'sshd.daemon.pid'}",
+            "StrictModes no",
+            "PubkeyAuthentication yes",
+            "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no",
+            "UsePAM no",
+            "PermitRootLogin prohibit-password",
+            "PrintMotd no",
+            "PrintLastLog no",
+            "X11Forwarding no",
+            "AllowAgentForwarding no",
+            "AllowTcpForwarding no",
+            "Subsystem sftp internal-sftp",
+            *self.extra_config,
+        ]
+        return "\n".join(lines) + "\n"

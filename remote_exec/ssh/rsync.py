@@ -1,0 +1,123 @@
+"""rsync over the run's own SSH connection (see :mod:`remote_exec.ssh.rsh_bridge`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import struct
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import asyncssh
+
+BRIDGE = Path(__file__).with_name("rsh_bridge.py")
+#: The host name rsync sees; the bridge ignores it and uses the open connection.
+TUNNEL_HOST = "remote-exec"
+
+
+def local_rsync() -> str | None:
+    """The local rsync binary, or None."""
+    return shutil.which("rsync")
+
+
+async def remote_has_rsync(conn: asyncssh.SSHClientConnection) -> bool:
+    """Whether the remote login shell finds an rsync (one exec on the connection)."""
+    result = await conn.run("command -v rsync >/dev/null 2>&1", check=False)
+    return result.exit_status == 0
+
+
+async def _serve(conn: asyncssh.SSHClientConnection, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+    """Run one rsync remote command on an SSH channel and relay it to the bridge."""
+
+    def frame(kind: bytes, payload: bytes) -> None:
+        writer.write(struct.pack(">cI", kind, len(payload)) + payload)
+
+    try:
+        argv = json.loads(await reader.readline())
+        command = " ".join(argv)  # rsync quoted its words for a remote shell, as ssh joins them
+        process = await conn.create_process(command, encoding=None)
+
+        async def upstream() -> None:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                process.stdin.write(data)
+                await process.stdin.drain()
+            process.stdin.write_eof()
+
+        async def downstream(stream: asyncssh.SSHReader[bytes], kind: bytes) -> None:
+            while True:
+                data = await stream.read(65536)
+                if not data:
+                    break
+                frame(kind, data)
+                await writer.drain()
+
+        up = asyncio.ensure_future(upstream())
+        await asyncio.gather(downstream(process.stdout, b"o"), downstream(process.stderr, b"e"))
+        completed = await process.wait(check=False)
+        up.cancel()
+        status = completed.exit_status if completed.exit_status is not None else 255
+        frame(b"x", struct.pack(">i", status))
+        await writer.drain()
+    except (OSError, asyncssh.Error, ValueError) as exc:
+        with contextlib.suppress(OSError):
+            frame(b"e", f"remote-exec: rsync channel failed: {exc}\n".encode())
+            frame(b"x", struct.pack(">i", 255))
+            await writer.drain()
+    finally:
+        with contextlib.suppress(OSError):
+            writer.close()
+
+
+@contextlib.asynccontextmanager
+async def rsync_tunnel(conn: asyncssh.SSHClientConnection) -> AsyncIterator[str]:
+    """Serve the bridge socket for the life of the block; yields the ``--rsh`` value."""
+    tmp = tempfile.mkdtemp(prefix="remote-exec-rsh-")  # mode 0700: only we can connect
+    sock_path = os.path.join(tmp, "s")
+    server = await asyncio.start_unix_server(
+        lambda r, w: _serve(conn, r, w), path=sock_path
+    )
+    rsh = " ".join(_rsync_quote(w) for w in (sys.executable, "-S", "-E", str(BRIDGE), sock_path))
+    try:
+        yield rsh
+    finally:
+        server.close()
+        with contextlib.suppress(Exception):
+            await server.wait_closed()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _rsync_quote(word: str) -> str:
+    """Quote one word of rsync's ``-e`` string (rsync splits it honouring quotes)."""
+    if word and all(c.isalnum() or c in "/._-+=:@%," for c in word):
+        return word
+    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+async def run_rsync(rsh: str, args: Sequence[str], *, progress: bool) -> tuple[int, str]:
+    """Run local rsync with ``args`` through the tunnel; returns (exit code, stderr text)."""
+    rsync = local_rsync() or "rsync"
+    argv = [rsync, "-e", rsh, *args]
+    if progress:
+        argv.insert(1, "--info=progress2")
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=None if progress else asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await proc.communicate()
+    return proc.returncode or 0, err.decode("utf-8", "replace").strip()
+
+
+def rsync_remote(path: str) -> str:
+    """``HOST:PATH`` for rsync, with the tunnel's host name."""
+    return f"{TUNNEL_HOST}:{path}"
