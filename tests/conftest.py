@@ -1,0 +1,112 @@
+"""Real parts on loopback: an OpenSSH server with throwaway keys, real rsync, the real CLI.
+
+Fixtures:
+  sshd          a running loopback sshd (session-wide), a ``remote_exec.sandbox.Sandbox``
+  nosync_sshd   the same, but the remote side has no rsync (a mount namespace hides it)
+  site_config   writes a configuration with site ``loop`` (and ``norsync``) and returns its path
+  cli           runs the installed ``remote-exec`` command in a subprocess
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from remote_exec.sandbox import Sandbox
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _start(directory: Path, wrapper: list[str] | None = None) -> Sandbox:
+    box = Sandbox(directory, wrapper=wrapper)
+    box.up()
+    return box
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory: pytest.TempPathFactory):
+    box = _start(tmp_path_factory.mktemp("sshd"))
+    yield box
+    box.down()
+
+
+@pytest.fixture(scope="session")
+def nosync_sshd(tmp_path_factory: pytest.TempPathFactory):
+    """A loopback sshd whose sessions cannot find rsync (bind-mounted over, in a namespace)."""
+    unshare = shutil.which("unshare")
+    rsync = shutil.which("rsync")
+    if os.geteuid() != 0 or not unshare or not rsync:
+        pytest.skip("hiding rsync needs root and unshare(1)")
+    directory = tmp_path_factory.mktemp("nosync")
+    empty = directory / "not-rsync"
+    empty.write_text("")
+    script = f'mount --bind {empty} {rsync} && exec "$@"'
+    box = _start(directory, wrapper=[unshare, "-m", "sh", "-c", script, "sh"])
+    yield box
+    box.down()
+
+
+def site_entry(box: Sandbox, root: Path, **extra: object) -> dict:
+    entry = box.site_definition()
+    entry["root"] = str(root)
+    entry.update(extra)
+    return entry
+
+
+@pytest.fixture
+def remote_root(tmp_path: Path) -> Path:
+    root = tmp_path / "remote-root"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def site_config(tmp_path: Path, sshd: Sandbox, remote_root: Path, request: pytest.FixtureRequest):
+    sites = {"loop": site_entry(sshd, remote_root)}
+    if "nosync_sshd" in request.fixturenames:
+        sites["norsync"] = site_entry(request.getfixturevalue("nosync_sshd"), remote_root)
+    path = tmp_path / "remote-exec.yaml"
+    path.write_text(yaml.safe_dump({"sites": sites}))
+    return path
+
+
+@dataclass
+class Cli:
+    config: Path
+    state: Path
+    env: dict
+
+    def __call__(self, *args: str, cwd: Path, input: str | None = None,
+                 extra_env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+        env = {**self.env, **(extra_env or {})}
+        return subprocess.run(
+            [sys.executable, "-m", "remote_exec", *args], cwd=cwd, env=env, input=input,
+            capture_output=True, text=True, timeout=timeout,
+        )
+
+
+@pytest.fixture
+def cli(tmp_path: Path, site_config: Path) -> Cli:
+    state = tmp_path / "state"
+    env = dict(os.environ)
+    env.update({
+        "REMOTE_EXEC_CONFIG": str(site_config),
+        "REMOTE_EXEC_STATE_DIR": str(state),
+        "XDG_CONFIG_HOME": str(tmp_path / "xdg-config"),
+    })
+    env.pop("MISYSTEM_SITEID", None)
+    return Cli(config=site_config, state=state, env=env)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    work = tmp_path / "work"
+    work.mkdir()
+    return work
