@@ -186,7 +186,7 @@ def parse_config(text: str, path: Path) -> Config:
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
         node = yaml.compose(text, Loader=loader)
-        data = yaml.load(text, Loader=loader) if node is not None else {}
+        data = yaml.load(text, Loader=loader) if node is not None else {}  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)

@@ -27,7 +27,8 @@ printf '%s\\n' "$$" > {CONTROL_DIR}/pid
 date -u '+%Y-%m-%dT%H:%M:%SZ' > {CONTROL_DIR}/started_at 2>/dev/null
 %ENTRY% > {LOG_NAME} 2>&1 < /dev/null
 rc=$?
-printf '%s\\n' "$rc" > {CONTROL_DIR}/exit_code.tmp && mv -f {CONTROL_DIR}/exit_code.tmp {CONTROL_DIR}/exit_code
+printf '%s\\n' "$rc" > {CONTROL_DIR}/exit_code.tmp &&
+  mv -f {CONTROL_DIR}/exit_code.tmp {CONTROL_DIR}/exit_code
 exit "$rc"
 """
 

@@ -34,7 +34,9 @@ def check_inputs(paths: list[str]) -> list[Input]:
     seen: dict[str, str] = {}
     for raw in paths:
         source = Path(raw)
-        name = source.name if source.name not in ("", ".", "..") else Path(os.path.abspath(raw)).name
+        name = source.name
+        if name in ("", ".", ".."):
+            name = Path(os.path.abspath(raw)).name
         if not name or name in (".", ".."):
             problems.append(f"{raw!r}: cannot tell the base name to give it remotely")
             continue
@@ -76,7 +78,7 @@ def _check_readable(path: Path, is_dir: bool) -> int:
         return os.stat(path).st_size
     total = 0
     seen_dirs: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(path, followlinks=True, onerror=_raise):
+    for dirpath, _dirnames, filenames in os.walk(path, followlinks=True, onerror=_raise):
         st = os.stat(dirpath)
         if (st.st_dev, st.st_ino) in seen_dirs:
             raise OSError(40, "symlink loop", dirpath)

@@ -220,7 +220,9 @@ class Sandbox:
         for key_path in (self.host_key, self.user_key):
             if key_path.exists():
                 continue
-            key = asyncssh.generate_private_key("ssh-ed25519", comment=f"remote-exec {key_path.name}")
+            key = asyncssh.generate_private_key(
+                "ssh-ed25519", comment=f"remote-exec {key_path.name}"
+            )
             key.write_private_key(str(key_path))
             key.write_public_key(str(key_path) + ".pub")
             os.chmod(key_path, 0o600)
@@ -237,7 +239,7 @@ class Sandbox:
             source = scripts / name
             if source.is_file():
                 shutil.copy(source, self.site_dir / target)
-                os.chmod(self.site_dir / target, 0o755)
+                os.chmod(self.site_dir / target, 0o755)  # noqa: S103 - site scripts
 
     def _sshd_config(self, port: int) -> str:
         lines = [

@@ -84,7 +84,8 @@ class Cli:
     env: dict
 
     def __call__(self, *args: str, cwd: Path, input: str | None = None,
-                 extra_env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+                 extra_env: dict | None = None,
+                 timeout: float = 120) -> subprocess.CompletedProcess:
         env = {**self.env, **(extra_env or {})}
         return subprocess.run(
             [sys.executable, "-m", "remote_exec", *args], cwd=cwd, env=env, input=input,

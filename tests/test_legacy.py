@@ -8,7 +8,9 @@ from pathlib import Path
 
 from conftest import REPO
 
-LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d: (start|normal end|abnormal end): (\S+): unknown$")
+LINE = re.compile(
+    r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d: (start|normal end|abnormal end): (\S+): unknown$"
+)
 
 
 def solver_lines(base: Path, site_id: str) -> list[tuple[str, str]]:

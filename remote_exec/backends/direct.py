@@ -6,6 +6,7 @@ import asyncio
 import codecs
 import contextlib
 import posixpath
+from typing import cast
 
 import asyncssh
 
@@ -73,14 +74,14 @@ async def follow_log(sftp: asyncssh.SFTPClient, rundir: str, ui: Reporter,
         try:
             async with sftp.open(path, "rb") as f:
                 await f.seek(offset)
-                data = await f.read()
+                data = cast(bytes, await f.read())
         except asyncssh.SFTPNoSuchFile:
             data = b""
         if data:
             offset += len(data)
             ui.log_text(decoder.decode(data))
         if finishing:
-            ui.log_text(decoder.decode(b"", final=True))
+            ui.log_text(decoder.decode(b"", True))
             return
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), interval)

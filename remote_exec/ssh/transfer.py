@@ -141,7 +141,7 @@ async def remote_size(sftp: asyncssh.SFTPClient, rundir: str) -> int:
             ):
                 continue
             if entry.attrs.type == asyncssh.FILEXFER_TYPE_DIRECTORY:
-                stack.append(posixpath.join(current, entry.filename))
+                stack.append(posixpath.join(current, os.fsencode(entry.filename)))
             elif entry.attrs.type == asyncssh.FILEXFER_TYPE_REGULAR:
                 total += entry.attrs.size or 0
     return total

@@ -1,0 +1,273 @@
+#!/usr/bin/env python3
+"""One run, side by side: a bare ssh, MInt's step-by-step flow, and ``remote-exec run``.
+
+What is measured (wall time of whole processes, ``time.perf_counter()`` around
+``subprocess.run``), all against one throwaway loopback sshd started here
+(``remote_exec.sandbox.Sandbox`` in a temporary directory, stopped at the end):
+
+  a  ssh-floor   one ``ssh -p PORT -i KEY -o UserKnownHostsFile=KH -o BatchMode=yes
+                 -o StrictHostKeyChecking=yes USER@127.0.0.1 true``: the floor for
+                 anything that opens a connection.
+  b  legacy      the documented flow of MInt's execute_remote_command.sample.py, with
+                 real ssh/rsync processes, each opening its own connection:
+                   ssh HOST "mkdir ROOT/<uuid>"
+                   rsync -av -L -e "ssh ..." FILE HOST:ROOT/<uuid>   (once per input)
+                   ssh HOST "cd ROOT/<uuid>; { cat a b c > out; } > ROOT/<uuid>/remote_program_exec.log 2>&1"
+                   rsync -av -e "ssh ..." HOST:ROOT/<uuid>/ ./localdir/
+                 The command is grouped in ``{ ...; }`` so that ``out`` receives the
+                 data as the user meant; the legacy script pastes the command in front
+                 of ``> LOG 2>&1`` unchanged, so with ``cat a b c > out`` the later
+                 redirection wins and ``out`` stays empty (same cost either way).
+                 The remote directory is removed afterwards, outside the timing.
+  c  remote-exec ``remote-exec run --config CFG --site bench --cmd 'cat a b c > out' a b c``,
+                 a fresh process each time, cwd = a fresh local directory holding three
+                 1 kB input files a b c; the fetched ``out`` is checked to be the
+                 3 kB concatenation (remote-exec removes its remote directory itself).
+
+The three kinds are interleaved in every repetition (a, b, c, a, b, c, ...) so that
+they share the machine's noise; one unrecorded warm-up repetition comes first.
+The table shows median, min and max per kind, then the ratios of the medians
+b/c (speedup over the legacy flow, goal >= 5x) and c/a (cost over one bare ssh,
+goal <= 1.5x), and the machine's ``nproc``.
+
+The ``remote-exec`` used is the console script beside the running Python
+(``sys.executable``), so a pyenv/asdf shim's start-up cost is not counted; it
+falls back to ``remote-exec`` on PATH.
+
+Exit status: 1 if any run failed (a process exited non-zero, or ``out`` was wrong);
+missing a goal is reported but is not a failure.
+
+Run:
+    python benchmarks/single_run.py [--repeat N]     # default N = 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import yaml
+
+from remote_exec.sandbox import Sandbox
+
+INPUT_NAMES = ("a", "b", "c")
+INPUT_SIZE = 1000  # "1 kB"
+COMMAND = "cat a b c > out"
+LOG_NAME = "remote_program_exec.log"
+GOAL_SPEEDUP = 5.0  # b / c at least
+GOAL_OVERHEAD = 1.5  # c / a at most
+TIMEOUT = 120
+
+
+def remote_exec_command() -> list[str]:
+    beside = Path(sys.executable).parent / "remote-exec"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return [str(beside)]
+    found = shutil.which("remote-exec")
+    if found:
+        return [found]
+    return [sys.executable, "-m", "remote_exec"]
+
+
+def nproc() -> str:
+    try:
+        return subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return str(len(os.sched_getaffinity(0)))
+
+
+def first_line(cmd: list[str]) -> str:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except OSError as exc:
+        return f"? ({exc})"
+    text = (proc.stdout or proc.stderr).strip()
+    return text.splitlines()[0] if text else "?"
+
+
+class Bench:
+    def __init__(self, tmp: Path, site: dict, repeat: int) -> None:
+        self.tmp = tmp
+        self.site = site
+        self.repeat = repeat
+        self.root = site["root"]
+        self.target = f"{site['user']}@{site['host']}"
+        self.ssh = [
+            "ssh", "-p", str(site["port"]), "-i", site["identity_file"],
+            "-o", f"UserKnownHostsFile={site['known_hosts']}",
+            "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+        ]
+        self.rsh = " ".join(shlex.quote(w) for w in self.ssh)  # rsync's -e honours quotes
+        self.config = tmp / "remote-exec.yaml"
+        self.config.write_text(yaml.safe_dump({"sites": {"bench": dict(site)}}, sort_keys=False))
+        self.env = dict(os.environ)
+        self.env.update({
+            "REMOTE_EXEC_STATE_DIR": str(tmp / "state"),
+            "XDG_CONFIG_HOME": str(tmp / "xdg-config"),
+        })
+        self.env.pop("REMOTE_EXEC_CONFIG", None)
+        self.env.pop("MISYSTEM_SITEID", None)
+        self.remote_exec = remote_exec_command()
+        self.payload = {name: os.urandom(INPUT_SIZE) for name in INPUT_NAMES}
+        self.expected = b"".join(self.payload[n] for n in INPUT_NAMES)
+        self.counter = 0
+        self.failures: list[str] = []
+
+    # -- helpers -----------------------------------------------------------------------
+    def fresh_dir(self, kind: str) -> Path:
+        self.counter += 1
+        work = self.tmp / "work" / f"{self.counter:03d}-{kind}"
+        work.mkdir(parents=True)
+        for name, data in self.payload.items():
+            (work / name).write_bytes(data)
+        return work
+
+    def run(self, argv: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(argv, cwd=cwd, env=self.env, capture_output=True, text=True,
+                              timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+
+    def fail(self, kind: str, what: str, proc: subprocess.CompletedProcess | None = None) -> None:
+        detail = ""
+        if proc is not None:
+            detail = f" (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()[-800:]}"
+        self.failures.append(f"{kind}: {what}{detail}")
+
+    def check_out(self, kind: str, out: Path) -> bool:
+        try:
+            data = out.read_bytes()
+        except OSError as exc:
+            self.fail(kind, f"no output file {out}: {exc}")
+            return False
+        if data != self.expected:
+            self.fail(kind, f"{out} is {len(data)} bytes, not the {len(self.expected)}-byte "
+                            "concatenation of a b c")
+            return False
+        return True
+
+    # -- the three kinds ---------------------------------------------------------------
+    def ssh_floor(self) -> float | None:
+        argv = [*self.ssh, self.target, "true"]
+        start = time.perf_counter()
+        proc = self.run(argv)
+        elapsed = time.perf_counter() - start
+        if proc.returncode != 0:
+            self.fail("a ssh-floor", shlex.join(argv), proc)
+            return None
+        return elapsed
+
+    def legacy(self) -> float | None:
+        work = self.fresh_dir("legacy")
+        rundir = f"{self.root}/{uuid.uuid4()}"
+        steps = [[*self.ssh, self.target, f"mkdir {rundir}"]]
+        for name in INPUT_NAMES:
+            steps.append(["rsync", "-av", "-L", "-e", self.rsh, name, f"{self.target}:{rundir}"])
+        steps.append([*self.ssh, self.target,
+                      f"cd {rundir}; {{ {COMMAND}; }} > {rundir}/{LOG_NAME} 2>&1"])
+        steps.append(["rsync", "-av", "-e", self.rsh, f"{self.target}:{rundir}/", "./"])
+        ok = True
+        start = time.perf_counter()
+        for argv in steps:
+            proc = self.run(argv, cwd=work)
+            if proc.returncode != 0:
+                self.fail("b legacy", shlex.join(argv), proc)
+                ok = False
+                break
+        elapsed = time.perf_counter() - start
+        shutil.rmtree(rundir, ignore_errors=True)  # loopback: the remote root is local
+        if ok and self.check_out("b legacy", work / "out"):
+            return elapsed
+        return None
+
+    def remote_exec_run(self) -> float | None:
+        work = self.fresh_dir("remote-exec")
+        argv = [*self.remote_exec, "run", "--config", str(self.config), "--site", "bench",
+                "--cmd", COMMAND, *INPUT_NAMES]
+        start = time.perf_counter()
+        proc = self.run(argv, cwd=work)
+        elapsed = time.perf_counter() - start
+        if proc.returncode != 0:
+            self.fail("c remote-exec", shlex.join(argv), proc)
+            return None
+        if self.check_out("c remote-exec", work / "out"):
+            return elapsed
+        return None
+
+    # -- driver ------------------------------------------------------------------------
+    def main(self) -> dict[str, list[float]]:
+        kinds = [("a ssh-floor", self.ssh_floor), ("b legacy flow", self.legacy),
+                 ("c remote-exec", self.remote_exec_run)]
+        times: dict[str, list[float]] = {name: [] for name, _ in kinds}
+        for rep in range(-1, self.repeat):  # rep -1: warm-up, not recorded
+            line = []
+            for name, fn in kinds:
+                t = fn()
+                if t is not None and rep >= 0:
+                    times[name].append(t)
+                line.append(f"{name.split()[0]}={t:.3f}s" if t is not None else f"{name.split()[0]}=FAIL")
+            label = "warm-up" if rep < 0 else f"rep {rep + 1:2d}/{self.repeat}"
+            print(f"  {label}: {'  '.join(line)}", flush=True)
+        return times
+
+
+def report(times: dict[str, list[float]], failures: list[str]) -> None:
+    print()
+    print(f"{'what':<16} {'n':>3} {'median':>9} {'min':>9} {'max':>9}")
+    medians: dict[str, float] = {}
+    for name, values in times.items():
+        if values:
+            medians[name] = statistics.median(values)
+            print(f"{name:<16} {len(values):>3} {medians[name]:>8.3f}s {min(values):>8.3f}s "
+                  f"{max(values):>8.3f}s")
+        else:
+            print(f"{name:<16} {0:>3} {'-':>9} {'-':>9} {'-':>9}")
+    print()
+    a, b, c = (medians.get(k) for k in ("a ssh-floor", "b legacy flow", "c remote-exec"))
+    if b and c:
+        verdict = "met" if b / c >= GOAL_SPEEDUP else "MISSED"
+        print(f"b/c speedup over the legacy flow : {b / c:5.2f}x   (goal >= {GOAL_SPEEDUP:g}x: {verdict})")
+    if a and c:
+        verdict = "met" if c / a <= GOAL_OVERHEAD else "MISSED"
+        print(f"c/a cost over one bare ssh       : {c / a:5.2f}x   (goal <= {GOAL_OVERHEAD:g}x: {verdict})")
+    print(f"nproc                            : {nproc()}")
+    if failures:
+        print(f"\n{len(failures)} run(s) FAILED:")
+        for f in failures:
+            print(f"  - {f}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--repeat", type=int, default=10, help="repetitions of a, b, c (default 10)")
+    args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+
+    with tempfile.TemporaryDirectory(prefix="remote-exec-bench-") as tmpname:
+        tmp = Path(tmpname)
+        box = Sandbox(tmp / "sshd")
+        try:
+            site = box.up()
+            bench = Bench(tmp, site, args.repeat)
+            print(f"sshd 127.0.0.1:{site['port']}, remote root {site['root']}")
+            print(f"{first_line(['ssh', '-V'])}; {first_line(['rsync', '--version'])}")
+            print(f"remote-exec: {shlex.join(bench.remote_exec)}; python {sys.version.split()[0]}")
+            print(f"{args.repeat} repetitions of a, b, c (interleaved), after one warm-up:",
+                  flush=True)
+            times = bench.main()
+        finally:
+            box.down()
+        report(times, bench.failures)
+        return 1 if bench.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Helpers and fixtures for the bad-input / bad-configuration tests.
+
+Import the fixtures into a test module by name (``from helpers_badinput import pwned``)
+so pytest registers them there; conftest.py stays untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import site_entry
+from remote_exec.sandbox import free_port
+
+__all__ = [
+    "event",
+    "events",
+    "free_port",
+    "new_ed25519_key",
+    "pwned",
+    "site_entry",
+    "snapshot",
+    "tmpfs_root",
+    "tree_bytes",
+    "write_config",
+]
+
+
+def write_config(path: Path, sites: dict) -> Path:
+    """Write a configuration file with ``sites`` and return its path."""
+    path.write_text(yaml.safe_dump({"sites": sites}, allow_unicode=True))
+    return path
+
+
+def events(stderr: str) -> list[dict]:
+    """The JSON event records a ``--json`` run wrote to stderr (other lines ignored)."""
+    found = []
+    for line in stderr.splitlines():
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        try:
+            found.append(json.loads(line))
+        except ValueError:
+            continue
+    return found
+
+
+def event(stderr: str, kind: str) -> dict:
+    matches = [e for e in events(stderr) if e.get("event") == kind]
+    assert matches, f"no {kind!r} event in:\n{stderr}"
+    return matches[-1]
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every entry under ``root`` (not following symlinks): kind, bytes/target, mode, mtime."""
+    result: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, root)
+            st = os.lstat(full)
+            if os.path.islink(full):
+                result[rel] = ("link", os.readlink(full), st.st_mtime_ns)
+            elif os.path.isdir(full):
+                result[rel] = ("dir", None, st.st_mode)
+            else:
+                try:
+                    data = Path(full).read_bytes()
+                except PermissionError:
+                    data = None
+                result[rel] = ("file", data, st.st_mode, st.st_mtime_ns)
+    return result
+
+
+def tree_bytes(root: Path, exclude: tuple[str, ...] = ()) -> dict[str, bytes | None]:
+    """Relative path -> content (None for directories) for a byte-for-byte comparison."""
+    result: dict[str, bytes | None] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            full = Path(dirpath) / name
+            rel = os.path.relpath(full, root)
+            if rel.split(os.sep)[0] in exclude:
+                continue
+            result[rel] = None if full.is_dir() else full.read_bytes()
+    return result
+
+
+def new_ed25519_key(path: Path) -> Path:
+    """A fresh ed25519 key pair at ``path`` / ``path.pub`` (no passphrase)."""
+    import asyncssh
+
+    key = asyncssh.generate_private_key("ssh-ed25519", comment="remote-exec test stranger")
+    key.write_private_key(str(path))
+    key.write_public_key(str(path) + ".pub")
+    os.chmod(path, 0o600)
+    return path
+
+
+@pytest.fixture
+def pwned():
+    """Factory of random /tmp/pwned-* marker paths; removes any that appeared afterwards."""
+    made: list[Path] = []
+
+    def make() -> Path:
+        path = Path(f"/tmp/pwned-{secrets.token_hex(6)}")
+        assert not path.exists()
+        made.append(path)
+        return path
+
+    yield make
+    for path in made:
+        if path.exists():
+            path.unlink()
+
+
+@pytest.fixture
+def tmpfs_root(tmp_path: Path):
+    """A 512 KiB tmpfs to serve as a site's root (root only; skipped if mount fails)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = shutil.which("mount")
+    umount = shutil.which("umount")
+    if not mount or not umount:
+        pytest.skip("mount(8) is not available")
+    root = tmp_path / "tiny-root"
+    root.mkdir()
+    proc = subprocess.run([mount, "-t", "tmpfs", "-o", "size=512k,mode=0755", "tmpfs", str(root)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield root
+    finally:
+        subprocess.run([umount, "-l", str(root)], capture_output=True)
