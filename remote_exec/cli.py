@@ -79,10 +79,13 @@ def main() -> None:
               "~/.config/remote-exec/sites.yaml).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable events on stderr.")
 @click.option("--quiet", "-q", is_flag=True, help="Only errors and the remote log on failure.")
+@click.option("--no-holder", is_flag=True,
+              help="Connect from this process instead of the per-user connection holder "
+              "(also: REMOTE_EXEC_HOLDER=0).")
 @click.argument("inputs", nargs=-1, metavar="INPUT...")
 def run(site_name: str, command: str | None, template: str | None, params: tuple[str, ...],
         into: Path, keep: bool, follow: bool, transfer: str | None, config_path: str | None,
-        as_json: bool, quiet: bool, inputs: tuple[str, ...]) -> None:
+        as_json: bool, quiet: bool, no_holder: bool, inputs: tuple[str, ...]) -> None:
     """Stage INPUTs, run the entrypoint remotely, and fetch the run directory back.
 
     \b
@@ -110,7 +113,7 @@ def run(site_name: str, command: str | None, template: str | None, params: tuple
     try:
         request = _build_request(site_name, command, template, params, into, keep, follow,
                                  transfer, config_path, inputs)
-        result = _execute(request, ui)
+        result = _execute(request, ui, use_holder=not no_holder)
     except RemoteExecError as err:
         _fail(err, as_json)
     except KeyboardInterrupt:
@@ -165,11 +168,11 @@ def _build_request(site_name: str, command: str | None, template: str | None,
                       keep=keep, follow=follow)
 
 
-def _execute(request: Any, ui: Any) -> Any:
+def _execute(request: Any, ui: Any, use_holder: bool = True) -> Any:
     from remote_exec.run import execute
 
     try:
-        return execute(request, ui)
+        return execute(request, ui, use_holder=use_holder)
     except RemoteExecError:
         raise
     except Exception as exc:  # a bug: say so plainly, keep the traceback for a report
@@ -326,3 +329,36 @@ def templates_cmd(name: str | None) -> None:
     for p in tpl.parameters.values():
         extra = " (required)" if p.required else f" (default: {p.default!r})"
         click.echo(f"  {p.name:12} {p.type:7}{extra}  {p.description}")
+
+
+@main.group(context_settings=CONTEXT)
+def holder() -> None:
+    """The per-user connection holder that keeps SSH connections warm between runs.
+
+    `remote-exec run` starts it on demand; it exits by itself after
+    $REMOTE_EXEC_HOLDER_IDLE seconds without runs (default 120). Set
+    REMOTE_EXEC_HOLDER=0 (or pass `run --no-holder`) to connect from each run instead.
+    """
+
+
+@holder.command("status", context_settings=CONTEXT)
+def holder_status() -> None:
+    """Show the holder's pid, pooled connections and runs. Exit 3 if none is running."""
+    from remote_exec import holder as hd
+
+    info = hd.status()
+    if info is None:
+        click.echo("no connection holder is running")
+        sys.exit(3)
+    click.echo(f"pid {info['pid']}: {info['active_runs']} active run(s), "
+               f"{info['runs_done']} done, idle timeout {info['idle_timeout']:g} s")
+    for dest, count in info["connections"].items():
+        click.echo(f"  {dest}: {count} connection(s)")
+
+
+@holder.command("stop", context_settings=CONTEXT)
+def holder_stop() -> None:
+    """Ask the holder to exit (runs in progress finish first)."""
+    from remote_exec import holder as hd
+
+    click.echo("holder stopping" if hd.stop() else "no connection holder is running")

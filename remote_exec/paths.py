@@ -43,3 +43,13 @@ def shipped_dir(name: str) -> Path:
         if candidate.is_dir():
             return candidate
     return _share_dirs()[0] / name
+
+
+def local_user() -> str:
+    """The local user name, as ssh would default to."""
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError):
+        return os.environ.get("USER", "user")

@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from remote_exec.errors import ConfigError, ConnectError
-from remote_exec.paths import shipped_dir, state_dir, user_config_file
-from remote_exec.ssh.connect import local_user
+from remote_exec.paths import local_user, shipped_dir, state_dir, user_config_file
 
 SITE_NAME = "sandbox"
 ENTRYPOINT_NAME = "execute_remote-side_program_ssh.sh"

@@ -101,9 +101,13 @@ def cli(tmp_path: Path, site_config: Path) -> Cli:
         "REMOTE_EXEC_CONFIG": str(site_config),
         "REMOTE_EXEC_STATE_DIR": str(state),
         "XDG_CONFIG_HOME": str(tmp_path / "xdg-config"),
+        "REMOTE_EXEC_HOLDER_IDLE": "30",
     })
     env.pop("MISYSTEM_SITEID", None)
-    return Cli(config=site_config, state=state, env=env)
+    env.pop("REMOTE_EXEC_HOLDER", None)
+    cli = Cli(config=site_config, state=state, env=env)
+    yield cli
+    cli("holder", "stop", cwd=tmp_path)  # each test's state directory has its own holder
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ in remote-exec's configuration take precedence. Host keys are always verified.
 
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -116,13 +115,3 @@ def _host_key_error(site: Site, exc: Exception) -> AuthError:
         f"once with `ssh -p {port} {host}` or `ssh-keyscan -p {port} {host} >> "
         f"{_known_hosts_files(site)[0]}`",
     )
-
-
-def local_user() -> str:
-    """The local user name, as ssh would default to."""
-    try:
-        import pwd
-
-        return pwd.getpwuid(os.getuid()).pw_name
-    except (ImportError, KeyError):
-        return os.environ.get("USER", "user")

@@ -27,7 +27,7 @@ def local_rsync() -> str | None:
 
 async def remote_has_rsync(conn: asyncssh.SSHClientConnection) -> bool:
     """Whether the remote login shell finds an rsync (one exec on the connection)."""
-    result = await conn.run("command -v rsync >/dev/null 2>&1", check=False)
+    result = await conn.run("rsync --version >/dev/null 2>&1", check=False)
     return result.exit_status == 0
 
 

@@ -9,9 +9,10 @@ design notes for the measured crossover.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import posixpath
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,12 +57,31 @@ async def stage_sftp(sftp: asyncssh.SFTPClient, inputs: Sequence[Input], rundir:
     if not inputs:
         return
     handler = _sftp_progress(progress)
+    jobs: list[tuple[bytes, bytes]] = []
     try:
-        await sftp.put(
-            [os.fsencode(os.path.abspath(i.source)) for i in inputs],
-            os.fsencode(rundir),
-            recurse=True, preserve=True, follow_symlinks=True, progress_handler=handler,
+        for item in inputs:
+            source = os.fsencode(os.path.abspath(item.source))
+            target = posixpath.join(os.fsencode(rundir), os.fsencode(item.name))
+            if not item.is_dir:
+                jobs.append((source, target))
+                continue
+            # our own walk: asyncssh's recursive copy refuses names with a backslash
+            for dirpath, _dirnames, filenames in os.walk(source, followlinks=True):
+                remote_dir = posixpath.join(target, os.path.relpath(dirpath, source))
+                await sftp.mkdir(posixpath.normpath(remote_dir))
+                for filename in filenames:
+                    jobs.append((os.path.join(dirpath, filename),
+                                 posixpath.join(remote_dir, filename)))
+                await sftp.setstat(posixpath.normpath(remote_dir), _local_attrs(dirpath))
+        await _gather_limited(
+            sftp.put(src, dst, preserve=True, follow_symlinks=True, progress_handler=handler)
+            for src, dst in jobs
         )
+        for item in inputs:  # directory times last: writing into them changed them
+            if item.is_dir:
+                await _restore_dir_times(sftp, os.fsencode(os.path.abspath(item.source)),
+                                         posixpath.join(os.fsencode(rundir),
+                                                        os.fsencode(item.name)))
     except (OSError, asyncssh.SFTPError) as exc:
         raise StageError(
             f"copying inputs into {rundir} failed: {_reason(exc)}",
@@ -90,22 +110,44 @@ async def fetch_sftp(sftp: asyncssh.SFTPClient, rundir: str, dest: Path,
     skipped and reported, so a run can never plant a link to a local file.
     """
     report = FetchReport(method="sftp")
-
-    def on_error(exc: Exception) -> None:
-        if isinstance(exc, asyncssh.SFTPBadMessage) and "Symlink" in str(exc):
-            report.skipped.append(str(exc))
-            return
-        raise exc
-
+    handler = _sftp_progress(progress)
+    root = os.fsencode(rundir)
+    local_root = os.fsencode(dest)
+    jobs: list[tuple[bytes, bytes]] = []
+    dirs: list[tuple[bytes, bytes, asyncssh.SFTPAttrs]] = []
     try:
-        names = [n for n in await sftp.listdir(os.fsencode(rundir))
-                 if n not in (b".", b"..", CONTROL_DIR.encode())]
-        if names:
-            await sftp.get(
-                [posixpath.join(os.fsencode(rundir), n) for n in names], os.fsencode(dest),
-                recurse=True, preserve=True, follow_symlinks=False,
-                progress_handler=_sftp_progress(progress), error_handler=on_error,
-            )
+        stack = [b""]
+        while stack:
+            rel = stack.pop()
+            async for entry in sftp.scandir(posixpath.join(root, rel) if rel else root):
+                name = os.fsencode(entry.filename)
+                if name in (b".", b"..") or (not rel and name == CONTROL_DIR.encode()):
+                    continue
+                child = posixpath.join(rel, name) if rel else name
+                remote, local = posixpath.join(root, child), os.path.join(local_root, child)
+                kind = entry.attrs.type
+                if kind == asyncssh.FILEXFER_TYPE_DIRECTORY:
+                    os.mkdir(local)
+                    dirs.append((remote, local, entry.attrs))
+                    stack.append(child)
+                elif kind == asyncssh.FILEXFER_TYPE_SYMLINK:
+                    target = os.fsencode(await sftp.readlink(remote))
+                    if _link_stays_inside(local_root, local, target):
+                        os.symlink(target, local)
+                    else:
+                        report.skipped.append(f"{os.fsdecode(child)} -> {os.fsdecode(target)} "
+                                              "(symlink pointing outside the run directory)")
+                elif kind == asyncssh.FILEXFER_TYPE_REGULAR:
+                    jobs.append((remote, local))
+                else:
+                    report.skipped.append(f"{os.fsdecode(child)} (not a regular file)")
+        await _gather_limited(
+            sftp.get(src, dst, preserve=True, progress_handler=handler) for src, dst in jobs
+        )
+        for _remote, local, attrs in reversed(dirs):
+            os.chmod(local, (attrs.permissions or 0o755) & 0o7777)
+            if attrs.mtime is not None:
+                os.utime(local, (attrs.atime or attrs.mtime, attrs.mtime))
     except (OSError, asyncssh.SFTPError) as exc:
         raise FetchError(
             f"copying results back from {rundir} failed: {_reason(exc)}",
@@ -147,6 +189,47 @@ async def remote_size(sftp: asyncssh.SFTPClient, rundir: str) -> int:
     return total
 
 
+#: concurrent file copies over one SFTP channel (each pipelines its own reads/writes)
+PARALLEL_FILES = 8
+
+
+async def _gather_limited(coros: Iterable[Awaitable[None]]) -> None:
+    """Await all ``coros``, at most PARALLEL_FILES at a time; the first error propagates."""
+    gate = asyncio.Semaphore(PARALLEL_FILES)
+
+    async def one(coro: Awaitable[None]) -> None:
+        async with gate:
+            await coro
+
+    tasks = [asyncio.ensure_future(one(c)) for c in coros]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _local_attrs(path: bytes) -> asyncssh.SFTPAttrs:
+    st = os.stat(path)
+    return asyncssh.SFTPAttrs(permissions=st.st_mode & 0o7777)
+
+
+async def _restore_dir_times(sftp: asyncssh.SFTPClient, source: bytes, target: bytes) -> None:
+    for dirpath, _dirnames, _files in os.walk(source, followlinks=True):
+        st = os.stat(dirpath)
+        remote = posixpath.normpath(posixpath.join(target, os.path.relpath(dirpath, source)))
+        await sftp.utime(remote, (st.st_atime, st.st_mtime))
+
+
+def _link_stays_inside(root: bytes, link: bytes, target: bytes) -> bool:
+    """Whether a symlink at ``link`` pointing to ``target`` resolves inside ``root``."""
+    if os.path.isabs(target):
+        return False
+    resolved = os.path.normpath(os.path.join(os.path.dirname(link), target))
+    return resolved == root or resolved.startswith(root.rstrip(b"/") + b"/")
+
+
 def _sftp_progress(progress: ProgressFn | None) -> Callable[[bytes, bytes, int, int], None] | None:
     if progress is None:
         return None
@@ -173,3 +256,26 @@ async def _disk_hint(sftp: asyncssh.SFTPClient, path: str, needed: int) -> str:
         return (f"the remote file system is (nearly) full: {free} bytes free, "
                 f"{needed} needed; free space there or set another root for the site")
     return "check permissions under the site's root"
+
+
+async def remove_tree(sftp: asyncssh.SFTPClient, path: str) -> None:
+    """``rm -rf PATH`` over SFTP (asyncssh's rmtree refuses names with a backslash)."""
+    top = os.fsencode(path)
+    dirs = [top]
+    files: list[bytes] = []
+    stack = [top]
+    while stack:
+        current = stack.pop()
+        async for entry in sftp.scandir(current):
+            name = os.fsencode(entry.filename)
+            if name in (b".", b".."):
+                continue
+            child = posixpath.join(current, name)
+            if entry.attrs.type == asyncssh.FILEXFER_TYPE_DIRECTORY:
+                dirs.append(child)
+                stack.append(child)
+            else:
+                files.append(child)
+    await _gather_limited(sftp.remove(f) for f in files)
+    for directory in reversed(dirs):
+        await sftp.rmdir(directory)

@@ -1,0 +1,439 @@
+#!/usr/bin/env python3
+"""Moving data over one SSH connection: SFTP vs tunnelled rsync vs rsync over a ControlMaster.
+
+Purpose: pick remote-exec's ``rsync_threshold`` (the payload size from which
+``transfer: auto`` uses rsync instead of SFTP), and see whether rsync tunnelled
+through remote-exec's own asyncssh connection keeps up with plain rsync over an
+OpenSSH ControlMaster connection.
+
+Payloads (random bytes, generated once): 3 x 1 KiB, 1 x 1 MiB, 1 x 16 MiB, 1 x 128 MiB.
+Each payload makes a round trip: staged into a fresh remote directory and the
+directory pulled back into a fresh local one. Methods, against one throwaway
+loopback sshd (``remote_exec.sandbox.Sandbox`` in a temporary directory, stopped
+at the end):
+
+  re-sftp    ``remote-exec run --site bench --cmd true --transfer sftp --json --into OUT FILES``
+  re-rsync   the same with ``--transfer rsync`` (rsync tunnelled through remote-exec's
+             asyncssh connection)
+  cm-rsync   plain rsync over an OpenSSH ControlMaster: ``ssh -M -N -f -o ControlPath=SOCK
+             -o ControlPersist=60 ...`` is started once (not timed), then per run
+             ``rsync -a -L -e "ssh -o ControlPath=SOCK ..." FILES host:DIR/`` and
+             ``rsync -a -e "ssh -o ControlPath=SOCK ..." host:DIR/ OUT/`` (the remote
+             directory is removed afterwards, outside the timing); the master is
+             stopped with ``ssh -O exit``.
+
+Two numbers per run:
+  whole     wall time of the whole process(es) (``time.perf_counter()`` around
+            ``subprocess.run``). For remote-exec this includes Python start-up, the SSH
+            handshake (unless kept warm, below), running ``true`` and the remote
+            cleanup; for cm-rsync it is the
+            push plus the pull over the already-open master.
+  transfer  data movement over an already-open connection: for remote-exec, from its
+            ``created`` to its ``staged`` event plus from ``finished`` to ``fetched``
+            (``--json`` event times); for cm-rsync, the same as ``whole``.
+If remote-exec hands runs to its per-user connection holder (warm SSH connections
+kept between runs), ``whole`` for remote-exec runs over a warm connection too, like
+cm-rsync; ``REMOTE_EXEC_HOLDER=0`` makes every run connect by itself. The holder is
+stopped at the end (``remote-exec holder stop``).
+The sftp/rsync crossover is judged on ``whole`` (what a user of remote-exec waits
+for); tunnelled vs ControlMaster rsync is judged on ``transfer``.
+
+Every method runs 3 times per size (``--repeat``), interleaved (rep 1: every size
+x every method, then rep 2, ...), after an unrecorded warm-up on the smallest
+payload; medians are printed. Fetched files are compared with the originals.
+Exit status 1 if any run failed.
+
+The ``remote-exec`` timed is the console script beside the running Python (so a
+pyenv/asdf shim's start-up is not counted); ``--remote-exec CMD`` times another one.
+
+Run:
+    python benchmarks/rsync_transport.py [--repeat N]     # default N = 3
+    python benchmarks/rsync_transport.py --remote-exec "/path/to/venv/bin/remote-exec"
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import yaml
+
+from remote_exec.sandbox import Sandbox
+
+KiB = 1024
+MiB = 1024 * KiB
+#: (label, [(file name, size)])
+PAYLOADS = [
+    ("3 x 1 KiB", [("a", KiB), ("b", KiB), ("c", KiB)]),
+    ("1 x 1 MiB", [("one.bin", MiB)]),
+    ("1 x 16 MiB", [("sixteen.bin", 16 * MiB)]),
+    ("1 x 128 MiB", [("big.bin", 128 * MiB)]),
+]
+METHODS = ("re-sftp", "re-rsync", "cm-rsync")
+DEFAULT_THRESHOLD = 4 * MiB  # remote_exec.config.Site.rsync_threshold, for the verdict
+TIMEOUT = 300
+
+
+def remote_exec_command(override: str | None = None) -> list[str]:
+    if override:
+        return shlex.split(override)
+    beside = Path(sys.executable).parent / "remote-exec"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return [str(beside)]
+    found = shutil.which("remote-exec")
+    if found:
+        return [found]
+    return [sys.executable, "-m", "remote_exec"]
+
+
+def nproc() -> str:
+    try:
+        return subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return str(len(os.sched_getaffinity(0)))
+
+
+def human(n: int) -> str:
+    return f"{n // MiB} MiB" if n >= MiB else f"{n // KiB} KiB"
+
+
+def write_random(path: Path, size: int) -> None:
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            chunk = min(left, 4 * MiB)
+            f.write(os.urandom(chunk))
+            left -= chunk
+
+
+class Failed(Exception):
+    pass
+
+
+def summarize(stderr: str) -> str:
+    """The gist of a failed process's stderr: remote-exec's error message (from its --json
+    ``error`` event) cut to its first line and any exception lines, else the last lines."""
+    text = stderr.strip()
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("event") == "error":
+            text = str(record.get("message", line))
+            break
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return "(no stderr)"
+    keep = [lines[0]] + [ln for ln in lines[1:]
+                         if ln.split(":", 1)[0].endswith(("Error", "Exception"))
+                         or ln.startswith("rsync error")]
+    if len(keep) == 1:
+        keep += lines[-3:]
+    return " | ".join(dict.fromkeys(keep))[:700]
+
+
+class Bench:
+    def __init__(self, tmp: Path, site: dict, remote_exec: str | None = None) -> None:
+        self.tmp = tmp
+        self.site = site
+        self.root = site["root"]
+        self.target = f"{site['user']}@{site['host']}"
+        self.ssh = [
+            "ssh", "-p", str(site["port"]), "-i", site["identity_file"],
+            "-o", f"UserKnownHostsFile={site['known_hosts']}",
+            "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+        ]
+        self.sock = str(tmp / "cm.sock")
+        # ControlMaster=no: a client of the master, never a master itself.
+        self.cm_ssh = [*self.ssh, "-o", f"ControlPath={self.sock}", "-o", "ControlMaster=no"]
+        self.cm_rsh = " ".join(shlex.quote(w) for w in self.cm_ssh)
+        self.config = tmp / "remote-exec.yaml"
+        self.config.write_text(yaml.safe_dump({"sites": {"bench": dict(site)}}, sort_keys=False))
+        self.env = dict(os.environ)
+        self.env.update({
+            "REMOTE_EXEC_STATE_DIR": str(tmp / "state"),
+            "XDG_CONFIG_HOME": str(tmp / "xdg-config"),
+            # If this remote-exec keeps a per-user connection holder, it lives in the
+            # state directory above; bound its life in case we are killed before stop.
+            "REMOTE_EXEC_HOLDER_IDLE": "60",
+        })
+        self.env.pop("REMOTE_EXEC_CONFIG", None)
+        self.env.pop("MISYSTEM_SITEID", None)
+        self.remote_exec = remote_exec_command(remote_exec)
+        self.payload_dirs: dict[str, Path] = {}
+        self.counter = 0
+        self.failures: list[str] = []
+        self.master_starts = 0
+
+    # -- setup -------------------------------------------------------------------------
+    def make_payloads(self) -> None:
+        for i, (label, files) in enumerate(PAYLOADS):
+            d = self.tmp / "payloads" / str(i)
+            d.mkdir(parents=True)
+            for name, size in files:
+                write_random(d / name, size)
+            self.payload_dirs[label] = d
+
+    def run(self, argv: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(argv, cwd=cwd, env=self.env, capture_output=True, text=True,
+                              timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+
+    def stop_holder(self) -> None:
+        """Stop remote-exec's connection holder for our state directory, if it has one."""
+        try:
+            self.run([*self.remote_exec, "holder", "stop"], cwd=self.tmp)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+
+    def master_alive(self) -> bool:
+        proc = self.run([*self.ssh, "-o", f"ControlPath={self.sock}", "-O", "check", self.target])
+        return proc.returncode == 0
+
+    def start_master(self) -> None:
+        log = self.tmp / "cm-master.log"
+        with open(log, "ab") as err:
+            # -f: ssh forks after authentication; its output must not be a pipe we wait on.
+            proc = subprocess.run(
+                [*self.ssh, "-M", "-N", "-f", "-o", f"ControlPath={self.sock}",
+                 "-o", "ControlPersist=60", self.target],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                env=self.env, timeout=60,
+            )
+        if proc.returncode != 0 or not self.master_alive():
+            raise Failed(f"could not start the ControlMaster: {log.read_text().strip()}")
+        self.master_starts += 1
+
+    def stop_master(self) -> None:
+        if os.path.exists(self.sock):
+            self.run([*self.ssh, "-o", f"ControlPath={self.sock}", "-O", "exit", self.target])
+
+    def fresh_out(self) -> Path:
+        self.counter += 1
+        out = self.tmp / "out" / f"{self.counter:03d}"
+        out.mkdir(parents=True)
+        return out
+
+    def verify(self, label: str, out: Path) -> None:
+        src = self.payload_dirs[label]
+        for name, size in dict(PAYLOADS)[label]:
+            got = out / name
+            if not got.is_file() or got.stat().st_size != size:
+                raise Failed(f"{got} missing or not {size} bytes after the round trip")
+            if not filecmp.cmp(src / name, got, shallow=False):
+                raise Failed(f"{got} differs from {src / name} after the round trip")
+
+    # -- methods: each returns (whole, transfer) seconds -------------------------------
+    def remote_exec_run(self, label: str, method: str) -> tuple[float, float]:
+        out = self.fresh_out()
+        names = [n for n, _ in dict(PAYLOADS)[label]]
+        argv = [*self.remote_exec, "run", "--config", str(self.config), "--site", "bench",
+                "--json", "--cmd", "true", "--transfer", method, "--into", str(out), *names]
+        try:
+            start = time.perf_counter()
+            proc = self.run(argv, cwd=self.payload_dirs[label])
+            whole = time.perf_counter() - start
+            if proc.returncode != 0:
+                raise Failed(f"{shlex.join(argv)} exited {proc.returncode}: "
+                             f"{summarize(proc.stderr)}")
+            events: dict[str, dict] = {}
+            for line in proc.stderr.splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and "event" in record:
+                    events[record["event"]] = record
+            missing = {"created", "staged", "finished", "fetched"} - events.keys()
+            if missing:
+                raise Failed(f"{shlex.join(argv)}: no {sorted(missing)} event in --json output")
+            for step in ("staged", "fetched"):
+                if events[step].get("method") != method:
+                    raise Failed(f"{shlex.join(argv)}: {step} by {events[step].get('method')!r}, "
+                                 f"not {method!r}")
+            transfer = ((events["staged"]["elapsed"] - events["created"]["elapsed"])
+                        + (events["fetched"]["elapsed"] - events["finished"]["elapsed"]))
+            self.verify(label, out)
+            return whole, transfer
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+
+    def cm_rsync(self, label: str) -> tuple[float, float]:
+        if not self.master_alive():
+            self.start_master()  # only if ControlPersist let it go; counted and reported
+        out = self.fresh_out()
+        rundir = f"{self.root}/{uuid.uuid4()}"
+        names = [n for n, _ in dict(PAYLOADS)[label]]
+        push = ["rsync", "-a", "-L", "-e", self.cm_rsh, *names, f"{self.target}:{rundir}/"]
+        pull = ["rsync", "-a", "-e", self.cm_rsh, f"{self.target}:{rundir}/", f"{out}/"]
+        try:
+            start = time.perf_counter()
+            for argv in (push, pull):
+                proc = self.run(argv, cwd=self.payload_dirs[label])
+                if proc.returncode != 0:
+                    raise Failed(f"{shlex.join(argv)} exited {proc.returncode}: "
+                                 f"{summarize(proc.stderr)}")
+            whole = time.perf_counter() - start
+            self.verify(label, out)
+            return whole, whole
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(rundir, ignore_errors=True)  # loopback: the remote root is local
+
+    def one(self, label: str, method: str) -> tuple[float, float] | None:
+        try:
+            if method == "cm-rsync":
+                return self.cm_rsync(label)
+            return self.remote_exec_run(label, method.removeprefix("re-"))
+        except (Failed, subprocess.TimeoutExpired) as exc:
+            self.failures.append(f"{method} {label}: {exc}")
+            return None
+
+    # -- driver ------------------------------------------------------------------------
+    def main(self, repeat: int) -> dict[tuple[str, str], list[tuple[float, float]]]:
+        results: dict[tuple[str, str], list[tuple[float, float]]] = {
+            (label, m): [] for label, _ in PAYLOADS for m in METHODS
+        }
+        self.start_master()
+        warm = PAYLOADS[0][0]
+        print(f"  warm-up ({warm}): " + "  ".join(
+            f"{m}={r[0]:.3f}s" if (r := self.one(warm, m)) else f"{m}=FAIL" for m in METHODS),
+            flush=True)
+        for rep in range(repeat):
+            for label, _ in PAYLOADS:
+                line = []
+                for m in METHODS:
+                    r = self.one(label, m)
+                    if r is not None:
+                        results[(label, m)].append(r)
+                        line.append(f"{m}={r[0]:.3f}s/{r[1]:.3f}s")
+                    else:
+                        line.append(f"{m}=FAIL")
+                print(f"  rep {rep + 1}/{repeat} {label:<12} " + "  ".join(line), flush=True)
+        return results
+
+
+def report(results: dict[tuple[str, str], list[tuple[float, float]]], bench: Bench) -> None:
+    def med(label: str, m: str, i: int) -> float | None:
+        values = [r[i] for r in results[(label, m)]]
+        return statistics.median(values) if values else None
+
+    def cell(v: float | None) -> str:
+        return f"{v:8.3f}s" if v is not None else f"{'-':>9}"
+
+    print()
+    print("medians, seconds: whole = whole process(es); transfer = stage + fetch over an open "
+          "connection")
+    head = "".join(f" {m + ' whole':>15} {m + ' xfer':>14}" for m in METHODS)
+    print(f"{'payload':<12}{head}")
+    for label, _ in PAYLOADS:
+        row = "".join(f" {cell(med(label, m, 0)):>15} {cell(med(label, m, 1)):>14}"
+                      for m in METHODS)
+        print(f"{label:<12}{row}")
+    print()
+
+    # Crossover between sftp and rsync inside remote-exec, on whole-process medians.
+    sizes = {label: sum(s for _, s in files) for label, files in PAYLOADS}
+    winners = []
+    for label, _ in PAYLOADS:
+        s, r = med(label, "re-sftp", 0), med(label, "re-rsync", 0)
+        if s is not None and r is not None:
+            winners.append((label, "rsync" if r < s else "sftp", s, r))
+    detail = ", ".join(f"{label}: {w} ({s:.2f}s sftp vs {r:.2f}s rsync)"
+                       for label, w, s, r in winners)
+    first_rsync = next((i for i, w in enumerate(winners) if w[1] == "rsync"), None)
+    if not winners:
+        crossover = "no complete pair of measurements"
+    elif first_rsync is None:
+        crossover = (f"sftp is faster at every size up to {winners[-1][0]}; the crossover is "
+                     f"above {human(sizes[winners[-1][0]])}")
+    elif first_rsync == 0:
+        crossover = "rsync is faster at every size measured, even the smallest"
+    else:
+        below, above = winners[first_rsync - 1][0], winners[first_rsync][0]
+        monotone = all(w[1] == "rsync" for w in winners[first_rsync:])
+        crossover = (f"sftp wins up to {below}, rsync from {above}: crossover between "
+                     f"{human(sizes[below])} and {human(sizes[above])}"
+                     + ("" if monotone else " (not monotone: noisy, rerun with more --repeat)"))
+    print(f"verdict, sftp vs rsync inside remote-exec: {crossover} "
+          f"(current default rsync_threshold {human(DEFAULT_THRESHOLD)}) -- {detail}")
+
+    # Tunnelled rsync vs ControlMaster rsync, on transfer medians.
+    parts = []
+    faster = {"tunnel": 0, "cm": 0}
+    for label, _ in PAYLOADS:
+        t, c = med(label, "re-rsync", 1), med(label, "cm-rsync", 1)
+        if t is None or c is None:
+            continue
+        key = "tunnel" if t < c else "cm"
+        faster[key] += 1
+        parts.append(f"{label}: {t:.2f}s vs {c:.2f}s")
+    if parts:
+        if faster["tunnel"] and faster["cm"]:
+            who = (f"neither is faster throughout (tunnel faster at {faster['tunnel']} size(s), "
+                   f"ControlMaster at {faster['cm']})")
+        elif faster["tunnel"]:
+            who = "rsync tunnelled through remote-exec's connection is faster at every size"
+        else:
+            who = "rsync over the OpenSSH ControlMaster is faster at every size"
+        print(f"verdict, tunnelled vs ControlMaster rsync (transfer): {who} -- "
+              f"tunnel vs ControlMaster: {'; '.join(parts)}")
+    print(f"ControlMaster started {bench.master_starts} time(s); nproc {nproc()}")
+    if bench.failures:
+        print(f"\n{len(bench.failures)} run(s) FAILED:")
+        for f in bench.failures:
+            print(f"  - {f}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="repetitions per size and method (default 3)")
+    parser.add_argument("--remote-exec", metavar="CMD",
+                        help="the remote-exec command to time, split like a shell would "
+                             "(default: the console script beside this Python)")
+    args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+
+    with tempfile.TemporaryDirectory(prefix="re-rsync-bench-") as tmpname:
+        tmp = Path(tmpname)
+        box = Sandbox(tmp / "sshd")
+        bench: Bench | None = None
+        try:
+            site = box.up()
+            bench = Bench(tmp, site, args.remote_exec)
+            print(f"sshd 127.0.0.1:{site['port']}, remote root {site['root']}")
+            print(f"remote-exec: {shlex.join(bench.remote_exec)}; python {sys.version.split()[0]}"
+                  + "".join(f"; {k}={os.environ[k]}" for k in ("REMOTE_EXEC_HOLDER",)
+                            if k in os.environ))
+            print("generating payloads ...", flush=True)
+            bench.make_payloads()
+            print(f"{args.repeat} repetition(s) of {len(PAYLOADS)} sizes x {len(METHODS)} methods "
+                  "(each run: whole/transfer seconds):", flush=True)
+            results = bench.main(args.repeat)
+        except Failed as exc:
+            print(f"benchmark aborted: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            if bench is not None:
+                bench.stop_master()
+                bench.stop_holder()
+            box.down()
+        report(results, bench)
+        return 1 if bench.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,406 @@
+"""The connection holder: one per-user process that keeps SSH connections warm.
+
+A run is a fresh process (MInt starts one per module run), and importing asyncssh
+costs about as much as a whole SSH handshake. So ``remote-exec run`` does the local
+checks itself and hands the run to a holder process over a Unix socket in the state
+directory (mode 0600 in a 0700 directory, peer uid checked). The holder executes the
+same :func:`remote_exec.run.execute_async` on a pooled connection and streams the
+events back; the client prints them and exits with the run's code. Like OpenSSH's
+ControlPersist, the holder exits after ``$REMOTE_EXEC_HOLDER_IDLE`` seconds without
+runs (default 120). ``REMOTE_EXEC_HOLDER=0`` or ``run --no-holder`` runs in-process.
+
+Admission is counted here, per host, across all the runs of one user: at most
+``HANDSHAKES_PER_HOST`` connections being opened at once (sshd drops unauthenticated
+connections beyond MaxStartups) and at most ``RUNS_PER_CONNECTION`` runs sharing one
+connection (each run uses two or three channels; sshd allows ten, MaxSessions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from remote_exec import errors
+from remote_exec.paths import state_dir
+
+RUNS_PER_CONNECTION = 3
+HANDSHAKES_PER_HOST = 4
+
+
+def socket_path() -> Path:
+    return state_dir() / "holder" / "holder.sock"
+
+
+def enabled() -> bool:
+    return os.environ.get("REMOTE_EXEC_HOLDER", "1").lower() not in ("0", "no", "off", "false")
+
+
+def idle_timeout() -> float:
+    try:
+        return float(os.environ.get("REMOTE_EXEC_HOLDER_IDLE", "120"))
+    except ValueError:
+        return 120.0
+
+
+# -- wire format: one JSON object per line ------------------------------------------------
+
+def request_to_wire(request: Any) -> dict[str, Any]:
+    data = asdict(request)
+    data["into"] = str(request.into)
+    data["inputs"] = [{**asdict(i), "source": os.path.abspath(i.source)} for i in request.inputs]
+    return data
+
+
+def request_from_wire(data: dict[str, Any]) -> Any:
+    from remote_exec.config import Site
+    from remote_exec.entrypoint import Entrypoint
+    from remote_exec.inputs import Input
+    from remote_exec.run import RunRequest
+
+    return RunRequest(
+        site=Site(**data["site"]),
+        inputs=[Input(source=Path(i["source"]), name=i["name"], is_dir=i["is_dir"],
+                      size=i["size"]) for i in data["inputs"]],
+        entrypoint=Entrypoint(**data["entrypoint"]),
+        into=Path(data["into"]), keep=data["keep"], follow=data["follow"],
+        backend=data["backend"], run_id=data["run_id"],
+    )
+
+
+# -- client -------------------------------------------------------------------------------
+
+def run_via_holder(request: Any, ui: Any) -> Any:
+    """Execute ``request`` in the holder (starting it if needed); None if unavailable."""
+    sock = _connect(start=True)
+    if sock is None:
+        return None
+    from remote_exec.run import RunResult
+
+    with sock:
+        payload = {"run": request_to_wire(request), "progress": ui.show_progress}
+        sock.sendall(json.dumps(payload).encode() + b"\n")
+        stream = sock.makefile("rb")
+        for raw in stream:
+            msg = json.loads(raw)
+            kind = msg.pop("t")
+            if kind == "event":
+                ui.event(msg.pop("kind"), msg.pop("message"), **msg)
+            elif kind == "warn":
+                ui.warn(msg["message"])
+            elif kind == "log":
+                ui.log_text(msg["text"])
+            elif kind == "progress_start":
+                ui.progress_start(msg["label"], msg["total"])
+            elif kind == "progress":
+                ui.progress_update(msg["name"], msg["done"], msg["total"])
+            elif kind == "progress_stop":
+                ui.progress_stop()
+            elif kind == "result":
+                return RunResult(**msg["result"])
+            elif kind == "error":
+                cls = getattr(errors, msg["class"], errors.RemoteExecError)
+                if not (isinstance(cls, type) and issubclass(cls, errors.RemoteExecError)):
+                    cls = errors.RemoteExecError
+                err = cls(msg["message"], hint=msg.get("hint"))
+                err.exit_code = msg["exit_code"]
+                raise err
+    raise errors.RemoteLostError(
+        "the connection holder stopped in the middle of the run",
+        hint="see the holder log in the state directory; run with --no-holder to bypass it",
+    )
+
+
+def _connect(start: bool) -> socket.socket | None:
+    path = socket_path()
+    sock = _try_connect(path)
+    if sock is not None or not start:
+        return sock
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path.parent, 0o700)
+    log = open(path.parent / "holder.log", "ab")  # noqa: SIM115 - handed to the child
+    with log:
+        subprocess.Popen(
+            [sys.executable, "-m", "remote_exec.holder"], stdin=subprocess.DEVNULL,
+            stdout=log, stderr=log, start_new_session=True, close_fds=True,
+        )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        sock = _try_connect(path)
+        if sock is not None:
+            return sock
+        time.sleep(0.01)
+    return None
+
+
+def _try_connect(path: Path) -> socket.socket | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+        return sock
+    except OSError:
+        sock.close()
+        return None
+
+
+def status() -> dict[str, Any] | None:
+    """The running holder's status, or None."""
+    sock = _connect(start=False)
+    if sock is None:
+        return None
+    with sock:
+        sock.sendall(b'{"status": true}\n')
+        line = sock.makefile("rb").readline()
+    return json.loads(line) if line else None
+
+
+def stop() -> bool:
+    """Ask the running holder to exit once its runs end; returns whether one was running."""
+    sock = _connect(start=False)
+    if sock is None:
+        return False
+    with sock:
+        sock.sendall(b'{"stop": true}\n')
+        sock.makefile("rb").readline()
+    return True
+
+
+# -- server -------------------------------------------------------------------------------
+
+class _WireReporter:
+    """A Reporter that forwards everything to the client socket."""
+
+    def __init__(self, writer: asyncio.StreamWriter, progress: bool) -> None:
+        self.writer = writer
+        self.show_progress = progress
+
+    def _send(self, **msg: Any) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(json.dumps(msg, default=str).encode() + b"\n")
+
+    def event(self, kind: str, message: str, **fields: Any) -> None:
+        self._send(t="event", kind=kind, message=message, **fields)
+
+    def warn(self, message: str) -> None:
+        self._send(t="warn", message=message)
+
+    def log_text(self, data: str) -> None:
+        self._send(t="log", text=data)
+
+    def progress_start(self, label: str, total: int) -> None:
+        if self.show_progress:
+            self._send(t="progress_start", label=label, total=total)
+
+    def progress_update(self, name: str, done: int, total: int) -> None:
+        self._send(t="progress", name=name, done=done, total=total)
+
+    def progress_stop(self) -> None:
+        if self.show_progress:
+            self._send(t="progress_stop")
+
+    @property
+    def progress_fn(self) -> Any:
+        return self.progress_update if self.show_progress else None
+
+
+class _Pool:
+    """Warm connections per destination, with admission counted per host."""
+
+    def __init__(self) -> None:
+        self.conns: dict[tuple, list[list[Any]]] = {}  # key -> [[conn, active_runs], ...]
+        self.handshakes: dict[str, asyncio.Semaphore] = {}
+        self.lock = asyncio.Lock()
+
+    @staticmethod
+    def key(site: Any) -> tuple:
+        return (site.host, site.port, site.user, site.identity_file, site.known_hosts,
+                site.connect_timeout)
+
+    async def acquire(self, site: Any) -> list[Any]:
+        from remote_exec.ssh.connect import open_connection
+
+        key = self.key(site)
+        while True:
+            async with self.lock:
+                slots = self.conns.setdefault(key, [])
+                slots[:] = [s for s in slots if not s[0].is_closed()]
+                for slot in slots:
+                    if slot[1] < RUNS_PER_CONNECTION:
+                        slot[1] += 1
+                        return slot
+                gate = self.handshakes.setdefault(site.host, asyncio.Semaphore(HANDSHAKES_PER_HOST))
+            async with gate:
+                async with self.lock:  # someone may have opened one meanwhile
+                    for slot in self.conns[key]:
+                        if slot[1] < RUNS_PER_CONNECTION and not slot[0].is_closed():
+                            slot[1] += 1
+                            return slot
+                conn = await _connect_with_retry(open_connection, site)
+                async with self.lock:
+                    slot = [conn, 1]
+                    self.conns[key].append(slot)
+                    return slot
+
+    def release(self, slot: list[Any]) -> None:
+        slot[1] -= 1
+
+    def close_all(self) -> None:
+        for slots in self.conns.values():
+            for conn, _ in slots:
+                conn.close()
+        self.conns.clear()
+
+
+async def _connect_with_retry(open_connection: Any, site: Any, tries: int = 5) -> Any:
+    """Open a connection, retrying the drops sshd makes before authentication (MaxStartups)."""
+    delay = 0.2
+    for attempt in range(tries):
+        try:
+            return await open_connection(site)
+        except errors.ConnectError:
+            if attempt == tries - 1:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+    raise AssertionError("unreachable")
+
+
+class Holder:
+    def __init__(self, path: Path, idle: float) -> None:
+        self.path = path
+        self.lock_file: Any = None
+        self.idle = idle
+        self.pool = _Pool()
+        self.active = 0
+        self.last_activity = time.monotonic()
+        self.stopping = asyncio.Event()
+        self.started = time.time()
+        self.runs_done = 0
+
+    def claim(self) -> bool:
+        """Take the holder lock; False if another holder of this state directory runs."""
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.lock_file = open(self.path.parent / "holder.lock", "w")  # noqa: SIM115 - held for life
+        try:
+            fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        return True
+
+    async def serve(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        old_umask = os.umask(0o177)
+        try:
+            server = await asyncio.start_unix_server(self._client, path=str(self.path))
+        finally:
+            os.umask(old_umask)
+        async with server:
+            while not self.stopping.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), 1.0)
+                if self.active == 0 and time.monotonic() - self.last_activity > self.idle:
+                    break
+            server.close()
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            while self.active:
+                await asyncio.sleep(0.1)
+        self.pool.close_all()
+
+    def _peer_ok(self, writer: asyncio.StreamWriter) -> bool:
+        sock = writer.get_extra_info("socket")
+        try:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            _pid, uid, _gid = struct.unpack("3i", creds)
+            return uid == os.getuid()
+        except (OSError, AttributeError):
+            return True  # not Linux: the 0600 socket in a 0700 directory is the guard
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self._peer_ok(writer):
+            writer.close()
+            return
+        self.active += 1
+        self.last_activity = time.monotonic()
+        try:
+            line = await reader.readline()
+            if not line:
+                return
+            msg = json.loads(line)
+            if "status" in msg:
+                pooled = {f"{k[2] or ''}@{k[0]}:{k[1] or 22}": len(v)
+                          for k, v in self.pool.conns.items()}
+                writer.write(json.dumps({"pid": os.getpid(), "active_runs": self.active - 1,
+                                         "runs_done": self.runs_done, "connections": pooled,
+                                         "idle_timeout": self.idle,
+                                         "started": self.started}).encode() + b"\n")
+            elif "stop" in msg:
+                self.stopping.set()
+                writer.write(b'{"stopping": true}\n')
+            elif "run" in msg:
+                await self._run(msg, reader, writer)
+            await writer.drain()
+        except (ConnectionError, json.JSONDecodeError):
+            pass
+        finally:
+            self.active -= 1
+            self.last_activity = time.monotonic()
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    async def _run(self, msg: dict[str, Any], reader: asyncio.StreamReader,
+                   writer: asyncio.StreamWriter) -> None:
+        from remote_exec.engine import execute_async
+
+        request = request_from_wire(msg["run"])
+        ui = _WireReporter(writer, bool(msg.get("progress")))
+        slot: list[Any] | None = None
+        try:
+            slot = await self.pool.acquire(request.site)
+            task = asyncio.ensure_future(execute_async(request, ui, conn=slot[0]))  # type: ignore[arg-type]
+            gone = asyncio.ensure_future(reader.read())  # EOF: the client went away
+            done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if task not in done:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+                return
+            gone.cancel()
+            result = task.result()
+            self.runs_done += 1
+            ui._send(t="result", result=asdict(result))
+        except errors.RemoteExecError as err:
+            ui._send(t="error", **{"class": type(err).__name__}, message=err.message,
+                     hint=err.hint, exit_code=err.exit_code)
+        except Exception as exc:  # noqa: BLE001 - reported to the client as an internal error
+            ui._send(t="error", **{"class": "RemoteExecError"},
+                     message=f"internal error in the connection holder: {exc!r}",
+                     hint="please report this; run with --no-holder to bypass the holder",
+                     exit_code=errors.EXIT_INTERNAL)
+        finally:
+            if slot is not None:
+                self.pool.release(slot)
+
+
+def main() -> None:
+    os.chdir("/")
+    holder = Holder(socket_path(), idle_timeout())
+    if not holder.claim():
+        return  # another holder serves this state directory
+    asyncio.run(holder.serve())
+
+
+if __name__ == "__main__":
+    main()
