@@ -174,7 +174,7 @@ class Bench:
         self.remote_exec = remote_exec_command(remote_exec)
         self.payload_dirs: dict[str, Path] = {}
         self.counter = 0
-        self.failures: list[str] = []
+        self.failures: list[tuple[str, str, str]] = []  # (method, payload, what)
         self.master_starts = 0
 
     # -- setup -------------------------------------------------------------------------
@@ -297,7 +297,7 @@ class Bench:
                 return self.cm_rsync(label)
             return self.remote_exec_run(label, method.removeprefix("re-"))
         except (Failed, subprocess.TimeoutExpired) as exc:
-            self.failures.append(f"{method} {label}: {exc}")
+            self.failures.append((method, label, str(exc)))
             return None
 
     # -- driver ------------------------------------------------------------------------
@@ -324,22 +324,25 @@ class Bench:
         return results
 
 
-def report(results: dict[tuple[str, str], list[tuple[float, float]]], bench: Bench) -> None:
+def report(results: dict[tuple[str, str], list[tuple[float, float]]], bench: Bench,
+           repeat: int) -> None:
     def med(label: str, m: str, i: int) -> float | None:
         values = [r[i] for r in results[(label, m)]]
         return statistics.median(values) if values else None
 
-    def cell(v: float | None) -> str:
-        return f"{v:8.3f}s" if v is not None else f"{'-':>9}"
+    def cell(label: str, m: str, i: int) -> str:
+        v, n = med(label, m, i), len(results[(label, m)])
+        if v is None:
+            return "FAILED"
+        return f"{v:.3f}s" + ("" if n == repeat else f"({n}/{repeat})")
 
     print()
-    print("medians, seconds: whole = whole process(es); transfer = stage + fetch over an open "
-          "connection")
+    print("medians, seconds: whole = whole process(es); xfer = stage + fetch over an open "
+          "connection; (k/n) = only k of n runs succeeded")
     head = "".join(f" {m + ' whole':>15} {m + ' xfer':>14}" for m in METHODS)
     print(f"{'payload':<12}{head}")
     for label, _ in PAYLOADS:
-        row = "".join(f" {cell(med(label, m, 0)):>15} {cell(med(label, m, 1)):>14}"
-                      for m in METHODS)
+        row = "".join(f" {cell(label, m, 0):>15} {cell(label, m, 1):>14}" for m in METHODS)
         print(f"{label:<12}{row}")
     print()
 
@@ -366,6 +369,10 @@ def report(results: dict[tuple[str, str], list[tuple[float, float]]], bench: Ben
         crossover = (f"sftp wins up to {below}, rsync from {above}: crossover between "
                      f"{human(sizes[below])} and {human(sizes[above])}"
                      + ("" if monotone else " (not monotone: noisy, rerun with more --repeat)"))
+    lost = [label for label, _ in PAYLOADS
+            if any(len(results[(label, m)]) < repeat for m in ("re-sftp", "re-rsync"))]
+    if lost:
+        crossover += f" [INCOMPLETE: remote-exec runs failed at {', '.join(lost)}]"
     print(f"verdict, sftp vs rsync inside remote-exec: {crossover} "
           f"(current default rsync_threshold {human(DEFAULT_THRESHOLD)}) -- {detail}")
 
@@ -387,13 +394,20 @@ def report(results: dict[tuple[str, str], list[tuple[float, float]]], bench: Ben
             who = "rsync tunnelled through remote-exec's connection is faster at every size"
         else:
             who = "rsync over the OpenSSH ControlMaster is faster at every size"
+        lost = [label for label, _ in PAYLOADS
+                if any(len(results[(label, m)]) < repeat for m in ("re-rsync", "cm-rsync"))]
+        if lost:
+            who += f" [INCOMPLETE: runs failed at {', '.join(lost)}]"
         print(f"verdict, tunnelled vs ControlMaster rsync (transfer): {who} -- "
               f"tunnel vs ControlMaster: {'; '.join(parts)}")
     print(f"ControlMaster started {bench.master_starts} time(s); nproc {nproc()}")
     if bench.failures:
-        print(f"\n{len(bench.failures)} run(s) FAILED:")
-        for f in bench.failures:
-            print(f"  - {f}")
+        print(f"\n{len(bench.failures)} run(s) FAILED (first failure of each kind shown):")
+        groups: dict[tuple[str, str], list[str]] = {}
+        for method, label, what in bench.failures:
+            groups.setdefault((method, label), []).append(what)
+        for (method, label), whats in groups.items():
+            print(f"  - {method} {label}, {len(whats)} time(s): {whats[0]}")
 
 
 def main() -> int:
@@ -431,7 +445,7 @@ def main() -> int:
                 bench.stop_master()
                 bench.stop_holder()
             box.down()
-        report(results, bench)
+        report(results, bench, args.repeat)
         return 1 if bench.failures else 0
 
 

@@ -99,7 +99,7 @@ class Site:
     templates: list[str] = field(default_factory=list)
     cleanup: str = "on-success"
     transfer: str = "auto"
-    rsync_threshold: int = 4 * 1024 * 1024
+    rsync_threshold: int = 256 * 1024 * 1024
     connect_timeout: float = 30.0
     description: str = ""
     defined_in: str | None = None  # the file that defined it, None for a bare host alias

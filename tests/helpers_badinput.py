@@ -10,6 +10,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -17,12 +18,13 @@ import pytest
 import yaml
 
 from conftest import site_entry
-from remote_exec.sandbox import free_port
+from remote_exec.sandbox import Sandbox, free_port
 
 __all__ = [
     "event",
     "events",
     "free_port",
+    "absent_rsync_sshd",
     "new_ed25519_key",
     "pwned",
     "site_entry",
@@ -140,3 +142,39 @@ def tmpfs_root(tmp_path: Path):
         yield root
     finally:
         subprocess.run([umount, "-l", str(root)], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def absent_rsync_sshd(tmp_path_factory: pytest.TempPathFactory):
+    """A loopback sshd whose sessions have no rsync at all in /usr/bin.
+
+    Unlike ``nosync_sshd`` (which bind-mounts a non-executable empty file over the
+    binary, so bash's ``command -v rsync`` still answers yes), this lays an overlay on
+    /usr/bin with a whiteout for ``rsync`` inside a private mount namespace: the file
+    simply does not exist for the remote side, as on a host where rsync is not installed.
+    """
+    unshare = shutil.which("unshare")
+    rsync = shutil.which("rsync")
+    if os.geteuid() != 0 or not unshare or not rsync:
+        pytest.skip("hiding rsync needs root and unshare(1)")
+    bindir = os.path.dirname(os.path.realpath(rsync))
+    directory = tmp_path_factory.mktemp("absent-rsync")
+    upper, work = directory / "upper", directory / "ovl-work"
+    upper.mkdir()
+    work.mkdir()
+    try:
+        os.mknod(upper / "rsync", 0o600 | stat.S_IFCHR, os.makedev(0, 0))  # a whiteout
+    except OSError as exc:
+        pytest.skip(f"cannot make an overlay whiteout: {exc}")
+    probe = subprocess.run(
+        [unshare, "-m", "sh", "-c",
+         f"mount -t overlay overlay -o lowerdir={bindir},upperdir={upper},workdir={work} "
+         f"{bindir} && ! test -e {bindir}/rsync"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"overlayfs is not usable here: {probe.stderr.strip()}")
+    script = (f"mount -t overlay overlay -o lowerdir={bindir},upperdir={upper},"
+              f'workdir={work} {bindir} && exec "$@"')
+    box = Sandbox(directory / "sshd", wrapper=[unshare, "-m", "sh", "-c", script, "sh"])
+    box.up()
+    yield box
+    box.down()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from helpers_badinput import (  # noqa: F401  (fixtures are used by name)
+    absent_rsync_sshd,
     event,
     free_port,
     new_ed25519_key,
@@ -26,12 +27,16 @@ from helpers_badinput import (  # noqa: F401  (fixtures are used by name)
 )
 
 TRANSFERS = ["sftp", "rsync"]
+#: runs go through the per-user connection holder by default; REMOTE_EXEC_HOLDER=0 runs
+#: them in the CLI process itself
+MODES = {"holder": {}, "in-process": {"REMOTE_EXEC_HOLDER": "0"}}
 
 
 def content_for(name: str) -> bytes:
     """Distinct, binary-ish content per name (NUL, CR, high bytes, no trailing newline)."""
-    seed = hashlib.sha256(name.encode("utf-8", "surrogateescape")).digest()
-    return name.encode("utf-8") + b"\x00\r\n\xff\xfe" + seed * 37 + b"\n\n end-without-newline"
+    raw = os.fsencode(name)
+    seed = hashlib.sha256(raw).digest()
+    return raw + b"\x00\r\n\xff\xfe" + seed * 37 + b"\n\n end-without-newline"
 
 
 #: climbs to / from any working directory at most this deep, with no '/' in the text
@@ -70,9 +75,10 @@ MANIFEST_CMD = (
 )
 
 
+@pytest.mark.parametrize("mode", ["holder", "in-process"])
 @pytest.mark.parametrize("transfer", TRANSFERS)
 def test_hostile_names_are_staged_byte_exact_and_never_executed(
-        cli, workdir, remote_root, tmp_path, pwned, transfer):
+        cli, workdir, remote_root, tmp_path, pwned, transfer, mode):
     markers = [pwned() for _ in range(4)]
     for m in markers[:2]:
         _sanity_check_injection(injection_name(m) if m is markers[0] else backtick_name(m), m)
@@ -91,6 +97,7 @@ def test_hostile_names_are_staged_byte_exact_and_never_executed(
         "~tilde",
         injection_name(markers[0]),
         backtick_name(markers[1]),
+        os.fsdecode(b"latin1-\xe9t\xe9 not utf-8.dat"),  # not valid UTF-8
     ]
     for name in names:
         (workdir / name).write_bytes(content_for(name))
@@ -109,7 +116,8 @@ def test_hostile_names_are_staged_byte_exact_and_never_executed(
     into = tmp_path / "results"
     args = [*names, literal, tree.name]
     proc = cli("run", "--site", "loop", "--json", "--transfer", transfer, "--into", str(into),
-               "--cmd", MANIFEST_CMD, "--", *args, cwd=workdir)  # '--': '-rf' is a name
+               "--cmd", MANIFEST_CMD, "--", *args, cwd=workdir,  # '--': '-rf' is a name
+               extra_env=MODES[mode])
     assert proc.returncode == 0, proc.stderr
     assert event(proc.stderr, "staged")["method"] == transfer
     assert event(proc.stderr, "fetched")["method"] == transfer
@@ -125,7 +133,7 @@ def test_hostile_names_are_staged_byte_exact_and_never_executed(
     fields = (into / "report" / "manifest").read_bytes().split(b"\0")
     assert fields[-1] == b""
     seen = dict(zip(fields[0:-1:2], fields[1:-1:2]))
-    assert seen == {n.encode(): hashlib.sha256(c).hexdigest().encode() for n, c in staged.items()}
+    assert seen == {os.fsencode(n): hashlib.sha256(c).hexdigest().encode() for n, c in staged.items()}
     assert (into / "remote_program_exec.log").read_text() == "manifest-done\n"
 
     # what came back: staged inputs and the remote copies, byte for byte
@@ -341,33 +349,72 @@ RESULT_CMD = (
 )
 
 
-def test_rsync_requested_but_missing_remotely_falls_back_to_sftp(
-        cli, workdir, tmp_path, nosync_sshd, remote_root):
+def _compare_rsync_site_with_fallback_site(cli, workdir: Path, tmp_path: Path,
+                                           remote_root: Path, fallback_site: str,
+                                           config: Path | None = None) -> None:
     (workdir / "sp ace.txt").write_text("spaced\n")
-    (workdir / "bin.dat").write_bytes(os.urandom(300_000))
+    (workdir / "bin.dat").write_bytes(os.urandom(20_000))
     (workdir / "tree").mkdir()
     (workdir / "tree" / "leaf").write_bytes(b"leaf\x00\n")
     os.chmod(workdir / "tree" / "leaf", 0o640)
     before = snapshot(workdir)
     results = {}
-    for site in ("loop", "norsync"):
+    extra = ["--config", str(config)] if config else []
+    for site in ("loop", fallback_site):
         into = tmp_path / f"out-{site}"
-        proc = cli("run", "--site", site, "--json", "--transfer", "rsync", "--into", str(into),
-                   "--cmd", RESULT_CMD, "sp ace.txt", "bin.dat", "tree", cwd=workdir)
+        proc = cli("run", *extra, "--site", site, "--json", "--transfer", "rsync",
+                   "--into", str(into), "--cmd", RESULT_CMD, "sp ace.txt", "bin.dat", "tree",
+                   cwd=workdir)
         assert proc.returncode == 0, f"{site}: {proc.stderr}"
         results[site] = (into, event(proc.stderr, "staged")["method"],
                          event(proc.stderr, "fetched")["method"])
     assert results["loop"][1:] == ("rsync", "rsync")
-    assert results["norsync"][1:] == ("sftp", "sftp")
-    a, b = tree_bytes(results["loop"][0]), tree_bytes(results["norsync"][0])
+    assert results[fallback_site][1:] == ("sftp", "sftp")
+    a, b = tree_bytes(results["loop"][0]), tree_bytes(results[fallback_site][0])
     assert a == b
     assert a["remote_program_exec.log"] == b"finished\n"
     assert a["bin.dat"] == (workdir / "bin.dat").read_bytes()
+    assert a["made/bin"] == b"out\x00put"
     for rel in a:
         ma = os.lstat(results["loop"][0] / rel).st_mode
-        mb = os.lstat(results["norsync"][0] / rel).st_mode
+        mb = os.lstat(results[fallback_site][0] / rel).st_mode
         assert ma == mb, rel
     assert snapshot(workdir) == before
+    assert list(remote_root.iterdir()) == []
+
+
+def test_rsync_requested_but_missing_remotely_falls_back_to_sftp(
+        cli, workdir, tmp_path, nosync_sshd, remote_root):
+    """``nosync_sshd``: rsync is hidden behind a non-executable empty file."""
+    _compare_rsync_site_with_fallback_site(cli, workdir, tmp_path, remote_root, "norsync")
+
+
+def test_rsync_requested_but_not_installed_remotely_falls_back_to_sftp(
+        cli, workdir, tmp_path, sshd, absent_rsync_sshd, remote_root):
+    """Same, with rsync really absent from the remote side's /usr/bin."""
+    config = write_config(tmp_path / "absent.yaml", {
+        "loop": site_entry(sshd, remote_root),
+        "absent": site_entry(absent_rsync_sshd, remote_root),
+    })
+    _compare_rsync_site_with_fallback_site(cli, workdir, tmp_path, remote_root, "absent",
+                                           config)
+
+
+def test_rsync_round_trip_of_a_large_payload(cli, workdir, tmp_path, remote_root):
+    """rsync through the tunnel must not lose data when the local side is slower."""
+    payload = os.urandom(4 * 1024 * 1024)
+    (workdir / "big in.bin").write_bytes(payload)
+    into = tmp_path / "results"
+    copies = 8  # 32 MiB back: enough for the local rsync to fall behind the tunnel
+    proc = cli("run", "--site", "loop", "--json", "--transfer", "rsync", "--into", str(into),
+               "--cmd", "cat" + " 'big in.bin'" * copies + " > 'big out.bin'",
+               "big in.bin", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    assert event(proc.stderr, "fetched")["method"] == "rsync"
+    assert "Traceback" not in proc.stderr
+    assert (into / "big in.bin").read_bytes() == payload
+    assert (into / "big out.bin").read_bytes() == payload * copies
+    assert (workdir / "big in.bin").read_bytes() == payload
     assert list(remote_root.iterdir()) == []
 
 

@@ -72,3 +72,17 @@ def test_follow_streams_the_log(cli, workdir):
                "echo first; sleep 1; echo second", cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "first\nsecond\n"
+
+
+def test_large_payload_both_ways_through_tunnelled_rsync_and_sftp(cli, workdir, tmp_path):
+    payload = os.urandom(5 * 1024 * 1024 + 17)
+    (workdir / "big.bin").write_bytes(payload)
+    for transfer in ("rsync", "sftp"):
+        dest = tmp_path / transfer
+        proc = cli("run", "--site", "loop", "--json", "--transfer", transfer, "--into", str(dest),
+                   "--cmd", "cp big.bin copy.bin", "big.bin", cwd=workdir)
+        assert proc.returncode == 0, proc.stderr
+        assert f'"method": "{transfer}"' in proc.stderr
+        assert (dest / "copy.bin").read_bytes() == payload
+        assert (dest / "big.bin").read_bytes() == payload
+        assert "Traceback" not in proc.stderr

@@ -61,6 +61,9 @@ def main(argv: list) -> int:
         sys.stderr.write("usage: rsh_bridge.py SOCKET [-l USER] HOST COMMAND...\n")
         return 255
     sock_path, args = argv[0], argv[1:]
+    # rsync may hand us non-blocking pipes; this loop wants plain blocking writes
+    os.set_blocking(0, True)
+    os.set_blocking(1, True)
     if args[:1] == ["-l"]:
         args = args[2:]
     command = args[1:]

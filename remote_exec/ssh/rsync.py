@@ -61,9 +61,13 @@ async def _serve(conn: asyncssh.SSHClientConnection, reader: asyncio.StreamReade
                 await writer.drain()
 
         up = asyncio.ensure_future(upstream())
-        await asyncio.gather(downstream(process.stdout, b"o"), downstream(process.stderr, b"e"))
-        completed = await process.wait(check=False)
-        up.cancel()
+        try:
+            await asyncio.gather(downstream(process.stdout, b"o"),
+                                 downstream(process.stderr, b"e"))
+            completed = await process.wait(check=False)
+        finally:
+            up.cancel()
+            await asyncio.gather(up, return_exceptions=True)
         status = completed.exit_status if completed.exit_status is not None else 255
         frame(b"x", struct.pack(">i", status))
         await writer.drain()
@@ -105,7 +109,7 @@ def _rsync_quote(word: str) -> str:
 async def run_rsync(rsh: str, args: Sequence[str], *, progress: bool) -> tuple[int, str]:
     """Run local rsync with ``args`` through the tunnel; returns (exit code, stderr text)."""
     rsync = local_rsync() or "rsync"
-    argv = [rsync, "-e", rsh, *args]
+    argv = [rsync, "--blocking-io", "-e", rsh, *args]
     if progress:
         argv.insert(1, "--info=progress2")
     proc = await asyncio.create_subprocess_exec(
