@@ -227,7 +227,12 @@ def _validate(data: Any, node: Any, path: Path) -> None:
         line, key = _locate(node, keys)
         message = exc.message.replace("data.", "", 1).replace("data ", "", 1)
         if exc.rule == "additionalProperties":
-            allowed = sorted(_SITE_PROPERTIES) if len(keys) >= 1 else sorted(SCHEMA["properties"])
+            if not keys:
+                allowed = sorted(SCHEMA["properties"])
+            elif keys == ["legacy"]:
+                allowed = sorted(SCHEMA["properties"]["legacy"]["properties"])
+            else:
+                allowed = sorted(_SITE_PROPERTIES)
             unknown = _unknown_key(exc.value, keys, data)
             where = ".".join(keys) or "top level"
             key = unknown or key

@@ -20,7 +20,7 @@ import asyncssh
 from remote_exec import localfs
 from remote_exec.backends import BACKENDS
 from remote_exec.config import Site
-from remote_exec.errors import RemoteExecError, StageError
+from remote_exec.errors import ConnectError, RemoteExecError, StageError, StaleConnectionError
 from remote_exec.inputs import CONTROL_DIR
 from remote_exec.run import RunRequest, RunResult
 from remote_exec.ssh import transfer
@@ -34,9 +34,16 @@ async def execute_async(request: RunRequest, ui: Reporter,
     """Run ``request``; on ``conn`` if given (left open), else on a connection of its own."""
     site = request.site
     async with contextlib.AsyncExitStack() as owned:
+        reused = conn is not None
         if conn is None:
             conn = await owned.enter_async_context(await open_connection(site))
-        sftp = await conn.start_sftp_client()
+        try:
+            sftp = await conn.start_sftp_client()
+        except (OSError, asyncssh.Error) as exc:
+            error = StaleConnectionError if reused else ConnectError
+            raise error(f"{site.display}: cannot open a session: {exc}",
+                        hint="sshd may limit sessions per connection (MaxSessions)",
+                        retryable=True) from None
         async with sftp:
             rundir = await _create_rundir(sftp, site, request.run_id)
             ui.event("created", f"run {request.run_id} on {site.name}: {rundir}",

@@ -48,9 +48,22 @@ class InputError(RemoteExecError):
 
 
 class ConnectError(RemoteExecError):
-    """The host cannot be reached or the connection dropped."""
+    """The host cannot be reached or the connection dropped.
+
+    ``retryable`` marks drops worth another try at once, such as sshd closing
+    connections beyond MaxStartups before authentication; an unknown host or a
+    refused port is not.
+    """
 
     exit_code = EXIT_CONNECT
+
+    def __init__(self, message: str, *, hint: str | None = None, retryable: bool = False) -> None:
+        super().__init__(message, hint=hint)
+        self.retryable = retryable
+
+
+class StaleConnectionError(ConnectError):
+    """A reused connection turned out dead before the run changed anything remotely."""
 
 
 class AuthError(RemoteExecError):

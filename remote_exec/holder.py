@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from remote_exec import errors
+from remote_exec.errors import StaleConnectionError
 from remote_exec.paths import state_dir
+from remote_exec.ui import Reporter
 
 RUNS_PER_CONNECTION = 3
 HANDSHAKES_PER_HOST = 4
@@ -176,10 +178,11 @@ def stop() -> bool:
 
 # -- server -------------------------------------------------------------------------------
 
-class _WireReporter:
+class _WireReporter(Reporter):
     """A Reporter that forwards everything to the client socket."""
 
-    def __init__(self, writer: asyncio.StreamWriter, progress: bool) -> None:
+    def __init__(self, writer: asyncio.StreamWriter, progress: bool) -> None:  # noqa: D107
+        # no super().__init__(): this process has no terminal of its own
         self.writer = writer
         self.show_progress = progress
 
@@ -266,8 +269,8 @@ async def _connect_with_retry(open_connection: Any, site: Any, tries: int = 5) -
     for attempt in range(tries):
         try:
             return await open_connection(site)
-        except errors.ConnectError:
-            if attempt == tries - 1:
+        except errors.ConnectError as exc:
+            if not exc.retryable or attempt == tries - 1:
                 raise
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
@@ -367,17 +370,24 @@ class Holder:
         request = request_from_wire(msg["run"])
         ui = _WireReporter(writer, bool(msg.get("progress")))
         slot: list[Any] | None = None
+        gone = asyncio.ensure_future(reader.read())  # EOF: the client went away
         try:
-            slot = await self.pool.acquire(request.site)
-            task = asyncio.ensure_future(execute_async(request, ui, conn=slot[0]))  # type: ignore[arg-type]
-            gone = asyncio.ensure_future(reader.read())  # EOF: the client went away
-            done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if task not in done:
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
-                return
-            gone.cancel()
+            for attempt in (1, 2):
+                slot = await self.pool.acquire(request.site)
+                task = asyncio.ensure_future(execute_async(request, ui, conn=slot[0]))
+                done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if task not in done:
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
+                    return
+                exc = task.exception()
+                if isinstance(exc, StaleConnectionError) and attempt == 1:
+                    slot[0].close()  # a pooled connection that died while idle: one more try
+                    self.pool.release(slot)
+                    slot = None
+                    continue
+                break
             result = task.result()
             self.runs_done += 1
             ui._send(t="result", result=asdict(result))
@@ -390,6 +400,7 @@ class Holder:
                      hint="please report this; run with --no-holder to bypass the holder",
                      exit_code=errors.EXIT_INTERNAL)
         finally:
+            gone.cancel()
             if slot is not None:
                 self.pool.release(slot)
 

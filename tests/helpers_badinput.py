@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import site_entry
+
 from remote_exec.sandbox import Sandbox, free_port
 
 __all__ = [

@@ -74,11 +74,18 @@ async def open_connection(site: Site) -> asyncssh.SSHClientConnection:
             f"{exc.filename}: no such file",
             hint="fix identity_file / known_hosts in the site configuration",
         ) from None
+    except (ConnectionResetError, BrokenPipeError, asyncssh.ConnectionLost,
+            asyncssh.DisconnectError) as exc:
+        raise ConnectError(
+            f"{site.display}: the server closed the connection during the handshake ({exc})",
+            hint="sshd drops connections beyond its MaxStartups limit when many open at once; "
+            "try again, or check the host with `ssh -v`",
+            retryable=True,
+        ) from None
     except (OSError, asyncssh.Error) as exc:
         raise ConnectError(
             f"{site.display}: cannot connect: {exc}",
-            hint="sshd may be refusing connections (MaxStartups); try again, "
-            "or check the host with `ssh -v`",
+            hint="check the host with `ssh -v`",
         ) from None
 
 
@@ -109,9 +116,10 @@ def _host_key_error(site: Site, exc: Exception) -> AuthError:
                 f"with `ssh-keygen -R '{entry}' -f {path}` and connect once with ssh to record it",
             )
     files = ", ".join(str(p) for p in _known_hosts_files(site))
+    target = _known_hosts_files(site)[0]
     return AuthError(
         f"{site.display}: host key is not known (looked in {files}); refusing to connect",
         hint=f"check the fingerprint with the site administrator, then record it by connecting "
-        f"once with `ssh -p {port} {host}` or `ssh-keyscan -p {port} {host} >> "
-        f"{_known_hosts_files(site)[0]}`",
+        f"once with `ssh -o UserKnownHostsFile={target} -p {port} {host}`, or with "
+        f"`ssh-keyscan -p {port} {host} >> {target}` after comparing the fingerprint",
     )

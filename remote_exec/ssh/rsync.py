@@ -68,6 +68,7 @@ async def _serve(conn: asyncssh.SSHClientConnection, reader: asyncio.StreamReade
         finally:
             up.cancel()
             await asyncio.gather(up, return_exceptions=True)
+            process.close()
         status = completed.exit_status if completed.exit_status is not None else 255
         frame(b"x", struct.pack(">i", status))
         await writer.drain()
