@@ -61,7 +61,7 @@ import time
 import uuid
 from pathlib import Path
 
-import yaml
+from common import isolated_setup, nproc, remote_exec_command, ssh_options
 
 from remote_exec.sandbox import Sandbox
 
@@ -74,23 +74,8 @@ GOAL_OVERHEAD = 1.5  # c / a at most
 TIMEOUT = 120
 
 
-def remote_exec_command(override: str | None = None) -> list[str]:
-    if override:
-        return shlex.split(override)
-    beside = Path(sys.executable).parent / "remote-exec"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return [str(beside)]
-    found = shutil.which("remote-exec")
-    if found:
-        return [found]
-    return [sys.executable, "-m", "remote_exec"]
 
 
-def nproc() -> str:
-    try:
-        return subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return str(len(os.sched_getaffinity(0)))
 
 
 def first_line(cmd: list[str]) -> str:
@@ -109,24 +94,9 @@ class Bench:
         self.repeat = repeat
         self.root = site["root"]
         self.target = f"{site['user']}@{site['host']}"
-        self.ssh = [
-            "ssh", "-p", str(site["port"]), "-i", site["identity_file"],
-            "-o", f"UserKnownHostsFile={site['known_hosts']}",
-            "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
-        ]
+        self.ssh = ssh_options(site)
         self.rsh = " ".join(shlex.quote(w) for w in self.ssh)  # rsync's -e honours quotes
-        self.config = tmp / "remote-exec.yaml"
-        self.config.write_text(yaml.safe_dump({"sites": {"bench": dict(site)}}, sort_keys=False))
-        self.env = dict(os.environ)
-        self.env.update({
-            "REMOTE_EXEC_STATE_DIR": str(tmp / "state"),
-            "XDG_CONFIG_HOME": str(tmp / "xdg-config"),
-            # If this remote-exec keeps a per-user connection holder, it lives in the
-            # state directory above; bound its life in case we are killed before stop.
-            "REMOTE_EXEC_HOLDER_IDLE": "60",
-        })
-        self.env.pop("REMOTE_EXEC_CONFIG", None)
-        self.env.pop("MISYSTEM_SITEID", None)
+        self.config, self.env = isolated_setup(tmp, site)
         self.remote_exec = remote_exec_command(remote_exec)
         self.payload = {name: os.urandom(INPUT_SIZE) for name in INPUT_NAMES}
         self.expected = b"".join(self.payload[n] for n in INPUT_NAMES)

@@ -148,23 +148,17 @@ class Config:
 
 def find_config_file(explicit: str | os.PathLike[str] | None = None) -> Path | None:
     """The configuration file to use, in the documented lookup order, or None."""
-    if explicit:
-        path = Path(explicit).expanduser()
-        if not path.is_file():
-            raise ConfigError(
-                f"configuration file {path} does not exist",
-                hint="check the --config path",
-            )
-        return path
-    env = os.environ.get("REMOTE_EXEC_CONFIG")
-    if env:
-        path = Path(env).expanduser()
-        if not path.is_file():
-            raise ConfigError(
-                f"configuration file {path} (from $REMOTE_EXEC_CONFIG) does not exist",
-                hint="unset REMOTE_EXEC_CONFIG or point it at a file",
-            )
-        return path
+    named = (
+        (explicit, "", "check the --config path"),
+        (os.environ.get("REMOTE_EXEC_CONFIG"), " (from $REMOTE_EXEC_CONFIG)",
+         "unset REMOTE_EXEC_CONFIG or point it at a file"),
+    )
+    for value, origin, hint in named:
+        if value:
+            path = Path(value).expanduser()
+            if not path.is_file():
+                raise ConfigError(f"configuration file {path}{origin} does not exist", hint=hint)
+            return path
     for candidate in (Path("remote-exec.yaml"), user_config_file()):
         if candidate.is_file():
             return candidate

@@ -1,0 +1,59 @@
+"""What both benchmarks share: which remote-exec to time, the ssh options for a site,
+the isolated environment and configuration a benchmark runs remote-exec with."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def remote_exec_command(override: str | None = None) -> list[str]:
+    """The console script beside this Python (a pyenv shim would add its own start-up)."""
+    if override:
+        return shlex.split(override)
+    beside = Path(sys.executable).parent / "remote-exec"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return [str(beside)]
+    found = shutil.which("remote-exec")
+    if found:
+        return [found]
+    return [sys.executable, "-m", "remote_exec"]
+
+
+def nproc() -> str:
+    try:
+        return subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return str(len(os.sched_getaffinity(0)))
+
+
+def ssh_options(site: dict) -> list[str]:
+    """An OpenSSH command line with the site's port, key and pinned known_hosts."""
+    return [
+        "ssh", "-p", str(site["port"]), "-i", site["identity_file"],
+        "-o", f"UserKnownHostsFile={site['known_hosts']}",
+        "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+    ]
+
+
+def isolated_setup(tmp: Path, site: dict) -> tuple[Path, dict]:
+    """Write a configuration with site ``bench``; return it and an environment whose
+    state directory (and so connection holder) belongs to this benchmark alone."""
+    config = tmp / "remote-exec.yaml"
+    config.write_text(yaml.safe_dump({"sites": {"bench": dict(site)}}, sort_keys=False))
+    env = dict(os.environ)
+    env.update({
+        "REMOTE_EXEC_STATE_DIR": str(tmp / "state"),
+        "XDG_CONFIG_HOME": str(tmp / "xdg-config"),
+        # bound the holder's life in case we are killed before `holder stop`
+        "REMOTE_EXEC_HOLDER_IDLE": "60",
+    })
+    env.pop("REMOTE_EXEC_CONFIG", None)
+    env.pop("MISYSTEM_SITEID", None)
+    return config, env
