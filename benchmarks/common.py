@@ -3,6 +3,7 @@ the isolated environment and configuration a benchmark runs remote-exec with."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import shutil
@@ -57,3 +58,16 @@ def isolated_setup(tmp: Path, site: dict) -> tuple[Path, dict]:
     env.pop("REMOTE_EXEC_CONFIG", None)
     env.pop("MISYSTEM_SITEID", None)
     return config, env
+
+
+def parse_args(doc: str, repeat: int, repeat_help: str) -> argparse.Namespace:
+    """``--repeat N`` and ``--remote-exec CMD``, the options both benchmarks take."""
+    parser = argparse.ArgumentParser(description=doc.split("\n", 1)[0])
+    parser.add_argument("--repeat", type=int, default=repeat, help=repeat_help)
+    parser.add_argument("--remote-exec", metavar="CMD",
+                        help="the remote-exec command to time, split like a shell would "
+                             "(default: the console script beside this Python)")
+    args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    return args

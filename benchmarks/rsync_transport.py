@@ -53,7 +53,6 @@ Run:
 
 from __future__ import annotations
 
-import argparse
 import filecmp
 import json
 import os
@@ -67,7 +66,7 @@ import time
 import uuid
 from pathlib import Path
 
-from common import isolated_setup, nproc, remote_exec_command, ssh_options
+from common import isolated_setup, nproc, parse_args, remote_exec_command, ssh_options
 
 from remote_exec.sandbox import Sandbox
 
@@ -381,15 +380,7 @@ def report(results: dict[tuple[str, str], list[tuple[float, float]]], bench: Ben
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="repetitions per size and method (default 3)")
-    parser.add_argument("--remote-exec", metavar="CMD",
-                        help="the remote-exec command to time, split like a shell would "
-                             "(default: the console script beside this Python)")
-    args = parser.parse_args()
-    if args.repeat < 1:
-        parser.error("--repeat must be at least 1")
+    args = parse_args(__doc__, 3, "repetitions per size and method (default 3)")
 
     with tempfile.TemporaryDirectory(prefix="re-rsync-bench-") as tmpname:
         tmp = Path(tmpname)

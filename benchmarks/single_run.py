@@ -49,7 +49,6 @@ Run:
 
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import shutil
@@ -61,7 +60,7 @@ import time
 import uuid
 from pathlib import Path
 
-from common import isolated_setup, nproc, remote_exec_command, ssh_options
+from common import isolated_setup, nproc, parse_args, remote_exec_command, ssh_options
 
 from remote_exec.sandbox import Sandbox
 
@@ -242,15 +241,7 @@ def report(times: dict[str, list[float]], failures: list[str], cold: dict[str, f
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--repeat", type=int, default=10,
-                        help="repetitions of a, b, c (default 10)")
-    parser.add_argument("--remote-exec", metavar="CMD",
-                        help="the remote-exec command to time, split like a shell would "
-                             "(default: the console script beside this Python)")
-    args = parser.parse_args()
-    if args.repeat < 1:
-        parser.error("--repeat must be at least 1")
+    args = parse_args(__doc__, 10, "repetitions of a, b, c (default 10)")
 
     with tempfile.TemporaryDirectory(prefix="remote-exec-bench-") as tmpname:
         tmp = Path(tmpname)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import posixpath
+from collections.abc import Awaitable, Callable
 
 import asyncssh
 
@@ -27,6 +28,9 @@ from remote_exec.ssh import transfer
 from remote_exec.ssh.connect import open_connection
 from remote_exec.ssh.rsync import rsync_tunnel
 from remote_exec.ui import Reporter
+
+#: opens the rsync tunnel on first use and returns rsync's ``--rsh`` value
+RshFactory = Callable[[], Awaitable[str]]
 
 
 async def execute_async(request: RunRequest, ui: Reporter,
@@ -112,7 +116,7 @@ async def _exists(sftp: asyncssh.SFTPClient, path: str) -> bool:
 
 async def _stage(conn: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient,
                  request: RunRequest, rundir: str, ui: Reporter,
-                 rsync_cache: dict[str, bool], rsh: object) -> str:
+                 rsync_cache: dict[str, bool], rsh: RshFactory) -> str:
     """Write the control files, then copy the inputs; returns the method used."""
     for name, data in request.entrypoint.control_files().items():
         async with sftp.open(posixpath.join(rundir, CONTROL_DIR, name), "wb") as f:
@@ -127,7 +131,7 @@ async def _stage(conn: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient,
         if not inputs:
             pass
         elif method == "rsync":
-            await transfer.stage_rsync(await rsh(), inputs, rundir, ui.show_progress)  # type: ignore[operator]
+            await transfer.stage_rsync(await rsh(), inputs, rundir, ui.show_progress)
         else:
             await transfer.stage_sftp(sftp, inputs, rundir, ui.progress_fn)
     finally:
@@ -139,7 +143,7 @@ async def _stage(conn: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient,
 
 async def _fetch(conn: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient,
                  request: RunRequest, rundir: str, ui: Reporter,
-                 rsync_cache: dict[str, bool], rsh: object) -> tuple[list[str], str, list[str]]:
+                 rsync_cache: dict[str, bool], rsh: RshFactory) -> tuple[list[str], str, list[str]]:
     """Pull the run directory into a partial directory beside the destination, then place it."""
     size = await transfer.remote_size(sftp, rundir)
     method = await transfer.choose_method(
@@ -149,7 +153,7 @@ async def _fetch(conn: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient,
     ui.progress_start("fetching", size)
     try:
         if method == "rsync":
-            report = await transfer.fetch_rsync(await rsh(), rundir, partial, ui.show_progress)  # type: ignore[operator]
+            report = await transfer.fetch_rsync(await rsh(), rundir, partial, ui.show_progress)
         else:
             report = await transfer.fetch_sftp(sftp, rundir, partial, ui.progress_fn)
     except RemoteExecError:
