@@ -79,13 +79,23 @@ def main() -> None:
               "~/.config/remote-exec/sites.yaml).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable events on stderr.")
 @click.option("--quiet", "-q", is_flag=True, help="Only errors and the remote log on failure.")
+@click.option("--timeout", "timeout", metavar="DURATION",
+              help="Limit for the whole run (e.g. 90s, 30m, 12h); when it expires the remote "
+              "process group is stopped and remote-exec exits 124.")
+@click.option("--retry", "retry", metavar="TRIES,MAX_INTERVAL",
+              help="Reconnect attempts when the link drops, and the longest wait between "
+              "them (default: the site's retry_tries,retry_max_interval, else 5,60s).")
+@click.option("--stall-timeout", metavar="DURATION",
+              help="Silence from the host after which the link counts as dead and is "
+              "reopened (default: the site's stall_timeout, else 60s).")
 @click.option("--no-holder", is_flag=True,
               help="Connect from this process instead of the per-user connection holder "
               "(also: REMOTE_EXEC_HOLDER=0).")
 @click.argument("inputs", nargs=-1, metavar="INPUT...")
 def run(site_name: str, command: str | None, template: str | None, params: tuple[str, ...],
         into: Path, keep: bool, follow: bool, transfer: str | None, config_path: str | None,
-        as_json: bool, quiet: bool, no_holder: bool, inputs: tuple[str, ...]) -> None:
+        as_json: bool, quiet: bool, timeout: str | None, retry: str | None,
+        stall_timeout: str | None, no_holder: bool, inputs: tuple[str, ...]) -> None:
     """Stage INPUTs, run the entrypoint remotely, and fetch the run directory back.
 
     \b
@@ -97,10 +107,18 @@ def run(site_name: str, command: str | None, template: str | None, params: tuple
     Output goes to remote_program_exec.log there. Inputs are files or directories;
     symlinks are followed and base names kept.
 
+    The entrypoint runs detached from the SSH session: if the link drops,
+    remote-exec reconnects (--retry) and carries on; if remote-exec itself dies,
+    `remote-exec resume RUN` finishes the run. Ctrl-C (or SIGTERM/SIGHUP) stops
+    the remote process group (TERM, then KILL after the site's cancel_grace);
+    a second Ctrl-C exits at once. Every run is listed by `remote-exec list`.
+
     \b
     Exit status: 0 success; the entrypoint's own code when it fails;
     66 input error, 69 connection error, 73 staging error, 74 fetch error,
-    75 outcome unknown, 77 authentication / host key, 78 configuration.
+    75 link lost or outcome unknown (resumable), 77 authentication / host key,
+    78 configuration, 124 --timeout expired, 130/143/129 cancelled by
+    SIGINT/SIGTERM/SIGHUP.
 
     \b
     Examples:
@@ -113,12 +131,17 @@ def run(site_name: str, command: str | None, template: str | None, params: tuple
     try:
         request = _build_request(site_name, command, template, params, into, keep, follow,
                                  transfer, config_path, inputs)
+        _apply_limits(request, timeout, retry, stall_timeout)
         result = _execute(request, ui, use_holder=not no_holder)
     except RemoteExecError as err:
         _fail(err, as_json)
     except KeyboardInterrupt:
         click.echo("remote-exec: interrupted", err=True)
         sys.exit(130)
+    _report_result(result, site_name, into, as_json)
+
+
+def _report_result(result: Any, site_name: str, into: Path, as_json: bool) -> NoReturn:
     if not result.ok:
         from remote_exec.run import read_log_tail
 
@@ -131,6 +154,25 @@ def run(site_name: str, command: str | None, template: str | None, params: tuple
                 click.echo(tail, err=True)
                 click.echo("---------------------------------------------------", err=True)
     sys.exit(result.exit_code)
+
+
+def _apply_limits(request: Any, timeout: str | None, retry: str | None,
+                  stall_timeout: str | None) -> None:
+    """Put --timeout, --retry and --stall-timeout on the request (and its site copy)."""
+    from remote_exec.config import parse_duration
+
+    if timeout:
+        request.timeout = parse_duration(timeout)
+    if stall_timeout:
+        request.site.stall_timeout = max(parse_duration(stall_timeout), 1.0)
+    if retry:
+        tries, _, interval = retry.partition(",")
+        if not tries.strip().isdigit():
+            raise ConfigError(f"invalid --retry {retry!r}",
+                              hint="give TRIES or TRIES,MAX_INTERVAL, e.g. --retry 5,60s")
+        request.site.retry_tries = int(tries)
+        if interval.strip():
+            request.site.retry_max_interval = max(parse_duration(interval), 0.1)
 
 
 def _build_request(site_name: str, command: str | None, template: str | None,
@@ -168,11 +210,11 @@ def _build_request(site_name: str, command: str | None, template: str | None,
                       keep=keep, follow=follow)
 
 
-def _execute(request: Any, ui: Any, use_holder: bool = True) -> Any:
+def _execute(request: Any, ui: Any, use_holder: bool = True, resume: bool = False) -> Any:
     from remote_exec.run import execute
 
     try:
-        return execute(request, ui, use_holder=use_holder)
+        return execute(request, ui, use_holder=use_holder, resume=resume)
     except RemoteExecError:
         raise
     except Exception as exc:  # a bug: say so plainly, keep the traceback for a report
@@ -180,6 +222,208 @@ def _execute(request: Any, ui: Any, use_holder: bool = True) -> Any:
 
         traceback.print_exc()
         raise RemoteExecError(f"internal error: {exc!r}", hint="please report this") from exc
+
+
+# -- the journal: list, status, logs, resume, cancel, cleanup ---------------------------------
+
+def _find_run(run_id: str) -> Any:
+    from remote_exec.journal import opened
+
+    with opened() as journal:
+        return journal.find(run_id)
+
+
+def _when(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+@main.command("list", context_settings=CONTEXT)
+@click.option("--site", "-s", "site_name", metavar="SITE", help="Only runs on this site.")
+@click.option("--limit", "-n", default=20, show_default=True, help="How many (newest first).")
+@click.option("--active", is_flag=True, help="Only runs that are running or interrupted.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def list_cmd(site_name: str | None, limit: int, active: bool, as_json: bool) -> None:
+    """List the recorded runs, newest first (the journal in the state directory)."""
+    from remote_exec import manage
+    from remote_exec.journal import ACTIVE_STATES, opened
+
+    with opened() as journal:
+        records = journal.runs(site=site_name, limit=limit or None,
+                               states=ACTIVE_STATES if active else None)
+    if as_json:
+        import json
+
+        for record in records:
+            click.echo(json.dumps(manage.summary(record)))
+        return
+    if not records:
+        click.echo("no runs recorded")
+        return
+    click.echo(f"{'RUN':10} {'SITE':12} {'STATE':12} {'PHASE':9} {'EXIT':>4}  "
+               f"{'STARTED':19}  WHAT")
+    for r in records:
+        state = r.state + ("*" if r.state == "running" and not manage.driven(r) else "")
+        code = "-" if r.exit_code is None else str(r.exit_code)
+        click.echo(f"{r.id[:8]:10} {r.site[:12]:12} {state:12} {r.phase:9} {code:>4}  "
+                   f"{_when(r.created_at):19}  {r.label[:60]}")
+    if any(r.state == "running" and not manage.driven(r) for r in records):
+        click.echo("* no remote-exec process drives it any more: `remote-exec resume RUN`")
+
+
+@main.command("status", context_settings=CONTEXT)
+@click.argument("run_id", metavar="RUN")
+@click.option("--local", is_flag=True, help="Do not ask the remote host.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status_cmd(run_id: str, local: bool, as_json: bool) -> None:
+    """Show one run: its journal record, its events and (unless --local) what the remote
+    run directory says. RUN is a run id or a unique prefix of one."""
+    import asyncio
+
+    from remote_exec import manage
+    from remote_exec.journal import opened
+
+    try:
+        record = _find_run(run_id)
+        remote = None
+        if not local and not record.ended:
+            remote = asyncio.run(manage.probe(record))
+    except RemoteExecError as err:
+        _fail(err)
+    if as_json:
+        import json
+
+        data = manage.summary(record)
+        if remote is not None:
+            data["remote"] = remote.__dict__
+        click.echo(json.dumps(data, indent=2))
+        return
+    driven = manage.driven(record)
+    click.echo(f"run       {record.id}")
+    click.echo(f"site      {record.site} ({record.host})")
+    click.echo(f"what      {record.label}")
+    note = ""
+    if not record.ended:
+        note = (f" (driven by pid {record.driver_pid})" if driven else
+                f" (no process drives it: `remote-exec resume {record.id[:8]}`)")
+    click.echo(f"state     {record.state}{note}")
+    click.echo(f"phase     {record.phase}")
+    click.echo(f"exit code {'-' if record.exit_code is None else record.exit_code}")
+    click.echo(f"remote    {record.rundir or '-'}")
+    click.echo(f"into      {record.into_dir}")
+    click.echo(f"created   {_when(record.created_at)}   launched {_when(record.launched_at)}"
+               f"   ended {_when(record.ended_at)}")
+    if record.error:
+        click.echo(f"error     {record.error}")
+    if remote is not None:
+        click.echo(f"remotely  {remote.describe()}")
+    with opened() as journal:
+        events = journal.events(record.id)
+    if events:
+        click.echo("events:")
+        for at, kind, message in events:
+            click.echo(f"  {_when(at)}  {kind:11} {message}")
+
+
+@main.command("logs", context_settings=CONTEXT)
+@click.argument("run_id", metavar="RUN")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing until the entrypoint ends.")
+def logs_cmd(run_id: str, follow: bool) -> None:
+    """Print a run's remote_program_exec.log: the fetched copy once the run came back,
+    else the one in the remote run directory (-f follows it while it grows)."""
+    import asyncio
+
+    from remote_exec import manage
+    from remote_exec.ui import Reporter
+
+    try:
+        record = _find_run(run_id)
+        path = manage.local_log(record)
+        if path is not None and not follow:
+            sys.stdout.write(path.read_text(encoding="utf-8", errors="replace"))
+            return
+        asyncio.run(manage.remote_log(record, Reporter(), follow))
+    except RemoteExecError as err:
+        _fail(err)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+@main.command("resume", context_settings=CONTEXT)
+@click.argument("run_id", metavar="RUN")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable events on stderr.")
+@click.option("--quiet", "-q", is_flag=True, help="Only errors and the remote log on failure.")
+@click.option("--no-holder", is_flag=True, help="Drive the run from this process.")
+def resume_cmd(run_id: str, as_json: bool, quiet: bool, no_holder: bool) -> None:
+    """Pick up a run whose remote-exec process died or lost the link, and finish it:
+    wait for the entrypoint (started at most once), fetch, clean up. Exit status as
+    for `run`."""
+    from remote_exec.run import resume_request
+    from remote_exec.ui import Reporter
+
+    ui = Reporter(quiet=quiet, as_json=as_json)
+    try:
+        request = resume_request(run_id)
+        result = _execute(request, ui, use_holder=not no_holder, resume=True)
+    except RemoteExecError as err:
+        _fail(err, as_json)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    _report_result(result, request.site.name, request.into, as_json)
+
+
+@main.command("cancel", context_settings=CONTEXT)
+@click.argument("run_id", metavar="RUN")
+def cancel_cmd(run_id: str) -> None:
+    """Stop a run: its remote process group gets TERM, then KILL after the site's
+    cancel_grace. If a remote-exec process drives the run, that process is asked to
+    cancel (it exits 143); otherwise the run is stopped from here."""
+    from remote_exec import manage
+    from remote_exec.ui import Reporter
+
+    try:
+        click.echo(manage.cancel(_find_run(run_id), Reporter()))
+    except RemoteExecError as err:
+        _fail(err)
+
+
+@main.command("cleanup", context_settings=CONTEXT)
+@click.argument("site_name", metavar="SITE")
+@click.option("--older-than", default="7d", show_default=True, metavar="DURATION",
+              help="Only directories older than this (e.g. 30d, 12h, 0 for all).")
+@click.option("--dry-run", "-n", is_flag=True, help="Only list what would be removed.")
+@click.option("--config", "config_path", metavar="FILE", help="Configuration file.")
+def cleanup_cmd(site_name: str, older_than: str, dry_run: bool, config_path: str | None) -> None:
+    """Remove leftover run directories under the site's root on the remote host.
+
+    Only directories remote-exec made (named by a run id, holding .remote-exec/)
+    are considered, and never one whose run is active in the journal or whose
+    entrypoint is still running. /tmp is wiped after 30 days anyway, but disks
+    fill first.
+    """
+    import asyncio
+
+    from remote_exec import manage
+    from remote_exec.config import parse_duration
+    from remote_exec.journal import ACTIVE_STATES, opened
+    from remote_exec.ui import Reporter
+
+    try:
+        site, _ = _resolve_site(config_path, site_name)
+        with opened() as journal:
+            active = {r.id for r in journal.runs(limit=None, states=ACTIVE_STATES)}
+        found = asyncio.run(manage.cleanup(site, parse_duration(older_than), dry_run,
+                                           Reporter(), active))
+    except RemoteExecError as err:
+        _fail(err)
+    for item in found:
+        click.echo(f"{item.verdict:14} {item.path}  ({item.state}, {item.age_days:.1f} days old)")
+    removed = sum(1 for f in found if f.verdict == "removed")
+    click.echo(f"{removed} of {len(found)} run director{'y' if len(found) == 1 else 'ies'} "
+               f"removed on {site_name}")
 
 
 @main.command(context_settings={**CONTEXT, "ignore_unknown_options": True},

@@ -14,6 +14,10 @@ A configuration file is YAML::
         entrypoint: ~/misrc_remote_workflow/scripts/execute_remote-side_program_ssh.sh
         templates: [generic]
         cleanup: on-success
+        retry_tries: 5          # reconnect attempts when the link drops mid-run
+        retry_max_interval: 60  # seconds; backoff doubles from 1 s up to this, with jitter
+        stall_timeout: 60       # seconds without a byte from the host: the link is dead
+        cancel_grace: 10        # seconds between TERM and KILL when a run is cancelled
     legacy:
       solver_log_base: /home/misystem/assets/workflow
 
@@ -26,6 +30,7 @@ exactly as ``ssh NAME`` would.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +57,10 @@ _SITE_PROPERTIES: dict[str, Any] = {
     "transfer": {"enum": list(TRANSFER_METHODS)},
     "rsync_threshold": {"type": "integer", "minimum": 0},
     "connect_timeout": {"type": "number", "exclusiveMinimum": 0},
+    "retry_tries": {"type": "integer", "minimum": 0, "maximum": 1000},
+    "retry_max_interval": {"type": "number", "exclusiveMinimum": 0},
+    "stall_timeout": {"type": "number", "minimum": 1},
+    "cancel_grace": {"type": "number", "minimum": 0},
     "description": {"type": "string"},
 }
 
@@ -101,6 +110,10 @@ class Site:
     transfer: str = "auto"
     rsync_threshold: int = 256 * 1024 * 1024
     connect_timeout: float = 30.0
+    retry_tries: int = 5
+    retry_max_interval: float = 60.0
+    stall_timeout: float = 60.0
+    cancel_grace: float = 10.0
     description: str = ""
     defined_in: str | None = None  # the file that defined it, None for a bare host alias
 
@@ -144,6 +157,17 @@ class Config:
     @property
     def solver_log_base(self) -> str:
         return str(self.legacy.get("solver_log_base", DEFAULT_SOLVER_LOG_BASE))
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``15m``, ``2h``, ``30d`` as seconds; a ConfigError otherwise."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text or "")
+    if not match:
+        raise ConfigError(f"invalid duration {text!r}",
+                          hint="use a number with an optional unit s, m, h or d (e.g. 30d, 90s)")
+    scale = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    return float(match.group(1)) * scale
+
 
 
 def find_config_file(explicit: str | os.PathLike[str] | None = None) -> Path | None:

@@ -1,109 +1,471 @@
-"""The steps of one run over a single SSH connection: create, stage, launch, fetch, clean.
+"""The life of one run, step by step, each step recorded before the next begins.
 
-    planned -> staged -> launched -> finished(exit code) -> fetched -> cleaned
-                                ↘ failed(reason)
+    planned -> created -> staged -> launched -> finished(exit code) -> fetched -> cleaned
+                                  ↘ cancelled / timed_out / failed(reason) / interrupted
 
-``execute`` walks that life; each step is a small function below so the order is
-visible in one place. Everything that talks to the remote host goes through the
-one connection opened in ``execute``: SFTP (no remote shell) for directories and
-small files, rsync tunnelled through the same connection for large payloads, and
-one exec request for the entrypoint.
+:func:`execute_async` drives a run from wherever its journal row says it is, so the
+same code starts a new run and resumes one whose orchestrator died. Each step is
+safe to repeat: creating accepts the run's own directory, staging skips files
+already complete, launching is guarded remotely so the entrypoint starts at most
+once, waiting reads the exit code the wrapper wrote, fetching resumes into the
+same partial directory, cleaning ignores what is gone.
+
+When the connection drops in a step, the :class:`~remote_exec.ssh.link.Link`
+reconnects with backoff and the step runs again. A cancel (signal, ``remote-exec
+cancel``, ``--timeout``) stops the remote process group (TERM, then KILL after
+the site's grace period) and records the run as cancelled or timed out.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
 import posixpath
+import time
 from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import asyncssh
 
 from remote_exec import localfs
-from remote_exec.backends import BACKENDS
-from remote_exec.config import Site
-from remote_exec.errors import ConnectError, RemoteExecError, StageError, StaleConnectionError
+from remote_exec.backends import BACKENDS, Launched
+from remote_exec.backends.direct import follow_log, read_exit_code
+from remote_exec.errors import (
+    EXIT_TIMEOUT,
+    ConfigError,
+    LinkLostError,
+    RemoteExecError,
+    RunBusyError,
+    RunCancelled,
+    StageError,
+)
 from remote_exec.inputs import CONTROL_DIR
-from remote_exec.run import RunRequest, RunResult
+from remote_exec.journal import PHASES, Journal, RunLock, RunRecord
+from remote_exec.run import RunRequest, RunResult, request_to_wire
 from remote_exec.ssh import transfer
-from remote_exec.ssh.connect import open_connection
-from remote_exec.ssh.rsync import rsync_tunnel
+from remote_exec.ssh.link import Acquire, Link, Release, open_throttled
 from remote_exec.ui import Reporter
 
-#: opens the rsync tunnel on first use and returns rsync's ``--rsh`` value
-RshFactory = Callable[[], Awaitable[str]]
+T = TypeVar("T")
+
+POLL_FIRST = 0.2
+POLL_MAX = 5.0
 
 
-async def execute_async(request: RunRequest, ui: Reporter,
-                        conn: asyncssh.SSHClientConnection | None = None) -> RunResult:
-    """Run ``request``; on ``conn`` if given (left open), else on a connection of its own."""
-    site = request.site
-    async with contextlib.AsyncExitStack() as owned:
-        reused = conn is not None
-        if conn is None:
-            conn = await owned.enter_async_context(await open_connection(site))
-        try:
-            sftp = await conn.start_sftp_client()
-        except (OSError, asyncssh.Error) as exc:
-            error = StaleConnectionError if reused else ConnectError
-            raise error(f"{site.display}: cannot open a session: {exc}",
-                        hint="sshd may limit sessions per connection (MaxSessions)",
-                        retryable=True) from None
-        async with sftp:
-            rundir = await _create_rundir(sftp, site, request.run_id)
-            ui.event("created", f"run {request.run_id} on {site.name}: {rundir}",
-                     run_id=request.run_id, rundir=rundir, site=site.name)
-            rsync_cache: dict[str, bool] = {}
-            async with contextlib.AsyncExitStack() as stack:
-                tunnel: list[str] = []
+class RunControl:
+    """How the outside stops a run: ``cancel`` (stop it remotely) or ``abandon``
+    (stop driving it locally; the remote side goes on and ``resume`` picks it up)."""
 
-                async def rsh() -> str:
-                    if not tunnel:
-                        tunnel.append(await stack.enter_async_context(rsync_tunnel(conn)))
-                    return tunnel[0]
+    def __init__(self) -> None:
+        self.task: asyncio.Task[Any] | None = None
+        self.reason: str | None = None
+        self.exit_code = 0
 
-                try:
-                    stage_method = await _stage(conn, sftp, request, rundir, ui, rsync_cache, rsh)
-                except StageError:
-                    with contextlib.suppress(Exception):
-                        await transfer.remove_tree(sftp, rundir)
-                    raise
-                ui.event("launched", f"running {request.entrypoint.label}", run_id=request.run_id)
-                backend = BACKENDS[request.backend]()
-                exit_code = await backend.run(conn, sftp, rundir, ui, request.follow)
-                ui.event("finished", f"entrypoint exited with {exit_code}",
-                         run_id=request.run_id, exit_code=exit_code)
-                fetched, fetch_method, skipped = await _fetch(
-                    conn, sftp, request, rundir, ui, rsync_cache, rsh
-                )
-            kept = await _cleanup(sftp, site, request, rundir, exit_code, ui)
-    return RunResult(
-        run_id=request.run_id, rundir=rundir, exit_code=exit_code, fetched=fetched,
-        remote_kept=kept, stage_method=stage_method, fetch_method=fetch_method, skipped=skipped,
-    )
+    def cancel(self, reason: str, exit_code: int) -> None:
+        if self.reason is None:
+            self.reason, self.exit_code = reason, exit_code
+        if self.task is not None:
+            self.task.cancel()
+
+    def abandon(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
 
 
-async def _create_rundir(sftp: asyncssh.SFTPClient, site: Site, run_id: str) -> str:
-    """Make ``<root>/<uuid>`` (mode 700) and its control directory; refuse an existing one."""
-    root = site.root
-    if root == "~" or root.startswith("~/"):
-        root = posixpath.join(await sftp.realpath("."), root[2:])
-    rundir = posixpath.join(root, run_id)
+class _JournalReporter(Reporter):
+    """Passes everything to ``ui`` and keeps events and warnings in the journal."""
+
+    def __init__(self, ui: Reporter, journal: Journal, run_id: str) -> None:  # noqa: D107
+        self.ui, self.journal, self.run_id = ui, journal, run_id
+        self.show_progress = ui.show_progress
+
+    def event(self, kind: str, message: str, **fields: Any) -> None:
+        self.journal.event(self.run_id, kind, message)
+        self.ui.event(kind, message, **fields)
+
+    def warn(self, message: str) -> None:
+        self.journal.event(self.run_id, "warning", message)
+        self.ui.warn(message)
+
+    def log_text(self, data: str) -> None:
+        self.ui.log_text(data)
+
+    def progress_start(self, label: str, total: int) -> None:
+        self.ui.progress_start(label, total)
+
+    def progress_update(self, name: str, done: int, total: int) -> None:
+        self.ui.progress_update(name, done, total)
+
+    def progress_stop(self) -> None:
+        self.ui.progress_stop()
+
+    @property
+    def progress_fn(self) -> Any:
+        return self.ui.progress_fn
+
+
+async def execute_async(request: RunRequest, ui: Reporter, *, resume: bool = False,
+                        control: RunControl | None = None, acquire: Acquire = open_throttled,
+                        release: Release | None = None, driver_pid: int | None = None,
+                        ) -> RunResult:
+    """Drive ``request`` to its end (or resume it, with ``resume=True``)."""
+    control = control or RunControl()
+    control.task = asyncio.current_task()
+    lock = RunLock(request.run_id)
+    if not lock.acquire():
+        raise RunBusyError(f"run {request.run_id} is being driven by another remote-exec "
+                           "process", hint="watch it with `remote-exec logs -f`, or stop it "
+                           "with `remote-exec cancel`")
+    journal = Journal()
     try:
-        await sftp.mkdir(rundir, asyncssh.SFTPAttrs(permissions=0o700))
-    except asyncssh.SFTPNoSuchFile:
-        raise StageError(
-            f"the site's root {root} does not exist on {site.display}",
-            hint="create it on the remote host or set another `root` for the site",
-        ) from None
-    except asyncssh.SFTPError as exc:
-        exists = await _exists(sftp, rundir)
-        raise StageError(
-            f"cannot create the run directory {rundir}: "
-            + ("it already exists (refusing to reuse it)" if exists else exc.reason),
-            hint="check that the site's root is writable" if not exists else None,
-        ) from None
-    await sftp.mkdir(posixpath.join(rundir, CONTROL_DIR), asyncssh.SFTPAttrs(permissions=0o700))
-    return rundir
+        record = journal.get(request.run_id)
+        if record is None:
+            if resume:
+                raise ConfigError(f"run {request.run_id} is not in the journal")
+            journal.create(run_id=request.run_id, site=request.site.name,
+                           host=request.site.host, label=request.entrypoint.label,
+                           backend=request.backend, into_dir=str(request.into),
+                           request=request_to_wire(request),
+                           driver_pid=driver_pid or os.getpid())
+            record = journal.get(request.run_id)
+            assert record is not None
+        else:
+            if not resume:
+                raise ConfigError(f"run {request.run_id} already exists in the journal")
+            _check_resumable(record)
+            journal.update(request.run_id, state="running", error=None,
+                           driver_pid=driver_pid or os.getpid())
+        link = Link(request.site, ui, run_id=request.run_id, acquire=acquire,
+                    **({"release": release} if release else {}))
+        driver = _Driver(request, _JournalReporter(ui, journal, request.run_id), journal,
+                         link, record, control, resumed=resume)
+        try:
+            return await driver.drive()
+        finally:
+            await link.close()
+    finally:
+        journal.close()
+        lock.release()
+
+
+def _check_resumable(record: RunRecord) -> None:
+    if record.state == "succeeded":
+        raise ConfigError(f"run {record.id} already succeeded; nothing to resume")
+    if record.state in ("cancelled", "timed_out"):
+        raise ConfigError(f"run {record.id} was {record.state.replace('_', ' ')}; "
+                          "it cannot be resumed", hint="start a new run")
+    if record.state == "failed" and not record.reached("finished"):
+        raise ConfigError(
+            f"run {record.id} failed before its entrypoint finished: {record.error}",
+            hint="fix the cause and start a new run",
+        )
+
+
+class _Driver:
+    """The steps of one run over one link, from the phase the journal records."""
+
+    def __init__(self, request: RunRequest, ui: Reporter, journal: Journal, link: Link,
+                 record: RunRecord, control: RunControl, resumed: bool) -> None:
+        self.request = request
+        self.site = request.site
+        self.run_id = request.run_id
+        self.ui = ui
+        self.journal = journal
+        self.link = link
+        self.control = control
+        self.resumed = resumed
+        self.phase = record.phase
+        self.rundir = record.rundir or ""
+        self.job_id = record.job_id
+        self.exit_code = record.exit_code
+        self.backend = BACKENDS[request.backend]()
+        self.launched: Launched | None = None
+        self.retrying = resumed  # steps run a second time: be idempotent
+        self._rsync_cache: dict[str, bool] = {}
+        self.result = RunResult(run_id=self.run_id, rundir=self.rundir, exit_code=-1,
+                                fetched=[], remote_kept=True)
+
+    # -- the life ---------------------------------------------------------------------------
+    async def drive(self) -> RunResult:
+        deadline = self._arm_timeout()
+        try:
+            if self.resumed:
+                self.ui.event("resumed", f"resuming run {self.run_id} after {self.phase}",
+                              run_id=self.run_id, phase=self.phase)
+            if not self._done("created"):
+                await self._step("creating the run directory", self._create)
+            if not self._done("staged"):
+                await self._step("staging", self._stage)
+            if not self._done("launched"):
+                await self._step("launching", self._launch)
+            if not self._done("finished"):
+                await self._step("waiting for the entrypoint", self._wait)
+            if not self._done("fetched"):
+                await self._step("fetching", self._fetch)
+            if not self._done("cleaned"):
+                await self._step("cleaning up", self._cleanup)
+        except asyncio.CancelledError:
+            if self.control.reason is None:  # abandoned: the remote side carries on
+                self.journal.update(self.run_id, driver_pid=None)
+                raise
+            await self._cancel_remote()
+            raise self._cancelled_error() from None
+        except LinkLostError as err:
+            self.journal.update(self.run_id, state="interrupted", error=err.message)
+            raise
+        except RemoteExecError as err:
+            self.journal.update(self.run_id, state="failed", error=err.message)
+            raise
+        finally:
+            if deadline is not None:
+                deadline.cancel()
+        assert self.exit_code is not None
+        self.journal.update(self.run_id, state="succeeded" if self.exit_code == 0 else "failed",
+                            error=None if self.exit_code == 0
+                            else f"the entrypoint exited with {self.exit_code}")
+        self.result.exit_code = self.exit_code
+        self.result.rundir = self.rundir
+        return self.result
+
+    def _done(self, phase: str) -> bool:
+        return PHASES.index(self.phase) >= PHASES.index(phase)
+
+    def _advance(self, phase: str, **fields: Any) -> None:
+        self.phase = phase
+        self.journal.update(self.run_id, phase=phase, **fields)
+
+    async def _step(self, name: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run ``fn``; when the connection drops, reconnect (with backoff) and run it again."""
+        failures = 0
+        while True:
+            try:
+                return await fn()
+            except (asyncio.CancelledError, LinkLostError):
+                raise
+            except (RemoteExecError, OSError, asyncssh.Error) as exc:
+                await asyncio.sleep(0)  # let the connection notice that it closed
+                if not self.link.is_loss(exc):
+                    if isinstance(exc, RemoteExecError):
+                        raise
+                    raise RemoteExecError(f"{name} failed: {exc}") from exc
+                failures += 1
+                if failures > 2 * self.link.tries + 1:
+                    raise LinkLostError(
+                        f"the connection to {self.site.display} keeps dropping during {name}",
+                        hint=f"`remote-exec resume {self.run_id[:8]}` once the link is stable",
+                    ) from None
+                self.retrying = True
+                await self.link.reconnect(name, exc)
+
+    # -- steps ------------------------------------------------------------------------------
+    async def _create(self) -> None:
+        sftp = await self.link.sftp()
+        if not self.rundir:
+            root = self.site.root
+            if root == "~" or root.startswith("~/"):
+                root = posixpath.join(await sftp.realpath("."), root[2:])
+            self.rundir = posixpath.join(root, self.run_id)
+            self.journal.update(self.run_id, rundir=self.rundir)  # before it exists
+        try:
+            await sftp.mkdir(self.rundir, asyncssh.SFTPAttrs(permissions=0o700))
+        except asyncssh.SFTPNoSuchFile:
+            raise StageError(
+                f"the site's root {posixpath.dirname(self.rundir)} does not exist on "
+                f"{self.site.display}",
+                hint="create it on the remote host or set another `root` for the site",
+            ) from None
+        except asyncssh.SFTPError as exc:
+            exists = await _exists(sftp, self.rundir)
+            if not (exists and self.retrying):  # a retried mkdir may have landed before
+                raise StageError(
+                    f"cannot create the run directory {self.rundir}: "
+                    + ("it already exists (refusing to reuse it)" if exists else exc.reason),
+                    hint=None if exists else "check that the site's root is writable",
+                ) from None
+        with contextlib.suppress(asyncssh.SFTPFailure):
+            await sftp.mkdir(posixpath.join(self.rundir, CONTROL_DIR),
+                             asyncssh.SFTPAttrs(permissions=0o700))
+        self._advance("created")
+        self.ui.event("created", f"run {self.run_id} on {self.site.name}: {self.rundir}",
+                      run_id=self.run_id, rundir=self.rundir, site=self.site.name)
+
+    async def _stage(self) -> None:
+        sftp = await self.link.sftp()
+        for name, data in self.request.entrypoint.control_files().items():
+            async with sftp.open(posixpath.join(self.rundir, CONTROL_DIR, name), "wb") as f:
+                await f.write(data)
+        inputs = self.request.inputs
+        size = sum(i.size for i in inputs)
+        method = await self._method(size)
+        self.ui.progress_start("staging", size)
+        try:
+            if not inputs:
+                pass
+            elif method == "rsync":
+                await transfer.stage_rsync(await self.link.rsh(), inputs, self.rundir,
+                                           self.ui.show_progress)
+            else:
+                await transfer.stage_sftp(sftp, inputs, self.rundir, self.ui.progress_fn,
+                                          resume=self.retrying)
+        except StageError as exc:
+            if not self.retrying and not self.link.is_loss(exc):
+                with contextlib.suppress(Exception):
+                    await transfer.remove_tree(sftp, self.rundir)
+            raise
+        finally:
+            self.ui.progress_stop()
+        self.result.stage_method = method
+        self._advance("staged")
+        self.ui.event("staged", f"staged {len(inputs)} input(s), {size} bytes, by {method}",
+                      inputs=[i.name for i in inputs], bytes=size, method=method)
+
+    async def _launch(self) -> None:
+        conn = await self.link.conn()
+        sftp = await self.link.sftp()
+        self.launched = await self.backend.launch(conn, sftp, self.rundir)
+        self.job_id = self.launched.job_id
+        self._advance("launched", job_id=self.job_id)
+        again = " (it had been launched before)" if self.launched.before else ""
+        self.ui.event("launched", f"running {self.request.entrypoint.label}{again}",
+                      run_id=self.run_id, job_id=self.job_id)
+
+    async def _wait(self) -> None:
+        stop = asyncio.Event()
+        tail = None
+        if self.request.follow:
+            tail = asyncio.ensure_future(
+                follow_log(self.link.open_sftp, self.rundir, self.ui, stop))
+        try:
+            code = await self._wait_for_exit()
+        finally:
+            stop.set()
+            if tail is not None:
+                with contextlib.suppress(Exception):
+                    await tail
+        self.exit_code = code
+        self._advance("finished", exit_code=code)
+        self.ui.event("finished", f"entrypoint exited with {code}",
+                      run_id=self.run_id, exit_code=code)
+
+    async def _wait_for_exit(self) -> int:
+        launched, self.launched = self.launched, None  # after a reconnect: poll
+        if launched is not None and launched.channel is not None:
+            attached = await launched.wait_attached()
+            if attached is None and (await self.link.conn()).is_closed():
+                raise asyncssh.ConnectionLost("the connection closed while waiting")
+            recorded = await read_exit_code(await self.link.sftp(), self.rundir)
+            if recorded is not None:
+                return recorded
+            if attached is not None:
+                return attached
+        interval = POLL_FIRST
+        while True:
+            code = await self.backend.poll(await self.link.sftp(), self.rundir, self.job_id)
+            if code is not None:
+                return code
+            await asyncio.sleep(interval)
+            interval = min(interval * 1.5, POLL_MAX)
+
+    async def _fetch(self) -> None:
+        sftp = await self.link.sftp()
+        size = await transfer.remote_size(sftp, self.rundir)
+        method = await self._method(size)
+        partial = localfs.partial_dir(self.request.into, self.run_id)
+        self.ui.progress_start("fetching", size)
+        try:
+            if method == "rsync":
+                report = await transfer.fetch_rsync(await self.link.rsh(), self.rundir,
+                                                    partial, self.ui.show_progress)
+            else:
+                report = await transfer.fetch_sftp(sftp, self.rundir, partial,
+                                                   self.ui.progress_fn, resume=True)
+        finally:
+            self.ui.progress_stop()
+        placed = localfs.place(partial, self.request.into)
+        for skipped in report.skipped:
+            self.ui.warn(f"not fetched: {skipped}")
+        self.result.fetched, self.result.fetch_method = placed, method
+        self.result.skipped = report.skipped
+        self._advance("fetched")
+        self.ui.event("fetched", f"fetched {len(placed)} item(s), {size} bytes, by {method} "
+                      f"into {self.request.into}", fetched=placed, bytes=size, method=method)
+
+    async def _cleanup(self) -> None:
+        """Remove the remote directory per policy."""
+        policy = self.site.cleanup
+        remove = (policy == "always") or (policy == "on-success" and self.exit_code == 0)
+        if self.request.keep or not remove:
+            why = ("--keep" if self.request.keep
+                   else ("the entrypoint failed" if self.exit_code else policy))
+            self.ui.event("kept", f"remote directory kept ({why}): {self.site.name}:"
+                          f"{self.rundir}", rundir=self.rundir)
+            self.result.remote_kept = True
+        else:
+            try:
+                await transfer.remove_tree(await self.link.sftp(), self.rundir)
+            except asyncssh.SFTPNoSuchFile:
+                pass
+            except asyncssh.SFTPError as exc:
+                self.ui.warn(f"could not remove {self.rundir} on {self.site.name}: {exc}")
+            else:
+                self.result.remote_kept = False
+                self.ui.event("cleaned", f"removed {self.rundir}", rundir=self.rundir)
+        self._advance("cleaned")
+
+    async def _method(self, size: int) -> str:
+        return await transfer.choose_method(
+            await self.link.conn(), self.site.transfer, size, self.site.rsync_threshold,
+            self._rsync_cache,
+        )
+
+    # -- stopping ---------------------------------------------------------------------------
+    def _arm_timeout(self) -> asyncio.TimerHandle | None:
+        timeout = self.request.timeout
+        if not timeout:
+            return None
+        created = self.request.created_at or time.time()
+        remaining = max(created + timeout - time.time(), 0.0)
+        return asyncio.get_running_loop().call_later(
+            remaining, self.control.cancel, "timeout", EXIT_TIMEOUT)
+
+    async def _cancel_remote(self) -> None:
+        """Stop what runs remotely (bounded in time), then record the run as ended."""
+        reason = self.control.reason or "cancel"
+        state = "timed_out" if reason == "timeout" else "cancelled"
+        what = "nothing was running yet"
+        if self.phase in ("staged", "launched"):  # (staged: a launch may be in flight)
+            try:
+                conn = await asyncio.wait_for(self.link.conn(), self.site.connect_timeout)
+                what = await asyncio.wait_for(
+                    self.backend.cancel(conn, self.rundir, self.site.cancel_grace),
+                    self.site.cancel_grace + 30)
+            except (asyncio.TimeoutError, OSError, asyncssh.Error, RemoteExecError) as exc:
+                what = f"could not reach the host to stop it ({exc})"
+                self.ui.warn(f"the remote process of run {self.run_id} may still be running: "
+                             f"{what}; try `remote-exec cancel {self.run_id[:8]}` later")
+        elif self._done("finished"):
+            what = "the entrypoint had already finished"
+        self.journal.update(self.run_id, state=state, error=f"{self._reason_text()}: {what}")
+        self.ui.event(state, f"run {self.run_id} {state.replace('_', ' ')} "
+                      f"({self._reason_text()}); remote: {what}", run_id=self.run_id)
+
+    def _reason_text(self) -> str:
+        reason = self.control.reason or "cancel"
+        if reason == "timeout":
+            return f"the run exceeded its time limit (--timeout {self.request.timeout:g} s)"
+        if reason.startswith("SIG"):
+            return f"{reason} received"
+        return reason
+
+    def _cancelled_error(self) -> RunCancelled:
+        where = f"{self.site.name}:{self.rundir}" if self.rundir else "nowhere yet"
+        return RunCancelled(
+            f"run {self.run_id} stopped: {self._reason_text()}",
+            exit_code=self.control.exit_code,
+            hint=f"the remote directory is kept at {where}; "
+            f"`remote-exec cleanup {self.site.name}` removes leftovers",
+        )
 
 
 async def _exists(sftp: asyncssh.SFTPClient, path: str) -> bool:
@@ -112,76 +474,3 @@ async def _exists(sftp: asyncssh.SFTPClient, path: str) -> bool:
         return True
     except asyncssh.SFTPError:
         return False
-
-
-async def _stage(conn: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient,
-                 request: RunRequest, rundir: str, ui: Reporter,
-                 rsync_cache: dict[str, bool], rsh: RshFactory) -> str:
-    """Write the control files, then copy the inputs; returns the method used."""
-    for name, data in request.entrypoint.control_files().items():
-        async with sftp.open(posixpath.join(rundir, CONTROL_DIR, name), "wb") as f:
-            await f.write(data)
-    inputs = request.inputs
-    size = sum(i.size for i in inputs)
-    method = await transfer.choose_method(
-        conn, request.site.transfer, size, request.site.rsync_threshold, rsync_cache
-    )
-    ui.progress_start("staging", size)
-    try:
-        if not inputs:
-            pass
-        elif method == "rsync":
-            await transfer.stage_rsync(await rsh(), inputs, rundir, ui.show_progress)
-        else:
-            await transfer.stage_sftp(sftp, inputs, rundir, ui.progress_fn)
-    finally:
-        ui.progress_stop()
-    ui.event("staged", f"staged {len(inputs)} input(s), {size} bytes, by {method}",
-             inputs=[i.name for i in inputs], bytes=size, method=method)
-    return method
-
-
-async def _fetch(conn: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient,
-                 request: RunRequest, rundir: str, ui: Reporter,
-                 rsync_cache: dict[str, bool], rsh: RshFactory) -> tuple[list[str], str, list[str]]:
-    """Pull the run directory into a partial directory beside the destination, then place it."""
-    size = await transfer.remote_size(sftp, rundir)
-    method = await transfer.choose_method(
-        conn, request.site.transfer, size, request.site.rsync_threshold, rsync_cache
-    )
-    partial = localfs.partial_dir(request.into, request.run_id)
-    ui.progress_start("fetching", size)
-    try:
-        if method == "rsync":
-            report = await transfer.fetch_rsync(await rsh(), rundir, partial, ui.show_progress)
-        else:
-            report = await transfer.fetch_sftp(sftp, rundir, partial, ui.progress_fn)
-    except RemoteExecError:
-        localfs.discard(partial)
-        raise
-    finally:
-        ui.progress_stop()
-    placed = localfs.place(partial, request.into)
-    for skipped in report.skipped:
-        ui.warn(f"not fetched: {skipped}")
-    ui.event("fetched", f"fetched {len(placed)} item(s), {size} bytes, by {method} "
-             f"into {request.into}", fetched=placed, bytes=size, method=method)
-    return placed, method, report.skipped
-
-
-async def _cleanup(sftp: asyncssh.SFTPClient, site: Site, request: RunRequest, rundir: str,
-                   exit_code: int, ui: Reporter) -> bool:
-    """Remove the remote directory per policy; returns whether it was kept."""
-    policy = site.cleanup
-    remove = (policy == "always") or (policy == "on-success" and exit_code == 0)
-    if request.keep or not remove:
-        why = "--keep" if request.keep else ("the entrypoint failed" if exit_code else policy)
-        ui.event("kept", f"remote directory kept ({why}): {site.name}:{rundir}", rundir=rundir)
-        return True
-    try:
-        await transfer.remove_tree(sftp, rundir)
-    except (OSError, asyncssh.SFTPError) as exc:
-        ui.warn(f"could not remove {rundir} on {site.name}: {exc}")
-        return True
-    ui.event("cleaned", f"removed {rundir}", rundir=rundir)
-    return False

@@ -16,7 +16,9 @@ EXIT_STAGE = 73  # EX_CANTCREAT: the remote run directory or staging failed
 EXIT_FETCH = 74  # EX_IOERR: pulling results back failed
 EXIT_AUTH = 77  # EX_NOPERM: authentication failed or the host key is not trusted
 EXIT_CONFIG = 78  # EX_CONFIG: configuration or template error
-EXIT_REMOTE_LOST = 75  # EX_TEMPFAIL: the entrypoint's outcome could not be read
+EXIT_REMOTE_LOST = 75  # EX_TEMPFAIL: the outcome could not be read yet; `resume` may finish it
+EXIT_TIMEOUT = 124  # as timeout(1): the run exceeded --timeout and was stopped
+EXIT_SIGNAL_BASE = 128  # cancelled by a signal: 128 + its number (130 SIGINT, 143 SIGTERM)
 
 
 class RemoteExecError(Exception):
@@ -88,3 +90,26 @@ class RemoteLostError(RemoteExecError):
     """The entrypoint ran but its outcome could not be read back."""
 
     exit_code = EXIT_REMOTE_LOST
+
+
+class LinkLostError(RemoteExecError):
+    """The connection dropped and could not be reopened within the retry budget.
+
+    The run is recorded as interrupted: ``remote-exec resume`` continues it.
+    """
+
+    exit_code = EXIT_REMOTE_LOST
+
+
+class RunBusyError(RemoteExecError):
+    """Another remote-exec process is driving this run right now."""
+
+    exit_code = EXIT_REMOTE_LOST
+
+
+class RunCancelled(RemoteExecError):
+    """The run was cancelled (a signal, ``remote-exec cancel``, or --timeout)."""
+
+    def __init__(self, message: str, *, exit_code: int = 130, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.exit_code = exit_code

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -31,12 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from remote_exec import errors
-from remote_exec.errors import StaleConnectionError
 from remote_exec.paths import state_dir
 from remote_exec.ui import Reporter
 
 RUNS_PER_CONNECTION = 3
-HANDSHAKES_PER_HOST = 4
+HANDSHAKES_PER_HOST = 4  # within the holder; remote_exec.ssh.link bounds it across processes
 
 
 def socket_path() -> Path:
@@ -54,71 +54,81 @@ def idle_timeout() -> float:
         return 120.0
 
 
-# -- wire format: one JSON object per line ------------------------------------------------
-
-def request_to_wire(request: Any) -> dict[str, Any]:
-    data = asdict(request)
-    data["into"] = str(request.into)
-    data["inputs"] = [{**asdict(i), "source": os.path.abspath(i.source)} for i in request.inputs]
-    return data
-
-
-def request_from_wire(data: dict[str, Any]) -> Any:
-    from remote_exec.config import Site
-    from remote_exec.entrypoint import Entrypoint
-    from remote_exec.inputs import Input
-    from remote_exec.run import RunRequest
-
-    return RunRequest(
-        site=Site(**data["site"]),
-        inputs=[Input(source=Path(i["source"]), name=i["name"], is_dir=i["is_dir"],
-                      size=i["size"]) for i in data["inputs"]],
-        entrypoint=Entrypoint(**data["entrypoint"]),
-        into=Path(data["into"]), keep=data["keep"], follow=data["follow"],
-        backend=data["backend"], run_id=data["run_id"],
-    )
-
-
 # -- client -------------------------------------------------------------------------------
 
-def run_via_holder(request: Any, ui: Any) -> Any:
-    """Execute ``request`` in the holder (starting it if needed); None if unavailable."""
+def run_via_holder(request: Any, ui: Any, resume: bool = False) -> Any:
+    """Execute ``request`` in the holder (starting it if needed); None if unavailable.
+
+    SIGINT, SIGTERM and SIGHUP are passed on as a cancel request; the holder stops
+    the remote process group and answers with the cancel error. A second signal
+    exits at once (the holder still finishes the cancel). If this process dies
+    without a word, the holder stops driving the run and leaves it to ``resume``.
+    """
+    from remote_exec.run import CANCEL_SIGNALS, Interrupted, request_to_wire
+
     sock = _connect(start=True)
     if sock is None:
         return None
+
+    def raise_interrupted(signum: int, _frame: Any) -> None:
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, raise_interrupted) for s in CANCEL_SIGNALS}
+    try:
+        with sock:
+            payload = {"run": request_to_wire(request), "progress": ui.show_progress,
+                       "resume": resume, "pid": os.getpid()}
+            stream = sock.makefile("rb")
+            try:
+                sock.sendall(json.dumps(payload).encode() + b"\n")
+                return _read_replies(stream, ui)
+            except Interrupted as sig:
+                def exit_now(signum: int, _frame: Any) -> None:
+                    os._exit(128 + signum)
+
+                for s in CANCEL_SIGNALS:
+                    signal.signal(s, exit_now)
+                ui.warn(f"{sig.name} received: cancelling the run "
+                        "(send it again to exit at once)")
+                sock.sendall(json.dumps({"cancel": sig.name,
+                                         "exit_code": sig.exit_code}).encode() + b"\n")
+                return _read_replies(stream, ui)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _read_replies(stream: Any, ui: Any) -> Any:
     from remote_exec.run import RunResult
 
-    with sock:
-        payload = {"run": request_to_wire(request), "progress": ui.show_progress}
-        sock.sendall(json.dumps(payload).encode() + b"\n")
-        stream = sock.makefile("rb")
-        for raw in stream:
-            msg = json.loads(raw)
-            kind = msg.pop("t")
-            if kind == "event":
-                ui.event(msg.pop("kind"), msg.pop("message"), **msg)
-            elif kind == "warn":
-                ui.warn(msg["message"])
-            elif kind == "log":
-                ui.log_text(msg["text"])
-            elif kind == "progress_start":
-                ui.progress_start(msg["label"], msg["total"])
-            elif kind == "progress":
-                ui.progress_update(msg["name"], msg["done"], msg["total"])
-            elif kind == "progress_stop":
-                ui.progress_stop()
-            elif kind == "result":
-                return RunResult(**msg["result"])
-            elif kind == "error":
-                cls = getattr(errors, msg["class"], errors.RemoteExecError)
-                if not (isinstance(cls, type) and issubclass(cls, errors.RemoteExecError)):
-                    cls = errors.RemoteExecError
-                err = cls(msg["message"], hint=msg.get("hint"))
-                err.exit_code = msg["exit_code"]
-                raise err
+    for raw in stream:
+        msg = json.loads(raw)
+        kind = msg.pop("t")
+        if kind == "event":
+            ui.event(msg.pop("kind"), msg.pop("message"), **msg)
+        elif kind == "warn":
+            ui.warn(msg["message"])
+        elif kind == "log":
+            ui.log_text(msg["text"])
+        elif kind == "progress_start":
+            ui.progress_start(msg["label"], msg["total"])
+        elif kind == "progress":
+            ui.progress_update(msg["name"], msg["done"], msg["total"])
+        elif kind == "progress_stop":
+            ui.progress_stop()
+        elif kind == "result":
+            return RunResult(**msg["result"])
+        elif kind == "error":
+            cls = getattr(errors, msg["class"], errors.RemoteExecError)
+            if not (isinstance(cls, type) and issubclass(cls, errors.RemoteExecError)):
+                cls = errors.RemoteExecError
+            err = cls(msg["message"], hint=msg.get("hint"))
+            err.exit_code = msg["exit_code"]
+            raise err
     raise errors.RemoteLostError(
         "the connection holder stopped in the middle of the run",
-        hint="see the holder log in the state directory; run with --no-holder to bypass it",
+        hint="see the holder log in the state directory; `remote-exec resume` continues the "
+        "run; run with --no-holder to bypass the holder",
     )
 
 
@@ -216,7 +226,11 @@ class _WireReporter(Reporter):
 
 
 class _Pool:
-    """Warm connections per destination, with admission counted per host."""
+    """Warm connections per destination, with admission counted per host.
+
+    ``acquire``/``release`` have the shape :class:`remote_exec.ssh.link.Link` takes,
+    so a run's reconnects go through the pool too.
+    """
 
     def __init__(self) -> None:
         self.conns: dict[tuple, list[list[Any]]] = {}  # key -> [[conn, active_runs], ...]
@@ -226,55 +240,52 @@ class _Pool:
     @staticmethod
     def key(site: Any) -> tuple:
         return (site.host, site.port, site.user, site.identity_file, site.known_hosts,
-                site.connect_timeout)
+                site.connect_timeout, site.stall_timeout)
 
-    async def acquire(self, site: Any) -> list[Any]:
-        from remote_exec.ssh.connect import open_connection
+    def _take(self, key: tuple) -> Any:
+        slots = self.conns.setdefault(key, [])
+        slots[:] = [s for s in slots if not s[0].is_closed()]
+        for slot in slots:
+            if slot[1] < RUNS_PER_CONNECTION:
+                slot[1] += 1
+                return slot[0]
+        return None
+
+    async def acquire(self, site: Any) -> Any:
+        from remote_exec.ssh.link import open_throttled
 
         key = self.key(site)
-        while True:
+        async with self.lock:
+            conn = self._take(key)
+            if conn is not None:
+                return conn
+            gate = self.handshakes.setdefault(site.host, asyncio.Semaphore(HANDSHAKES_PER_HOST))
+        async with gate:
+            async with self.lock:  # someone may have opened one meanwhile
+                conn = self._take(key)
+                if conn is not None:
+                    return conn
+            conn = await open_throttled(site)
             async with self.lock:
-                slots = self.conns.setdefault(key, [])
-                slots[:] = [s for s in slots if not s[0].is_closed()]
-                for slot in slots:
-                    if slot[1] < RUNS_PER_CONNECTION:
-                        slot[1] += 1
-                        return slot
-                gate = self.handshakes.setdefault(site.host, asyncio.Semaphore(HANDSHAKES_PER_HOST))
-            async with gate:
-                async with self.lock:  # someone may have opened one meanwhile
-                    for slot in self.conns[key]:
-                        if slot[1] < RUNS_PER_CONNECTION and not slot[0].is_closed():
-                            slot[1] += 1
-                            return slot
-                conn = await _connect_with_retry(open_connection, site)
-                async with self.lock:
-                    slot = [conn, 1]
-                    self.conns[key].append(slot)
-                    return slot
+                self.conns.setdefault(key, []).append([conn, 1])
+                return conn
 
-    def release(self, slot: list[Any]) -> None:
-        slot[1] -= 1
+    def release(self, conn: Any, broken: bool) -> None:
+        if broken:
+            conn.close()
+        for slots in self.conns.values():
+            for slot in slots:
+                if slot[0] is conn:
+                    slot[1] -= 1
+                    if broken:
+                        slots.remove(slot)
+                    return
 
     def close_all(self) -> None:
         for slots in self.conns.values():
             for conn, _ in slots:
                 conn.close()
         self.conns.clear()
-
-
-async def _connect_with_retry(open_connection: Any, site: Any, tries: int = 5) -> Any:
-    """Open a connection, retrying the drops sshd makes before authentication (MaxStartups)."""
-    delay = 0.2
-    for attempt in range(tries):
-        try:
-            return await open_connection(site)
-        except errors.ConnectError as exc:
-            if not exc.retryable or attempt == tries - 1:
-                raise
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-    raise AssertionError("unreachable")
 
 
 class Holder:
@@ -365,32 +376,24 @@ class Holder:
 
     async def _run(self, msg: dict[str, Any], reader: asyncio.StreamReader,
                    writer: asyncio.StreamWriter) -> None:
-        from remote_exec.engine import execute_async
+        """Drive one run for a client; a ``cancel`` line cancels it, EOF abandons it."""
+        from remote_exec.engine import RunControl, execute_async
+        from remote_exec.run import request_from_wire
 
         request = request_from_wire(msg["run"])
         ui = _WireReporter(writer, bool(msg.get("progress")))
-        slot: list[Any] | None = None
-        gone = asyncio.ensure_future(reader.read())  # EOF: the client went away
+        control = RunControl()
+        task = asyncio.ensure_future(execute_async(
+            request, ui, resume=bool(msg.get("resume")), control=control,
+            acquire=self.pool.acquire, release=self.pool.release, driver_pid=msg.get("pid"),
+        ))
+        watcher = asyncio.ensure_future(self._watch_client(reader, control))
         try:
-            for attempt in (1, 2):
-                slot = await self.pool.acquire(request.site)
-                task = asyncio.ensure_future(execute_async(request, ui, conn=slot[0]))
-                done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-                if task not in done:
-                    task.cancel()
-                    with contextlib.suppress(BaseException):
-                        await task
-                    return
-                exc = task.exception()
-                if isinstance(exc, StaleConnectionError) and attempt == 1:
-                    slot[0].close()  # a pooled connection that died while idle: one more try
-                    self.pool.release(slot)
-                    slot = None
-                    continue
-                break
-            result = task.result()
+            result = await task
             self.runs_done += 1
             ui._send(t="result", result=asdict(result))
+        except asyncio.CancelledError:
+            pass  # abandoned: the client went away, the run stays resumable
         except errors.RemoteExecError as err:
             ui._send(t="error", **{"class": type(err).__name__}, message=err.message,
                      hint=err.hint, exit_code=err.exit_code)
@@ -400,9 +403,19 @@ class Holder:
                      hint="please report this; run with --no-holder to bypass the holder",
                      exit_code=errors.EXIT_INTERNAL)
         finally:
-            gone.cancel()
-            if slot is not None:
-                self.pool.release(slot)
+            watcher.cancel()
+
+    @staticmethod
+    async def _watch_client(reader: asyncio.StreamReader, control: Any) -> None:
+        while True:
+            line = await reader.readline()
+            if not line:
+                control.abandon()
+                return
+            with contextlib.suppress(ValueError):
+                msg = json.loads(line)
+                if "cancel" in msg:
+                    control.cancel(str(msg["cancel"]), int(msg.get("exit_code", 130)))
 
 
 def main() -> None:

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 
 def partial_dir(into: Path, run_id: str) -> Path:
-    """A fresh directory beside the destination (same file system: renames are atomic)."""
+    """The run's directory beside the destination (same file system: renames are atomic).
+
+    It is named after the run, so a fetch repeated after a dropped connection (or by
+    ``resume``) continues into what the earlier attempt brought.
+    """
     into.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".remote-exec-{run_id[:8]}-", dir=into))
+    partial = into / f".remote-exec-{run_id}.partial"
+    partial.mkdir(mode=0o700, exist_ok=True)
+    return partial
 
 
 def place(partial: Path, into: Path) -> list[str]:

@@ -1,25 +1,35 @@
 """A run: what is asked (:class:`RunRequest`), what happened (:class:`RunResult`), and
 how it is carried out.
 
-    planned -> staged -> launched -> finished(exit code) -> fetched -> cleaned
-                                ↘ failed(reason)
+    planned -> created -> staged -> launched -> finished(exit code) -> fetched -> cleaned
+                                  ↘ cancelled / timed_out / failed(reason) / interrupted
 
-The steps live in :mod:`remote_exec.engine`. :func:`execute` hands the request to the
-per-user connection holder (:mod:`remote_exec.holder`, warm connections, no asyncssh
-import in this process) or, when that is disabled or unavailable, runs the engine in
-this process. This module imports nothing heavy.
+The steps live in :mod:`remote_exec.engine`, the record of each run in
+:mod:`remote_exec.journal`. :func:`execute` hands the request to the per-user
+connection holder (:mod:`remote_exec.holder`: warm connections, no asyncssh import
+in this process) or, when that is disabled or unavailable, runs the engine in this
+process. Either way SIGINT, SIGTERM and SIGHUP cancel the run remotely (TERM, then
+KILL after the site's grace period) and the process exits 128 + the signal number;
+a second signal exits at once. This module imports nothing heavy.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from remote_exec.config import Site
 from remote_exec.entrypoint import Entrypoint
+from remote_exec.errors import EXIT_SIGNAL_BASE
 from remote_exec.inputs import LOG_NAME, Input
 from remote_exec.ui import Reporter
+
+CANCEL_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @dataclass
@@ -33,7 +43,9 @@ class RunRequest:
     keep: bool = False
     follow: bool = False
     backend: str = "direct"
+    timeout: float | None = None  # seconds for the whole run, from created_at
     run_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    created_at: float = field(default_factory=time.time)
 
 
 @dataclass
@@ -54,20 +66,92 @@ class RunResult:
         return self.exit_code == 0
 
 
-def execute(request: RunRequest, ui: Reporter, *, use_holder: bool = True) -> RunResult:
-    """Run ``request`` to the end (blocking), through the holder when possible."""
+# -- the request as JSON (the holder's wire and the journal's record) -----------------------
+
+def request_to_wire(request: RunRequest) -> dict[str, Any]:
+    data = asdict(request)
+    data["into"] = str(request.into)
+    data["inputs"] = [{**asdict(i), "source": os.path.abspath(i.source)} for i in request.inputs]
+    return data
+
+
+def request_from_wire(data: dict[str, Any]) -> RunRequest:
+    return RunRequest(
+        site=Site(**data["site"]),
+        inputs=[Input(source=Path(i["source"]), name=i["name"], is_dir=i["is_dir"],
+                      size=i["size"]) for i in data["inputs"]],
+        entrypoint=Entrypoint(**data["entrypoint"]),
+        into=Path(data["into"]), keep=data["keep"], follow=data["follow"],
+        backend=data["backend"], timeout=data.get("timeout"), run_id=data["run_id"],
+        created_at=data.get("created_at") or time.time(),
+    )
+
+
+# -- carrying it out ----------------------------------------------------------------------------
+
+class Interrupted(BaseException):
+    """A cancel signal reached this process (raised from the signal handler)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_SIGNAL_BASE + self.signum
+
+
+def execute(request: RunRequest, ui: Reporter, *, use_holder: bool = True,
+            resume: bool = False) -> RunResult:
+    """Run (or resume) ``request`` to the end, through the holder when possible."""
     from remote_exec import holder
 
     if use_holder and holder.enabled():
-        result = holder.run_via_holder(request, ui)
+        result = holder.run_via_holder(request, ui, resume=resume)
         if result is not None:
             return result
         ui.warn("the connection holder did not start; running in this process")
+    return _execute_here(request, ui, resume)
+
+
+def _execute_here(request: RunRequest, ui: Reporter, resume: bool) -> RunResult:
     import asyncio
 
-    from remote_exec.engine import execute_async
+    from remote_exec.engine import RunControl, execute_async
 
-    return asyncio.run(execute_async(request, ui))
+    control = RunControl()
+
+    def on_signal(signum: int) -> None:
+        if control.reason is not None:  # the second one: leave at once
+            os._exit(EXIT_SIGNAL_BASE + signum)
+        ui.warn(f"{signal.Signals(signum).name} received: cancelling the run "
+                "(send it again to exit at once)")
+        control.cancel(signal.Signals(signum).name, EXIT_SIGNAL_BASE + signum)
+
+    async def main() -> RunResult:
+        loop = asyncio.get_running_loop()
+        for signum in CANCEL_SIGNALS:
+            loop.add_signal_handler(signum, on_signal, signum)
+        try:
+            return await execute_async(request, ui, resume=resume, control=control)
+        finally:
+            for signum in CANCEL_SIGNALS:
+                loop.remove_signal_handler(signum)
+
+    return asyncio.run(main())
+
+
+def resume_request(run_id: str) -> RunRequest:
+    """The stored request of journal run ``run_id`` (a unique prefix will do)."""
+    from remote_exec.journal import opened
+
+    with opened() as journal:
+        record = journal.find(run_id)
+    return request_from_wire(record.request_data())
 
 
 def read_log_tail(into: Path, lines: int = 40) -> str:

@@ -1,4 +1,10 @@
-"""The ``direct`` backend: the entrypoint runs as a process on the SSH host itself."""
+"""The ``direct`` backend: the entrypoint runs as a detached process on the SSH host.
+
+``launch.sh`` (see :mod:`remote_exec.entrypoint`) starts the wrapper in its own
+session and process group, so it survives a dropped connection, and then waits
+for it on the exec channel: a short run needs no polling at all. After a
+reconnect the exit code is polled from ``.remote-exec/exit_code`` over SFTP.
+"""
 
 from __future__ import annotations
 
@@ -6,77 +12,130 @@ import asyncio
 import codecs
 import contextlib
 import posixpath
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import cast
 
 import asyncssh
 
-from remote_exec.entrypoint import launch_command
-from remote_exec.errors import RemoteLostError
+from remote_exec.entrypoint import ALREADY_LAUNCHED, control_command
+from remote_exec.errors import RemoteLostError, StageError
 from remote_exec.inputs import CONTROL_DIR, LOG_NAME
 from remote_exec.ui import Reporter
 
 
+@dataclass
+class Launched:
+    """A started entrypoint: its job id (the process group) and, if this process
+    started it, the channel that ends when it does."""
+
+    job_id: str | None
+    channel: asyncssh.SSHClientProcess | None = None
+    before: bool = False  # it had been launched by an earlier attempt
+
+    async def wait_attached(self) -> int | None:
+        """Wait on the launching channel; its exit status, or None if it has none."""
+        if self.channel is None:
+            return None
+        await self.channel.wait_closed()
+        status = self.channel.exit_status
+        return status if status is not None and status >= 0 else None
+
+
 class DirectBackend:
-    """Launch the wrapper over the run's connection and wait for its exit code."""
+    """Run the entrypoint on the SSH host itself."""
 
     name = "direct"
 
-    async def run(self, conn: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient,
-                  rundir: str, ui: Reporter, follow: bool) -> int:
-        stop = asyncio.Event()
-        tail = asyncio.ensure_future(follow_log(sftp, rundir, ui, stop)) if follow else None
-        try:
-            result = await conn.run(launch_command(rundir), check=False)
-        except (OSError, asyncssh.Error) as exc:
-            raise RemoteLostError(
-                f"the connection dropped while the entrypoint was running: {exc}",
-                hint=f"the run directory {rundir} holds the outcome in {CONTROL_DIR}/exit_code",
-            ) from None
-        finally:
-            stop.set()
-            if tail is not None:
-                with contextlib.suppress(Exception):
-                    await tail
-        if result.exit_status is not None and result.exit_status >= 0:
-            return result.exit_status
-        if result.exit_signal:
-            signame = result.exit_signal[0]
-            import signal
+    async def launch(self, conn: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient,
+                     rundir: str) -> Launched:
+        process = await conn.create_process(control_command(rundir, "launch.sh"),
+                                            stdin=asyncssh.DEVNULL)
+        line = cast(str, await process.stdout.readline())
+        if line.startswith("started "):
+            return Launched(job_id=line.split()[1], channel=process)
+        await process.wait_closed()
+        if process.exit_status == ALREADY_LAUNCHED:
+            return Launched(job_id=await read_control(sftp, rundir, "pgid"), before=True)
+        if process.exit_status is None and conn.is_closed():
+            raise asyncssh.ConnectionLost("the connection closed while launching")
+        err = cast(str, await process.stderr.read()) if process.stderr else ""
+        raise StageError(
+            f"could not launch the entrypoint (launch.sh exit {process.exit_status}): "
+            f"{err.strip()[-500:]}",
+            hint=f"look at {rundir}/{CONTROL_DIR} on the remote host; /bin/sh must exist there",
+        )
 
-            number = getattr(signal, f"SIG{signame}", None)
-            return 128 + (int(number) if number is not None else 1)
-        recorded = await read_exit_code(sftp, rundir)
-        if recorded is None:
-            raise RemoteLostError(
-                "the entrypoint ended without reporting an exit code",
-                hint=f"look at {rundir}/{LOG_NAME} on the remote host",
-            )
-        return recorded
+    async def poll(self, sftp: asyncssh.SFTPClient, rundir: str,
+                   job_id: str | None) -> int | None:
+        code = await read_exit_code(sftp, rundir)
+        if code is not None or not job_id:
+            return code
+        if await _exists(sftp, "/proc/self") and not await _exists(sftp, f"/proc/{job_id}"):
+            code = await read_exit_code(sftp, rundir)  # it may have ended just now
+            if code is None:
+                raise RemoteLostError(
+                    f"the entrypoint's process group {job_id} is gone and left no exit code "
+                    "(was the remote host rebooted, or the process killed with KILL?)",
+                    hint=f"look at {rundir}/{LOG_NAME} on the remote host",
+                )
+        return code
+
+    async def cancel(self, conn: asyncssh.SSHClientConnection, rundir: str,
+                     grace: float) -> str:
+        result = await conn.run(control_command(rundir, "cancel.sh", int(grace)), check=False)
+        return str(result.stdout or "").strip() or f"cancel.sh exit {result.exit_status}"
+
+
+async def read_control(sftp: asyncssh.SFTPClient, rundir: str, name: str) -> str | None:
+    """The stripped content of ``.remote-exec/NAME``, or None if absent."""
+    try:
+        async with sftp.open(posixpath.join(rundir, CONTROL_DIR, name), "rb") as f:
+            return cast(bytes, await f.read()).decode("utf-8", "replace").strip()
+    except asyncssh.SFTPNoSuchFile:
+        return None
 
 
 async def read_exit_code(sftp: asyncssh.SFTPClient, rundir: str) -> int | None:
     """The exit code the wrapper recorded, or None if it has not finished."""
+    text = await read_control(sftp, rundir, "exit_code")
     try:
-        async with sftp.open(posixpath.join(rundir, CONTROL_DIR, "exit_code"), "rb") as f:
-            return int((await f.read()).strip() or b"-1")
-    except (asyncssh.SFTPError, ValueError):
+        return int(text) if text else None
+    except ValueError:
         return None
 
 
-async def follow_log(sftp: asyncssh.SFTPClient, rundir: str, ui: Reporter,
-                     stop: asyncio.Event, interval: float = 0.25) -> None:
-    """Stream ``remote_program_exec.log`` as it grows, until ``stop`` is set (then drain)."""
+async def _exists(sftp: asyncssh.SFTPClient, path: str) -> bool:
+    try:
+        await sftp.stat(path)
+        return True
+    except asyncssh.SFTPNoSuchFile:
+        return False
+
+
+async def follow_log(get_sftp: Callable[[], Awaitable[asyncssh.SFTPClient]], rundir: str,
+                     ui: Reporter, stop: asyncio.Event, interval: float = 0.25) -> None:
+    """Stream ``remote_program_exec.log`` as it grows until ``stop`` is set (then drain).
+
+    Errors (a dropped connection) are ignored: the next tick asks for the SFTP
+    client again, which the run's link reopens.
+    """
     path = posixpath.join(rundir, LOG_NAME)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     offset = 0
     while True:
         finishing = stop.is_set()
-        try:
-            async with sftp.open(path, "rb") as f:
-                await f.seek(offset)
-                data = cast(bytes, await f.read())
-        except asyncssh.SFTPNoSuchFile:
-            data = b""
+        data = b""
+        with contextlib.suppress(asyncssh.SFTPNoSuchFile):
+            try:
+                sftp = await get_sftp()
+                async with sftp.open(path, "rb") as f:
+                    await f.seek(offset)
+                    data = cast(bytes, await f.read())
+            except asyncssh.SFTPNoSuchFile:
+                raise
+            except (OSError, asyncssh.Error):
+                data = b""
         if data:
             offset += len(data)
             ui.log_text(decoder.decode(data))

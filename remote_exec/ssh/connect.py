@@ -21,8 +21,9 @@ def connect_options(site: Site) -> dict[str, Any]:
     """The keyword arguments for :func:`asyncssh.connect`; unset values defer to ssh config."""
     options: dict[str, Any] = {
         "connect_timeout": site.connect_timeout,
-        "keepalive_interval": 30,
-        "keepalive_count_max": 4,
+        # a stalled link is declared dead after about stall_timeout seconds of silence
+        "keepalive_interval": max(site.stall_timeout / 3, 0.5),
+        "keepalive_count_max": 3,
         "agent_forwarding": False,
     }
     if site.port:

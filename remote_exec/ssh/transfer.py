@@ -52,8 +52,12 @@ async def choose_method(
 
 
 async def stage_sftp(sftp: asyncssh.SFTPClient, inputs: Sequence[Input], rundir: str,
-                     progress: ProgressFn | None) -> None:
-    """Copy inputs into ``rundir`` following symlinks (like ``rsync -a -L``)."""
+                     progress: ProgressFn | None, *, resume: bool = False) -> None:
+    """Copy inputs into ``rundir`` following symlinks (like ``rsync -a -L``).
+
+    With ``resume`` (a retry after a dropped connection) directories may exist and
+    files whose size and mtime already match are not copied again.
+    """
     if not inputs:
         return
     handler = _sftp_progress(progress)
@@ -68,11 +72,14 @@ async def stage_sftp(sftp: asyncssh.SFTPClient, inputs: Sequence[Input], rundir:
             # our own walk: asyncssh's recursive copy refuses names with a backslash
             for dirpath, _dirnames, filenames in os.walk(source, followlinks=True):
                 remote_dir = posixpath.join(target, os.path.relpath(dirpath, source))
-                await sftp.mkdir(posixpath.normpath(remote_dir))
+                if not (resume and await sftp.isdir(posixpath.normpath(remote_dir))):
+                    await sftp.mkdir(posixpath.normpath(remote_dir))
                 for filename in filenames:
                     jobs.append((os.path.join(dirpath, filename),
                                  posixpath.join(remote_dir, filename)))
                 await sftp.setstat(posixpath.normpath(remote_dir), _local_attrs(dirpath))
+        if resume:
+            jobs = [job for job in jobs if not await _same_remote(sftp, *job)]
         await _gather_limited(
             sftp.put(src, dst, preserve=True, follow_symlinks=True, progress_handler=handler)
             for src, dst in jobs
@@ -90,10 +97,12 @@ async def stage_sftp(sftp: asyncssh.SFTPClient, inputs: Sequence[Input], rundir:
 
 
 async def stage_rsync(rsh: str, inputs: Sequence[Input], rundir: str, progress: bool) -> None:
-    """Copy inputs into ``rundir`` with ``rsync -a -L`` through the tunnel."""
+    """Copy inputs into ``rundir`` with ``rsync -a -L --partial`` through the tunnel
+    (a retry after a dropped connection continues from the partial file)."""
     sources = [os.path.abspath(i.source) for i in inputs]
     code, err = await rsync_mod.run_rsync(
-        rsh, ["-a", "-L", *sources, rsync_mod.rsync_remote(rundir + "/")], progress=progress
+        rsh, ["-a", "-L", "--partial", *sources, rsync_mod.rsync_remote(rundir + "/")],
+        progress=progress,
     )
     if code != 0:
         raise StageError(
@@ -103,11 +112,13 @@ async def stage_rsync(rsh: str, inputs: Sequence[Input], rundir: str, progress: 
 
 
 async def fetch_sftp(sftp: asyncssh.SFTPClient, rundir: str, dest: Path,
-                     progress: ProgressFn | None) -> FetchReport:
+                     progress: ProgressFn | None, *, resume: bool = False) -> FetchReport:
     """Copy the whole run directory (but the control directory) into ``dest``.
 
     Symlinks are copied as symlinks; one that points outside the directory is
-    skipped and reported, so a run can never plant a link to a local file.
+    skipped and reported, so a run can never plant a link to a local file. With
+    ``resume``, ``dest`` may hold an earlier attempt: files whose size and mtime
+    match are kept.
     """
     report = FetchReport(method="sftp")
     handler = _sftp_progress(progress)
@@ -127,18 +138,21 @@ async def fetch_sftp(sftp: asyncssh.SFTPClient, rundir: str, dest: Path,
                 remote, local = posixpath.join(root, child), os.path.join(local_root, child)
                 kind = entry.attrs.type
                 if kind == asyncssh.FILEXFER_TYPE_DIRECTORY:
-                    os.mkdir(local)
+                    os.makedirs(local, exist_ok=resume)
                     dirs.append((remote, local, entry.attrs))
                     stack.append(child)
                 elif kind == asyncssh.FILEXFER_TYPE_SYMLINK:
                     target = os.fsencode(await sftp.readlink(remote))
                     if _link_stays_inside(local_root, local, target):
+                        if resume and os.path.lexists(local):
+                            os.unlink(local)
                         os.symlink(target, local)
                     else:
                         report.skipped.append(f"{os.fsdecode(child)} -> {os.fsdecode(target)} "
                                               "(symlink pointing outside the run directory)")
                 elif kind == asyncssh.FILEXFER_TYPE_REGULAR:
-                    jobs.append((remote, local))
+                    if not (resume and _same_local(local, entry.attrs)):
+                        jobs.append((remote, local))
                 else:
                     report.skipped.append(f"{os.fsdecode(child)} (not a regular file)")
         await _gather_limited(
@@ -160,7 +174,8 @@ async def fetch_rsync(rsh: str, rundir: str, dest: Path, progress: bool) -> Fetc
     """Copy the run directory (but the control directory) into ``dest`` with ``rsync -a``."""
     code, err = await rsync_mod.run_rsync(
         rsh,
-        ["-a", f"--exclude=/{CONTROL_DIR}", rsync_mod.rsync_remote(rundir + "/"), str(dest) + "/"],
+        ["-a", "--partial", f"--exclude=/{CONTROL_DIR}", rsync_mod.rsync_remote(rundir + "/"),
+         str(dest) + "/"],
         progress=progress,
     )
     if code != 0:
@@ -208,6 +223,25 @@ async def _gather_limited(coros: Iterable[Awaitable[None]]) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _same_remote(sftp: asyncssh.SFTPClient, local: bytes, remote: bytes) -> bool:
+    """Whether ``remote`` is already a complete copy of ``local`` (size and mtime)."""
+    try:
+        attrs = await sftp.stat(remote)
+    except asyncssh.SFTPNoSuchFile:
+        return False
+    st = os.stat(local)
+    return attrs.size == st.st_size and attrs.mtime == int(st.st_mtime)
+
+
+def _same_local(local: bytes, attrs: asyncssh.SFTPAttrs) -> bool:
+    """Whether ``local`` is already a complete copy of a remote file with ``attrs``."""
+    try:
+        st = os.lstat(local)
+    except FileNotFoundError:
+        return False
+    return st.st_size == attrs.size and int(st.st_mtime) == attrs.mtime
 
 
 def _local_attrs(path: bytes) -> asyncssh.SFTPAttrs:

@@ -1,0 +1,268 @@
+"""Looking after recorded runs: status, logs, cancel and cleanup of remote leftovers.
+
+These are the library halves of ``remote-exec status / logs / cancel / cleanup``;
+the CLI only prints. Each connects on its own (in this process) with the site
+settings stored in the run's journal row, so they work without the configuration
+file that started the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import posixpath
+import re
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+from remote_exec.backends import BACKENDS
+from remote_exec.backends.direct import follow_log, read_control, read_exit_code
+from remote_exec.config import Site
+from remote_exec.errors import ConfigError, RemoteExecError, RunBusyError
+from remote_exec.inputs import CONTROL_DIR, LOG_NAME
+from remote_exec.journal import Journal, RunLock, RunRecord
+from remote_exec.ssh.link import open_throttled
+from remote_exec.ui import Reporter
+
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def record_site(record: RunRecord) -> Site:
+    return Site(**record.request_data()["site"])
+
+
+def driven(record: RunRecord) -> bool:
+    """Whether some remote-exec process is driving the run right now."""
+    return RunLock(record.id).held_elsewhere()
+
+
+# -- status -------------------------------------------------------------------------------------
+
+@dataclass
+class RemoteState:
+    """What the run directory says (or why it could not be read)."""
+
+    reachable: bool
+    exists: bool = False
+    exit_code: int | None = None
+    alive: bool | None = None
+    error: str = ""
+
+    def describe(self) -> str:
+        if not self.reachable:
+            return f"unreachable ({self.error})"
+        if not self.exists:
+            return "run directory absent"
+        if self.exit_code is not None:
+            return f"entrypoint finished with exit code {self.exit_code}"
+        if self.alive:
+            return "entrypoint running"
+        if self.alive is False:
+            return "entrypoint not running and no exit code recorded"
+        return "not launched"
+
+
+async def probe(record: RunRecord) -> RemoteState:
+    """Read the run directory's control files on the remote host."""
+    if not record.rundir:
+        return RemoteState(reachable=True)
+    site = record_site(record)
+    try:
+        conn = await asyncio.wait_for(open_throttled(site), site.connect_timeout + 5)
+    except (RemoteExecError, asyncio.TimeoutError) as exc:
+        return RemoteState(reachable=False, error=str(exc).splitlines()[0])
+    async with conn, conn.start_sftp_client() as sftp:
+        if not await sftp.exists(record.rundir):
+            return RemoteState(reachable=True)
+        state = RemoteState(reachable=True, exists=True,
+                            exit_code=await read_exit_code(sftp, record.rundir))
+        pgid = await read_control(sftp, record.rundir, "pgid")
+        if state.exit_code is None and pgid and await sftp.exists("/proc/self"):
+            state.alive = await sftp.exists(f"/proc/{pgid}")
+        return state
+
+
+# -- logs ---------------------------------------------------------------------------------------
+
+def local_log(record: RunRecord) -> Path | None:
+    """The fetched ``remote_program_exec.log`` of a run that came back, if still there."""
+    if not record.reached("fetched"):
+        return None
+    path = Path(record.into_dir) / LOG_NAME
+    return path if path.is_file() else None
+
+
+async def remote_log(record: RunRecord, ui: Reporter, follow: bool) -> None:
+    """Print the run's remote log; with ``follow``, until the entrypoint ends."""
+    if not record.rundir:
+        raise ConfigError(f"run {record.id} has no remote directory yet")
+    site = record_site(record)
+    conn = await open_throttled(site)
+    async with conn, conn.start_sftp_client() as sftp:
+        if not await sftp.exists(record.rundir):
+            raise ConfigError(f"the run directory {site.name}:{record.rundir} is gone",
+                              hint="it was cleaned up; a fetched copy may be in "
+                              f"{record.into_dir}/{LOG_NAME}")
+        stop = asyncio.Event()
+
+        async def get_sftp() -> asyncssh.SFTPClient:
+            return sftp
+
+        if not follow:
+            stop.set()
+        tail = asyncio.ensure_future(follow_log(get_sftp, record.rundir, ui, stop))
+        while follow and not stop.is_set():
+            if await read_exit_code(sftp, record.rundir) is not None:
+                stop.set()
+                break
+            await asyncio.sleep(0.5)
+        await tail
+
+
+# -- cancel -------------------------------------------------------------------------------------
+
+def cancel(record: RunRecord, ui: Reporter, wait: float = 60.0) -> str:
+    """Stop a run: through its driving process if one lives, else remotely from here."""
+    if record.ended:
+        return f"run {record.id} already ended ({record.state.replace('_', ' ')})"
+    lock = RunLock(record.id)
+    if not lock.acquire():
+        pid = record.driver_pid
+        if pid and _is_remote_exec(pid):
+            ui.event("cancelling", f"asking the process driving the run (pid {pid}) to cancel it")
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + wait + record_site(record).cancel_grace
+        while time.monotonic() < deadline:
+            if lock.acquire():
+                break
+            time.sleep(0.2)
+        else:
+            raise RunBusyError(f"run {record.id} is still driven by another process",
+                               hint="stop that process, then cancel again")
+    try:
+        with contextlib.closing(Journal()) as journal:
+            fresh = journal.get(record.id)
+            assert fresh is not None
+            if fresh.ended:
+                return f"run {record.id} {fresh.state.replace('_', ' ')}"
+            what = asyncio.run(_cancel_remote(fresh)) if fresh.rundir else "nothing started"
+            journal.update(record.id, state="cancelled", error=f"remote-exec cancel: {what}")
+            journal.event(record.id, "cancelled", f"cancelled by remote-exec cancel: {what}")
+            return f"run {record.id} cancelled; remote: {what}"
+    finally:
+        lock.release()
+
+
+async def _cancel_remote(record: RunRecord) -> str:
+    site = record_site(record)
+    conn = await open_throttled(site)
+    async with conn:
+        backend = BACKENDS[record.backend]()
+        async with conn.start_sftp_client() as sftp:
+            if not await sftp.exists(posixpath.join(record.rundir or "", CONTROL_DIR,
+                                                    "cancel.sh")):
+                return "the run directory holds no entrypoint (nothing to stop)"
+        return await backend.cancel(conn, record.rundir or "", site.cancel_grace)
+
+
+def _is_remote_exec(pid: int) -> bool:
+    """Whether ``pid`` is a remote-exec process (guards against a reused pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return False
+        return True  # no /proc: trust the journal
+    return b"remote_exec" in cmdline or b"remote-exec" in cmdline
+
+
+# -- cleanup ------------------------------------------------------------------------------------
+
+@dataclass
+class Leftover:
+    path: str
+    age_days: float
+    state: str  # finished | not launched | running | dead
+    verdict: str = ""  # removed | would remove | kept (active) | too recent | failed
+
+
+async def cleanup(site: Site, older_than: float, dry_run: bool, ui: Reporter,
+                  active_ids: set[str]) -> list[Leftover]:
+    """Remove run directories under the site's root that remote-exec made and no one uses.
+
+    A directory qualifies when its name is a run id, it holds ``.remote-exec/``, it
+    is older than ``older_than`` seconds, the journal does not list it as running
+    or interrupted, and its entrypoint is not running.
+    """
+    from remote_exec.ssh import transfer
+
+    conn = await open_throttled(site)
+    found: list[Leftover] = []
+    async with conn, conn.start_sftp_client() as sftp:
+        root = site.root
+        if root == "~" or root.startswith("~/"):
+            root = posixpath.join(await sftp.realpath("."), root[2:])
+        now = time.time()
+        try:
+            entries = [e async for e in sftp.scandir(root)]
+        except asyncssh.SFTPError as exc:
+            raise ConfigError(f"cannot list the site's root {root}: {exc.reason}") from None
+        proc = await sftp.exists("/proc/self")
+        for entry in sorted(entries, key=lambda e: str(e.filename)):
+            name = str(entry.filename)
+            if not UUID_RE.match(name) or entry.attrs.type != asyncssh.FILEXFER_TYPE_DIRECTORY:
+                continue
+            path = posixpath.join(root, name)
+            if not await sftp.isdir(posixpath.join(path, CONTROL_DIR)):
+                continue  # not ours
+            age = (now - (entry.attrs.mtime or now)) / 86400
+            state = await _leftover_state(sftp, path, proc)
+            item = Leftover(path=path, age_days=age, state=state)
+            found.append(item)
+            if name in active_ids or state == "running":
+                item.verdict = "kept (active)"
+            elif age * 86400 < older_than:
+                item.verdict = "too recent"
+            elif dry_run:
+                item.verdict = "would remove"
+            else:
+                try:
+                    await transfer.remove_tree(sftp, path)
+                    item.verdict = "removed"
+                except asyncssh.SFTPError as exc:
+                    item.verdict = "failed"
+                    ui.warn(f"could not remove {path}: {exc.reason}")
+    return found
+
+
+async def _leftover_state(sftp: asyncssh.SFTPClient, path: str, proc: bool) -> str:
+    if await read_exit_code(sftp, path) is not None:
+        return "finished"
+    if not await sftp.isdir(posixpath.join(path, CONTROL_DIR, "launched")):
+        return "not launched"
+    pgid = await read_control(sftp, path, "pgid")
+    if pgid and proc:
+        return "running" if await sftp.exists(f"/proc/{pgid}") else "dead"
+    return "running"  # cannot tell: leave it
+
+
+def describe_age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def summary(record: RunRecord) -> dict[str, Any]:
+    """The record as plain data (for ``--json``)."""
+    data = {k: v for k, v in record.__dict__.items() if k != "request"}
+    data["driven"] = driven(record)
+    return data

@@ -1,0 +1,213 @@
+"""The run's link to its host: one SSH connection, reopened with backoff when it drops.
+
+A :class:`Link` hands out the current connection, its SFTP client and (on first
+use) the rsync tunnel. When a step of the run fails because the connection died
+(a cut, a stall caught by the keepalive, an sshd restart), the run calls
+:meth:`Link.reconnect`, which waits with exponential backoff and jitter (1 s
+doubling up to the site's ``retry_max_interval``) and tries ``retry_tries`` times
+before giving up with :class:`LinkLostError`. A changed host key or a refused key
+ends the run at once: retrying cannot fix those.
+
+Opening connections is throttled per host across processes (:func:`handshake_slot`):
+sshd drops unauthenticated connections beyond ``MaxStartups`` (10 by default), so
+at most ``HANDSHAKES_PER_HOST`` handshakes to one host run at once for this user,
+and the drops sshd still makes are retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import asyncssh
+
+from remote_exec.config import Site
+from remote_exec.errors import AuthError, ConnectError, LinkLostError
+from remote_exec.paths import state_dir
+from remote_exec.ssh.connect import open_connection
+from remote_exec.ssh.rsync import rsync_tunnel
+from remote_exec.ui import Reporter
+
+HANDSHAKES_PER_HOST = 4
+FIRST_DELAY = 1.0
+
+#: exceptions that mean the transport is gone, whatever the step was doing
+LOSS_ERRORS: tuple[type[BaseException], ...] = (
+    asyncssh.ConnectionLost, asyncssh.DisconnectError, asyncssh.SFTPConnectionLost,
+    asyncssh.SFTPNoConnection, asyncssh.ChannelOpenError, ConnectionError, TimeoutError,
+    EOFError,
+)
+
+Acquire = Callable[[Site], Awaitable[asyncssh.SSHClientConnection]]
+Release = Callable[[asyncssh.SSHClientConnection, bool], None]
+
+
+def backoff(attempt: int, max_interval: float) -> float:
+    """Seconds to wait before retry ``attempt`` (0-based): 1, 2, 4 ... capped, jittered."""
+    ceiling = min(max_interval, FIRST_DELAY * (2 ** attempt))
+    return ceiling * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not cryptography
+
+
+@contextlib.asynccontextmanager
+async def handshake_slot(host: str, slots: int = HANDSHAKES_PER_HOST) -> AsyncIterator[None]:
+    """Hold one of ``slots`` per-host lock files in the state directory while connecting."""
+    import fcntl
+
+    directory = state_dir() / "slots"
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    safe = "".join(c if c.isalnum() or c in ".-_" else "_" for c in host)[:100]
+    handles = [str(directory / f"{safe}.{i}.lock") for i in range(slots)]
+    while True:
+        for path in random.sample(handles, len(handles)):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                continue
+            try:
+                yield
+            finally:
+                os.close(fd)  # releases the lock
+            return
+        await asyncio.sleep(random.uniform(0.01, 0.05))  # noqa: S311
+
+
+async def open_throttled(site: Site, tries: int = 8) -> asyncssh.SSHClientConnection:
+    """Open a connection within a handshake slot, retrying sshd's pre-authentication drops."""
+    for attempt in range(tries):
+        try:
+            async with handshake_slot(site.host):
+                return await open_connection(site)
+        except ConnectError as exc:
+            if not exc.retryable or attempt == tries - 1:
+                raise
+        await asyncio.sleep(min(0.2 * (2 ** attempt), 5.0) * random.uniform(0.5, 1.0))  # noqa: S311
+    raise AssertionError("unreachable")
+
+
+def _close(conn: asyncssh.SSHClientConnection, broken: bool) -> None:
+    conn.close()
+
+
+class Link:
+    """The current connection of one run, with what was opened on it."""
+
+    def __init__(self, site: Site, ui: Reporter, *, run_id: str = "",
+                 acquire: Acquire = open_throttled, release: Release = _close,
+                 tries: int | None = None, max_interval: float | None = None) -> None:
+        self.site = site
+        self.ui = ui
+        self.run_id = run_id
+        self._acquire = acquire
+        self._release = release
+        self.tries = site.retry_tries if tries is None else tries
+        self.max_interval = site.retry_max_interval if max_interval is None else max_interval
+        self._conn: asyncssh.SSHClientConnection | None = None
+        self._sftp: asyncssh.SFTPClient | None = None
+        self._tunnel: contextlib.AsyncExitStack | None = None
+        self._rsh: str | None = None
+        self.reconnects = 0
+
+    # -- what steps use ---------------------------------------------------------------------
+    async def conn(self) -> asyncssh.SSHClientConnection:
+        if self._conn is None:
+            self._conn = await self._acquire(self.site)
+        return self._conn
+
+    async def sftp(self) -> asyncssh.SFTPClient:
+        if self._sftp is None:
+            conn = await self.conn()
+            try:
+                self._sftp = await conn.start_sftp_client()
+            except (OSError, asyncssh.Error) as exc:
+                if conn.is_closed():
+                    raise
+                raise ConnectError(f"{self.site.display}: cannot open an SFTP session: {exc}",
+                                   hint="sshd may limit sessions per connection (MaxSessions)",
+                                   retryable=True) from None
+        return self._sftp
+
+    async def open_sftp(self) -> asyncssh.SFTPClient:
+        """The SFTP client if one is open now (never connects: for side tasks)."""
+        if self._sftp is None or self._conn is None or self._conn.is_closed():
+            raise ConnectionError("no open connection")
+        return self._sftp
+
+    async def rsh(self) -> str:
+        """rsync's ``--rsh`` value for a tunnel over the current connection."""
+        if self._rsh is None:
+            conn = await self.conn()
+            self._tunnel = contextlib.AsyncExitStack()
+            self._rsh = await self._tunnel.enter_async_context(rsync_tunnel(conn))
+        return self._rsh
+
+    def is_loss(self, exc: BaseException) -> bool:
+        """Whether ``exc`` came from the connection dying (so a retry may help)."""
+        if isinstance(exc, AuthError):
+            return False
+        if self._conn is not None and self._conn.is_closed():
+            return True
+        if isinstance(exc, ConnectError) and exc.retryable:
+            return True
+        return isinstance(exc, LOSS_ERRORS)
+
+    # -- when it breaks --------------------------------------------------------------------
+    async def reconnect(self, during: str, cause: BaseException) -> None:
+        """Drop the dead connection and open a new one, with backoff; or LinkLostError."""
+        await self._drop(broken=True)
+        last: BaseException = cause
+        for attempt in range(self.tries):
+            delay = backoff(attempt, self.max_interval)
+            self.ui.warn(f"connection to {self.site.display} lost during {during} "
+                         f"({_describe(last)}); reconnecting in {delay:.1f} s "
+                         f"(try {attempt + 1} of {self.tries})")
+            await asyncio.sleep(delay)
+            try:
+                self._conn = await self._acquire(self.site)
+            except AuthError:
+                raise
+            except ConnectError as exc:
+                last = exc
+                continue
+            self.reconnects += 1
+            self.ui.event("reconnected", f"reconnected to {self.site.display}",
+                          run_id=self.run_id, attempt=attempt + 1)
+            return
+        raise LinkLostError(
+            f"lost the connection to {self.site.display} during {during} and could not "
+            f"reconnect in {self.tries} tries (last error: {_describe(last)})",
+            hint="the entrypoint, if it started, keeps running on the remote host; "
+            f"when the host is reachable again, `remote-exec resume {self.run_id[:8]}` "
+            "picks the run up where it stopped",
+        )
+
+    async def close(self) -> None:
+        await self._drop(broken=False)
+
+    async def _drop(self, broken: bool) -> None:
+        if self._tunnel is not None:
+            with contextlib.suppress(Exception):
+                await self._tunnel.aclose()
+        self._tunnel = None
+        self._rsh = None
+        if self._sftp is not None:
+            with contextlib.suppress(Exception):
+                self._sftp.exit()
+        self._sftp = None
+        if self._conn is not None:
+            self._release(self._conn, broken or self._conn.is_closed())
+        self._conn = None
+
+
+def _describe(exc: BaseException) -> str:
+    text = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+    if "Keepalive timeout" in text:
+        return "no data from the host within the stall timeout"
+    return text.splitlines()[0][:300]
