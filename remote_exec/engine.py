@@ -349,9 +349,15 @@ class _Driver:
                       run_id=self.run_id, exit_code=code)
 
     async def _wait_for_exit(self) -> int:
-        launched, self.launched = self.launched, None  # after a reconnect: poll
+        launched = self.launched
         if launched is not None and launched.channel is not None:
-            attached = await launched.wait_attached()
+            channel, launched.channel = launched.channel, None  # after a reconnect: poll
+            try:
+                await channel.wait_closed()
+            finally:
+                channel.close()  # (if abandoned, launch.sh may go on waiting; harmless)
+            status = channel.exit_status
+            attached = status if status is not None and status >= 0 else None
             if attached is None and (await self.link.conn()).is_closed():
                 raise asyncssh.ConnectionLost("the connection closed while waiting")
             recorded = await read_exit_code(await self.link.sftp(), self.rundir)

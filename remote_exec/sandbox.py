@@ -117,8 +117,10 @@ class Sandbox:
         except OSError:
             return False
 
-    def up(self) -> dict[str, Any]:
-        """Start the server if it is not running; returns the site definition."""
+    def up(self, port: int | None = None) -> dict[str, Any]:
+        """Start the server if it is not running; returns the site definition.
+
+        ``port`` reuses a given port (the tests restart a server where it was)."""
         if self.running():
             return self.site_definition()
         sshd = find_sshd()
@@ -126,7 +128,7 @@ class Sandbox:
         self.runs_root.mkdir(exist_ok=True, mode=0o700)
         self._make_keys()
         self._install_site_scripts()
-        port = free_port()
+        port = port or free_port()
         self.port_file.write_text(str(port))
         config = self.dir / "sshd_config"
         config.write_text(self._sshd_config(port))

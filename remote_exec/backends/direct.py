@@ -33,14 +33,6 @@ class Launched:
     channel: asyncssh.SSHClientProcess | None = None
     before: bool = False  # it had been launched by an earlier attempt
 
-    async def wait_attached(self) -> int | None:
-        """Wait on the launching channel; its exit status, or None if it has none."""
-        if self.channel is None:
-            return None
-        await self.channel.wait_closed()
-        status = self.channel.exit_status
-        return status if status is not None and status >= 0 else None
-
 
 class DirectBackend:
     """Run the entrypoint on the SSH host itself."""
