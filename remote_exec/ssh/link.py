@@ -32,7 +32,7 @@ from remote_exec.ssh.connect import open_connection
 from remote_exec.ssh.rsync import rsync_tunnel
 from remote_exec.ui import Reporter
 
-HANDSHAKES_PER_HOST = 4
+HANDSHAKES_PER_HOST = 6  # below sshd's MaxStartups 10 (where random drops begin)
 FIRST_DELAY = 1.0
 
 #: exceptions that mean the transport is gone, whatever the step was doing
