@@ -60,13 +60,40 @@ def isolated_setup(tmp: Path, site: dict) -> tuple[Path, dict]:
     return config, env
 
 
-def parse_args(doc: str, repeat: int, repeat_help: str) -> argparse.Namespace:
-    """``--repeat N`` and ``--remote-exec CMD``, the options both benchmarks take."""
-    parser = argparse.ArgumentParser(description=doc.split("\n", 1)[0])
-    parser.add_argument("--repeat", type=int, default=repeat, help=repeat_help)
+def first_line(cmd: list[str]) -> str:
+    """The first line a command prints (its version, say), or ``?``."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except OSError as exc:
+        return f"? ({exc})"
+    text = (proc.stdout or proc.stderr).strip()
+    return text.splitlines()[0] if text else "?"
+
+
+def legacy_steps(ssh: list[str], rsh: str, target: str, rundir: str, inputs: tuple[str, ...],
+                 command: str, log_name: str) -> list[list[str]]:
+    """MInt's step-by-step flow (execute_remote_command.sample.py), one process per step:
+    ssh mkdir, one rsync per input, ssh run (output into the log), rsync the directory back.
+    The command is grouped in ``{ ...; }`` so that its own redirections keep their meaning."""
+    steps = [[*ssh, target, f"mkdir {rundir}"]]
+    for name in inputs:
+        steps.append(["rsync", "-av", "-L", "-e", rsh, name, f"{target}:{rundir}"])
+    steps.append([*ssh, target, f"cd {rundir}; {{ {command}; }} > {rundir}/{log_name} 2>&1"])
+    steps.append(["rsync", "-av", "-e", rsh, f"{target}:{rundir}/", "./"])
+    return steps
+
+
+def add_remote_exec_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--remote-exec", metavar="CMD",
                         help="the remote-exec command to time, split like a shell would "
                              "(default: the console script beside this Python)")
+
+
+def parse_args(doc: str, repeat: int, repeat_help: str) -> argparse.Namespace:
+    """``--repeat N`` and ``--remote-exec CMD``, the options of the single-run benchmarks."""
+    parser = argparse.ArgumentParser(description=doc.split("\n", 1)[0])
+    parser.add_argument("--repeat", type=int, default=repeat, help=repeat_help)
+    add_remote_exec_option(parser)
     args = parser.parse_args()
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")

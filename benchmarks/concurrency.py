@@ -78,7 +78,15 @@ import time
 import uuid
 from pathlib import Path
 
-from common import isolated_setup, nproc, remote_exec_command, ssh_options
+from common import (
+    add_remote_exec_option,
+    first_line,
+    isolated_setup,
+    legacy_steps,
+    nproc,
+    remote_exec_command,
+    ssh_options,
+)
 
 from remote_exec.sandbox import Sandbox
 
@@ -93,13 +101,6 @@ UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{
 DROPPED_RE = re.compile(r"exited MaxStartups throttling after \S+, (\d+) connections dropped")
 
 
-def first_line(cmd: list[str]) -> str:
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
-    except OSError as exc:
-        return f"? ({exc})"
-    text = (proc.stdout or proc.stderr).strip()
-    return text.splitlines()[0] if text else "?"
 
 
 def error_line(stderr: str, prefer: str | None = None) -> str:
@@ -210,13 +211,8 @@ class Bench:
 
     # -- legacy: N threads, released together ------------------------------------------
     def legacy_steps(self, rundir: str) -> list[list[str]]:
-        steps = [[*self.ssh, self.target, f"mkdir {rundir}"]]
-        for name in INPUT_NAMES:
-            steps.append(["rsync", "-av", "-L", "-e", self.rsh, name, f"{self.target}:{rundir}"])
-        steps.append([*self.ssh, self.target,
-                      f"cd {rundir}; {{ {COMMAND}; }} > {rundir}/{LOG_NAME} 2>&1"])
-        steps.append(["rsync", "-av", "-e", self.rsh, f"{self.target}:{rundir}/", "./"])
-        return steps
+        return legacy_steps(self.ssh, self.rsh, self.target, rundir, INPUT_NAMES, COMMAND,
+                            LOG_NAME)
 
     def legacy_one(self, work: Path, rundir: str, barrier: threading.Barrier,
                    outcome: Outcome) -> None:
@@ -374,9 +370,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=TIMEOUT,
                         help=f"seconds a process (a legacy run as a whole) may take before it "
                              f"is killed and counted as failed (default {TIMEOUT:g})")
-    parser.add_argument("--remote-exec", metavar="CMD",
-                        help="the remote-exec command to time, split like a shell would "
-                             "(default: the console script beside this Python)")
+    add_remote_exec_option(parser)
     args = parser.parse_args()
     if args.runs < 1:
         parser.error("--runs must be at least 1")

@@ -60,7 +60,15 @@ import time
 import uuid
 from pathlib import Path
 
-from common import isolated_setup, nproc, parse_args, remote_exec_command, ssh_options
+from common import (
+    first_line,
+    isolated_setup,
+    legacy_steps,
+    nproc,
+    parse_args,
+    remote_exec_command,
+    ssh_options,
+)
 
 from remote_exec.sandbox import Sandbox
 
@@ -77,13 +85,6 @@ TIMEOUT = 120
 
 
 
-def first_line(cmd: list[str]) -> str:
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
-    except OSError as exc:
-        return f"? ({exc})"
-    text = (proc.stdout or proc.stderr).strip()
-    return text.splitlines()[0] if text else "?"
 
 
 class Bench:
@@ -155,12 +156,8 @@ class Bench:
     def legacy(self) -> float | None:
         work = self.fresh_dir("legacy")
         rundir = f"{self.root}/{uuid.uuid4()}"
-        steps = [[*self.ssh, self.target, f"mkdir {rundir}"]]
-        for name in INPUT_NAMES:
-            steps.append(["rsync", "-av", "-L", "-e", self.rsh, name, f"{self.target}:{rundir}"])
-        steps.append([*self.ssh, self.target,
-                      f"cd {rundir}; {{ {COMMAND}; }} > {rundir}/{LOG_NAME} 2>&1"])
-        steps.append(["rsync", "-av", "-e", self.rsh, f"{self.target}:{rundir}/", "./"])
+        steps = legacy_steps(self.ssh, self.rsh, self.target, rundir, INPUT_NAMES, COMMAND,
+                             LOG_NAME)
         ok = True
         start = time.perf_counter()
         for argv in steps:
