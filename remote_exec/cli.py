@@ -569,10 +569,7 @@ def templates_cmd(name: str | None) -> None:
         tpl = templates.load_template(name)
     except RemoteExecError as err:
         _fail(err)
-    click.echo(f"{tpl.name}: {tpl.description}\nparameters:")
-    for p in tpl.parameters.values():
-        extra = " (required)" if p.required else f" (default: {p.default!r})"
-        click.echo(f"  {p.name:12} {p.type:7}{extra}  {p.description}")
+    click.echo(tpl.describe())
 
 
 @main.group(context_settings=CONTEXT)
