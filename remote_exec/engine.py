@@ -193,18 +193,15 @@ class _Driver:
             if self.resumed:
                 self.ui.event("resumed", f"resuming run {self.run_id} after {self.phase}",
                               run_id=self.run_id, phase=self.phase)
-            if not self._done("created"):
-                await self._step("creating the run directory", self._create)
-            if not self._done("staged"):
-                await self._step("staging", self._stage)
-            if not self._done("launched"):
-                await self._step("launching", self._launch)
-            if not self._done("finished"):
-                await self._step("waiting for the entrypoint", self._wait)
-            if not self._done("fetched"):
-                await self._step("fetching", self._fetch)
-            if not self._done("cleaned"):
-                await self._step("cleaning up", self._cleanup)
+            steps = (("created", "creating the run directory", self._create),
+                     ("staged", "staging", self._stage),
+                     ("launched", "launching", self._launch),
+                     ("finished", "waiting for the entrypoint", self._wait),
+                     ("fetched", "fetching", self._fetch),
+                     ("cleaned", "cleaning up", self._cleanup))
+            for phase, name, step in steps:  # each step ends by recording its phase
+                if not self._done(phase):
+                    await self._step(name, step)
         except asyncio.CancelledError:
             if self.control.reason is None:  # abandoned: the remote side carries on
                 self.journal.update(self.run_id, driver_pid=None)
