@@ -342,7 +342,7 @@ def logs_cmd(run_id: str, follow: bool) -> None:
     try:
         record = _find_run(run_id)
         path = manage.local_log(record)
-        if path is not None and not follow:
+        if path is not None:  # the run came back: nothing more will be written
             sys.stdout.write(path.read_text(encoding="utf-8", errors="replace"))
             return
         asyncio.run(manage.remote_log(record, Reporter(), follow))

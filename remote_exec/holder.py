@@ -251,7 +251,7 @@ class _Pool:
                 return slot[0]
         return None
 
-    async def acquire(self, site: Any) -> Any:
+    async def acquire(self, site: Any, tries: int) -> Any:
         from remote_exec.ssh.link import open_throttled
 
         key = self.key(site)
@@ -265,7 +265,7 @@ class _Pool:
                 conn = self._take(key)
                 if conn is not None:
                     return conn
-            conn = await open_throttled(site)
+            conn = await open_throttled(site, tries)
             async with self.lock:
                 self.conns.setdefault(key, []).append([conn, 1])
                 return conn

@@ -9,6 +9,7 @@ file that started the run.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import os
 import posixpath
@@ -22,11 +23,11 @@ from typing import Any
 import asyncssh
 
 from remote_exec.backends import BACKENDS
-from remote_exec.backends.direct import follow_log, read_control, read_exit_code
+from remote_exec.backends.direct import read_control, read_exit_code
 from remote_exec.config import Site
 from remote_exec.errors import ConfigError, RemoteExecError, RunBusyError
 from remote_exec.inputs import CONTROL_DIR, LOG_NAME
-from remote_exec.journal import Journal, RunLock, RunRecord
+from remote_exec.journal import Journal, RunLock, RunRecord, opened
 from remote_exec.ssh.link import open_throttled
 from remote_exec.ui import Reporter
 
@@ -99,30 +100,58 @@ def local_log(record: RunRecord) -> Path | None:
 
 
 async def remote_log(record: RunRecord, ui: Reporter, follow: bool) -> None:
-    """Print the run's remote log; with ``follow``, until the entrypoint ends."""
+    """Print the run's remote log; with ``follow``, until the entrypoint ends.
+
+    If the run directory disappears meanwhile (the run came back and was cleaned
+    up), the rest is read from the fetched copy.
+    """
     if not record.rundir:
         raise ConfigError(f"run {record.id} has no remote directory yet")
     site = record_site(record)
+    path = posixpath.join(record.rundir, LOG_NAME)
+    offset = 0
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     conn = await open_throttled(site)
     async with conn, conn.start_sftp_client() as sftp:
         if not await sftp.exists(record.rundir):
             raise ConfigError(f"the run directory {site.name}:{record.rundir} is gone",
                               hint="it was cleaned up; a fetched copy may be in "
                               f"{record.into_dir}/{LOG_NAME}")
-        stop = asyncio.Event()
-
-        async def get_sftp() -> asyncssh.SFTPClient:
-            return sftp
-
-        if not follow:
-            stop.set()
-        tail = asyncio.ensure_future(follow_log(get_sftp, record.rundir, ui, stop))
-        while follow and not stop.is_set():
-            if await read_exit_code(sftp, record.rundir) is not None:
-                stop.set()
-                break
+        while True:
+            ended = await read_exit_code(sftp, record.rundir) is not None
+            try:
+                async with sftp.open(path, "rb") as f:
+                    await f.seek(offset)
+                    data = await f.read()
+            except asyncssh.SFTPNoSuchFile:
+                data = b""
+                if not await sftp.exists(record.rundir):  # came back and cleaned up
+                    data = _local_rest(record, offset)
+                    ended = True
+            if data:
+                offset += len(data)
+                ui.log_text(decoder.decode(data))
+            if ended or not follow:
+                ui.log_text(decoder.decode(b"", True))
+                return
             await asyncio.sleep(0.5)
-        await tail
+
+
+def _local_rest(record: RunRecord, offset: int) -> bytes:
+    """What the fetched copy of the log holds beyond ``offset`` (waits briefly for it)."""
+    local = Path(record.into_dir) / LOG_NAME
+    for _ in range(40):
+        with opened() as journal:
+            fresh = journal.get(record.id)
+        if fresh is None or fresh.reached("fetched") or fresh.ended:
+            break
+        time.sleep(0.25)
+    try:
+        with open(local, "rb") as f:
+            f.seek(offset)
+            return f.read()
+    except OSError:
+        return b""
 
 
 # -- cancel -------------------------------------------------------------------------------------

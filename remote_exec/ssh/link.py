@@ -42,7 +42,8 @@ LOSS_ERRORS: tuple[type[BaseException], ...] = (
     EOFError,
 )
 
-Acquire = Callable[[Site], Awaitable[asyncssh.SSHClientConnection]]
+#: ``acquire(site, tries)``: a connection; ``tries`` bounds the handshakes sshd may drop
+Acquire = Callable[[Site, int], Awaitable[asyncssh.SSHClientConnection]]
 Release = Callable[[asyncssh.SSHClientConnection, bool], None]
 
 
@@ -79,8 +80,16 @@ async def handshake_slot(host: str, slots: int = HANDSHAKES_PER_HOST) -> AsyncIt
         await asyncio.sleep(random.uniform(0.01, 0.05))  # noqa: S311
 
 
-async def open_throttled(site: Site, tries: int = 8) -> asyncssh.SSHClientConnection:
-    """Open a connection within a handshake slot, retrying sshd's pre-authentication drops."""
+#: handshakes a first connection may try when sshd drops them (MaxStartups)
+FIRST_CONNECT_TRIES = 8
+
+
+async def open_throttled(site: Site,
+                         tries: int = FIRST_CONNECT_TRIES) -> asyncssh.SSHClientConnection:
+    """Open a connection within a handshake slot, retrying sshd's pre-authentication drops.
+
+    A reconnect passes ``tries=1``: there, each try counts against the run's retry budget.
+    """
     for attempt in range(tries):
         try:
             async with handshake_slot(site.host):
@@ -118,7 +127,7 @@ class Link:
     # -- what steps use ---------------------------------------------------------------------
     async def conn(self) -> asyncssh.SSHClientConnection:
         if self._conn is None:
-            self._conn = await self._acquire(self.site)
+            self._conn = await self._acquire(self.site, FIRST_CONNECT_TRIES)
         return self._conn
 
     async def sftp(self) -> asyncssh.SFTPClient:
@@ -170,7 +179,7 @@ class Link:
                          f"(try {attempt + 1} of {self.tries})")
             await asyncio.sleep(delay)
             try:
-                self._conn = await self._acquire(self.site)
+                self._conn = await self._acquire(self.site, 1)
             except AuthError:
                 raise
             except ConnectError as exc:
