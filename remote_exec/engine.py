@@ -69,6 +69,8 @@ class RunControl:
             self.task.cancel()
 
     def abandon(self) -> None:
+        if self.reason is not None:
+            return  # a cancel is under way: see it through
         if self.task is not None:
             self.task.cancel()
 

@@ -73,6 +73,8 @@ wait "$child"
 # launched yet is marked so that it never will be.
 CANCELLER = f"""#!/bin/sh
 # Written by remote-exec. Usage: cancel.sh GRACE_SECONDS
+# It finishes even if its SSH channel goes away (the caller may exit at once).
+trap '' HUP PIPE
 cd "$(dirname "$0")/.." || exit 97
 grace=$(( ${{1:-10}} * 5 ))
 : > {CONTROL_DIR}/cancelled
