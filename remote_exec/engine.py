@@ -30,8 +30,9 @@ import asyncssh
 
 from remote_exec import localfs
 from remote_exec.backends import BACKENDS, Launched
-from remote_exec.backends.direct import follow_log, read_exit_code
+from remote_exec.backends.direct import follow_log, read_control, read_exit_code
 from remote_exec.errors import (
+    EXIT_SIGNAL_BASE,
     EXIT_TIMEOUT,
     ConfigError,
     LinkLostError,
@@ -291,9 +292,12 @@ class _Driver:
 
     async def _stage(self) -> None:
         sftp = await self.link.sftp()
-        for name, data in self.request.entrypoint.control_files().items():
+        async def write(name: str, data: bytes) -> None:
             async with sftp.open(posixpath.join(self.rundir, CONTROL_DIR, name), "wb") as f:
                 await f.write(data)
+
+        await asyncio.gather(*(write(name, data) for name, data
+                               in self.request.entrypoint.control_files().items()))
         inputs = self.request.inputs
         size = sum(i.size for i in inputs)
         method = await self._method(size)
@@ -343,6 +347,12 @@ class _Driver:
                 with contextlib.suppress(Exception):
                     await tail
         self.exit_code = code
+        if await read_control(await self.link.sftp(), self.rundir, "cancelled") is not None:
+            # cancel.sh ran (e.g. its caller exited at once on a second signal)
+            self.control.reason = self.control.reason or "cancelled remotely"
+            self.control.exit_code = self.control.exit_code or EXIT_SIGNAL_BASE + 15
+            self._advance("finished", exit_code=code)
+            raise asyncio.CancelledError
         self._advance("finished", exit_code=code)
         self.ui.event("finished", f"entrypoint exited with {code}",
                       run_id=self.run_id, exit_code=code)
@@ -449,6 +459,8 @@ class _Driver:
                 what = f"could not reach the host to stop it ({exc})"
                 self.ui.warn(f"the remote process of run {self.run_id} may still be running: "
                              f"{what}; try `remote-exec cancel {self.run_id[:8]}` later")
+        elif reason == "cancelled remotely":
+            what = f"the entrypoint was stopped (exit code {self.exit_code})"
         elif self._done("finished"):
             what = "the entrypoint had already finished"
         self.journal.update(self.run_id, state=state, error=f"{self._reason_text()}: {what}")
