@@ -276,7 +276,10 @@ class _Driver:
                 hint="create it on the remote host or set another `root` for the site",
             ) from None
         except asyncssh.SFTPError as exc:
-            exists = await _exists(sftp, self.rundir)
+            try:
+                exists = await sftp.lexists(self.rundir)
+            except asyncssh.SFTPError:
+                exists = False
             if not (exists and self.retrying):  # a retried mkdir may have landed before
                 raise StageError(
                     f"cannot create the run directory {self.rundir}: "
@@ -483,11 +486,3 @@ class _Driver:
             hint=f"the remote directory is kept at {where}; "
             f"`remote-exec cleanup {self.site.name}` removes leftovers",
         )
-
-
-async def _exists(sftp: asyncssh.SFTPClient, path: str) -> bool:
-    try:
-        await sftp.lstat(path)
-        return True
-    except asyncssh.SFTPError:
-        return False

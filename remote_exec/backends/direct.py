@@ -63,7 +63,7 @@ class DirectBackend:
         code = await read_exit_code(sftp, rundir)
         if code is not None or not job_id:
             return code
-        if await _exists(sftp, "/proc/self") and not await _exists(sftp, f"/proc/{job_id}"):
+        if await sftp.exists("/proc/self") and not await sftp.exists(f"/proc/{job_id}"):
             code = await read_exit_code(sftp, rundir)  # it may have ended just now
             if code is None:
                 raise RemoteLostError(
@@ -96,13 +96,6 @@ async def read_exit_code(sftp: asyncssh.SFTPClient, rundir: str) -> int | None:
     except ValueError:
         return None
 
-
-async def _exists(sftp: asyncssh.SFTPClient, path: str) -> bool:
-    try:
-        await sftp.stat(path)
-        return True
-    except asyncssh.SFTPNoSuchFile:
-        return False
 
 
 async def follow_log(get_sftp: Callable[[], Awaitable[asyncssh.SFTPClient]], rundir: str,
