@@ -13,6 +13,12 @@ from pathlib import Path
 
 import yaml
 
+#: the workload the single-run and concurrency benchmarks time: MInt's smallest module run
+INPUT_NAMES = ("a", "b", "c")
+INPUT_SIZE = 1000  # "1 kB"
+COMMAND = "cat a b c > out"
+LOG_NAME = "remote_program_exec.log"
+
 
 def remote_exec_command(override: str | None = None) -> list[str]:
     """The console script beside this Python (a pyenv shim would add its own start-up)."""

@@ -79,6 +79,10 @@ import uuid
 from pathlib import Path
 
 from common import (
+    COMMAND,
+    INPUT_NAMES,
+    INPUT_SIZE,
+    LOG_NAME,
     add_remote_exec_option,
     first_line,
     isolated_setup,
@@ -90,10 +94,6 @@ from common import (
 
 from remote_exec.sandbox import Sandbox
 
-INPUT_NAMES = ("a", "b", "c")
-INPUT_SIZE = 1000  # "1 kB"
-COMMAND = "cat a b c > out"
-LOG_NAME = "remote_program_exec.log"
 TIMEOUT = 300.0  # seconds, per process (and per legacy run as a whole)
 MODES = ("legacy", "holder", "no-holder")
 SHOWN_ERRORS = 3

@@ -61,6 +61,10 @@ import uuid
 from pathlib import Path
 
 from common import (
+    COMMAND,
+    INPUT_NAMES,
+    INPUT_SIZE,
+    LOG_NAME,
     first_line,
     isolated_setup,
     legacy_steps,
@@ -72,10 +76,6 @@ from common import (
 
 from remote_exec.sandbox import Sandbox
 
-INPUT_NAMES = ("a", "b", "c")
-INPUT_SIZE = 1000  # "1 kB"
-COMMAND = "cat a b c > out"
-LOG_NAME = "remote_program_exec.log"
 GOAL_SPEEDUP = 5.0  # b / c at least
 GOAL_OVERHEAD = 1.5  # c / a at most
 TIMEOUT = 120
