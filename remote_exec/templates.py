@@ -150,6 +150,9 @@ class Parameter:
         where = f"parameter {self.name!r}"
         if "\n" in raw or "\r" in raw or "\x00" in raw:
             raise ConfigError(f"{where}: newlines and NUL bytes are not allowed in values")
+        if self.type == "list" and not raw:
+            raise ConfigError(f"{where}: an empty element is not allowed in a list "
+                              "(the entrypoint gets a list one element per line)")
         if self.pattern and not re.fullmatch(self.pattern, raw):
             raise ConfigError(f"{where}: {raw!r} does not match the pattern {self.pattern!r}")
         kind = self.kind
@@ -239,7 +242,32 @@ class Template:
         return values
 
     def render(self, values: dict[str, Any]) -> str:
-        """The entrypoint script for these (already validated) values."""
+        """The entrypoint script for these (already validated) values: the body, with
+        a prologue that sets ``RE_<name>`` for every parameter after its first line."""
+        missing = [name for name in self.parameters if name not in values]
+        if missing:
+            raise ConfigError(f"template {self.name!r} failed to render: no value for "
+                              f"{', '.join(missing)}")
+        body = self._render(values)
+        prologue = "".join(env_assignment(name, values[name]) for name in self.parameters)
+        if body.startswith("#!"):
+            first, newline, rest = body.partition("\n")
+            return first + newline + prologue + rest
+        return prologue + body
+
+    def render_body(self) -> str:
+        """The script with no parameter values: what a restricted site approves, pins by
+        sha256 and runs with the parameters in the environment. A template that writes
+        a parameter into its text cannot be approved."""
+        try:
+            return self._render({})
+        except ConfigError as exc:
+            raise ConfigError(
+                f"{exc.message}; an approved entrypoint must read its parameters from the "
+                "environment ($RE_<name>) instead of writing {{ name }} into the script",
+            ) from None
+
+    def _render(self, values: dict[str, Any]) -> str:
         import jinja2
 
         env = jinja2.Environment(
@@ -255,6 +283,25 @@ class Template:
             raise ConfigError(f"template {self.name!r} failed to render: {exc}") from None
         except ConfigError as exc:
             raise ConfigError(f"template {self.name!r} failed to render: {exc}") from None
+
+    def declarations(self) -> dict[str, dict[str, Any]]:
+        """The parameters as plain data (the agent's allowlist validates runs with it)."""
+        out: dict[str, dict[str, Any]] = {}
+        for p in self.parameters.values():
+            spec: dict[str, Any] = {"type": p.type, "required": p.required}
+            if p.type == "list":
+                spec["items"] = p.items
+            for key in ("pattern", "min", "max"):
+                if getattr(p, key) is not None:
+                    spec[key] = getattr(p, key)
+            if p.choices:
+                spec["choices"] = list(p.choices)
+            if p.default is not None and p.default != []:
+                spec["default"] = _wire(p.default)
+            elif p.type == "list":
+                spec["default"] = []
+            out[p.name] = spec
+        return out
 
     def describe(self) -> str:
         """What ``remote-exec templates NAME`` shows: parameters, types, defaults, returns."""
@@ -280,6 +327,38 @@ class Template:
                 lines.append(f"  {'':12} {'':12}  ({'; '.join(details)})")
         lines.append(f"returns: {' '.join(self.returns)}")
         return "\n".join(lines)
+
+
+def env_name(name: str) -> str:
+    """The environment variable that carries parameter ``name`` to the entrypoint."""
+    return f"RE_{name}"
+
+
+def env_assignment(name: str, value: Any) -> str:
+    """Prologue lines setting ``RE_<name>`` (quoted) or unsetting it (no value).
+
+    A list is its elements one per line (values never hold a newline), a bool ``1``
+    or ``0``, a site path starting with ``~/`` is taken from the remote home.
+    """
+    var = env_name(name)
+    if value is None:
+        return f"unset {var}\n"
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            if not str(item) or any(c in str(item) for c in "\n\r\x00"):
+                raise ConfigError(f"parameter {name!r}: list element {str(item)!r} is empty "
+                                  "or holds a line break, which a list cannot carry")
+        text = "'\n'".join(shell_quote(v) for v in value) if value else "''"
+    else:
+        text = shell_quote(value)
+    return f"{var}={text}\nexport {var}\n"
+
+
+def _wire(value: Any) -> Any:
+    """A converted value as the text (or list of texts) the user would have typed."""
+    if isinstance(value, list):
+        return [_wire(v) for v in value]
+    return _as_text(value)
 
 
 def _plain(value: Any) -> Any:
