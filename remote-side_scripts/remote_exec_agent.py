@@ -1,0 +1,1698 @@
+#!/usr/bin/env python3
+"""remote-exec agent: the only thing an orchestrator's SSH key may run on this host.
+
+The site administrator installs this file (standard library only, Python >= 3.6) and
+makes it the forced command of the key the orchestrator uses::
+
+    command="/usr/bin/python3 /home/u/.remote-exec-agent/remote_exec_agent.py
+    --allowlist /home/u/.remote-exec-agent/allowlist.json",restrict ssh-ed25519 AAAA...
+
+sshd then runs it for every session of that key (exec, shell and subsystem requests
+alike) with the client's request in ``SSH_ORIGINAL_COMMAND``. The agent runs only its
+own commands and refuses everything else (one line on stderr, exit status 2)::
+
+    hello                           what this host offers (JSON)
+    create RUN_ID                   make the run directory <root>/RUN_ID
+    status RUN_ID                   where a run stands (JSON)
+    launch RUN_ID ENTRYPOINT        run an allowlisted entrypoint once, detached;
+                                    parameters as a JSON object on stdin
+    wait RUN_ID                     block until the run has an exit code
+    log RUN_ID [--offset N] [--follow]
+                                    the run's output, raw bytes
+    cancel RUN_ID [GRACE_SECONDS]   TERM the run's process group, KILL after GRACE
+    remove RUN_ID                   delete a run that is not running
+    list                            all runs (JSON)
+    rsync --server ...              rsync's server side, confined to one run directory:
+                                    inputs go in before launch; results come back
+                                    through the return filter only
+
+The allowlist (JSON, owned by the administrator) names the run root, the agent's own
+state directory (which no client can write), the agent log, the entrypoints (each
+pinned by its sha256 and declaring typed parameters, as remote-exec templates do) and
+which result files may come back. Parameters reach an entrypoint as environment
+variables ``RE_<name>``; the agent never builds shell text from what a client sends
+and never runs a shell of its own. An entrypoint runs from where the administrator
+installed it (it may use files beside it), after its sha256 was checked twice: when
+the launch is accepted and again right before it starts; the approved bytes are kept
+with the run in ``<state>/<RUN_ID>/entrypoint``.
+
+Exit status: 0 ok, 1 failure, 2 refused, 3 a run was lost (``wait``), 96 the run was
+already launched; ``launch`` itself exits with the entrypoint's exit code.
+
+The return-filter functions (``match_pattern``, ``is_returned``, ``build_outbox``) are
+importable: importing this module has no side effects.
+"""
+
+import errno
+import fcntl
+import fnmatch
+import hashlib
+import json
+import os
+import posixpath
+import pwd
+import re
+import shlex
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+import traceback
+
+AGENT_VERSION = "1"
+AGENT_NAME = "remote-exec-agent"
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_REFUSED = 2
+EXIT_LOST = 3
+EXIT_ALREADY_LAUNCHED = 96
+
+#: the entrypoint's output, inside the run directory (as remote-exec's own flow names it)
+LOG_NAME = "remote_program_exec.log"
+RUN_ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+ENTRYPOINT_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+IDENTIFIER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
+COMMAND_LIST = ("hello, create, status, launch, wait, log, cancel, remove, list, "
+                "rsync --server")
+ONLY_AGENT = "this key runs only the remote-exec agent (commands: %s)" % COMMAND_LIST
+SFTP_REFUSAL = ("SFTP is not available through the remote-exec agent; files move with "
+                "rsync confined to one run directory")
+RSYNC_MISSING = "rsync is not installed on this host; ask the site administrator to install it"
+
+#: parameter declarations, as remote-exec templates have them
+TYPES = ("string", "int", "float", "bool", "choice", "path", "file", "list")
+ITEM_TYPES = tuple(t for t in TYPES if t != "list")
+PARAMETER_KEYS = frozenset(["type", "items", "required", "default", "pattern", "choices",
+                            "min", "max", "description"])
+ENTRYPOINT_KEYS = frozenset(["path", "sha256", "interpreter", "parameters", "returns",
+                             "description"])
+ALLOWLIST_KEYS = frozenset(["version", "root", "state", "log", "entrypoints", "returns"])
+_TRUE = frozenset(["1", "true", "yes", "on"])
+_FALSE = frozenset(["0", "false", "no", "off"])
+
+#: rsync short options a client may give (``L`` only when it sends to us)
+RSYNC_SHORT = frozenset("logDtprcCSHAXUNOJWxnuvzbkmIRd")
+RSYNC_LONG = frozenset([
+    "--partial", "--safe-links", "--munge-links", "--numeric-ids", "--inplace", "--append",
+    "--append-verify", "--delete", "--delete-before", "--delete-during", "--delete-after",
+    "--delete-delay", "--ignore-errors", "--size-only", "--ignore-times", "--no-implied-dirs",
+])
+RSYNC_LONG_VALUE = {
+    "--timeout": re.compile(r"[0-9]+"),
+    "--compress-level": re.compile(r"[0-9]+"),
+    "--checksum-seed": re.compile(r"[0-9]+"),
+    "--bwlimit": re.compile(r"[0-9]+"),
+    "--max-size": re.compile(r"[0-9]+[kKmMgG]?"),
+    "--min-size": re.compile(r"[0-9]+[kKmMgG]?"),
+}
+RSYNC_CAPABILITIES_RE = re.compile(r"[.A-Za-z0-9]*")
+
+POLL_SECONDS = 0.2
+LOG_POLL_SECONDS = 0.25
+PGID_WAIT_SECONDS = 5.0
+FETCH_LOCK_SECONDS = 30.0
+MAX_PARAMETERS_BYTES = 1024 * 1024
+
+
+class Refused(Exception):
+    """A request that policy forbids or that is malformed (exit status 2).
+
+    ``logged`` is what the agent log gets instead of the message when the message
+    quotes a parameter value (values are never logged).
+    """
+
+    def __init__(self, message, logged=None):
+        Exception.__init__(self, message)
+        self.logged = logged if logged is not None else message
+
+
+class Failure(Exception):
+    """Something broke (exit status 1)."""
+
+
+class AlreadyLaunched(Exception):
+    """The run's launch guard was taken before (exit status 96)."""
+
+
+# --------------------------------------------------------------------------------------
+# Return filter (also used by the orchestrator)
+# --------------------------------------------------------------------------------------
+
+def _segments(path):
+    return [s for s in path.split("/") if s not in ("", ".")]
+
+
+def match_pattern(pattern, relpath):
+    """Whether glob ``pattern`` matches ``relpath`` (both ``/``-separated, relative).
+
+    ``**`` matches zero or more whole segments; any other segment matches exactly one
+    segment with ``fnmatch.fnmatchcase`` (so ``*`` never crosses ``/``). A trailing
+    ``/`` in the pattern is ignored. A pattern matching a parent directory of
+    ``relpath`` matches ``relpath`` too (``secret`` covers ``secret/x/y``).
+    """
+    pats = pattern.rstrip("/").split("/")
+    if pats == [""]:
+        return False
+    segs = _segments(relpath)
+    n = len(segs)
+    # row[j]: whether the patterns so far match exactly segs[:j]
+    row = [True] + [False] * n
+    for pat in pats:
+        new = [False] * (n + 1)
+        if pat == "**":
+            for j in range(n + 1):
+                new[j] = row[j] or (j > 0 and new[j - 1])
+        else:
+            for j in range(1, n + 1):
+                new[j] = row[j - 1] and fnmatch.fnmatchcase(segs[j - 1], pat)
+        row = new
+    if n == 0:
+        return row[0]
+    return any(row[1:])
+
+
+def is_returned(relpath, returns, never, only):
+    """Whether ``relpath`` (relative to the run directory) may come back to the client."""
+    if not any(match_pattern(p, relpath) for p in returns):
+        return False
+    if only and not any(match_pattern(p, relpath) for p in only):
+        return False
+    return not any(match_pattern(p, relpath) for p in (never or ()))
+
+
+def _within(path, parent):
+    """Whether ``path`` is ``parent`` or below it (both already absolute and real)."""
+    if parent == "/":
+        return True
+    return path == parent or path.startswith(parent + "/")
+
+
+def _link_stays_inside(relpath, target):
+    """Whether a symlink at ``relpath`` pointing to ``target`` stays in its tree (lexically)."""
+    if not target or target.startswith("/"):
+        return False
+    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(relpath), target))
+    return resolved != ".." and not resolved.startswith("../") and not resolved.startswith("/")
+
+
+def _rmtree(path):
+    """Remove a tree (never following symlinks), making read-only directories writable."""
+    retried = set()
+
+    def retry(func, failed, exc):
+        if failed in retried or func not in (os.unlink, os.remove, os.rmdir, os.open,
+                                             os.scandir, os.listdir, os.lstat):
+            raise exc
+        retried.add(failed)
+        try:
+            os.chmod(os.path.dirname(failed), stat.S_IRWXU)
+            if func in (os.unlink, os.remove, os.rmdir, os.lstat):
+                if func is os.lstat:
+                    return
+                func(failed)
+            else:  # a directory that could not be opened or listed
+                os.chmod(failed, stat.S_IRWXU)
+                shutil.rmtree(failed, **handler)
+        except OSError:
+            raise exc from None
+
+    def onerror(func, failed, exc_info):
+        retry(func, failed, exc_info[1])
+
+    # Python 3.12 deprecates onerror for onexc (same handler, the exception itself)
+    if sys.version_info >= (3, 12):
+        handler = {"onexc": retry}
+    else:
+        handler = {"onerror": onerror}
+    if os.path.islink(path) or not os.path.isdir(path):
+        os.unlink(path)
+    else:
+        shutil.rmtree(path, **handler)
+
+
+def build_outbox(rundir, outbox, returns, never, only):
+    """Fill ``outbox`` with what of ``rundir`` may come back, and say what was left out.
+
+    Regular files whose relative path ``is_returned`` are hard-linked (copied when that
+    fails); a returned symlink is recreated only when it is relative and stays inside
+    the run directory, both lexically and once resolved in the outbox; other file
+    types never come back. A directory appears when something in it comes back, or
+    when it matches and is empty. ``outbox`` is removed first if it exists.
+    Returns ``{"files": n, "links": n, "bytes": total, "skipped": [relpaths]}``.
+    """
+    never = list(never or ())
+    only = list(only or ())
+    if os.path.lexists(outbox):
+        _rmtree(outbox)
+    os.mkdir(outbox, 0o700)
+    report = {"files": 0, "links": 0, "bytes": 0, "skipped": []}
+    skipped = report["skipped"]
+    made = {"": rundir}  # relpath of every outbox directory -> its source directory
+    links = []
+
+    def ensure_dir(rel):
+        if rel in made:
+            return
+        ensure_dir(posixpath.dirname(rel))
+        os.mkdir(os.path.join(outbox, rel), 0o700)
+        made[rel] = os.path.join(rundir, rel)
+
+    def unreadable(exc):
+        rel = os.path.relpath(exc.filename or rundir, rundir)
+        skipped.append(rel if rel != "." else "")
+
+    for top, dirnames, filenames in os.walk(rundir, onerror=unreadable):
+        reltop = os.path.relpath(top, rundir)
+        reltop = "" if reltop == "." else reltop.replace(os.sep, "/")
+        subdirs = []
+        for name in sorted(dirnames + filenames):
+            rel = posixpath.join(reltop, name) if reltop else name
+            src = os.path.join(top, name)
+            dst = os.path.join(outbox, rel)
+            try:
+                st = os.lstat(src)
+            except OSError:
+                skipped.append(rel)
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                subdirs.append(name)
+                if is_returned(rel, returns, never, only):
+                    try:
+                        empty = not os.listdir(src)
+                    except OSError:
+                        empty = False
+                    if empty:
+                        ensure_dir(rel)
+                continue
+            if not is_returned(rel, returns, never, only):
+                skipped.append(rel)
+                continue
+            if stat.S_ISREG(st.st_mode):
+                ensure_dir(reltop)
+                try:
+                    os.link(src, dst, follow_symlinks=False)
+                except (OSError, NotImplementedError):
+                    shutil.copy2(src, dst, follow_symlinks=False)
+                # the run may have swapped the file for something else meanwhile
+                now = os.lstat(dst)
+                if not stat.S_ISREG(now.st_mode):
+                    os.unlink(dst)
+                    skipped.append(rel)
+                    continue
+                report["files"] += 1
+                report["bytes"] += now.st_size
+            elif stat.S_ISLNK(st.st_mode):
+                try:
+                    target = os.readlink(src)
+                except OSError:
+                    skipped.append(rel)
+                    continue
+                if not _link_stays_inside(rel, target):
+                    skipped.append(rel)
+                    continue
+                ensure_dir(reltop)
+                os.symlink(target, dst)
+                links.append(rel)
+            else:
+                skipped.append(rel)
+        dirnames[:] = [d for d in dirnames if d in subdirs]
+
+    # A lexical check can be fooled by links through links (``a -> .``, ``b -> a/a/..``):
+    # resolve every recreated link for real, in the outbox as it will be served.
+    real_outbox = os.path.realpath(outbox)
+    changed = True
+    while changed:
+        changed = False
+        for rel in list(links):
+            path = os.path.join(outbox, rel)
+            if not _within(os.path.realpath(path), real_outbox):
+                os.unlink(path)
+                links.remove(rel)
+                skipped.append(rel)
+                changed = True
+    report["links"] = len(links)
+
+    # directories keep their modes (owner rwx kept, so the outbox stays removable) and times
+    for rel in sorted(made, key=lambda r: r.count("/") + (1 if r else 0), reverse=True):
+        try:
+            st = os.lstat(made[rel])
+            dst = os.path.join(outbox, rel) if rel else outbox
+            os.chmod(dst, (st.st_mode & 0o7777) | stat.S_IRWXU)
+            os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+        except OSError:
+            pass
+    skipped.sort()
+    return report
+
+
+# --------------------------------------------------------------------------------------
+# Parameters
+# --------------------------------------------------------------------------------------
+
+def _as_text(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _number_text(value):
+    return "%g" % value
+
+
+class Parameter:
+    """One declared parameter of an entrypoint (the rules of remote-exec templates)."""
+
+    def __init__(self, name, spec, where):
+        self.name = name
+        where = "%s: parameter %r" % (where, name)
+        if not isinstance(name, str) or not IDENTIFIER_RE.fullmatch(name):
+            raise ValueError("%s: a parameter name must be a letter or _ then letters, "
+                             "digits or _" % where)
+        if spec is None:
+            spec = {}
+        if not isinstance(spec, dict):
+            raise ValueError("%s: expected an object with type, default, pattern, ..." % where)
+        self.spec = spec
+        unknown = set(spec) - PARAMETER_KEYS
+        if unknown:
+            raise ValueError("%s: unknown keys %s (known: %s)"
+                             % (where, sorted(unknown), ", ".join(sorted(PARAMETER_KEYS))))
+        self.type = spec.get("type", "string")
+        if self.type not in TYPES:
+            raise ValueError("%s: type must be one of %s" % (where, ", ".join(TYPES)))
+        self.items = spec.get("items", "string")
+        if "items" in spec:
+            if self.type != "list":
+                raise ValueError("%s: 'items' is only for type list" % where)
+            if self.items not in ITEM_TYPES:
+                raise ValueError("%s: items must be one of %s" % (where, ", ".join(ITEM_TYPES)))
+        self.kind = self.items if self.type == "list" else self.type
+        self.required = spec.get("required", False)
+        if not isinstance(self.required, bool):
+            raise ValueError("%s: 'required' must be true or false" % where)
+        self.choices = spec.get("choices", [])
+        if self.kind == "choice":
+            if (not isinstance(self.choices, list) or not self.choices
+                    or not all(isinstance(c, str) for c in self.choices)):
+                raise ValueError("%s: a choice needs a non-empty list of strings in 'choices'"
+                                 % where)
+        elif "choices" in spec:
+            raise ValueError("%s: 'choices' is only for type choice" % where)
+        self.min = spec.get("min")
+        self.max = spec.get("max")
+        for bound in ("min", "max"):
+            value = spec.get(bound)
+            if value is None:
+                continue
+            if self.kind not in ("int", "float"):
+                raise ValueError("%s: %r is only for int and float" % (where, bound))
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError("%s: %r must be a number" % (where, bound))
+        self.pattern = spec.get("pattern")
+        if self.pattern is not None:
+            if not isinstance(self.pattern, str):
+                raise ValueError("%s: 'pattern' must be a string" % where)
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError("%s: pattern %r is not valid: %s"
+                                 % (where, self.pattern, exc)) from None
+        try:
+            self.default = self._checked_default(spec.get("default"))
+        except Refused as exc:
+            raise ValueError("%s: the default is not valid: %s" % (where, exc)) from None
+
+    def _checked_default(self, default):
+        if default is None:
+            return [] if self.type == "list" else None
+        if self.type == "list":
+            if not isinstance(default, list):
+                raise Refused("the default of a list must be a list")
+            return [self.convert(_as_text(v)) for v in default]
+        return self.convert(_as_text(default))
+
+    def _bad(self, shown, logged):
+        where = "parameter %r: " % self.name
+        return Refused(where + shown, where + logged)
+
+    def convert(self, raw):
+        """One value (one element, for a list) as its type, or Refused."""
+        if "\n" in raw or "\r" in raw or "\x00" in raw:
+            return self._raise("newlines and NUL bytes are not allowed in values")
+        if self.type == "list" and not raw:
+            return self._raise("an empty element is not allowed in a list (the entrypoint "
+                               "gets a list one element per line)")
+        if self.pattern and not re.fullmatch(self.pattern, raw):
+            raise self._bad("%r does not match the pattern %r" % (raw, self.pattern),
+                            "the value does not match the pattern %r" % self.pattern)
+        kind = self.kind
+        if kind in ("int", "float"):
+            try:
+                number = int(raw) if kind == "int" else float(raw)
+            except ValueError:
+                raise self._bad("%r is not a valid %s" % (raw, kind),
+                                "the value is not a valid %s" % kind) from None
+            if number != number or number in (float("inf"), float("-inf")):
+                raise self._bad("%r is not a finite number" % raw,
+                                "the value is not a finite number")
+            if self.min is not None and number < self.min:
+                raise self._bad("%s is less than the minimum %s" % (raw, _number_text(self.min)),
+                                "the value is less than the minimum %s"
+                                % _number_text(self.min))
+            if self.max is not None and number > self.max:
+                raise self._bad("%s is more than the maximum %s" % (raw, _number_text(self.max)),
+                                "the value is more than the maximum %s"
+                                % _number_text(self.max))
+            return number
+        if kind == "bool":
+            if raw.lower() in _TRUE:
+                return True
+            if raw.lower() in _FALSE:
+                return False
+            raise self._bad("%r is not a boolean (use true or false)" % raw,
+                            "the value is not a boolean")
+        if kind == "choice" and raw not in self.choices:
+            raise self._bad("%r is not one of %s" % (raw, ", ".join(self.choices)),
+                            "the value is not one of %s" % ", ".join(self.choices))
+        if kind == "path" and ".." in raw.split("/"):
+            return self._raise("'..' is not allowed in paths")
+        if kind == "file":
+            if not raw:
+                return self._raise("a file name must not be empty")
+            if raw.startswith("/"):
+                raise self._bad("%r is absolute; give a path inside the run directory" % raw,
+                                "the value is absolute; give a path inside the run directory")
+            if ".." in raw.split("/"):
+                return self._raise("'..' is not allowed in file names")
+            if raw.startswith("-"):
+                raise self._bad("%r starts with '-' and would be read as an option" % raw,
+                                "the value starts with '-' and would be read as an option")
+        return raw
+
+    def _raise(self, reason):
+        raise self._bad(reason, reason)
+
+    def env_text(self, value):
+        """How a converted value appears in ``RE_<name>``."""
+        if isinstance(value, list):
+            return "\n".join(self._one_env_text(v) for v in value)
+        return self._one_env_text(value)
+
+    def _one_env_text(self, value):
+        if isinstance(value, bool):
+            return "1" if value else "0"
+        if self.kind == "float":
+            return repr(float(value))
+        if self.kind == "int":
+            return str(int(value))
+        if self.kind == "path":
+            return os.path.expanduser(value) if value == "~" or value.startswith("~/") else value
+        return str(value)
+
+
+class Entrypoint:
+    """One allowlisted entrypoint: its file, pinned digest, interpreter, parameters."""
+
+    def __init__(self, name, spec, where, base):
+        where = "%s: entrypoint %r" % (where, name)
+        if not ENTRYPOINT_NAME_RE.fullmatch(name):
+            raise ValueError("%s: a name is letters, digits, _, . and - (not first)" % where)
+        if not isinstance(spec, dict):
+            raise ValueError("%s: expected an object with path, sha256, parameters, ..." % where)
+        unknown = set(spec) - ENTRYPOINT_KEYS
+        if unknown:
+            raise ValueError("%s: unknown keys %s (known: %s)"
+                             % (where, sorted(unknown), ", ".join(sorted(ENTRYPOINT_KEYS))))
+        self.name = name
+        path = spec.get("path")
+        if not isinstance(path, str) or not path:
+            raise ValueError("%s: 'path' (the entrypoint file) is required" % where)
+        self.path = _config_path(path, base)
+        digest = spec.get("sha256")
+        if not isinstance(digest, str) or not SHA256_RE.fullmatch(digest):
+            raise ValueError("%s: 'sha256' must be the 64 hex digits of the file's sha256"
+                             % where)
+        self.sha256 = digest.lower()
+        self.interpreter = spec.get("interpreter", ["/bin/sh"])
+        if not isinstance(self.interpreter, list) or not all(
+                isinstance(w, str) and w for w in self.interpreter):
+            raise ValueError("%s: 'interpreter' must be a list of words ([] runs the file "
+                             "itself)" % where)
+        params = spec.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise ValueError("%s: 'parameters' must be an object" % where)
+        self.parameters = {}
+        for pname, pspec in params.items():
+            self.parameters[pname] = Parameter(pname, pspec, where)
+        self.returns = _patterns(spec.get("returns", ["**"]), "%s: returns" % where,
+                                 allow_empty=False)
+
+    def read(self):
+        """The file's bytes (Failure if unreadable)."""
+        try:
+            with open(self.path, "rb") as f:
+                return f.read()
+        except OSError as exc:
+            raise Failure("entrypoint %s (%s) cannot be read: %s"
+                          % (self.name, self.path, exc.strerror or exc)) from None
+
+    def digest(self):
+        """The file's current sha256, or None if unreadable."""
+        try:
+            return hashlib.sha256(self.read()).hexdigest()
+        except Failure:
+            return None
+
+    def describe(self):
+        return {
+            "sha256": self.sha256,
+            "digest_ok": self.digest() == self.sha256,
+            "path": self.path,
+            "interpreter": list(self.interpreter),
+            "parameters": {n: p.spec for n, p in self.parameters.items()},
+            "returns": list(self.returns),
+        }
+
+    def bind(self, given):
+        """Validate the client's ``{name: raw | [raws]}`` into converted values (Refused)."""
+        if not isinstance(given, dict):
+            raise Refused("the parameters must be a JSON object {\"NAME\": \"value\", ...}")
+        known = ", ".join(sorted(self.parameters)) or "none"
+        values = {}
+        for name, raw in given.items():
+            param = self.parameters.get(name)
+            if param is None:
+                shown = name if len(name) <= 100 else name[:100] + "..."
+                raise Refused("entrypoint %s has no parameter %r (parameters: %s)"
+                              % (self.name, shown, known))
+            if param.type == "list":
+                if isinstance(raw, str):
+                    raw = [raw]
+                if not isinstance(raw, list) or not all(isinstance(r, str) for r in raw):
+                    raise Refused("parameter %r: a list parameter takes a JSON list of strings"
+                                  % name)
+                values[name] = [param.convert(r) for r in raw]
+            else:
+                if not isinstance(raw, str):
+                    raise Refused("parameter %r: give the value as a JSON string (the text "
+                                  "as typed)" % name)
+                values[name] = param.convert(raw)
+        for name, param in self.parameters.items():
+            if name in values:
+                continue
+            if param.required:
+                raise Refused("entrypoint %s needs parameter %r (parameters: %s)"
+                              % (self.name, name, known))
+            default = param.default
+            values[name] = list(default) if isinstance(default, list) else default
+        return values
+
+
+def _patterns(value, where, allow_empty):
+    if not isinstance(value, list) or (not value and not allow_empty):
+        raise ValueError("%s: must be a%s list of glob patterns"
+                         % (where, "" if allow_empty else " non-empty"))
+    for p in value:
+        if not isinstance(p, str) or not p:
+            raise ValueError("%s: every pattern must be a non-empty string, not %r" % (where, p))
+        if any(c in p for c in "\n\r\x00"):
+            raise ValueError("%s: %r: newlines and NUL bytes are not allowed" % (where, p))
+        if p.startswith(("/", "~")):
+            raise ValueError("%s: %r must be relative to the run directory" % (where, p))
+        if ".." in p.split("/"):
+            raise ValueError("%s: %r: '..' is not allowed" % (where, p))
+    return list(value)
+
+
+# --------------------------------------------------------------------------------------
+# The allowlist
+# --------------------------------------------------------------------------------------
+
+def _config_path(path, base):
+    path = os.path.expanduser(path)
+    return os.path.abspath(os.path.join(base, path))
+
+
+def _unique_object(pairs):
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError("the key %r appears twice" % key)
+        obj[key] = value
+    return obj
+
+
+class Config:
+    """The allowlist, checked."""
+
+    def __init__(self, path):
+        self.path = path
+        self.base = os.path.dirname(path)
+        self.log = os.path.join(self.base, "agent.log")
+        self.root = None
+        self.state = None
+        self.entrypoints = {}
+        self.never = []
+        self.only = []
+
+    def load(self):
+        where = "allowlist %s" % self.path
+        try:
+            with open(self.path, "rb") as f:
+                text = f.read().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise Failure("%s cannot be read: %s" % (where, getattr(exc, "strerror", None)
+                                                      or exc)) from None
+        try:
+            data = json.loads(text, object_pairs_hook=_unique_object)
+        except ValueError as exc:
+            raise Failure("%s is not valid JSON: %s" % (where, exc)) from None
+        if not isinstance(data, dict):
+            raise Failure("%s: expected a JSON object with root, entrypoints, ..." % where)
+        try:
+            self._load(data, where)
+        except ValueError as exc:
+            raise Failure(str(exc)) from None
+
+    def _load(self, data, where):
+        unknown = set(data) - ALLOWLIST_KEYS
+        if unknown:
+            raise ValueError("%s: unknown keys %s (known: %s)"
+                             % (where, sorted(unknown), ", ".join(sorted(ALLOWLIST_KEYS))))
+        if data.get("version", 1) != 1:
+            raise ValueError("%s: version %r is not supported by this agent (version 1)"
+                             % (where, data.get("version")))
+        for key in ("root", "state", "log"):
+            if key in data and (not isinstance(data[key], str) or not data[key]):
+                raise ValueError("%s: %r must be a path" % (where, key))
+        if "root" not in data:
+            raise ValueError("%s: 'root' (the directory holding the run directories) is "
+                             "required" % where)
+        self.root = _config_path(data["root"], self.base)
+        self.state = _config_path(data.get("state", "state"), self.base)
+        self.log = _config_path(data.get("log", "agent.log"), self.base)
+        real_root = os.path.realpath(self.root)
+        for what, path in (("the allowlist file", self.path), ("'state'", self.state),
+                           ("'log'", self.log)):
+            if _within(os.path.realpath(path), real_root):
+                raise ValueError("%s: %s (%s) lies inside 'root' (%s), where clients can "
+                                 "write; move it out" % (where, what, path, self.root))
+        entrypoints = data.get("entrypoints", {})
+        if not isinstance(entrypoints, dict):
+            raise ValueError("%s: 'entrypoints' must be an object" % where)
+        for name, spec in entrypoints.items():
+            self.entrypoints[name] = Entrypoint(name, spec, where, self.base)
+        returns = data.get("returns", {})
+        if not isinstance(returns, dict) or set(returns) - {"never", "only"}:
+            raise ValueError("%s: 'returns' must be an object with 'never' and 'only'" % where)
+        self.never = _patterns(returns.get("never", []), "%s: returns.never" % where, True)
+        self.only = _patterns(returns.get("only", []), "%s: returns.only" % where, True)
+        for what, path in (("root", self.root), ("state", self.state)):
+            try:
+                os.makedirs(path, 0o700, exist_ok=True)
+            except OSError as exc:
+                raise ValueError("%s: cannot create %s %s: %s"
+                                 % (where, what, path, exc.strerror or exc)) from None
+            if not os.path.isdir(path):
+                raise ValueError("%s: %s %s is not a directory" % (where, what, path))
+
+
+# --------------------------------------------------------------------------------------
+# Small file helpers
+# --------------------------------------------------------------------------------------
+
+def _now_iso():
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _isdir_nofollow(path):
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _read_text(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read(4096).decode("utf-8", "replace").strip()
+    except OSError:
+        return None
+
+
+def _read_int(path):
+    text = _read_text(path)
+    if text is None or not re.fullmatch(r"-?[0-9]{1,12}", text):
+        return None
+    return int(text)
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _write_new(path, data, mode=0o600):
+    """Create ``path`` afresh (never through a symlink) holding ``data``."""
+    if os.path.lexists(path):
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        _write_all(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path, text):
+    tmp = path + ".tmp"
+    _write_new(tmp, text.encode("utf-8"))
+    os.rename(tmp, path)
+
+
+def _group_alive(pgid):
+    """Whether process group ``pgid`` has a living member.
+
+    ``kill(-pgid, 0)`` first; where ``/proc`` shows the processes (Linux), a group left
+    with zombies only (children orphaned by a killed shell, which init has not reaped
+    yet) counts as gone.
+    """
+    try:
+        os.kill(-pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return _proc_group_alive(pgid)
+
+
+def _proc_group_alive(pgid):
+    try:
+        if not os.path.isdir("/proc/self"):
+            return True
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return True
+    for pid in pids:
+        try:
+            with open("/proc/%s/stat" % pid, "rb") as f:
+                text = f.read().decode("ascii", "replace")
+        except OSError:
+            continue  # gone meanwhile, or not ours to see
+        fields = text[text.rfind(")") + 2:].split()
+        try:
+            if int(fields[2]) == pgid and fields[0] not in ("Z", "X", "x"):
+                return True
+        except (IndexError, ValueError):
+            return True  # a /proc this code does not understand: trust kill()
+    return False
+
+
+def _print_json(obj):
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+# --------------------------------------------------------------------------------------
+# Runs
+# --------------------------------------------------------------------------------------
+
+class Run:
+    """``<root>/<ID>`` (the client's) and ``<state>/<ID>`` (the agent's) of one run."""
+
+    def __init__(self, cfg, run_id):
+        self.id = run_id
+        self.dir = os.path.join(cfg.root, run_id)
+        self.state = os.path.join(cfg.state, run_id)
+
+    def ctl(self, name):
+        return os.path.join(self.state, name)
+
+    def exists(self):
+        return _isdir_nofollow(self.dir) and _isdir_nofollow(self.state)
+
+    def launched(self):
+        return _isdir_nofollow(self.ctl("launched"))
+
+    def cancelled(self):
+        return os.path.lexists(self.ctl("cancelled"))
+
+    def exit_code(self):
+        return _read_int(self.ctl("exit_code"))
+
+    def pgid(self):
+        pgid = _read_int(self.ctl("pgid"))
+        return pgid if pgid is not None and pgid > 1 else None
+
+    def alive(self):
+        """True / False for a recorded process group, None without one."""
+        pgid = self.pgid()
+        return None if pgid is None else _group_alive(pgid)
+
+    def launched_age(self):
+        try:
+            return time.time() - os.lstat(self.ctl("launched")).st_mtime
+        except OSError:
+            return None
+
+    def running(self):
+        """Whether the entrypoint may still be running (launched, no exit code, not gone)."""
+        if not self.launched() or self.exit_code() is not None:
+            return False
+        alive = self.alive()
+        if alive is None:  # a launch under way has not recorded its group yet
+            age = self.launched_age()
+            return age is not None and age < 2 * PGID_WAIT_SECONDS
+        return alive
+
+
+def _run_id(text):
+    if not RUN_ID_RE.fullmatch(text):
+        shown = text if len(text) <= 80 else text[:80] + "..."
+        raise Refused("invalid run id %r: a run id is a lowercase UUID like "
+                      "0123abcd-4567-89ab-cdef-0123456789ab" % shown)
+    return text
+
+
+def _existing_run(cfg, text):
+    run = Run(cfg, _run_id(text))
+    if not run.exists():
+        raise Refused("there is no run %s on this host; create it first (create RUN_ID)"
+                      % run.id)
+    return run
+
+
+def _arguments(args, usage, least, most):
+    if not least <= len(args) <= most:
+        raise Refused("unexpected arguments; usage: %s" % usage)
+
+
+# --------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------
+
+def _rsync_version():
+    rsync = shutil.which("rsync")
+    if not rsync:
+        return None
+    try:
+        proc = subprocess.Popen([rsync, "--version"], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        out, _ = proc.communicate(timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = out.decode("utf-8", "replace").splitlines()
+    return lines[0].strip() if lines else None
+
+
+def _login_name():
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return os.environ.get("USER") or os.environ.get("LOGNAME")
+
+
+def cmd_hello(cfg, args, journal):
+    _arguments(args, "hello", 0, 0)
+    try:
+        st = os.statvfs(cfg.root)
+        free = st.f_bavail * st.f_frsize
+    except OSError:
+        free = None
+    _print_json({
+        "agent": AGENT_NAME,
+        "version": AGENT_VERSION,
+        "python": "%d.%d.%d" % tuple(sys.version_info[:3]),
+        "rsync": _rsync_version(),
+        "root": cfg.root,
+        "root_writable": os.access(cfg.root, os.W_OK | os.X_OK),
+        "free_bytes": free,
+        "allowlist": cfg.path,
+        "entrypoints": {n: e.describe() for n, e in cfg.entrypoints.items()},
+        "returns": {"never": list(cfg.never), "only": list(cfg.only)},
+        "agent_forwarding": "SSH_AUTH_SOCK" in os.environ,
+        "user": _login_name(),
+        "home": os.environ.get("HOME") or os.path.expanduser("~"),
+    })
+    return EXIT_OK
+
+
+def cmd_create(cfg, args, journal):
+    _arguments(args, "create RUN_ID", 1, 1)
+    run = Run(cfg, _run_id(args[0]))
+    has_state = _isdir_nofollow(run.state)
+    if os.path.lexists(run.dir) and not (has_state and _isdir_nofollow(run.dir)):
+        raise Refused("%s exists but was not made by the remote-exec agent; choose another "
+                      "run id" % run.dir)
+    if has_state and _isdir_nofollow(run.dir):
+        _print_json({"rundir": run.dir, "existed": True})
+        return EXIT_OK
+    if has_state and os.path.lexists(run.ctl("launched")):
+        raise Refused("run %s was launched but its run directory is gone; remove it "
+                      "(remove RUN_ID) and create it again" % run.id)
+    try:
+        os.mkdir(run.state, 0o700)
+    except FileExistsError:
+        pass
+    existed = False
+    try:
+        os.mkdir(run.dir, 0o700)
+    except FileExistsError:  # a create racing with this one
+        if not run.exists():
+            raise Refused("%s exists but was not made by the remote-exec agent"
+                          % run.dir) from None
+        existed = True
+    _print_json({"rundir": run.dir, "existed": existed})
+    return EXIT_OK
+
+
+def cmd_status(cfg, args, journal):
+    _arguments(args, "status RUN_ID", 1, 1)
+    run = Run(cfg, _run_id(args[0]))
+    exists = run.exists()
+    pgid = run.pgid() if exists else None
+    _print_json({
+        "exists": exists,
+        "rundir": run.dir,
+        "launched": exists and run.launched(),
+        "cancelled": exists and run.cancelled(),
+        "entrypoint": _read_text(run.ctl("entrypoint_name")) if exists else None,
+        "pgid": pgid,
+        "alive": None if pgid is None else _group_alive(pgid),
+        "exit_code": run.exit_code() if exists else None,
+        "started_at": _read_text(run.ctl("started_at")) if exists else None,
+    })
+    return EXIT_OK
+
+
+def _read_parameters():
+    stream = getattr(sys.stdin, "buffer", None)
+    data = stream.read(MAX_PARAMETERS_BYTES + 1) if stream is not None else b""
+    if len(data) > MAX_PARAMETERS_BYTES:
+        raise Refused("the parameters on stdin are larger than %d bytes" % MAX_PARAMETERS_BYTES)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Refused("the parameters on stdin are not UTF-8") from None
+    if not text.strip():
+        return {}
+    try:
+        return json.loads(text, object_pairs_hook=_unique_object)
+    except ValueError as exc:
+        reason = str(exc) if "appears twice" in str(exc) else "not valid JSON"
+        raise Refused("the parameters on stdin must be a JSON object "
+                      "{\"NAME\": \"value\", ...}: %s" % reason) from None
+
+
+def _entrypoint_env(run, entrypoint, values):
+    env = dict(os.environ)
+    for name in ("SSH_ORIGINAL_COMMAND", "SSH_AUTH_SOCK"):
+        env.pop(name, None)
+    for name, param in entrypoint.parameters.items():
+        env.pop("RE_" + name, None)
+        value = values.get(name)
+        if value is not None:
+            env["RE_" + name] = param.env_text(value)
+    env["REMOTE_EXEC_RUN_ID"] = run.id
+    env["REMOTE_EXEC_RUN_DIR"] = run.dir
+    env["REMOTE_EXEC_PARAMS"] = run.ctl("params.json")
+    return env
+
+
+def _params_json(entrypoint, values):
+    """params.json: the converted values (paths with ``~`` expanded, as in RE_<name>)."""
+    out = {}
+    for name, param in entrypoint.parameters.items():
+        value = values.get(name)
+        if param.kind == "path" and value is not None:
+            if isinstance(value, list):
+                value = [param.env_text(v) for v in value]
+            else:
+                value = param.env_text(value)
+        out[name] = value
+    return out
+
+
+def _noop_handler(signum, frame):
+    pass
+
+
+def _wrapper(run, entrypoint, argv, env, log_fd, ready_fd):
+    """The detached run: a session of its own; runs the entrypoint, records its exit code."""
+    try:
+        os.setsid()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, _noop_handler)
+        _write_atomic(run.ctl("pgid"), "%d\n" % os.getpid())
+        os.write(ready_fd, b"1")
+        os.close(ready_fd)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        if devnull > 2:
+            os.close(devnull)
+        try:
+            _write_atomic(run.ctl("started_at"), _now_iso() + "\n")
+        except OSError:
+            pass
+        # the file runs where the administrator installed it (it may use files beside
+        # it); so it is checked once more, right before it starts
+        if entrypoint.digest() != entrypoint.sha256:
+            _write_all(log_fd, ("remote-exec agent: entrypoint %s (%s) changed after it was "
+                                "checked; not run\n" % (entrypoint.name, entrypoint.path)
+                                ).encode("utf-8", "replace"))
+            _write_atomic(run.ctl("exit_code"), "126\n")
+            return
+        try:
+            proc = subprocess.Popen(argv, cwd=run.dir, stdin=subprocess.DEVNULL,
+                                    stdout=log_fd, stderr=subprocess.STDOUT, env=env)
+        except OSError as exc:
+            try:
+                _write_all(log_fd, ("remote-exec agent: cannot start the entrypoint (%s): %s\n"
+                                    % (" ".join(argv), exc)).encode("utf-8", "replace"))
+            except OSError:
+                pass
+            code = 127
+        else:
+            code = proc.wait()
+            if code < 0:
+                code = 128 - code
+        _write_atomic(run.ctl("exit_code"), "%d\n" % code)
+    except BaseException:  # noqa: B036 - the wrapper must never return into the agent
+        try:
+            _write_all(log_fd, ("remote-exec agent: the run's wrapper failed:\n%s"
+                                % traceback.format_exc()).encode("utf-8", "replace"))
+        except BaseException:  # noqa: B036, S110 - nothing else can be told
+            pass
+    finally:
+        os._exit(0)
+
+
+def _open_run_log(run):
+    path = os.path.join(run.dir, LOG_NAME)
+    if os.path.islink(path):
+        os.unlink(path)
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        raise Failure("cannot open %s: %s" % (path, exc.strerror or exc)) from None
+
+
+def cmd_launch(cfg, args, journal):
+    _arguments(args, "launch RUN_ID ENTRYPOINT (parameters as a JSON object on stdin)", 2, 2)
+    run = _existing_run(cfg, args[0])
+    if run.cancelled():
+        raise Refused("the run was cancelled; create a new run")
+    name = args[1]
+    entrypoint = cfg.entrypoints.get(name)
+    if entrypoint is None:
+        allowed = ", ".join(sorted(cfg.entrypoints)) or "none"
+        shown = name if len(name) <= 80 else name[:80] + "..."
+        raise Refused("entrypoint %r is not in the allowlist (allowed: %s)" % (shown, allowed))
+    code = entrypoint.read()
+    digest = hashlib.sha256(code).hexdigest()
+    if digest != entrypoint.sha256:
+        raise Refused("entrypoint %s (%s) has sha256 %s but the allowlist pins %s; the site "
+                      "administrator must re-approve it"
+                      % (name, entrypoint.path, digest, entrypoint.sha256))
+    values = entrypoint.bind(_read_parameters())
+    log_path = os.path.join(run.dir, LOG_NAME)
+    try:
+        mode = os.lstat(log_path).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and not stat.S_ISLNK(mode) and not stat.S_ISREG(mode):
+        raise Refused("%s is not a regular file; the run log must be a regular file inside "
+                      "the run directory" % log_path)
+
+    try:
+        os.mkdir(run.ctl("launched"), 0o700)
+    except FileExistsError:
+        raise AlreadyLaunched() from None
+    if run.cancelled():  # a cancel got in between: the run never starts
+        if run.exit_code() is None:
+            _write_atomic(run.ctl("exit_code"), "143\n")
+        raise Refused("the run was cancelled; create a new run")
+    # the approved bytes, kept as the record of what this run was allowed to start
+    _write_new(run.ctl("entrypoint"), code, 0o500)
+    _write_new(run.ctl("params.json"),
+               (json.dumps(_params_json(entrypoint, values), indent=1) + "\n").encode("utf-8"))
+    _write_new(run.ctl("entrypoint_name"), (name + "\n").encode("utf-8"))
+    log_fd = _open_run_log(run)
+    argv = list(entrypoint.interpreter) + [entrypoint.path]
+    env = _entrypoint_env(run, entrypoint, values)
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the wrapper: never returns into the agent
+        try:
+            os.close(ready_r)
+            _wrapper(run, entrypoint, argv, env, log_fd, ready_w)
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    os.close(log_fd)
+    try:
+        ready = os.read(ready_r, 1)
+    finally:
+        os.close(ready_r)
+    if not ready:
+        os.waitpid(pid, 0)
+        raise Failure("the run's wrapper process could not start")
+    if run.pgid() != pid:
+        _write_atomic(run.ctl("pgid"), "%d\n" % pid)
+    try:
+        sys.stdout.write("started %d\n" % pid)
+        sys.stdout.flush()
+    except OSError:
+        pass  # the client went away; the run goes on
+    journal.record("launched pgid %d (entrypoint %s; parameters: %s)"
+                   % (pid, name, ", ".join(sorted(n for n in values
+                                                  if values[n] is not None)) or "none"))
+    os.waitpid(pid, 0)
+    code = run.exit_code()
+    return EXIT_FAILURE if code is None else code
+
+
+def cmd_wait(cfg, args, journal):
+    _arguments(args, "wait RUN_ID", 1, 1)
+    run = _existing_run(cfg, args[0])
+    if not run.launched():
+        raise Refused("run %s was not launched; launch it first" % run.id)
+    while True:
+        code = run.exit_code()
+        if code is not None:
+            _print_json({"exit_code": code})
+            return EXIT_OK
+        if not run.running():
+            time.sleep(POLL_SECONDS)
+            code = run.exit_code()
+            if code is not None:
+                continue
+            _print_json({"exit_code": None, "lost": True})
+            journal.verdict = "error: run lost (its process group is gone without an exit code)"
+            return EXIT_LOST
+        time.sleep(POLL_SECONDS)
+
+
+def cmd_log(cfg, args, journal):
+    usage = "log RUN_ID [--offset N] [--follow]"
+    if not args:
+        raise Refused("unexpected arguments; usage: %s" % usage)
+    run = _existing_run(cfg, args[0])
+    offset = 0
+    follow = False
+    rest = list(args[1:])
+    seen = set()
+    while rest:
+        word = rest.pop(0)
+        if word == "--follow" and "follow" not in seen:
+            follow = True
+            seen.add("follow")
+            continue
+        if word.startswith("--offset") and "offset" not in seen:
+            if word == "--offset" and rest:
+                value = rest.pop(0)
+            elif word.startswith("--offset="):
+                value = word[len("--offset="):]
+            else:
+                value = ""
+            if not re.fullmatch(r"[0-9]{1,18}", value):
+                raise Refused("--offset needs a byte offset (digits); usage: %s" % usage)
+            offset = int(value)
+            seen.add("offset")
+            continue
+        raise Refused("unexpected arguments; usage: %s" % usage)
+    path = os.path.join(run.dir, LOG_NAME)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return EXIT_OK
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise Refused("%s is a symbolic link; the agent serves only a regular log file"
+                          % path) from None
+        raise Failure("cannot read %s: %s" % (path, exc.strerror or exc)) from None
+    out = sys.stdout.buffer
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise Refused("%s is not a regular file" % path)
+        os.lseek(fd, offset, os.SEEK_SET)
+
+        def drain():
+            while True:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    return
+                out.write(chunk)
+                out.flush()
+
+        drain()
+        while follow:
+            finished = run.exit_code() is not None or not run.running()
+            drain()
+            if finished:
+                break
+            time.sleep(LOG_POLL_SECONDS)
+        out.flush()
+    finally:
+        os.close(fd)
+    return EXIT_OK
+
+
+def cmd_cancel(cfg, args, journal):
+    # it must finish even if its SSH channel goes away
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    _arguments(args, "cancel RUN_ID [GRACE_SECONDS]", 1, 2)
+    grace = 10
+    if len(args) == 2:
+        if not re.fullmatch(r"[0-9]{1,9}", args[1]):
+            raise Refused("GRACE_SECONDS must be a whole number of seconds >= 0")
+        grace = int(args[1])
+    run = _existing_run(cfg, args[0])
+
+    def result(text, code=EXIT_OK):
+        journal.verdict = ("ok" if code == EXIT_OK else "error") + ": " + text
+        _print_json({"result": text})
+        return code
+
+    fd = os.open(run.ctl("cancelled"), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    os.close(fd)
+    try:
+        os.mkdir(run.ctl("launched"), 0o700)
+    except FileExistsError:
+        pass
+    else:
+        _write_atomic(run.ctl("exit_code"), "143\n")
+        return result("not started")
+    deadline = time.monotonic() + PGID_WAIT_SECONDS
+    while run.pgid() is None and run.exit_code() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    pgid = run.pgid()
+    if pgid is None:
+        if run.exit_code() is not None:  # a launch that saw the cancel and never started
+            return result("not started")
+        return result("no process group recorded", EXIT_FAILURE)
+    if run.exit_code() is not None:
+        return result("already finished")
+    try:
+        os.kill(-pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return result("already gone")
+    deadline = time.monotonic() + grace
+    while True:
+        if not _group_alive(pgid):
+            if run.exit_code() is None:
+                time.sleep(POLL_SECONDS)
+                if run.exit_code() is None:
+                    _write_atomic(run.ctl("exit_code"), "143\n")
+            return result("stopped by TERM")
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(POLL_SECONDS)
+    try:
+        os.kill(-pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + 1.0
+    while run.exit_code() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if run.exit_code() is None:
+        _write_atomic(run.ctl("exit_code"), "137\n")
+    return result("killed")
+
+
+def cmd_remove(cfg, args, journal):
+    _arguments(args, "remove RUN_ID", 1, 1)
+    run = Run(cfg, _run_id(args[0]))
+    has_dir = os.path.lexists(run.dir)
+    has_state = _isdir_nofollow(run.state)
+    if has_dir and not has_state:
+        raise Refused("%s was not made by the remote-exec agent; it is not removed" % run.dir)
+    if not has_state:
+        _print_json({"removed": False})
+        return EXIT_OK
+    if run.running():
+        pgid = run.pgid()
+        raise Refused("run %s is still running%s; cancel it first (cancel RUN_ID)"
+                      % (run.id, "" if pgid is None else " (process group %d)" % pgid))
+    try:
+        if has_dir:
+            _rmtree(run.dir)
+        _rmtree(run.state)
+    except OSError as exc:
+        raise Failure("cannot remove run %s: %s: %s"
+                      % (run.id, exc.filename, exc.strerror or exc)) from None
+    _print_json({"removed": True})
+    return EXIT_OK
+
+
+def cmd_list(cfg, args, journal):
+    _arguments(args, "list", 0, 0)
+    now = time.time()
+    runs = []
+    try:
+        names = os.listdir(cfg.root)
+    except OSError as exc:
+        raise Failure("cannot list %s: %s" % (cfg.root, exc.strerror or exc)) from None
+    for name in names:
+        if not RUN_ID_RE.fullmatch(name):
+            continue
+        run = Run(cfg, name)
+        if not run.exists():
+            continue
+        try:
+            mtime = os.lstat(run.dir).st_mtime
+        except OSError:
+            continue
+        code = run.exit_code()
+        if code is not None:
+            state = "finished"
+        elif not run.launched():
+            state = "not launched"
+        elif run.running():
+            state = "running"
+        else:
+            state = "dead"
+        runs.append((mtime, {"id": name, "age_seconds": int(max(0, now - mtime)),
+                             "state": state, "exit_code": code}))
+    runs.sort(key=lambda r: (r[0], r[1]["id"]))
+    _print_json({"runs": [r[1] for r in runs]})
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------
+# rsync, confined
+# --------------------------------------------------------------------------------------
+
+def _check_rsync_option(opt, sender):
+    if opt.startswith("--"):
+        name, eq, value = opt.partition("=")
+        if not eq and opt in RSYNC_LONG:
+            return
+        if eq and name in RSYNC_LONG_VALUE:
+            if RSYNC_LONG_VALUE[name].fullmatch(value):
+                return
+            raise Refused("rsync option %s: the value must be a number" % name)
+        raise Refused("rsync option %s is not allowed through the remote-exec agent (allowed "
+                      "long options: %s, %s)"
+                      % (name, ", ".join(sorted(RSYNC_LONG)),
+                         ", ".join("%s=N" % n for n in sorted(RSYNC_LONG_VALUE))))
+    if opt.startswith("-") and len(opt) > 1:
+        letters, sep, capabilities = opt[1:].partition("e")
+        if sep and not RSYNC_CAPABILITIES_RE.fullmatch(capabilities):
+            raise Refused("rsync's capability string %r is not valid" % capabilities)
+        for letter in letters:
+            if letter == "K":
+                raise Refused("rsync option -K (--keep-dirlinks) is not allowed: it writes "
+                              "through symlinked directories")
+            if letter == "L":
+                if sender:
+                    raise Refused("rsync option -L (--copy-links) is not allowed when "
+                                  "fetching: it would follow links out of the run directory")
+                continue
+            if letter not in RSYNC_SHORT:
+                raise Refused("rsync option -%s is not allowed through the remote-exec agent "
+                              "(allowed: -%sL)" % (letter, "".join(sorted(RSYNC_SHORT))))
+        return
+    raise Refused("unexpected rsync argument %r before '.'" % opt)
+
+
+def _rsync_path(cfg, raw):
+    """(run, components below the run directory, trailing slash) of one rsync path."""
+    if not raw:
+        raise Refused("an empty rsync path is not allowed; give RUN_ID/ or a path inside it")
+    if raw.startswith("/") or raw.startswith("~"):
+        raise Refused("rsync path %r is absolute; give RUN_ID/ or a path inside it" % raw)
+    if ".." in raw.split("/"):
+        raise Refused("rsync path %r: '..' is not allowed" % raw)
+    norm = posixpath.normpath(raw)
+    parts = norm.split("/")
+    if not parts or parts[0] in ("", ".", ".."):
+        raise Refused("rsync path %r must start with a run id: RUN_ID/..." % raw)
+    if not RUN_ID_RE.fullmatch(parts[0]):
+        raise Refused("rsync path %r must start with a run id (a lowercase UUID): RUN_ID/..."
+                      % raw)
+    run = _existing_run(cfg, parts[0])
+    return run, parts[1:], raw.endswith("/")
+
+
+def _fetch_lock(run):
+    fd = os.open(run.ctl("outbox.lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    deadline = time.monotonic() + FETCH_LOCK_SECONDS
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise Refused("another fetch of run %s is under way; try again when it ends"
+                              % run.id) from None
+            time.sleep(POLL_SECONDS)
+    os.set_inheritable(fd, True)  # rsync holds the lock while it serves the outbox
+    return fd
+
+
+def cmd_rsync(cfg, args, journal):
+    if len(args) < 1 or args[0] != "--server":
+        raise Refused("only rsync's server side is available (rsync --server ...), confined "
+                      "to one run directory")
+    i = 1
+    sender = i < len(args) and args[i] == "--sender"
+    if sender:
+        i += 1
+    options = []
+    while i < len(args) and args[i] != ".":
+        _check_rsync_option(args[i], sender)
+        options.append(args[i])
+        i += 1
+    if i >= len(args):
+        raise Refused("rsync's arguments lack the '.' before the paths")
+    raws = args[i + 1:]
+    if not raws:
+        raise Refused("rsync gave no path; give RUN_ID/ or a path inside it")
+    if not sender and len(raws) != 1:
+        raise Refused("rsync may write to exactly one path: RUN_ID/ or a path inside it")
+    targets = [_rsync_path(cfg, raw) for raw in raws]
+    rsync = shutil.which("rsync")
+    if not rsync:
+        raise Refused(RSYNC_MISSING)
+
+    mapped = []
+    if sender:
+        built = {}
+        for run, sub, trailing in targets:
+            if not sub and not trailing:
+                raise Refused("fetch %s/ (with a trailing slash) or paths inside it"
+                              % run.id)
+            outbox = run.ctl("outbox")
+            if run.id not in built:
+                _fetch_lock(run)
+                entry = cfg.entrypoints.get(_read_text(run.ctl("entrypoint_name")) or "")
+                returns = entry.returns if entry is not None else ["**"]
+                try:
+                    built[run.id] = build_outbox(run.dir, outbox, returns, cfg.never, cfg.only)
+                except OSError as exc:
+                    raise Failure("cannot prepare the results of run %s: %s: %s"
+                                  % (run.id, exc.filename, exc.strerror or exc)) from None
+            if sub:
+                mapped.append(os.path.join(outbox, *sub) + ("/" if trailing else ""))
+            else:
+                mapped.append(outbox + "/")
+        summary = "; ".join("%s: %d files, %d skipped" % (rid, b["files"], len(b["skipped"]))
+                            for rid, b in built.items())
+    else:
+        run, sub, trailing = targets[0]
+        if run.cancelled():
+            raise Refused("run %s was cancelled; its inputs can no longer change" % run.id)
+        if run.launched():
+            raise Refused("run %s was launched; its inputs can no longer change" % run.id)
+        path = run.dir
+        for part in sub:
+            path = os.path.join(path, part)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                break
+            if stat.S_ISLNK(st.st_mode):
+                raise Refused("%s is a symbolic link; rsync may not write through it" % path)
+        mapped.append(os.path.join(run.dir, *sub) + ("/" if trailing else ""))
+        if "--munge-links" not in options:
+            options.append("--munge-links")
+        summary = run.id
+    argv = (["rsync", "--server"] + (["--sender"] if sender else []) + options + ["."]
+            + mapped)
+    os.chdir(cfg.root)
+    journal.record("ok: rsync %s (%s)" % ("sender" if sender else "receiver", summary))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    try:
+        os.execv(rsync, argv)  # noqa: S606 - an argv list, no shell
+    except OSError as exc:
+        journal.done = False
+        raise Failure("cannot run rsync (%s): %s" % (rsync, exc.strerror or exc)) from None
+
+
+# --------------------------------------------------------------------------------------
+# Entry
+# --------------------------------------------------------------------------------------
+
+COMMANDS = {
+    "hello": cmd_hello,
+    "create": cmd_create,
+    "status": cmd_status,
+    "launch": cmd_launch,
+    "wait": cmd_wait,
+    "log": cmd_log,
+    "cancel": cmd_cancel,
+    "remove": cmd_remove,
+    "list": cmd_list,
+    "rsync": cmd_rsync,
+}
+
+
+class Journal:
+    """The agent log: one line per invocation (never a parameter value)."""
+
+    def __init__(self, path, command):
+        self.path = path
+        self.command = command
+        self.verdict = None
+        self.done = False
+
+    def record(self, verdict, details=None):
+        if self.done:
+            return
+        self.done = True
+        shown = repr(self.command)
+        if len(shown) > 300:
+            shown = shown[:297] + "..."
+        client = (os.environ.get("SSH_CONNECTION") or "-").split(" ")[0] or "-"
+        client = re.sub(r"[^0-9A-Za-z.:%_-]", "?", client)[:64]
+        line = "%s pid=%d from=%s command=%s %s\n" % (
+            _now_iso(), os.getpid(), client, shown, verdict.replace("\n", " "))
+        if details:
+            line += "".join("    | %s\n" % d for d in details.rstrip("\n").split("\n"))
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
+                         0o600)
+            try:
+                _write_all(fd, line.encode("utf-8", "replace"))
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # a log that cannot be written never fails the request
+
+
+def _say(text):
+    try:
+        sys.stderr.write("remote-exec agent: %s\n" % text.replace("\n", " "))
+        sys.stderr.flush()
+    except OSError:
+        pass
+
+
+def dispatch(cfg, command, journal):
+    """Run one client request; returns the exit status (or raises Refused / Failure)."""
+    if command is None:
+        raise Refused(ONLY_AGENT)
+    first = command.split()[0] if command.split() else ""
+    if first == "internal-sftp" or first.endswith("sftp-server"):
+        raise Refused(SFTP_REFUSAL)
+    try:
+        argv = shlex.split(command)
+    except ValueError as exc:
+        raise Refused("the command line cannot be parsed (%s); %s" % (exc, ONLY_AGENT)) from None
+    if not argv:
+        raise Refused(ONLY_AGENT)
+    handler = COMMANDS.get(argv[0])
+    if handler is None:
+        shown = argv[0] if len(argv[0]) <= 80 else argv[0][:80] + "..."
+        raise Refused("%r is not an agent command; %s" % (shown, ONLY_AGENT))
+    return handler(cfg, argv[1:], journal)
+
+
+def _serve(allowlist, command, journal):
+    try:
+        cfg = Config(allowlist)
+        journal.path = cfg.log
+        cfg.load()
+        journal.path = cfg.log
+        code = dispatch(cfg, command, journal)
+        journal.record(journal.verdict or ("ok" if code == EXIT_OK else "exit %d" % code))
+        return code
+    except Refused as exc:
+        _say("refused: %s" % exc)
+        journal.record("refused: %s" % exc.logged)
+        return EXIT_REFUSED
+    except AlreadyLaunched:
+        _say("this run was already launched")
+        journal.record("refused: this run was already launched (exit %d)"
+                       % EXIT_ALREADY_LAUNCHED)
+        return EXIT_ALREADY_LAUNCHED
+    except Failure as exc:
+        _say("error: %s" % exc)
+        journal.record("error: %s" % exc)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        journal.record("error: interrupted")
+        return 130
+    except BrokenPipeError:
+        journal.record("error: the client closed its side of the channel")
+        try:  # nothing more can reach the client; keep the interpreter's exit quiet
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+        except OSError:
+            pass
+        return EXIT_FAILURE
+    except Exception as exc:  # never a traceback to the client
+        journal.record("error: internal error: %s: %s" % (type(exc).__name__, exc),
+                       traceback.format_exc())
+        _say("error: internal error (%s); the details are in the agent log"
+             % type(exc).__name__)
+        return EXIT_FAILURE
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    allowlist = None
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--version":
+            print("%s %s" % (AGENT_NAME, AGENT_VERSION))
+            return EXIT_OK
+        if word == "--allowlist" and i + 1 < len(argv):
+            allowlist = argv[i + 1]
+            i += 2
+            continue
+        if word.startswith("--allowlist="):
+            allowlist = word[len("--allowlist="):]
+            i += 1
+            continue
+        _say("error: unknown agent option %r (the forced command takes only --allowlist PATH "
+             "and --version)" % word)
+        return EXIT_FAILURE
+    if allowlist is None:
+        allowlist = os.path.join(os.path.dirname(os.path.abspath(__file__)), "allowlist.json")
+    allowlist = os.path.abspath(os.path.expanduser(allowlist))
+    command = os.environ.get("SSH_ORIGINAL_COMMAND")
+    journal = Journal(os.path.join(os.path.dirname(allowlist), "agent.log"), command)
+    return _serve(allowlist, command, journal)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
