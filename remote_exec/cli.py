@@ -188,6 +188,7 @@ def _build_request(site_name: str, command: str | None, template: str | None,
     if params and template is None:
         raise ConfigError("--param needs --template")
     site, _ = _resolve_site(config_path, site_name, transfer)
+    returns = ["**"]
     if template is not None:
         from remote_exec import templates
 
@@ -198,7 +199,22 @@ def _build_request(site_name: str, command: str | None, template: str | None,
                 hint=f"allowed templates: {allowed} (the site's `templates` list)",
             )
         tpl = templates.load_template(template)
-        entry = Entrypoint("template", f"template {template}", tpl.render(tpl.bind(list(params))))
+        values = tpl.bind(list(params))  # refuses bad values before connecting
+        returns = tpl.returns
+        if site.restricted:
+            entry = Entrypoint("approved", f"template {template} (approved by the site)",
+                               template, params=_raw_params(tpl, params))
+        else:
+            entry = Entrypoint("template", f"template {template}", tpl.render(values))
+    elif site.restricted:
+        if command is not None:
+            raise ConfigError(
+                f"site {site.name!r} is restricted: it runs only entrypoints it approved, "
+                "not command lines",
+                hint=f"use --template NAME (allowed: {', '.join(site.templates) or 'none'}) "
+                "or no --cmd for the site's own program",
+            )
+        entry = Entrypoint("approved", "the site's approved entrypoint", "site")
     elif command is not None:
         if not command.strip():
             raise ConfigError("--cmd is empty")
@@ -207,7 +223,20 @@ def _build_request(site_name: str, command: str | None, template: str | None,
         entry = Entrypoint("site", f"site entrypoint {site.entrypoint}", site.entrypoint)
     checked = check_inputs(list(inputs))
     return RunRequest(site=site, inputs=checked, entrypoint=entry, into=into.absolute(),
-                      keep=keep, follow=follow)
+                      keep=keep, follow=follow, returns=list(returns),
+                      backend="agent" if site.restricted else "direct")
+
+
+def _raw_params(tpl: Any, pairs: tuple[str, ...]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs as the agent takes them: text, or a list for list parameters."""
+    raw: dict[str, Any] = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if tpl.parameters[key].type == "list":
+            raw.setdefault(key, []).append(value)
+        else:
+            raw[key] = value
+    return raw
 
 
 def _execute(request: Any, ui: Any, use_holder: bool = True, resume: bool = False) -> Any:
@@ -603,3 +632,107 @@ def holder_stop() -> None:
     from remote_exec import holder as hd
 
     click.echo("holder stopping" if hd.stop() else "no connection holder is running")
+
+
+# -- the remote side: install the restricted agent, check a site --------------------------------
+
+@main.group("site", context_settings=CONTEXT)
+def site_group() -> None:
+    """Prepare and check a remote site.
+
+    `site check` tells whether a site is ready; `site install` restricts a site's key
+    to the remote-exec agent, so that it can only run the templates the site allows
+    (pinned by sha256), move files in and out of one run directory, and never send
+    back what the site marks as never returned.
+    """
+
+
+@site_group.command("install", context_settings=CONTEXT)
+@click.argument("site_name", metavar="SITE")
+@click.option("--apply", is_flag=True,
+              help="Also put the forced-command line in the remote authorized_keys "
+              "(replacing the key's current line), then check it.")
+@click.option("--admin-identity", metavar="KEY",
+              help="Log in with this key for the install (default: the site's own key, "
+              "which must not be locked yet).")
+@click.option("--authorized-keys", default="~/.ssh/authorized_keys", show_default=True,
+              metavar="REMOTE_PATH", help="The authorized_keys file --apply edits.")
+@click.option("--config", "config_path", metavar="FILE", help="Configuration file.")
+def site_install(site_name: str, apply: bool, admin_identity: str | None,
+                 authorized_keys: str, config_path: str | None) -> None:
+    """Install the restricted agent and the site's approved entrypoints on SITE.
+
+    Copies remote-side_scripts/remote_exec_agent.py (standard library, Python >= 3.6)
+    to the site's agent_dir, renders each template in the site's `templates` list
+    (parameters come from the environment, never from the script text), pins every
+    entrypoint by sha256 in agent_dir/allowlist.json together with the site's
+    never_return / only_return patterns, and prints the authorized_keys line
+
+        command="python3 .../remote_exec_agent.py --allowlist ...",restrict KEY
+
+    that locks the site's key to the agent. Set `restricted: true` for the site once
+    the line is in place. Re-run after changing templates or return patterns.
+    """
+    import asyncio
+
+    from remote_exec.site import install
+
+    try:
+        site, _ = _resolve_site(config_path, site_name)
+        report = asyncio.run(install.install(site, apply=apply, admin_identity=admin_identity,
+                                             authorized_keys=authorized_keys))
+    except RemoteExecError as err:
+        _fail(err)
+    click.echo(f"agent:     {site.name}:{report.agent_path} (run by {report.python})")
+    click.echo(f"allowlist: {site.name}:{report.allowlist_path}")
+    for name, digest in report.entrypoints.items():
+        click.echo(f"  approved {name:14} sha256 {digest}")
+    for warning in report.warnings:
+        click.echo(f"remote-exec: warning: {warning}", err=True)
+    if report.applied_to is None:
+        click.echo("\nPut this line in the remote authorized_keys in place of the key's "
+                   "current line (or run again with --apply):\n")
+        click.echo(report.key_line)
+        return
+    click.echo(f"locked the site's key in {site.name}:{report.applied_to}")
+    verified = report.verified or {}
+    click.echo(f"checked: the key now reaches agent {verified.get('version')} "
+               f"with {len(verified.get('entrypoints') or {})} approved entrypoint(s)")
+    if not site.restricted:
+        click.echo(f"next: set `restricted: true` for site {site.name!r} in "
+                   f"{site.defined_in or 'your configuration'}")
+
+
+@site_group.command("check", context_settings=CONTEXT)
+@click.argument("site_name", metavar="SITE")
+@click.option("--json", "as_json", is_flag=True, help="One JSON list of rows.")
+@click.option("--config", "config_path", metavar="FILE", help="Configuration file.")
+def site_check(site_name: str, as_json: bool, config_path: str | None) -> None:
+    """Check that SITE is ready: host key, authentication, agent and allowlist (on a
+    restricted site), rsync and Python on the host, runs root writable, free space.
+    Each failing row says how to fix it. Exit status 1 if any row failed."""
+    import asyncio
+    import json
+
+    from remote_exec.site import check
+
+    try:
+        site, _ = _resolve_site(config_path, site_name)
+        rows = asyncio.run(check.check(site))
+    except RemoteExecError as err:
+        _fail(err, as_json)
+    if as_json:
+        click.echo(json.dumps(check.as_dicts(rows), indent=2))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"site {site.name} ({site.display})", show_lines=False)
+        for column in ("check", "status", "detail", "fix"):
+            table.add_column(column, overflow="fold")
+        colour = {check.OK: "green", check.WARN: "yellow", check.FAIL: "bold red"}
+        for row in rows:
+            style = colour.get(row.status, "dim")
+            table.add_row(row.check, f"[{style}]{row.status}[/]", row.detail, row.fix)
+        Console().print(table)
+    sys.exit(1 if check.failed(rows) else 0)

@@ -18,6 +18,10 @@ A configuration file is YAML::
         retry_max_interval: 60  # seconds; backoff doubles from 1 s up to this, with jitter
         stall_timeout: 60       # seconds without a byte from the host: the link is dead
         cancel_grace: 10        # seconds between TERM and KILL when a run is cancelled
+        restricted: false       # true: the key only runs the remote-exec agent (site install)
+        agent_dir: ~/.remote-exec-agent   # where `site install` puts the agent (remote)
+        never_return: []        # patterns never fetched (secret inputs, scratch)
+        only_return: []         # if given, only these patterns are fetched
     legacy:
       solver_log_base: /home/misystem/assets/workflow
 
@@ -41,6 +45,7 @@ from remote_exec.paths import user_config_file
 DEFAULT_ROOT = "/tmp"
 DEFAULT_ENTRYPOINT = "~/misrc_remote_workflow/scripts/execute_remote-side_program_ssh.sh"
 DEFAULT_SOLVER_LOG_BASE = "/home/misystem/assets/workflow"
+DEFAULT_AGENT_DIR = "~/.remote-exec-agent"
 CLEANUP_POLICIES = ("on-success", "always", "never")
 TRANSFER_METHODS = ("auto", "rsync", "sftp")
 
@@ -62,6 +67,10 @@ _SITE_PROPERTIES: dict[str, Any] = {
     "stall_timeout": {"type": "number", "minimum": 1},
     "cancel_grace": {"type": "number", "minimum": 0},
     "description": {"type": "string"},
+    "restricted": {"type": "boolean"},
+    "agent_dir": {"type": "string", "minLength": 1},
+    "never_return": {"type": "array", "items": {"type": "string", "minLength": 1}},
+    "only_return": {"type": "array", "items": {"type": "string", "minLength": 1}},
 }
 
 SCHEMA: dict[str, Any] = {
@@ -115,6 +124,10 @@ class Site:
     stall_timeout: float = 60.0
     cancel_grace: float = 10.0
     description: str = ""
+    restricted: bool = False
+    agent_dir: str = DEFAULT_AGENT_DIR
+    never_return: list[str] = field(default_factory=list)
+    only_return: list[str] = field(default_factory=list)
     defined_in: str | None = None  # the file that defined it, None for a bare host alias
 
     @property

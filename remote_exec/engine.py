@@ -29,7 +29,9 @@ from typing import Any, TypeVar
 import asyncssh
 
 from remote_exec import localfs
-from remote_exec.backends import BACKENDS, Launched
+from remote_exec import returns as return_filter
+from remote_exec.backends import BACKENDS, AgentBackend, Launched
+from remote_exec.backends import agent as agent_mod
 from remote_exec.backends.direct import follow_log, read_control, read_exit_code
 from remote_exec.errors import (
     EXIT_SIGNAL_BASE,
@@ -183,6 +185,10 @@ class _Driver:
         self.job_id = record.job_id
         self.exit_code = record.exit_code
         self.backend = BACKENDS[request.backend]()
+        #: a restricted site: every step goes through its agent (no SFTP, no shell)
+        self.agent = self.backend if isinstance(self.backend, AgentBackend) else None
+        if self.agent is not None:
+            self.agent.site = self.site.name
         self.launched: Launched | None = None
         self.retrying = resumed  # steps run a second time: be idempotent
         self._rsync_cache: dict[str, bool] = {}
@@ -260,6 +266,14 @@ class _Driver:
 
     # -- steps ------------------------------------------------------------------------------
     async def _create(self) -> None:
+        if self.agent is not None:
+            self.rundir = await self.agent.create(await self.link.conn(), self.run_id,
+                                                  self.retrying)
+            self.journal.update(self.run_id, rundir=self.rundir)
+            self._advance("created")
+            self.ui.event("created", f"run {self.run_id} on {self.site.name}: {self.rundir}",
+                          run_id=self.run_id, rundir=self.rundir, site=self.site.name)
+            return
         sftp = await self.link.sftp()
         if not self.rundir:
             root = self.site.root
@@ -294,6 +308,9 @@ class _Driver:
                       run_id=self.run_id, rundir=self.rundir, site=self.site.name)
 
     async def _stage(self) -> None:
+        if self.agent is not None:
+            await self._stage_agent(self.agent)
+            return
         sftp = await self.link.sftp()
         async def write(name: str, data: bytes) -> None:
             async with sftp.open(posixpath.join(self.rundir, CONTROL_DIR, name), "wb") as f:
@@ -328,8 +345,11 @@ class _Driver:
 
     async def _launch(self) -> None:
         conn = await self.link.conn()
-        sftp = await self.link.sftp()
-        self.launched = await self.backend.launch(conn, sftp, self.rundir)
+        if self.agent is not None:
+            entry = self.request.entrypoint
+            self.launched = await self.agent.launch(conn, self.run_id, entry.text, entry.params)
+        else:
+            self.launched = await self.backend.launch(conn, await self.link.sftp(), self.rundir)
         self.job_id = self.launched.job_id
         self._advance("launched", job_id=self.job_id)
         again = " (it had been launched before)" if self.launched.before else ""
@@ -339,7 +359,10 @@ class _Driver:
     async def _wait(self) -> None:
         stop = asyncio.Event()
         tail = None
-        if self.request.follow:
+        if self.request.follow and self.agent is not None:
+            tail = asyncio.ensure_future(agent_mod.follow_log(
+                self.agent, self.link.conn, self.run_id, self.ui, stop))
+        elif self.request.follow:
             tail = asyncio.ensure_future(
                 follow_log(self.link.open_sftp, self.rundir, self.ui, stop))
         try:
@@ -350,7 +373,7 @@ class _Driver:
                 with contextlib.suppress(Exception):
                     await tail
         self.exit_code = code
-        if await read_control(await self.link.sftp(), self.rundir, "cancelled") is not None:
+        if await self._cancelled_remotely():
             # cancel.sh ran (e.g. its caller exited at once on a second signal)
             self.control.reason = self.control.reason or "cancelled remotely"
             self.control.exit_code = self.control.exit_code or EXIT_SIGNAL_BASE + 15
@@ -360,7 +383,15 @@ class _Driver:
         self.ui.event("finished", f"entrypoint exited with {code}",
                       run_id=self.run_id, exit_code=code)
 
+    async def _cancelled_remotely(self) -> bool:
+        if self.agent is not None:
+            status = await self.agent.status(await self.link.conn(), self.run_id)
+            return bool(status.get("cancelled"))
+        return await read_control(await self.link.sftp(), self.rundir, "cancelled") is not None
+
     async def _wait_for_exit(self) -> int:
+        if self.agent is not None:
+            return await self._wait_agent(self.agent)
         launched = self.launched
         if launched is not None and launched.channel is not None:
             channel, launched.channel = launched.channel, None  # after a reconnect: poll
@@ -386,20 +417,13 @@ class _Driver:
             interval = min(interval * 1.5, POLL_MAX)
 
     async def _fetch(self) -> None:
-        sftp = await self.link.sftp()
-        size = await transfer.remote_size(sftp, self.rundir)
-        method = await self._method(size)
         partial = localfs.partial_dir(self.request.into, self.run_id)
-        self.ui.progress_start("fetching", size)
-        try:
-            if method == "rsync":
-                report = await transfer.fetch_rsync(await self.link.rsh(), self.rundir,
-                                                    partial, self.ui.show_progress)
-            else:
-                report = await transfer.fetch_sftp(sftp, self.rundir, partial,
-                                                   self.ui.progress_fn, resume=True)
-        finally:
-            self.ui.progress_stop()
+        if self.agent is not None:  # the agent applies the site's return filter
+            report = await self.agent.fetch(await self.link.rsh(), self.run_id, partial,
+                                            self.ui.show_progress)
+            method, size = report.method, localfs.tree_size(partial)
+        else:
+            method, size, report = await self._fetch_open(partial)
         placed = localfs.place(partial, self.request.into)
         for skipped in report.skipped:
             self.ui.warn(f"not fetched: {skipped}")
@@ -408,6 +432,32 @@ class _Driver:
         self._advance("fetched")
         self.ui.event("fetched", f"fetched {len(placed)} item(s), {size} bytes, by {method} "
                       f"into {self.request.into}", fetched=placed, bytes=size, method=method)
+
+    async def _fetch_open(self, partial: Any) -> tuple[str, int, transfer.FetchReport]:
+        """Fetch over SFTP or rsync, keeping only what the template and the site return."""
+        sftp = await self.link.sftp()
+        site, returns = self.site, self.request.returns
+        keep = None
+        if not return_filter.is_trivial(returns, site.never_return, site.only_return):
+            keep = return_filter.predicate(returns, site.never_return, site.only_return)
+        entries = await transfer.walk_remote(sftp, self.rundir)
+        chosen = [(rel, attrs) for rel, attrs in entries
+                  if attrs.type != asyncssh.FILEXFER_TYPE_DIRECTORY and (keep is None or keep(rel))]
+        size = sum(attrs.size or 0 for rel, attrs in chosen
+                   if attrs.type == asyncssh.FILEXFER_TYPE_REGULAR)
+        method = await self._method(size)
+        self.ui.progress_start("fetching", size)
+        try:
+            if method == "rsync":
+                files = None if keep is None else [rel for rel, _ in chosen]
+                report = await transfer.fetch_rsync(await self.link.rsh(), self.rundir,
+                                                    partial, self.ui.show_progress, files=files)
+            else:
+                report = await transfer.fetch_sftp(sftp, self.rundir, partial,
+                                                   self.ui.progress_fn, resume=True, keep=keep)
+        finally:
+            self.ui.progress_stop()
+        return method, size, report
 
     async def _cleanup(self) -> None:
         """Remove the remote directory per policy."""
@@ -419,6 +469,11 @@ class _Driver:
             self.ui.event("kept", f"remote directory kept ({why}): {self.site.name}:"
                           f"{self.rundir}", rundir=self.rundir)
             self.result.remote_kept = True
+        elif self.agent is not None:
+            removed = await self.agent.remove(await self.link.conn(), self.run_id)
+            self.result.remote_kept = False
+            if removed:
+                self.ui.event("cleaned", f"removed {self.rundir}", rundir=self.rundir)
         else:
             try:
                 await transfer.remove_tree(await self.link.sftp(), self.rundir)
@@ -430,6 +485,37 @@ class _Driver:
                 self.result.remote_kept = False
                 self.ui.event("cleaned", f"removed {self.rundir}", rundir=self.rundir)
         self._advance("cleaned")
+
+    async def _stage_agent(self, agent: AgentBackend) -> None:
+        inputs = self.request.inputs
+        size = sum(i.size for i in inputs)
+        try:
+            await agent.stage(await self.link.rsh(), inputs, self.run_id, self.ui.show_progress)
+        except StageError as exc:
+            if not self.retrying and not self.link.is_loss(exc):
+                with contextlib.suppress(Exception):
+                    await agent.remove(await self.link.conn(), self.run_id)
+            raise
+        self.result.stage_method = "rsync"
+        self._advance("staged")
+        self.ui.event("staged", f"staged {len(inputs)} input(s), {size} bytes, by rsync "
+                      "(confined by the site's agent)",
+                      inputs=[i.name for i in inputs], bytes=size, method="rsync")
+
+    async def _wait_agent(self, agent: AgentBackend) -> int:
+        launched = self.launched
+        if launched is not None and launched.channel is not None:
+            channel, launched.channel = launched.channel, None  # after a reconnect: `wait`
+            try:
+                await channel.wait_closed()
+            finally:
+                channel.close()
+            status = channel.exit_status
+            if status is not None and status >= 0:
+                return status  # the agent's launch ends with the entrypoint's exit code
+            if (await self.link.conn()).is_closed():
+                raise asyncssh.ConnectionLost("the connection closed while waiting")
+        return await agent.wait(await self.link.conn(), self.run_id)
 
     async def _method(self, size: int) -> str:
         return await transfer.choose_method(
@@ -455,7 +541,7 @@ class _Driver:
         if self.phase in ("staged", "launched"):  # (staged: a launch may be in flight)
             try:
                 conn = await asyncio.wait_for(self.link.conn(), self.site.connect_timeout)
-                what = await asyncio.wait_for(
+                what = await asyncio.wait_for(  # (the agent backend takes the run id from it)
                     self.backend.cancel(conn, self.rundir, self.site.cancel_grace),
                     self.site.cancel_grace + 30)
             except (asyncio.TimeoutError, OSError, asyncssh.Error, RemoteExecError) as exc:

@@ -13,16 +13,20 @@ Three small POSIX sh scripts go into ``.remote-exec/`` of every run directory:
 Whether a run finished is therefore a fact on the remote side, never a guess from
 a connection, and a dropped connection does not stop the entrypoint.
 
-Three kinds of entrypoint:
+Four kinds of entrypoint:
   * ``site``     the site's own program (MInt's ``execute_remote-side_program_ssh.sh``);
   * ``command``  a command line run by the remote login shell, as the legacy script did;
-  * ``template`` a script rendered from an allowlisted template, run by ``/bin/sh``.
+  * ``template`` a script rendered from an allowlisted template, run by ``/bin/sh``;
+  * ``approved`` on a restricted site: the name of an entrypoint the site approved and
+                 pinned, with its raw parameters; the agent validates and runs it (no
+                 control scripts are written: see :mod:`remote_exec.backends.agent`).
 """
 
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from remote_exec.inputs import CONTROL_DIR, LOG_NAME
 from remote_exec.templates import RemotePath
@@ -112,9 +116,10 @@ exit 0
 class Entrypoint:
     """What to run: its kind, a label for messages, and the files it needs."""
 
-    kind: str  # "site" | "command" | "template"
+    kind: str  # "site" | "command" | "template" | "approved"
     label: str
-    text: str  # site: the program path; command: the command line; template: the script
+    text: str  # the program path | the command line | the script | the approved name
+    params: dict[str, Any] = field(default_factory=dict)  # approved: as the user gave them
 
     def control_files(self) -> dict[str, bytes]:
         """Files to write under ``.remote-exec/`` before launching."""
@@ -127,6 +132,8 @@ class Entrypoint:
         elif self.kind == "template":
             entry = f"/bin/sh {CONTROL_DIR}/entrypoint.sh"
             files = {"entrypoint.sh": self.text.encode("utf-8")}
+        elif self.kind == "approved":
+            return {}  # the site's agent runs its own pinned copy
         else:
             raise ValueError(self.kind)
         files["run.sh"] = WRAPPER.replace("%ENTRY%", entry).encode("utf-8")

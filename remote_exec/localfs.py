@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import stat
 from pathlib import Path
 
 
@@ -50,3 +52,15 @@ def _merge(src: Path, dst: Path) -> None:
 
 def discard(partial: Path) -> None:
     shutil.rmtree(partial, ignore_errors=True)
+
+
+def tree_size(path: Path) -> int:
+    """Total bytes of the regular files under ``path`` (links not followed)."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(dirpath, name))
+                if stat.S_ISREG(st.st_mode):
+                    total += st.st_size
+    return total

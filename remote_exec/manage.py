@@ -22,7 +22,7 @@ from typing import Any
 
 import asyncssh
 
-from remote_exec.backends import BACKENDS
+from remote_exec.backends import BACKENDS, AgentBackend
 from remote_exec.backends.direct import read_control, read_exit_code
 from remote_exec.config import Site
 from remote_exec.errors import ConfigError, RemoteExecError, RunBusyError
@@ -78,6 +78,11 @@ async def probe(record: RunRecord) -> RemoteState:
         conn = await asyncio.wait_for(open_throttled(site), site.connect_timeout + 5)
     except (RemoteExecError, asyncio.TimeoutError) as exc:
         return RemoteState(reachable=False, error=str(exc).splitlines()[0])
+    if record.backend == "agent":
+        async with conn:
+            answer = await AgentBackend(site.name).status(conn, record.id)
+        return RemoteState(reachable=True, exists=bool(answer.get("exists")),
+                           exit_code=answer.get("exit_code"), alive=answer.get("alive"))
     async with conn, conn.start_sftp_client() as sftp:
         if not await sftp.exists(record.rundir):
             return RemoteState(reachable=True)
@@ -112,6 +117,20 @@ async def remote_log(record: RunRecord, ui: Reporter, follow: bool) -> None:
     offset = 0
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     conn = await open_throttled(site)
+    if record.backend == "agent":
+        async with conn:
+            agent = AgentBackend(site.name)
+            if not (await agent.status(conn, record.id)).get("exists"):
+                data = _local_rest(record, 0)
+                if not data:
+                    raise ConfigError(f"the run directory {site.name}:{record.rundir} is gone",
+                                      hint="it was cleaned up and no fetched copy is left")
+                ui.log_text(decoder.decode(data, True))
+                return
+            await agent.read_log(conn, record.id, 0, follow,
+                                 lambda data: ui.log_text(decoder.decode(data)))
+            ui.log_text(decoder.decode(b"", True))
+        return
     async with conn, conn.start_sftp_client() as sftp:
         if not await sftp.exists(record.rundir):
             raise ConfigError(f"the run directory {site.name}:{record.rundir} is gone",
@@ -193,6 +212,11 @@ async def _cancel_remote(record: RunRecord) -> str:
     conn = await open_throttled(site)
     async with conn:
         backend = BACKENDS[record.backend]()
+        if isinstance(backend, AgentBackend):
+            backend.site = site.name
+            if not (await backend.status(conn, record.id)).get("exists"):
+                return "the run directory is gone (nothing to stop)"
+            return await backend.cancel(conn, record.rundir or "", site.cancel_grace)
         async with conn.start_sftp_client() as sftp:
             if not await sftp.exists(posixpath.join(record.rundir or "", CONTROL_DIR,
                                                     "cancel.sh")):
@@ -234,6 +258,9 @@ async def cleanup(site: Site, older_than: float, dry_run: bool, ui: Reporter,
     from remote_exec.ssh import transfer
 
     conn = await open_throttled(site)
+    if site.restricted:
+        async with conn:
+            return await _cleanup_agent(conn, site, older_than, dry_run, ui, active_ids)
     found: list[Leftover] = []
     async with conn, conn.start_sftp_client() as sftp:
         root = site.root
@@ -256,19 +283,47 @@ async def cleanup(site: Site, older_than: float, dry_run: bool, ui: Reporter,
             state = await _leftover_state(sftp, path, proc)
             item = Leftover(path=path, age_days=age, state=state)
             found.append(item)
-            if name in active_ids or state == "running":
-                item.verdict = "kept (active)"
-            elif age * 86400 < older_than:
-                item.verdict = "too recent"
-            elif dry_run:
-                item.verdict = "would remove"
-            else:
+            if _removable(item, name in active_ids, older_than, dry_run):
                 try:
                     await transfer.remove_tree(sftp, path)
                     item.verdict = "removed"
                 except asyncssh.SFTPError as exc:
                     item.verdict = "failed"
                     ui.warn(f"could not remove {path}: {exc.reason}")
+    return found
+
+
+def _removable(item: Leftover, active: bool, older_than: float, dry_run: bool) -> bool:
+    """Whether to remove ``item`` now; if not, its verdict says why."""
+    if active or item.state == "running":
+        item.verdict = "kept (active)"
+    elif item.age_days * 86400 < older_than:
+        item.verdict = "too recent"
+    elif dry_run:
+        item.verdict = "would remove"
+    else:
+        return True
+    return False
+
+
+async def _cleanup_agent(conn: asyncssh.SSHClientConnection, site: Site, older_than: float,
+                         dry_run: bool, ui: Reporter, active_ids: set[str]) -> list[Leftover]:
+    """:func:`cleanup` on a restricted site: the agent lists and removes its runs."""
+    agent = AgentBackend(site.name)
+    found: list[Leftover] = []
+    for run in sorted(await agent.runs(conn), key=lambda r: str(r.get("id"))):
+        name = str(run.get("id"))
+        age = float(run.get("age_seconds") or 0)
+        item = Leftover(path=posixpath.join(site.root, name), age_days=age / 86400,
+                        state=str(run.get("state")))
+        found.append(item)
+        if _removable(item, name in active_ids, older_than, dry_run):
+            try:
+                await agent.remove(conn, name)
+                item.verdict = "removed"
+            except RemoteExecError as err:
+                item.verdict = "failed"
+                ui.warn(f"could not remove {item.path}: {err.message}")
     return found
 
 

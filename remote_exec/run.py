@@ -44,6 +44,7 @@ class RunRequest:
     follow: bool = False
     backend: str = "direct"
     timeout: float | None = None  # seconds for the whole run, from created_at
+    returns: list[str] = field(default_factory=lambda: ["**"])  # the template's patterns
     run_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     created_at: float = field(default_factory=time.time)
 
@@ -83,6 +84,7 @@ def request_from_wire(data: dict[str, Any]) -> RunRequest:
         entrypoint=Entrypoint(**data["entrypoint"]),
         into=Path(data["into"]), keep=data["keep"], follow=data["follow"],
         backend=data["backend"], timeout=data.get("timeout"), run_id=data["run_id"],
+        returns=data.get("returns") or ["**"],
         created_at=data.get("created_at") or time.time(),
     )
 

@@ -244,6 +244,7 @@ class Sandbox:
 
     def _sshd_config(self, port: int) -> str:
         lines = [
+            *self.extra_config,  # first: sshd keeps the first value of each keyword
             f"Port {port}",
             "ListenAddress 127.0.0.1",
             f"HostKey {self.host_key}",
@@ -261,6 +262,5 @@ class Sandbox:
             "AllowAgentForwarding no",
             "AllowTcpForwarding no",
             "Subsystem sftp internal-sftp",
-            *self.extra_config,
         ]
         return "\n".join(lines) + "\n"

@@ -13,12 +13,16 @@ A backend is a small protocol over a staged run directory (see
 Staging, fetching and cleaning are the same for every backend that shares the
 file system with the SSH host, and live in :mod:`remote_exec.engine`. Batch
 schedulers and the Fujitsu WebAPI follow the same shape.
+
+The ``agent`` backend (:mod:`remote_exec.backends.agent`) is a restricted site:
+there every step, files included, is a request to the agent the site installed.
 """
 
 from __future__ import annotations
 
+from remote_exec.backends.agent import AgentBackend
 from remote_exec.backends.direct import DirectBackend, Launched
 
-BACKENDS = {"direct": DirectBackend}
+BACKENDS = {"direct": DirectBackend, "agent": AgentBackend}
 
-__all__ = ["BACKENDS", "DirectBackend", "Launched"]
+__all__ = ["BACKENDS", "AgentBackend", "DirectBackend", "Launched"]

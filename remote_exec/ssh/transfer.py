@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import posixpath
+import tempfile
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,8 +113,11 @@ async def stage_rsync(rsh: str, inputs: Sequence[Input], rundir: str, progress: 
 
 
 async def fetch_sftp(sftp: asyncssh.SFTPClient, rundir: str, dest: Path,
-                     progress: ProgressFn | None, *, resume: bool = False) -> FetchReport:
-    """Copy the whole run directory (but the control directory) into ``dest``.
+                     progress: ProgressFn | None, *, resume: bool = False,
+                     keep: Callable[[str], bool] | None = None) -> FetchReport:
+    """Copy the whole run directory (but the control directory) into ``dest``; with
+    ``keep``, only the files and links whose relative path it accepts (directories
+    left empty by it are not created).
 
     Symlinks are copied as symlinks; one that points outside the directory is
     skipped and reported, so a run can never plant a link to a local file. With
@@ -138,9 +142,11 @@ async def fetch_sftp(sftp: asyncssh.SFTPClient, rundir: str, dest: Path,
                 remote, local = posixpath.join(root, child), os.path.join(local_root, child)
                 kind = entry.attrs.type
                 if kind == asyncssh.FILEXFER_TYPE_DIRECTORY:
-                    os.makedirs(local, exist_ok=resume)
+                    os.makedirs(local, exist_ok=resume or keep is not None)
                     dirs.append((remote, local, entry.attrs))
                     stack.append(child)
+                elif keep is not None and not keep(os.fsdecode(child)):
+                    continue
                 elif kind == asyncssh.FILEXFER_TYPE_SYMLINK:
                     target = os.fsencode(await sftp.readlink(remote))
                     if _link_stays_inside(local_root, local, target):
@@ -159,6 +165,10 @@ async def fetch_sftp(sftp: asyncssh.SFTPClient, rundir: str, dest: Path,
             sftp.get(src, dst, preserve=True, progress_handler=handler) for src, dst in jobs
         )
         for _remote, local, attrs in reversed(dirs):
+            if keep is not None and not os.listdir(local) and not keep(
+                    os.fsdecode(os.path.relpath(local, local_root))):
+                os.rmdir(local)  # nothing in it comes back
+                continue
             os.chmod(local, (attrs.permissions or 0o755) & 0o7777)
             if attrs.mtime is not None:
                 os.utime(local, (attrs.atime or attrs.mtime, attrs.mtime))
@@ -170,14 +180,26 @@ async def fetch_sftp(sftp: asyncssh.SFTPClient, rundir: str, dest: Path,
     return report
 
 
-async def fetch_rsync(rsh: str, rundir: str, dest: Path, progress: bool) -> FetchReport:
-    """Copy the run directory (but the control directory) into ``dest`` with ``rsync -a``."""
-    code, err = await rsync_mod.run_rsync(
-        rsh,
-        ["-a", "--partial", f"--exclude=/{CONTROL_DIR}", rsync_mod.rsync_remote(rundir + "/"),
-         str(dest) + "/"],
-        progress=progress,
-    )
+async def fetch_rsync(rsh: str, rundir: str, dest: Path, progress: bool,
+                      files: Sequence[str] | None = None) -> FetchReport:
+    """Copy the run directory (but the control directory) into ``dest`` with ``rsync -a``;
+    with ``files``, only those relative paths. Symlinks pointing out of the run
+    directory are not copied (``--safe-links``)."""
+    args = ["-a", "--partial", "--safe-links", f"--exclude=/{CONTROL_DIR}"]
+    listing = None
+    if files is not None:
+        listing = tempfile.NamedTemporaryFile("wb", prefix="remote-exec-files-", delete=False)
+        with listing:
+            listing.write(b"".join(os.fsencode(f) + b"\0" for f in files))
+        args += ["--from0", f"--files-from={listing.name}"]
+        os.makedirs(dest, exist_ok=True)
+    try:
+        code, err = await rsync_mod.run_rsync(
+            rsh, [*args, rsync_mod.rsync_remote(rundir + "/"), str(dest) + "/"],
+            progress=progress)
+    finally:
+        if listing is not None:
+            os.unlink(listing.name)
     if code != 0:
         raise FetchError(
             f"rsync could not copy results back from {rundir} (rsync exit {code}): {err[-2000:]}",
@@ -186,22 +208,23 @@ async def fetch_rsync(rsh: str, rundir: str, dest: Path, progress: bool) -> Fetc
     return FetchReport(method="rsync")
 
 
-async def remote_size(sftp: asyncssh.SFTPClient, rundir: str) -> int:
-    """Total bytes of regular files under ``rundir`` (control directory excluded)."""
-    total = 0
-    stack = [os.fsencode(rundir)]
+async def walk_remote(sftp: asyncssh.SFTPClient,
+                      rundir: str) -> list[tuple[str, asyncssh.SFTPAttrs]]:
+    """Every entry under ``rundir`` (control directory excluded) as (relative path, attrs)."""
+    found: list[tuple[str, asyncssh.SFTPAttrs]] = []
+    root = os.fsencode(rundir)
+    stack = [b""]
     while stack:
-        current = stack.pop()
-        async for entry in sftp.scandir(current):
-            if entry.filename in (b".", b"..") or (
-                current == os.fsencode(rundir) and entry.filename == CONTROL_DIR.encode()
-            ):
+        rel = stack.pop()
+        async for entry in sftp.scandir(posixpath.join(root, rel) if rel else root):
+            name = os.fsencode(entry.filename)
+            if name in (b".", b"..") or (not rel and name == CONTROL_DIR.encode()):
                 continue
+            child = posixpath.join(rel, name) if rel else name
+            found.append((os.fsdecode(child), entry.attrs))
             if entry.attrs.type == asyncssh.FILEXFER_TYPE_DIRECTORY:
-                stack.append(posixpath.join(current, os.fsencode(entry.filename)))
-            elif entry.attrs.type == asyncssh.FILEXFER_TYPE_REGULAR:
-                total += entry.attrs.size or 0
-    return total
+                stack.append(child)
+    return found
 
 
 #: concurrent file copies over one SFTP channel (each pipelines its own reads/writes)

@@ -1,0 +1,266 @@
+"""The ``agent`` backend: a restricted site, where the key runs only the remote-exec agent.
+
+The site administrator installed ``remote-side_scripts/remote_exec_agent.py`` as the
+forced command of the key (``remote-exec site install``), so every exec request on
+the connection is a request to the agent, which checks it against the allowlist
+file the administrator owns. Here is the client of that protocol:
+
+  ``create RUN_ID``            make ``<root>/RUN_ID`` (and the agent's own state for it);
+  ``rsync --server ... RUN_ID/``  stage into / fetch from that one directory (the agent
+                               confines rsync and serves a fetch from an outbox that
+                               holds only the files the site lets go);
+  ``launch RUN_ID NAME``       run approved entrypoint NAME (pinned by sha256), the
+                               parameters as JSON on stdin; answers ``started PGID``
+                               and ends with the entrypoint's exit code;
+  ``wait`` / ``status`` / ``log`` / ``cancel`` / ``remove`` / ``list`` / ``hello``.
+
+No SFTP (the agent refuses it: it could not be confined), no shell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import json
+import os
+import posixpath
+import shlex
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import asyncssh
+
+from remote_exec.backends.direct import Launched
+from remote_exec.errors import (
+    EXIT_AUTH,
+    ConfigError,
+    FetchError,
+    RemoteExecError,
+    RemoteLostError,
+    StageError,
+)
+from remote_exec.inputs import Input
+from remote_exec.ssh import rsync as rsync_mod
+from remote_exec.ssh.transfer import FetchReport
+from remote_exec.ui import Reporter
+
+#: the agent's exit status for a refused request, and for a run launched before
+REFUSED = 2
+ALREADY_LAUNCHED = 96
+PREFIX = "remote-exec agent: "
+
+
+class AgentRefused(RemoteExecError):
+    """The site's agent refused the request (its policy, not a fault)."""
+
+    exit_code = EXIT_AUTH
+
+
+def _command(*words: str) -> str:
+    return shlex.join(words)
+
+
+def _first_line(text: str) -> str:
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def _raise_for(status: int | None, stderr: str, what: str, site: str) -> None:
+    line = _first_line(stderr)
+    if status == REFUSED and line.startswith(PREFIX):
+        raise AgentRefused(f"{site} refused to {what}: {line[len(PREFIX):]}",
+                           hint="the site's allowlist decides; ask its administrator")
+    if line.startswith(PREFIX):
+        raise RemoteExecError(f"{site}: the agent could not {what}: {line[len(PREFIX):]}")
+    if status == 127 or "not found" in line:
+        raise ConfigError(
+            f"{site} is marked `restricted` but no remote-exec agent answered ({line})",
+            hint="install the agent with `remote-exec site install SITE --apply`, or drop "
+            "`restricted: true` from the site",
+        )
+    raise RemoteExecError(f"{site}: the agent could not {what} (exit {status}): {line}")
+
+
+class AgentBackend:
+    """Every remote step of a run on a restricted site, through the agent."""
+
+    name = "agent"
+
+    def __init__(self, site_name: str = "the site") -> None:
+        self.site = site_name
+
+    async def call(self, conn: asyncssh.SSHClientConnection, *words: str,
+                   stdin: str | None = None, what: str = "") -> dict[str, Any]:
+        """Run one agent command; its JSON answer, or an error that says who refused."""
+        result = await conn.run(_command(*words), input=stdin, check=False)
+        if result.exit_status != 0:
+            _raise_for(result.exit_status, str(result.stderr or ""),
+                       what or " ".join(words[:1]), self.site)
+        try:
+            return cast(dict[str, Any], json.loads(str(result.stdout or "")))
+        except ValueError:
+            raise RemoteExecError(f"{self.site}: the agent's answer to {words[0]} is not "
+                                  f"JSON: {_first_line(str(result.stdout))[:200]}") from None
+
+    async def hello(self, conn: asyncssh.SSHClientConnection) -> dict[str, Any]:
+        return await self.call(conn, "hello", what="say hello")
+
+    async def create(self, conn: asyncssh.SSHClientConnection, run_id: str,
+                     retrying: bool) -> str:
+        answer = await self.call(conn, "create", run_id, what="create the run directory")
+        if answer.get("existed") and not retrying:
+            raise StageError(f"the run directory {answer.get('rundir')} already exists "
+                             "(refusing to reuse it)")
+        return str(answer["rundir"])
+
+    async def stage(self, rsh: str, inputs: Sequence[Input], run_id: str,
+                    progress: bool) -> None:
+        if not inputs:
+            return
+        if rsync_mod.local_rsync() is None:
+            raise StageError("a restricted site moves files with rsync, and rsync is not "
+                             "installed here", hint="install rsync (apt-get install rsync)")
+        sources = [os.path.abspath(i.source) for i in inputs]
+        code, err = await rsync_mod.run_rsync(
+            rsh, ["-a", "-L", "--partial", *sources, rsync_mod.rsync_remote(run_id + "/")],
+            progress=progress)
+        if code != 0:
+            self._rsync_failed(err, code, StageError, "copy the inputs")
+
+    async def fetch(self, rsh: str, run_id: str, dest: Path, progress: bool) -> FetchReport:
+        if rsync_mod.local_rsync() is None:
+            raise FetchError("a restricted site moves files with rsync, and rsync is not "
+                             "installed here", hint="install rsync, then `remote-exec resume`")
+        code, err = await rsync_mod.run_rsync(
+            rsh, ["-a", "--partial", "--safe-links", rsync_mod.rsync_remote(run_id + "/"),
+                  str(dest) + "/"], progress=progress)
+        if code != 0:
+            self._rsync_failed(err, code, FetchError, "send the results back")
+        return FetchReport(method="rsync")
+
+    def _rsync_failed(self, err: str, code: int, error: type[RemoteExecError],
+                      what: str) -> None:
+        for line in err.splitlines():
+            if line.startswith(PREFIX):
+                _raise_for(REFUSED if "refused" in line else 1, line, what, self.site)
+        raise error(f"rsync could not {what} on {self.site} (rsync exit {code}): "
+                    f"{err[-2000:]}",
+                    hint="free space on the remote host if it is full; otherwise see "
+                    "rsync's message")
+
+    async def launch(self, conn: asyncssh.SSHClientConnection, run_id: str, entry: str,
+                     params: dict[str, Any]) -> Launched:
+        process = await conn.create_process(_command("launch", run_id, entry),
+                                            stdin=asyncssh.PIPE)
+        process.stdin.write(json.dumps(params))
+        process.stdin.write_eof()
+        line = cast(str, await process.stdout.readline())
+        if line.startswith("started "):
+            return Launched(job_id=line.split()[1], channel=process)
+        await process.wait_closed()
+        if process.exit_status == ALREADY_LAUNCHED:
+            status = await self.status(conn, run_id)
+            pgid = status.get("pgid")
+            return Launched(job_id=str(pgid) if pgid else None, before=True)
+        if process.exit_status is None and conn.is_closed():
+            raise asyncssh.ConnectionLost("the connection closed while launching")
+        err = cast(str, await process.stderr.read()) if process.stderr else ""
+        _raise_for(process.exit_status, err, f"launch {entry}", self.site)
+        raise AssertionError("unreachable")
+
+    async def status(self, conn: asyncssh.SSHClientConnection, run_id: str) -> dict[str, Any]:
+        return await self.call(conn, "status", run_id, what="report the run's status")
+
+    async def wait(self, conn: asyncssh.SSHClientConnection, run_id: str) -> int:
+        """Block until the entrypoint ends (on the host); its exit code."""
+        result = await conn.run(_command("wait", run_id), check=False)
+        if result.exit_status is None and conn.is_closed():
+            raise asyncssh.ConnectionLost("the connection closed while waiting")
+        if result.exit_status == 3:
+            raise RemoteLostError(
+                f"the entrypoint of run {run_id} is gone and left no exit code (was the "
+                "remote host rebooted, or the process killed with KILL?)",
+                hint="`remote-exec logs` shows what it wrote")
+        if result.exit_status != 0:
+            _raise_for(result.exit_status, str(result.stderr or ""), "wait for the run",
+                       self.site)
+        return int(json.loads(str(result.stdout))["exit_code"])
+
+    async def cancel(self, conn: asyncssh.SSHClientConnection, rundir: str,
+                     grace: float) -> str:
+        answer = await self.call(conn, "cancel", posixpath.basename(rundir.rstrip("/")),
+                                 str(int(grace)), what="cancel the run")
+        return str(answer.get("result", "cancelled"))
+
+    async def remove(self, conn: asyncssh.SSHClientConnection, run_id: str) -> bool:
+        answer = await self.call(conn, "remove", run_id, what="remove the run directory")
+        return bool(answer.get("removed"))
+
+    async def runs(self, conn: asyncssh.SSHClientConnection) -> list[dict[str, Any]]:
+        answer = await self.call(conn, "list", what="list its runs")
+        return list(answer.get("runs", []))
+
+    async def read_log(self, conn: asyncssh.SSHClientConnection, run_id: str, offset: int,
+                       follow: bool, sink: Callable[[bytes], None]) -> None:
+        """Stream the run's log from ``offset`` into ``sink`` (to the run's end with
+        ``follow``)."""
+        words = ["log", run_id, "--offset", str(offset)] + (["--follow"] if follow else [])
+        process = await conn.create_process(_command(*words), encoding=None,
+                                            stdin=asyncssh.DEVNULL)
+        try:
+            while True:
+                data = cast(bytes, await process.stdout.read(65536))
+                if not data:
+                    break
+                sink(data)
+            await process.wait_closed()
+        finally:
+            process.close()
+        if process.exit_status not in (0, None):
+            err = cast(bytes, await process.stderr.read()) if process.stderr else b""
+            _raise_for(process.exit_status, err.decode("utf-8", "replace"), "show the log",
+                       self.site)
+
+
+async def follow_log(backend: AgentBackend,
+                     get_conn: Callable[[], Awaitable[asyncssh.SSHClientConnection]],
+                     run_id: str, ui: Reporter, stop: asyncio.Event,
+                     interval: float = 0.5) -> None:
+    """Stream the log while the run lasts (``log --follow`` ends when the run does),
+    reopening after a dropped connection; after ``stop``, drain for up to 5 s."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    offset = 0
+
+    def sink(data: bytes) -> None:
+        nonlocal offset
+        offset += len(data)
+        ui.log_text(decoder.decode(data))
+
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        while True:
+            try:
+                conn = await get_conn()
+                reading = asyncio.ensure_future(
+                    backend.read_log(conn, run_id, offset, True, sink))
+                await asyncio.wait({reading, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                if not reading.done():
+                    await asyncio.wait({reading}, timeout=5)
+                if not reading.done():
+                    reading.cancel()
+                    with contextlib.suppress(BaseException):
+                        await reading
+                    return
+                reading.result()
+                return
+            except (OSError, asyncssh.Error, RemoteExecError):
+                if stop.is_set():
+                    return
+                await asyncio.wait({stopper}, timeout=interval)
+    finally:
+        stopper.cancel()
+        ui.log_text(decoder.decode(b"", True))

@@ -1,0 +1,193 @@
+"""``remote-exec site check SITE``: is this site ready, and if not, what to do.
+
+One row per fact, in the order a run needs them: the host key, authentication,
+which side the key reaches (a shell, or the restricted agent), the agent's version
+and allowlist, rsync and Python on the host, whether the runs root is writable and
+how much space it has. A failing row carries its fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import posixpath
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import asyncssh
+
+from remote_exec.backends.agent import AgentBackend
+from remote_exec.config import Site
+from remote_exec.errors import AuthError, RemoteExecError
+from remote_exec.ssh import rsync as rsync_mod
+from remote_exec.ssh.connect import open_connection
+from remote_exec.templates import RemotePath
+
+OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skipped"
+#: less free space than this under the runs root is worth a warning
+LOW_SPACE = 1 << 30
+
+
+@dataclass
+class Row:
+    check: str
+    status: str
+    detail: str
+    fix: str = ""
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
+        value /= 1024
+    return f"{n} B"
+
+
+def _space_row(free: int | None) -> Row:
+    if free is None:
+        return Row("free space", WARN, "unknown")
+    return Row("free space", WARN if free < LOW_SPACE else OK, f"{_size(free)} under the root",
+               "free space on the host or point `root` elsewhere" if free < LOW_SPACE else "")
+
+
+async def check(site: Site) -> list[Row]:
+    rows: list[Row] = []
+    try:
+        conn = await open_connection(site)
+    except AuthError as err:
+        host_key = "host key" in err.message
+        rows.append(Row("host key", FAIL if host_key else OK,
+                        err.message if host_key else "verified", err.hint or ""))
+        rows.append(Row("authentication", SKIP if host_key else FAIL,
+                        "" if host_key else err.message, "" if host_key else err.hint or ""))
+        return rows
+    except RemoteExecError as err:
+        return [Row("connection", FAIL, err.message, err.hint or "")]
+    rows.append(Row("host key", OK, f"verified ({site.known_hosts or '~/.ssh/known_hosts'})"))
+    rows.append(Row("authentication", OK, f"key {site.identity_file or '(ssh defaults)'}"))
+    local = rsync_mod.local_rsync()
+    rows.append(Row("rsync (here)", OK if local else (FAIL if site.restricted else WARN),
+                    local or "not installed",
+                    "" if local else "install rsync here (a restricted site needs it; "
+                    "otherwise large transfers are slower over SFTP)"))
+    async with conn:
+        agent = AgentBackend(site.name)
+        try:
+            hello: dict[str, Any] | None = await agent.hello(conn)
+        except (RemoteExecError, asyncssh.Error):
+            hello = None
+        if hello is not None:
+            rows += _agent_rows(site, hello)
+        else:
+            rows += await _open_rows(site, conn)
+    return rows
+
+
+def _agent_rows(site: Site, hello: dict[str, Any]) -> list[Row]:
+    from remote_exec.site.install import agent_version
+
+    rows = [Row("access", OK if site.restricted else FAIL,
+                "restricted: the key runs only the remote-exec agent",
+                "" if site.restricted else "set `restricted: true` for the site")]
+    version, ours = str(hello.get("version")), agent_version()
+    rows.append(Row("agent", OK if version == ours else WARN,
+                    f"version {version} (python {hello.get('python')})",
+                    "" if version == ours else f"this remote-exec ships agent {ours}: "
+                    f"`remote-exec site install {site.name}`"))
+    entries = hello.get("entrypoints") or {}
+    bad = [n for n, e in entries.items() if not e.get("digest_ok")]
+    missing = [t for t in site.templates if t not in entries]
+    detail = f"{hello.get('allowlist')}: {', '.join(sorted(entries)) or 'no entrypoints'}"
+    if bad:
+        rows.append(Row("allowlist", FAIL, f"{detail}; digest mismatch: {', '.join(bad)}",
+                        "an approved entrypoint changed on the host; if the change is "
+                        f"intended, re-approve it with `remote-exec site install {site.name}`"))
+    elif missing:
+        rows.append(Row("allowlist", WARN, f"{detail}; not approved: {', '.join(missing)}",
+                        f"`remote-exec site install {site.name}` approves the site's templates"))
+    else:
+        rows.append(Row("allowlist", OK, detail))
+    returns = hello.get("returns") or {}
+    rows.append(Row("return filter", OK,
+                    f"never: {', '.join(returns.get('never') or []) or '-'}; "
+                    f"only: {', '.join(returns.get('only') or []) or '-'}"))
+    rsync = hello.get("rsync")
+    rows.append(Row("rsync (host)", OK if rsync else FAIL, rsync or "not installed",
+                    "" if rsync else "install rsync on the host: a restricted site moves "
+                    "files only with rsync"))
+    writable = bool(hello.get("root_writable"))
+    rows.append(Row("runs root", OK if writable else FAIL,
+                    f"{hello.get('root')} {'writable' if writable else 'NOT writable'}",
+                    "" if writable else "make it writable for the user, or change `root` "
+                    "and re-install"))
+    rows.append(_space_row(hello.get("free_bytes")))
+    forwarded = bool(hello.get("agent_forwarding"))
+    rows.append(Row("forwarding", FAIL if forwarded else OK,
+                    "an SSH agent was forwarded to the host" if forwarded
+                    else "agent and port forwarding refused",
+                    "add `restrict` to the key's authorized_keys line" if forwarded else ""))
+    return rows
+
+
+async def _open_rows(site: Site, conn: asyncssh.SSHClientConnection) -> list[Row]:
+    rows: list[Row] = []
+    if site.restricted:
+        rows.append(Row("access", FAIL, "the site is marked restricted but the key reaches "
+                        "a shell, not the agent",
+                        f"`remote-exec site install {site.name} --apply` locks the key"))
+    else:
+        rows.append(Row("access", WARN, "open: the key can run any command on the host",
+                        f"`remote-exec site install {site.name} --apply` restricts it to the "
+                        "agent and the site's approved templates"))
+    rsync = await conn.run("rsync --version", check=False)
+    first = str(rsync.stdout or "").splitlines()[:1]
+    rows.append(Row("rsync (host)", OK if rsync.exit_status == 0 else WARN,
+                    first[0] if rsync.exit_status == 0 and first else "not found",
+                    "" if rsync.exit_status == 0 else "install rsync on the host for large "
+                    "transfers (SFTP is used meanwhile)"))
+    python = await conn.run("python3 --version", check=False)
+    rows.append(Row("python (host)", OK if python.exit_status == 0 else WARN,
+                    str(python.stdout or python.stderr or "").strip() or "not found",
+                    "" if python.exit_status == 0 else "needed only for the restricted agent"))
+    try:
+        sftp = await conn.start_sftp_client()
+    except (OSError, asyncssh.Error) as exc:
+        rows.append(Row("sftp", FAIL, str(exc), "enable the sftp subsystem in sshd_config"))
+        return rows
+    async with sftp:
+        root = site.root
+        if root == "~" or root.startswith("~/"):
+            root = posixpath.join(await sftp.realpath("."), root[2:])
+        probe = posixpath.join(root, f".remote-exec-check-{uuid.uuid4().hex[:8]}")
+        try:
+            await sftp.mkdir(probe)
+            await sftp.rmdir(probe)
+            rows.append(Row("runs root", OK, f"{root} writable"))
+        except asyncssh.SFTPError as exc:
+            rows.append(Row("runs root", FAIL, f"{root}: {exc.reason}",
+                            f"create {root} and make it writable, or set another `root`"))
+        try:
+            vfs = await sftp.statvfs(root)
+            rows.append(_space_row(vfs.bavail * vfs.frsize))
+        except asyncssh.SFTPError:
+            rows.append(_space_row(None))
+        program = site.entrypoint
+        found = await conn.run(f"test -x {RemotePath(program).shell()}", check=False)
+        rows.append(Row("site entrypoint", OK if found.exit_status == 0 else WARN,
+                        program + ("" if found.exit_status == 0 else " not found"),
+                        "" if found.exit_status == 0 else "install it, or use --template / "
+                        "--cmd"))
+    return rows
+
+
+def failed(rows: list[Row]) -> bool:
+    return any(r.status == FAIL for r in rows)
+
+
+def as_dicts(rows: list[Row]) -> list[dict[str, str]]:
+    return [dataclasses.asdict(r) for r in rows]
+
+
+__all__ = ["FAIL", "OK", "SKIP", "WARN", "Row", "as_dicts", "check", "failed"]
