@@ -41,6 +41,7 @@ from typing import Any
 
 from remote_exec.errors import ConfigError
 from remote_exec.paths import user_config_file
+from remote_exec.templates import check_return_pattern
 
 DEFAULT_ROOT = "/tmp"
 DEFAULT_ENTRYPOINT = "~/misrc_remote_workflow/scripts/execute_remote-side_program_ssh.sh"
@@ -165,6 +166,9 @@ class Config:
         for key in ("identity_file", "known_hosts"):
             if values.get(key):
                 values[key] = os.path.expanduser(values[key])
+        for key in ("never_return", "only_return"):
+            for pattern in values.get(key) or []:
+                check_return_pattern(pattern, f"{self.path}: sites.{name}.{key}")
         return Site(name=name, defined_in=defined_in, **values)
 
     @property

@@ -170,3 +170,11 @@ def test_bad_site_names_are_refused(cli, workdir, site):
     proc = cli("run", "--site", site, "--cmd", "true", cwd=workdir)
     assert proc.returncode == 78, proc.stderr
     assert "invalid site or host name" in proc.stderr
+
+
+def test_a_return_pattern_that_climbs_out_is_refused(cli, workdir, tmp_path):
+    config = tmp_path / "bad-returns.yaml"
+    config.write_text("sites:\n  loop:\n    host: 127.0.0.1\n    never_return: ['../x']\n")
+    proc = cli("run", "--config", str(config), "--site", "loop", "--cmd", "true", cwd=workdir)
+    assert proc.returncode == 78
+    assert "never_return" in proc.stderr and "'..' is not allowed" in proc.stderr

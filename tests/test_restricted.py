@@ -45,9 +45,11 @@ class Locked:
         assert self.box.port is not None
         return self.box.port
 
-    def cli(self, *args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    def cli(self, *args: str, cwd: Path, timeout: float = 120,
+            holder: bool = False) -> subprocess.CompletedProcess:
         env = dict(os.environ, REMOTE_EXEC_CONFIG=str(self.config),
-                   REMOTE_EXEC_STATE_DIR=str(self.state), REMOTE_EXEC_HOLDER="0")
+                   REMOTE_EXEC_STATE_DIR=str(self.state),
+                   REMOTE_EXEC_HOLDER="1" if holder else "0", REMOTE_EXEC_HOLDER_IDLE="20")
         return subprocess.run([sys.executable, "-m", "remote_exec", *args], cwd=cwd, env=env,
                               capture_output=True, text=True, timeout=timeout)
 
@@ -221,6 +223,19 @@ def test_a_run_cleans_up_after_itself(locked: Locked, work: Path):
     proc = run_work(locked, work)
     assert proc.returncode == 0, proc.stderr
     assert {d.name for d in locked.root.iterdir()} == before
+
+
+def test_a_run_through_the_connection_holder(locked: Locked, work: Path):
+    (work / "input.txt").write_text("via the holder\n")
+    try:
+        proc = locked.cli("run", "--site", "locked", "--template", "generic",
+                          "-p", f"program={locked.scripts / 'work.sh'}", "input.txt",
+                          cwd=work, holder=True)
+    finally:
+        locked.cli("holder", "stop", cwd=work, holder=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (work / "out.txt").read_text() == "via the holder\n"
+    assert not (work / "key.secret").exists()
 
 
 def test_the_sites_own_program_runs_without_a_template(locked: Locked, work: Path):
