@@ -481,3 +481,18 @@ def test_status_logs_cancel_and_cleanup(locked: Locked, work: Path):
     assert cleanup.returncode == 0, cleanup.stderr
     assert "removed" in cleanup.stdout
     assert not (locked.root / run_id).exists()
+
+
+def test_site_check_gives_the_fix_for_a_failing_row(locked: Locked, tmp_path: Path):
+    conf = yaml.safe_load(locked.config.read_text())
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    conf["sites"]["locked"]["known_hosts"] = str(empty)
+    config = tmp_path / "unknown-host.yaml"
+    config.write_text(yaml.safe_dump(conf))
+    proc = locked.cli("site", "check", "locked", "--json", "--config", str(config), cwd=tmp_path)
+    assert proc.returncode == 1
+    rows = {r["check"]: r for r in json.loads(proc.stdout)}
+    assert rows["host key"]["status"] == "FAIL"
+    assert "ssh-keyscan" in rows["host key"]["fix"]
+    assert rows["authentication"]["status"] == "skipped"
