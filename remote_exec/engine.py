@@ -385,6 +385,8 @@ class _Driver:
 
     async def _cancelled_remotely(self) -> bool:
         if self.agent is not None:
+            if self.exit_code not in (137, 143):  # what a cancel leaves: spare an exec
+                return False
             status = await self.agent.status(await self.link.conn(), self.run_id)
             return bool(status.get("cancelled"))
         return await read_control(await self.link.sftp(), self.rundir, "cancelled") is not None
