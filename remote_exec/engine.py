@@ -456,7 +456,8 @@ class _Driver:
                                                     partial, self.ui.show_progress, files=files)
             else:
                 report = await transfer.fetch_sftp(sftp, self.rundir, partial,
-                                                   self.ui.progress_fn, resume=True, keep=keep)
+                                                   self.ui.progress_fn, resume=True, keep=keep,
+                                                   entries=entries)
         finally:
             self.ui.progress_stop()
         return method, size, report

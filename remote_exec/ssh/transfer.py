@@ -114,10 +114,13 @@ async def stage_rsync(rsh: str, inputs: Sequence[Input], rundir: str, progress: 
 
 async def fetch_sftp(sftp: asyncssh.SFTPClient, rundir: str, dest: Path,
                      progress: ProgressFn | None, *, resume: bool = False,
-                     keep: Callable[[str], bool] | None = None) -> FetchReport:
+                     keep: Callable[[str], bool] | None = None,
+                     entries: list[tuple[str, asyncssh.SFTPAttrs]] | None = None,
+                     ) -> FetchReport:
     """Copy the whole run directory (but the control directory) into ``dest``; with
     ``keep``, only the files and links whose relative path it accepts (directories
-    left empty by it are not created).
+    left empty by it are not created). ``entries`` is :func:`walk_remote`'s answer if
+    the caller has it already.
 
     Symlinks are copied as symlinks; one that points outside the directory is
     skipped and reported, so a run can never plant a link to a local file. With
@@ -131,36 +134,31 @@ async def fetch_sftp(sftp: asyncssh.SFTPClient, rundir: str, dest: Path,
     jobs: list[tuple[bytes, bytes]] = []
     dirs: list[tuple[bytes, bytes, asyncssh.SFTPAttrs]] = []
     try:
-        stack = [b""]
-        while stack:
-            rel = stack.pop()
-            async for entry in sftp.scandir(posixpath.join(root, rel) if rel else root):
-                name = os.fsencode(entry.filename)
-                if name in (b".", b"..") or (not rel and name == CONTROL_DIR.encode()):
-                    continue
-                child = posixpath.join(rel, name) if rel else name
-                remote, local = posixpath.join(root, child), os.path.join(local_root, child)
-                kind = entry.attrs.type
-                if kind == asyncssh.FILEXFER_TYPE_DIRECTORY:
-                    os.makedirs(local, exist_ok=resume or keep is not None)
-                    dirs.append((remote, local, entry.attrs))
-                    stack.append(child)
-                elif keep is not None and not keep(os.fsdecode(child)):
-                    continue
-                elif kind == asyncssh.FILEXFER_TYPE_SYMLINK:
-                    target = os.fsencode(await sftp.readlink(remote))
-                    if _link_stays_inside(local_root, local, target):
-                        if resume and os.path.lexists(local):
-                            os.unlink(local)
-                        os.symlink(target, local)
-                    else:
-                        report.skipped.append(f"{os.fsdecode(child)} -> {os.fsdecode(target)} "
-                                              "(symlink pointing outside the run directory)")
-                elif kind == asyncssh.FILEXFER_TYPE_REGULAR:
-                    if not (resume and _same_local(local, entry.attrs)):
-                        jobs.append((remote, local))
+        if entries is None:
+            entries = await walk_remote(sftp, rundir)
+        for rel, attrs in entries:  # (a directory comes before what it holds)
+            child = os.fsencode(rel)
+            remote, local = posixpath.join(root, child), os.path.join(local_root, child)
+            kind = attrs.type
+            if kind == asyncssh.FILEXFER_TYPE_DIRECTORY:
+                os.makedirs(local, exist_ok=resume or keep is not None)
+                dirs.append((remote, local, attrs))
+            elif keep is not None and not keep(os.fsdecode(child)):
+                continue
+            elif kind == asyncssh.FILEXFER_TYPE_SYMLINK:
+                target = os.fsencode(await sftp.readlink(remote))
+                if _link_stays_inside(local_root, local, target):
+                    if resume and os.path.lexists(local):
+                        os.unlink(local)
+                    os.symlink(target, local)
                 else:
-                    report.skipped.append(f"{os.fsdecode(child)} (not a regular file)")
+                    report.skipped.append(f"{os.fsdecode(child)} -> {os.fsdecode(target)} "
+                                          "(symlink pointing outside the run directory)")
+            elif kind == asyncssh.FILEXFER_TYPE_REGULAR:
+                if not (resume and _same_local(local, attrs)):
+                    jobs.append((remote, local))
+            else:
+                report.skipped.append(f"{os.fsdecode(child)} (not a regular file)")
         await _gather_limited(
             sftp.get(src, dst, preserve=True, progress_handler=handler) for src, dst in jobs
         )
