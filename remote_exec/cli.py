@@ -91,11 +91,19 @@ def main() -> None:
 @click.option("--no-holder", is_flag=True,
               help="Connect from this process instead of the per-user connection holder "
               "(also: REMOTE_EXEC_HOLDER=0).")
+@click.option("--backend", "-b", type=click.Choice(["direct", "slurm", "pbs", "torque", "pjm"]),
+              help="Run directly on the host, or submit a batch job to the site's scheduler "
+              "(default: the site's `backend`, else direct).")
+@click.option("--resource", "-R", "resources", multiple=True, metavar="KEY=VALUE",
+              help="A batch job's resource, over the site's `resources`: nodes, tasks, "
+              "cpus_per_task, memory (4G), walltime (1:00:00, 30m), queue (partition / "
+              "resource group), project (account / group). Repeat for several.")
 @click.argument("inputs", nargs=-1, metavar="INPUT...")
 def run(site_name: str, command: str | None, template: str | None, params: tuple[str, ...],
         into: Path, keep: bool, follow: bool, transfer: str | None, config_path: str | None,
         as_json: bool, quiet: bool, timeout: str | None, retry: str | None,
-        stall_timeout: str | None, no_holder: bool, inputs: tuple[str, ...]) -> None:
+        stall_timeout: str | None, no_holder: bool, backend: str | None,
+        resources: tuple[str, ...], inputs: tuple[str, ...]) -> None:
     """Stage INPUTs, run the entrypoint remotely, and fetch the run directory back.
 
     \b
@@ -114,6 +122,12 @@ def run(site_name: str, command: str | None, template: str | None, params: tuple
     a second Ctrl-C exits at once. Every run is listed by `remote-exec list`.
 
     \b
+    With a batch backend (--backend slurm|pbs|torque|pjm, or the site's
+    `backend`) the entrypoint runs as a batch job: resources come from the
+    site's `resources` and -R; the job's queue state and reason show in
+    `remote-exec status`; Ctrl-C and `remote-exec cancel` cancel the job.
+
+    \b
     Exit status: 0 success; the entrypoint's own code when it fails;
     66 input error, 69 connection error, 73 staging error, 74 fetch error,
     75 link lost or outcome unknown (resumable), 77 authentication / host key,
@@ -124,6 +138,7 @@ def run(site_name: str, command: str | None, template: str | None, params: tuple
     Examples:
       remote-exec run --site sandbox --cmd 'cat a b > out' a b
       remote-exec run --site lab -t generic -p program=~/bin/solver -p args=in.dat in.dat
+      remote-exec run --site cluster -b slurm -R nodes=2 -R walltime=2h --cmd ./solve in.dat
     """
     from remote_exec.ui import Reporter
 
@@ -131,6 +146,7 @@ def run(site_name: str, command: str | None, template: str | None, params: tuple
     try:
         request = _build_request(site_name, command, template, params, into, keep, follow,
                                  transfer, config_path, inputs)
+        _apply_backend(request, backend, resources)
         _apply_limits(request, timeout, retry, stall_timeout)
         result = _execute(request, ui, use_holder=not no_holder)
     except RemoteExecError as err:
@@ -146,7 +162,9 @@ def _report_result(result: Any, site_name: str, into: Path, as_json: bool) -> No
         from remote_exec.run import read_log_tail
 
         if not as_json:
-            click.echo(f"remote-exec: the entrypoint failed with exit code {result.exit_code}; "
+            why = getattr(result, "failure", "") or \
+                f"the entrypoint failed with exit code {result.exit_code}"
+            click.echo(f"remote-exec: {why}; "
                        f"remote directory kept at {site_name}:{result.rundir}", err=True)
             tail = read_log_tail(into)
             if tail:
@@ -154,6 +172,37 @@ def _report_result(result: Any, site_name: str, into: Path, as_json: bool) -> No
                 click.echo(tail, err=True)
                 click.echo("---------------------------------------------------", err=True)
     sys.exit(result.exit_code)
+
+
+def _apply_backend(request: Any, backend: str | None, resources: tuple[str, ...]) -> None:
+    """Choose the run's backend (--backend over the site's) and its batch resources
+    (-R over the site's `resources`), validated before connecting."""
+    from dataclasses import asdict
+
+    from remote_exec.backends.batch import Resources
+
+    site = request.site
+    name = backend or site.backend
+    if request.backend == "agent":
+        if name != "direct":
+            raise ConfigError(f"site {site.name!r} is restricted: its agent runs approved "
+                              "entrypoints itself; batch backends are not supported there yet")
+        return
+    given: dict[str, str] = {}
+    for pair in resources:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"invalid --resource {pair!r}", hint="give KEY=VALUE, e.g. "
+                              "-R walltime=1:00:00")
+        given[key.strip()] = value.strip()
+    if given and name == "direct":
+        raise ConfigError("--resource is for batch jobs",
+                          hint="choose a scheduler with --backend (or the site's `backend`)")
+    request.backend = name
+    if name != "direct":
+        merged = Resources.parse(site.resources, f"site {site.name!r} resources").merged(
+            Resources.parse(given, "--resource"))
+        request.resources = asdict(merged)
 
 
 def _apply_limits(request: Any, timeout: str | None, retry: str | None,
@@ -345,6 +394,11 @@ def status_cmd(run_id: str, local: bool, as_json: bool) -> None:
     click.echo(f"into      {record.into_dir}")
     click.echo(f"created   {_when(record.created_at)}   launched {_when(record.launched_at)}"
                f"   ended {_when(record.ended_at)}")
+    if record.backend not in ("direct", "agent"):
+        job = manage.job_line(record)
+        click.echo(f"backend   {record.backend}, job {record.job_id or '-'}")
+        if job:
+            click.echo(f"job       {job}")
     if record.error:
         click.echo(f"error     {record.error}")
     if remote is not None:
@@ -493,6 +547,7 @@ def legacy(ctx: click.Context, args: tuple[str, ...]) -> None:
             entrypoint=Entrypoint("command", f"command {parsed.client_cmd!r}", parsed.client_cmd),
             into=Path.cwd(),
         )
+        _apply_backend(request, None, ())  # the site's `backend` and `resources`
         solver_log.write("start")
         result = _execute(request, ui)
     except RemoteExecError as err:

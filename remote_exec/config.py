@@ -22,6 +22,11 @@ A configuration file is YAML::
         agent_dir: ~/.remote-exec-agent   # where `site install` puts the agent (remote)
         never_return: []        # patterns never fetched (secret inputs, scratch)
         only_return: []         # if given, only these patterns are fetched
+        backend: direct         # or slurm, pbs, torque, pjm: submit to the site's scheduler
+        resources:              # a batch job's defaults (each run may override with -R)
+          nodes: 1
+          walltime: "1:00:00"
+          queue: short          # Slurm partition, PBS queue, PJM resource group
     legacy:
       solver_log_base: /home/misystem/assets/workflow
 
@@ -72,6 +77,13 @@ _SITE_PROPERTIES: dict[str, Any] = {
     "agent_dir": {"type": "string", "minLength": 1},
     "never_return": {"type": "array", "items": {"type": "string", "minLength": 1}},
     "only_return": {"type": "array", "items": {"type": "string", "minLength": 1}},
+    "backend": {"enum": ["direct", "slurm", "pbs", "torque", "pjm"]},
+    "resources": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {key: {"type": ["string", "integer"]} for key in (
+            "nodes", "tasks", "cpus_per_task", "memory", "walltime", "queue", "project")},
+    },
 }
 
 SCHEMA: dict[str, Any] = {
@@ -129,6 +141,8 @@ class Site:
     agent_dir: str = DEFAULT_AGENT_DIR
     never_return: list[str] = field(default_factory=list)
     only_return: list[str] = field(default_factory=list)
+    backend: str = "direct"
+    resources: dict[str, Any] = field(default_factory=dict)
     defined_in: str | None = None  # the file that defined it, None for a bare host alias
 
     @property
@@ -169,6 +183,16 @@ class Config:
         for key in ("never_return", "only_return"):
             for pattern in values.get(key) or []:
                 check_return_pattern(pattern, f"{self.path}: sites.{name}.{key}")
+        if values.get("resources"):
+            from remote_exec.backends.batch import Resources
+
+            Resources.parse(values["resources"], f"{self.path}: sites.{name}.resources")
+        if values.get("restricted") and values.get("backend", "direct") != "direct":
+            raise ConfigError(
+                f"{self.path}: site {name!r} is restricted and has backend "
+                f"{values['backend']!r}: a restricted site's agent runs entrypoints "
+                "itself, batch backends are not supported there yet",
+                hint="remove `backend` or `restricted` from the site")
         return Site(name=name, defined_in=defined_in, **values)
 
     @property

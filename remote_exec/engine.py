@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import posixpath
 import time
@@ -30,8 +31,9 @@ import asyncssh
 
 from remote_exec import localfs
 from remote_exec import returns as return_filter
-from remote_exec.backends import BACKENDS, AgentBackend, Launched
+from remote_exec.backends import AgentBackend, BatchBackend, Launched, make_backend
 from remote_exec.backends import agent as agent_mod
+from remote_exec.backends.batch import CANCELLED, COMPLETED, JobInfo
 from remote_exec.backends.direct import follow_log, read_control, read_exit_code
 from remote_exec.errors import (
     EXIT_SIGNAL_BASE,
@@ -39,6 +41,7 @@ from remote_exec.errors import (
     ConfigError,
     LinkLostError,
     RemoteExecError,
+    RemoteLostError,
     RunBusyError,
     RunCancelled,
     StageError,
@@ -54,6 +57,9 @@ T = TypeVar("T")
 
 POLL_FIRST = 0.2
 POLL_MAX = 5.0
+#: how often a batch job's scheduler is asked (its exit code file is read every poll)
+QUERY_FIRST = 1.0
+QUERY_MAX = 30.0
 
 
 class RunControl:
@@ -184,9 +190,14 @@ class _Driver:
         self.rundir = record.rundir or ""
         self.job_id = record.job_id
         self.exit_code = record.exit_code
-        self.backend = BACKENDS[request.backend]()
+        self.backend = make_backend(request.backend, run_id=self.run_id,
+                                    resources=request.resources)
         #: a restricted site: every step goes through its agent (no SFTP, no shell)
         self.agent = self.backend if isinstance(self.backend, AgentBackend) else None
+        #: a batch job: submitted to the site's scheduler, asked about while it waits
+        self.batch = self.backend if isinstance(self.backend, BatchBackend) else None
+        job = record.job_data()
+        self.job_info: JobInfo | None = JobInfo.from_dict(job) if job else None
         if self.agent is not None:
             self.agent.site = self.site.name
         self.launched: Launched | None = None
@@ -227,12 +238,28 @@ class _Driver:
             if deadline is not None:
                 deadline.cancel()
         assert self.exit_code is not None
+        failure = self._failure_text()
         self.journal.update(self.run_id, state="succeeded" if self.exit_code == 0 else "failed",
-                            error=None if self.exit_code == 0
-                            else f"the entrypoint exited with {self.exit_code}")
+                            error=failure or None)
+        self.result.failure = failure
         self.result.exit_code = self.exit_code
         self.result.rundir = self.rundir
         return self.result
+
+    def _failure_text(self) -> str:
+        """Why the run failed, in the words of whoever knows best ("" if it did not)."""
+        code, info = self.exit_code, self.job_info
+        if self.batch is not None and info is not None and info.terminal \
+                and info.state != COMPLETED:
+            title = self.batch.scheduler.title
+            text = f"{title} job {info.job_id} ended {info.native}"
+            if info.reason and info.reason.lower() not in ("none", info.native.lower()):
+                text += f" ({info.reason})"
+            if info.state == "timed_out":
+                limit = f" ({info.time_limit})" if info.time_limit else ""
+                text += f": killed at its walltime limit{limit}"
+            return f"{text}; exit code {code}"
+        return "" if code == 0 else f"the entrypoint exited with {code}"
 
     def _done(self, phase: str) -> bool:
         return PHASES.index(self.phase) >= PHASES.index(phase)
@@ -353,6 +380,12 @@ class _Driver:
         self.job_id = self.launched.job_id
         self._advance("launched", job_id=self.job_id)
         again = " (it had been launched before)" if self.launched.before else ""
+        if self.batch is not None:
+            self.ui.event("launched", f"submitted {self.batch.scheduler.title} job "
+                          f"{self.job_id}{again}: {self.request.entrypoint.label} "
+                          f"({self.batch.resources.describe()})",
+                          run_id=self.run_id, job_id=self.job_id)
+            return
         self.ui.event("launched", f"running {self.request.entrypoint.label}{again}",
                       run_id=self.run_id, job_id=self.job_id)
 
@@ -384,6 +417,9 @@ class _Driver:
                       run_id=self.run_id, exit_code=code)
 
     async def _cancelled_remotely(self) -> bool:
+        if self.batch is not None and self.job_info is not None \
+                and self.job_info.state == CANCELLED:
+            return True  # scancel / qdel / pjdel from elsewhere
         if self.agent is not None:
             if self.exit_code not in (137, 143):  # what a cancel leaves: spare an exec
                 return False
@@ -394,6 +430,8 @@ class _Driver:
     async def _wait_for_exit(self) -> int:
         if self.agent is not None:
             return await self._wait_agent(self.agent)
+        if self.batch is not None:
+            return await self._wait_batch(self.batch)
         launched = self.launched
         if launched is not None and launched.channel is not None:
             channel, launched.channel = launched.channel, None  # after a reconnect: poll
@@ -520,6 +558,80 @@ class _Driver:
                 raise asyncssh.ConnectionLost("the connection closed while waiting")
         return await agent.wait(await self.link.conn(), self.run_id)
 
+    async def _wait_batch(self, batch: BatchBackend) -> int:
+        """Wait for the job: its exit code file every poll, the scheduler less often."""
+        assert self.job_id is not None
+        loop = asyncio.get_running_loop()
+        interval, ask_every, next_ask, unknown = POLL_FIRST, QUERY_FIRST, 0.0, 0
+        while True:
+            code = await batch.poll(await self.link.sftp(), self.rundir, self.job_id)
+            if code is not None:
+                await self._settle_job(batch, code)
+                return code
+            if loop.time() >= next_ask:
+                info = await batch.query(await self.link.conn(), self.job_id)
+                self._note_job(batch, info)
+                unknown = unknown + 1 if info is None else 0
+                if info is not None and info.terminal:
+                    return await self._exit_of_ended_job(batch, info)
+                if unknown >= 3:
+                    code = await batch.poll(await self.link.sftp(), self.rundir, self.job_id)
+                    if code is not None:
+                        return code
+                    raise RemoteLostError(
+                        f"{batch.scheduler.title} no longer knows job {self.job_id} and the "
+                        "job left no exit code (purged from the scheduler's memory, or the "
+                        "wrapper never ran)",
+                        hint=f"look at {self.rundir}/{CONTROL_DIR}/scheduler.out on the host")
+                ask_every = min(ask_every * 1.5, QUERY_MAX)
+                next_ask = loop.time() + ask_every
+            await asyncio.sleep(interval)
+            interval = min(interval * 1.5, POLL_MAX)
+
+    async def _exit_of_ended_job(self, batch: BatchBackend, info: JobInfo) -> int:
+        """The exit code of a job the scheduler says ended: the wrapper's if it wrote one
+        (a shared file system may show it a little late), else the scheduler's."""
+        tries = 4 if info.started is not None else 1
+        for attempt in range(tries):
+            code = await batch.poll(await self.link.sftp(), self.rundir, self.job_id)
+            if code is not None:
+                return code
+            if attempt + 1 < tries:
+                await asyncio.sleep(1.0)
+        if info.exit_code is not None:
+            return info.exit_code
+        return EXIT_SIGNAL_BASE + 15 if info.state == CANCELLED else 1
+
+    async def _settle_job(self, batch: BatchBackend, code: int) -> None:
+        """The wrapper recorded ``code``: learn how the scheduler saw the job end (why it
+        failed: walltime, cancel, memory). Bounded; a success asks once."""
+        assert self.job_id is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (0 if code == 0 else 10.0)
+        while True:
+            info = await batch.query(await self.link.conn(), self.job_id)
+            self._note_job(batch, info)
+            if info is None or info.terminal or loop.time() >= deadline:
+                return
+            await asyncio.sleep(0.5)
+
+    def _note_job(self, batch: BatchBackend, info: JobInfo | None) -> None:
+        """Record what the scheduler said; an event (and a warning when the job is stuck)
+        each time its state, reason or nodes change."""
+        if info is None:
+            return
+        last = self.job_info
+        self.job_info = info
+        self.journal.update(self.run_id, job_info=json.dumps(info.to_dict()))
+        if last is not None and (last.native, last.reason, last.nodes) == \
+                (info.native, info.reason, info.nodes):
+            return
+        text = batch.describe(info)
+        self.ui.event("job", text, job_id=info.job_id, state=info.state, native=info.native,
+                      reason=info.reason)
+        if batch.scheduler.explain(info):
+            self.ui.warn(f"{text}; `remote-exec cancel {self.run_id[:8]}` gives up")
+
     async def _method(self, size: int) -> str:
         return await transfer.choose_method(
             await self.link.conn(), self.site.transfer, size, self.site.rsync_threshold,
@@ -544,9 +656,12 @@ class _Driver:
         if self.phase in ("staged", "launched"):  # (staged: a launch may be in flight)
             try:
                 conn = await asyncio.wait_for(self.link.conn(), self.site.connect_timeout)
-                what = await asyncio.wait_for(  # (the agent backend takes the run id from it)
-                    self.backend.cancel(conn, self.rundir, self.site.cancel_grace),
-                    self.site.cancel_grace + 30)
+                if self.batch is not None:
+                    stopping = self.batch.cancel(conn, self.rundir, self.site.cancel_grace,
+                                                 job_id=self.job_id)
+                else:  # (the agent backend takes the run id from the run directory)
+                    stopping = self.backend.cancel(conn, self.rundir, self.site.cancel_grace)
+                what = await asyncio.wait_for(stopping, self.site.cancel_grace + 30)
             except (asyncio.TimeoutError, OSError, asyncssh.Error, RemoteExecError) as exc:
                 what = f"could not reach the host to stop it ({exc})"
                 self.ui.warn(f"the remote process of run {self.run_id} may still be running: "

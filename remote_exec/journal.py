@@ -37,6 +37,9 @@ PHASES = ("planned", "created", "staged", "launched", "finished", "fetched", "cl
 ACTIVE_STATES = ("running", "interrupted")
 END_STATES = ("succeeded", "failed", "cancelled", "timed_out")
 
+#: columns added after the first release (name, type), for older journals
+_ADDED_COLUMNS = (("job_info", "TEXT"),)
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     id          TEXT PRIMARY KEY,
@@ -56,7 +59,8 @@ CREATE TABLE IF NOT EXISTS runs (
     created_at  REAL NOT NULL,
     updated_at  REAL NOT NULL,
     launched_at REAL,
-    ended_at    REAL
+    ended_at    REAL,
+    job_info    TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_created ON runs (created_at);
 CREATE TABLE IF NOT EXISTS events (
@@ -91,6 +95,7 @@ class RunRecord:
     updated_at: float
     launched_at: float | None
     ended_at: float | None
+    job_info: str | None = None  # a batch job: the scheduler's last word (JSON)
 
     def reached(self, phase: str) -> bool:
         """Whether ``phase`` is done."""
@@ -102,6 +107,10 @@ class RunRecord:
 
     def request_data(self) -> dict[str, Any]:
         return dict(json.loads(self.request))
+
+    def job_data(self) -> dict[str, Any] | None:
+        """A batch job's last known state (see ``backends.batch.JobInfo``), if any."""
+        return dict(json.loads(self.job_info)) if self.job_info else None
 
 
 def journal_path() -> Path:
@@ -125,6 +134,15 @@ class Journal:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Add the columns a journal written by an older version lacks."""
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(runs)")}
+        for column, kind in _ADDED_COLUMNS:
+            if column not in have:
+                with contextlib.suppress(sqlite3.OperationalError):  # a racing process did
+                    self.db.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         self.db.close()

@@ -22,7 +22,7 @@ from typing import Any
 
 import asyncssh
 
-from remote_exec.backends import BACKENDS, AgentBackend
+from remote_exec.backends import AgentBackend, BatchBackend, make_backend
 from remote_exec.backends.direct import read_control, read_exit_code
 from remote_exec.config import Site
 from remote_exec.errors import ConfigError, RemoteExecError, RunBusyError
@@ -54,10 +54,13 @@ class RemoteState:
     exit_code: int | None = None
     alive: bool | None = None
     error: str = ""
+    job: str = ""  # a batch job: what its scheduler says now
 
     def describe(self) -> str:
         if not self.reachable:
             return f"unreachable ({self.error})"
+        if self.job and self.exit_code is None:
+            return self.job
         if not self.exists:
             return "run directory absent"
         if self.exit_code is not None:
@@ -88,10 +91,32 @@ async def probe(record: RunRecord) -> RemoteState:
             return RemoteState(reachable=True)
         state = RemoteState(reachable=True, exists=True,
                             exit_code=await read_exit_code(sftp, record.rundir))
+        backend = make_backend(record.backend, run_id=record.id)
+        if isinstance(backend, BatchBackend):
+            if record.job_id:
+                state.job = backend.describe(await backend.query(conn, record.job_id))
+            else:
+                state.job = f"no {backend.scheduler.title} job submitted yet"
+            return state
         pgid = await read_control(sftp, record.rundir, "pgid")
         if state.exit_code is None and pgid and await sftp.exists("/proc/self"):
             state.alive = await sftp.exists(f"/proc/{pgid}")
         return state
+
+
+def job_line(record: RunRecord) -> str | None:
+    """A batch run's job as last recorded: id, scheduler state and reason, nodes,
+    queue wait and run time (None for other runs)."""
+    data = record.job_data()
+    if not data:
+        return None
+    from remote_exec.backends.batch import JobInfo
+    from remote_exec.backends.scheduled import describe_job, scheduler_named
+
+    try:
+        return describe_job(scheduler_named(record.backend), JobInfo.from_dict(data))
+    except (KeyError, ValueError, TypeError):
+        return None
 
 
 # -- logs ---------------------------------------------------------------------------------------
@@ -211,7 +236,7 @@ async def _cancel_remote(record: RunRecord) -> str:
     site = record_site(record)
     conn = await open_throttled(site)
     async with conn:
-        backend = BACKENDS[record.backend]()
+        backend = make_backend(record.backend, run_id=record.id)
         if isinstance(backend, AgentBackend):
             backend.site = site.name
             if not (await backend.status(conn, record.id)).get("exists"):
@@ -221,6 +246,9 @@ async def _cancel_remote(record: RunRecord) -> str:
             if not await sftp.exists(posixpath.join(record.rundir or "", CONTROL_DIR,
                                                     "cancel.sh")):
                 return "the run directory holds no entrypoint (nothing to stop)"
+        if isinstance(backend, BatchBackend):
+            return await backend.cancel(conn, record.rundir or "", site.cancel_grace,
+                                        job_id=record.job_id)
         return await backend.cancel(conn, record.rundir or "", site.cancel_grace)
 
 
@@ -348,5 +376,6 @@ def describe_age(seconds: float) -> str:
 def summary(record: RunRecord) -> dict[str, Any]:
     """The record as plain data (for ``--json``)."""
     data = {k: v for k, v in record.__dict__.items() if k != "request"}
+    data["job_info"] = record.job_data()
     data["driven"] = driven(record)
     return data

@@ -45,6 +45,7 @@ class RunRequest:
     backend: str = "direct"
     timeout: float | None = None  # seconds for the whole run, from created_at
     returns: list[str] = field(default_factory=lambda: ["**"])  # the template's patterns
+    resources: dict[str, Any] = field(default_factory=dict)  # a batch job's (Resources)
     run_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     created_at: float = field(default_factory=time.time)
 
@@ -61,6 +62,7 @@ class RunResult:
     stage_method: str = ""
     fetch_method: str = ""
     skipped: list[str] = field(default_factory=list)
+    failure: str = ""  # why it failed, when more is known than the exit code
 
     @property
     def ok(self) -> bool:
@@ -84,7 +86,7 @@ def request_from_wire(data: dict[str, Any]) -> RunRequest:
         entrypoint=Entrypoint(**data["entrypoint"]),
         into=Path(data["into"]), keep=data["keep"], follow=data["follow"],
         backend=data["backend"], timeout=data.get("timeout"), run_id=data["run_id"],
-        returns=data.get("returns") or ["**"],
+        returns=data.get("returns") or ["**"], resources=data.get("resources") or {},
         created_at=data.get("created_at") or time.time(),
     )
 
