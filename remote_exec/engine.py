@@ -627,10 +627,11 @@ class _Driver:
                 (info.native, info.reason, info.nodes):
             return
         text = batch.describe(info)
-        self.ui.event("job", text, job_id=info.job_id, state=info.state, native=info.native,
-                      reason=info.reason)
-        if batch.scheduler.explain(info):
+        if batch.scheduler.explain(info):  # stuck: say so loudly, once per reason
             self.ui.warn(f"{text}; `remote-exec cancel {self.run_id[:8]}` gives up")
+        else:
+            self.ui.event("job", text, job_id=info.job_id, state=info.state,
+                          native=info.native, reason=info.reason)
 
     async def _method(self, size: int) -> str:
         return await transfer.choose_method(

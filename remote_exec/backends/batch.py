@@ -167,7 +167,11 @@ class Resources:
         return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
 
     def describe(self) -> str:
-        parts = [f"{k}={v}" for k, v in asdict(self).items() if v is not None]
+        """``nodes=2, walltime=1:00:00, memory=4096M`` as a user writes them."""
+        shown = {**asdict(self), "memory_mb": None, "walltime_s": None,
+                 "walltime": self.walltime_hms,
+                 "memory": f"{self.memory_mb}M" if self.memory_mb else None}
+        parts = [f"{k}={v}" for k, v in shown.items() if v is not None]
         return ", ".join(parts) or "the scheduler's defaults"
 
 
@@ -257,6 +261,11 @@ class Scheduler(ABC):
     @abstractmethod
     def cancel_argv(self, job_id: str) -> list[str]:
         """The command cancelling ``job_id``."""
+
+    def probe_argv(self) -> list[str] | None:
+        """A quick command showing the scheduler is usable (queues and their state),
+        for ``remote-exec site check``; None if there is none."""
+        return None
 
     def map_state(self, native: str) -> str:
         """The common state of native state ``native`` (``failed`` if unknown)."""

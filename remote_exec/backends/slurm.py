@@ -95,6 +95,9 @@ class SlurmScheduler(Scheduler):
     def cancel_argv(self, job_id: str) -> list[str]:
         return ["scancel", job_id]
 
+    def probe_argv(self) -> list[str]:
+        return ["sinfo", "-h", "-o", "%P %a %D %T"]  # partition, avail, nodes, state
+
     def explain(self, info: JobInfo) -> str | None:
         if info.state != QUEUED:
             return None

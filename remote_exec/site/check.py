@@ -173,6 +173,8 @@ async def _open_rows(site: Site, conn: asyncssh.SSHClientConnection) -> list[Row
             rows.append(_space_row(vfs.bavail * vfs.frsize))
         except asyncssh.SFTPError:
             rows.append(_space_row(None))
+        if site.backend != "direct":
+            rows.append(await _scheduler_row(site, conn))
         program = site.entrypoint
         found = await conn.run(f"test -x {RemotePath(program).shell()}", check=False)
         rows.append(Row("site entrypoint", OK if found.exit_status == 0 else WARN,
@@ -180,6 +182,35 @@ async def _open_rows(site: Site, conn: asyncssh.SSHClientConnection) -> list[Row
                         "" if found.exit_status == 0 else "install it, or use --template / "
                         "--cmd"))
     return rows
+
+
+async def _scheduler_row(site: Site, conn: asyncssh.SSHClientConnection) -> Row:
+    """Whether the site's scheduler takes jobs from this login: its submit command is on
+    the PATH, and what its queues say."""
+    import shlex
+
+    from remote_exec.backends.scheduled import scheduler_named
+
+    scheduler = scheduler_named(site.backend)
+    tool = scheduler.submit_argv("job.sh")[0]
+    found = await conn.run(shlex.join(["sh", "-c", 'command -v "$1"', "sh", tool]),
+                           check=False)
+    if found.exit_status != 0:
+        return Row("scheduler", FAIL, f"{tool} not found ({scheduler.title})",
+                   f"install {scheduler.title}'s client on the host and put it on the PATH of "
+                   "a non-interactive login, or change the site's `backend`")
+    detail = f"{scheduler.title}: {str(found.stdout or '').strip()}"
+    argv = scheduler.probe_argv()
+    if argv:
+        probe = await conn.run(shlex.join(argv), check=False)
+        lines = str(probe.stdout or probe.stderr or "").strip().splitlines()
+        if probe.exit_status != 0:
+            return Row("scheduler", FAIL, f"{detail}; {' '.join(argv)}: "
+                       f"{' '.join(lines[-2:]) or f'exit {probe.exit_status}'}",
+                       f"is {scheduler.title} running and reachable from the host?")
+        if lines:
+            detail += "; " + "; ".join(lines[:4]) + (" …" if len(lines) > 4 else "")
+    return Row("scheduler", OK, detail)
 
 
 def failed(rows: list[Row]) -> bool:
