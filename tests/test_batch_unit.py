@@ -223,18 +223,42 @@ def test_jobinfo_roundtrip() -> None:
         JobInfo(job_id="1", native="X", state="weird")
 
 
-def test_slurm_real_samples() -> None:
-    """Outputs captured from the real Slurm of the test fixture (tests/data/slurm)."""
-    if not DATA.is_dir():
-        pytest.skip("no captured Slurm samples")
+REAL = {  # captured file -> (query index, common state or None, exit code, needs action)
+    "squeue_pending_drained": (0, QUEUED, None, True),
+    "squeue_running": (0, RUNNING, None, False),
+    "squeue_finished": (0, None, None, False),  # ended: prints nothing, exit 0
+    "squeue_unknown": (0, None, None, False),
+    "sacct_disabled": (1, None, None, False),
+    "scontrol_completed": (2, COMPLETED, 0, False),
+    "scontrol_failed_exit3": (2, "failed", 3, False),
+    "scontrol_failed_sigkill": (2, "failed", 137, False),
+    "scontrol_cancelled_pending": (2, CANCELLED, 0, False),
+    "scontrol_cancelled_running": (2, CANCELLED, 143, False),
+    "scontrol_cancelled_trap_exit7": (2, CANCELLED, 7, False),
+    "scontrol_timeout": (2, TIMED_OUT, 143, False),
+    "scontrol_timeout_trap_exit7": (2, TIMED_OUT, 7, False),
+    "scontrol_pending_drained": (2, QUEUED, None, True),
+    "scontrol_running": (2, RUNNING, None, False),
+    "scontrol_unknown": (2, None, None, False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_slurm_real_samples(name: str) -> None:
+    """Outputs captured from a real Slurm 22.05 (tests/data/slurm, see its README)."""
+    from slurm_cluster import read_capture
+
+    if not (DATA / f"{name}.txt").exists():
+        pytest.skip(f"sample {name} not captured")
+    capture = read_capture(name)
+    index, state, code, stuck = REAL[name]
+    words = capture.command.split()
+    job_id = words[words.index("-j") + 1] if "-j" in words else words[-1]
     s = SlurmScheduler()
-    seen = 0
-    for path in sorted(DATA.glob("scontrol*")):
-        text = path.read_text()
-        for line in text.splitlines():
-            if line.startswith("JobId="):
-                job_id = line.split()[0].split("=")[1]
-                info = s.parse_query(2, line, job_id)
-                assert info is not None, path.name
-                seen += 1
-    assert seen
+    info = s.parse_query(index, capture.stdout, job_id) if capture.returncode == 0 else None
+    if state is None:
+        assert info is None
+        return
+    assert info is not None and info.state == state, info
+    assert info.exit_code == code
+    assert bool(s.explain(info)) == stuck

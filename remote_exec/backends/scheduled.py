@@ -270,20 +270,12 @@ def scheduler_named(name: str) -> Scheduler:
 
 
 def _load() -> dict[str, type[Scheduler]]:
+    from remote_exec.backends.pbs import PbsScheduler, TorqueScheduler
+    from remote_exec.backends.pjm import PjmScheduler
     from remote_exec.backends.slurm import SlurmScheduler
 
-    found: dict[str, type[Scheduler]] = {"slurm": SlurmScheduler}
-    try:
-        from remote_exec.backends.pbs import PbsScheduler, TorqueScheduler
-        found.update(pbs=PbsScheduler, torque=TorqueScheduler)
-    except ImportError:  # pragma: no cover - while those modules are being written
-        pass
-    try:
-        from remote_exec.backends.pjm import PjmScheduler
-        found["pjm"] = PjmScheduler
-    except ImportError:  # pragma: no cover
-        pass
-    return found
+    return {"slurm": SlurmScheduler, "pbs": PbsScheduler, "torque": TorqueScheduler,
+            "pjm": PjmScheduler}
 
 
 SCHEDULERS = _load()

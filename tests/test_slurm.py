@@ -1,0 +1,226 @@
+"""The ``slurm`` backend against a real Slurm: ``slurmctld``, ``slurmd`` and ``munge``
+from Debian's packages on loopback (tests/slurm_cluster.py), reached over a real
+loopback sshd whose sessions see the cluster's ``SLURM_CONF``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from batch_site import BatchSite
+from slurm_cluster import SlurmCluster
+
+pytestmark = pytest.mark.timeout(400)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    why = SlurmCluster.available()
+    if why and os.environ.get("CI"):
+        pytest.fail(f"CI must run the real Slurm tests: {why} (see .ci/run)")
+    if why:
+        pytest.skip(why)
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    cluster.up()
+    yield cluster
+    cluster.down()
+
+
+@pytest.fixture(scope="module")
+def site(cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory):
+    site = BatchSite.start(tmp_path_factory.mktemp("slurm-site"), "hpc", "slurm",
+                           {"SLURM_CONF": str(cluster.conf)},
+                           resources={"walltime": "10m"})
+    yield site
+    site.stop()
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    (tmp_path / "in.txt").write_text("hello slurm\n")
+    return tmp_path
+
+
+def scontrol(cluster: SlurmCluster, job_id: str) -> dict[str, str]:
+    out = cluster.run("scontrol", "show", "job", "-o", job_id).stdout
+    return dict(p.partition("=")[::2] for p in out.split() if "=" in p)
+
+
+def newest(site: BatchSite) -> dict:
+    return site.runs()[0]
+
+
+def test_success_runs_as_a_slurm_job(site: BatchSite, cluster: SlurmCluster, work: Path) -> None:
+    proc = site.cli("run", "--site", "hpc", "-R", "cpus_per_task=1", "--cmd",
+                    'cat in.txt > out.txt; echo "job=$SLURM_JOB_ID" >> out.txt', "in.txt",
+                    "--into", "back", cwd=work, holder=True)  # through the holder
+    assert proc.returncode == 0, proc.stderr
+    out = (work / "back" / "out.txt").read_text()
+    assert out.startswith("hello slurm\njob=")
+    job_id = out.split("job=")[1].strip()
+    assert f"submitted Slurm job {job_id}" in proc.stderr
+    run = newest(site)
+    assert run["backend"] == "slurm" and run["job_id"] == job_id
+    job = run["job_info"]
+    assert job["native"] == "COMPLETED" and job["state"] == "completed"
+    assert job["queue_wait"] is not None and job["run_time"] is not None
+    assert scontrol(cluster, job_id)["JobState"] == "COMPLETED"
+    assert scontrol(cluster, job_id)["JobName"] == "re-" + run["id"].replace("-", "")[:8]
+    text = site.cli("status", run["id"], cwd=work).stdout
+    assert f"job       Slurm job {job_id}: COMPLETED" in text and "queued" in text
+
+
+def test_failing_job_exit_code_is_the_runs(site: BatchSite, cluster: SlurmCluster,
+                                           work: Path) -> None:
+    proc = site.cli("run", "--site", "hpc", "--cmd", "echo broken; exit 3", cwd=work)
+    assert proc.returncode == 3, proc.stderr
+    assert "broken" in proc.stderr  # the remote log's tail
+    run = newest(site)
+    assert run["state"] == "failed" and run["exit_code"] == 3
+    assert run["job_info"]["native"] == "FAILED"
+    assert scontrol(cluster, run["job_id"])["ExitCode"] == "3:0"
+    assert "Slurm job" in run["error"] and "FAILED" in run["error"]
+
+
+def test_refused_submission_is_clear(site: BatchSite, work: Path) -> None:
+    proc = site.cli("run", "--site", "hpc", "-R", "queue=nosuch", "--cmd", "true", cwd=work)
+    assert proc.returncode == 73, proc.stderr
+    assert "Slurm refused the job" in proc.stderr and "partition" in proc.stderr.lower()
+    assert (work / "in.txt").read_text() == "hello slurm\n"
+
+
+def test_bad_resource_refused_before_connecting(site: BatchSite, work: Path) -> None:
+    proc = site.cli("run", "--site", "hpc", "-R", "walltime=soon", "--cmd", "true", cwd=work)
+    assert proc.returncode == 78 and "walltime" in proc.stderr
+
+
+def _blocker(cluster: SlurmCluster) -> str:
+    """A job holding every CPU of the node, so that the next one pends (Resources)."""
+    out = cluster.run("sbatch", "--parsable", "--exclusive", "-o", "/dev/null",
+                      "--wrap", "sleep 120").stdout
+    job_id = out.strip().split(";")[0]
+    deadline = time.monotonic() + 30
+    while scontrol(cluster, job_id).get("JobState") != "RUNNING":
+        assert time.monotonic() < deadline, "the blocker job did not start"
+        time.sleep(0.3)
+    return job_id
+
+
+def test_cancel_while_pending(site: BatchSite, cluster: SlurmCluster, work: Path) -> None:
+    blocker = _blocker(cluster)
+    try:
+        proc = site.spawn_run("--site", "hpc", "--cmd", "touch ran", "--into", "back",
+                          cwd=work)
+        status = site.wait_job(("queued",))
+        assert status["job_info"]["native"] == "PENDING"
+        assert status["job_info"]["reason"]  # e.g. Resources / Priority
+        text = site.cli("status", status["id"], cwd=work).stdout
+        assert "PENDING" in text
+        cancel = site.cli("cancel", status["id"], cwd=work)
+        assert cancel.returncode == 0, cancel.stderr
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 143, err
+        job_id = status["job_id"]
+        assert scontrol(cluster, job_id)["JobState"] == "CANCELLED"
+        assert newest(site)["state"] == "cancelled"
+        assert not (Path(status["rundir"]) / "ran").exists()
+    finally:
+        cluster.run("scancel", blocker, check=False)
+
+
+def test_ctrl_c_while_running_cancels_the_job(site: BatchSite, cluster: SlurmCluster,
+                                              work: Path) -> None:
+    proc = site.spawn_run("--site", "hpc", "--cmd", "echo started; sleep 120", cwd=work)
+    status = site.wait_job(("running",))
+    job_id = status["job_id"]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    deadline = time.monotonic() + 30
+    while scontrol(cluster, job_id)["JobState"] not in ("CANCELLED", "COMPLETED", "FAILED"):
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    assert scontrol(cluster, job_id)["JobState"] == "CANCELLED"
+    run = newest(site)
+    assert run["state"] == "cancelled" and "scancel" in run["error"]
+
+
+def test_remote_exec_cancel_while_running(site: BatchSite, cluster: SlurmCluster,
+                                          work: Path) -> None:
+    proc = site.spawn_run("--site", "hpc", "--cmd", "sleep 120", cwd=work)
+    status = site.wait_job(("running",))
+    proc.kill()  # nobody drives it now: cancel goes to Slurm from the cancel command
+    proc.wait()
+    cancel = site.cli("cancel", status["id"], cwd=work)
+    assert cancel.returncode == 0 and "scancel" in cancel.stdout, cancel.stdout + cancel.stderr
+    deadline = time.monotonic() + 30
+    while scontrol(cluster, status["job_id"])["JobState"] != "CANCELLED":
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+
+
+def test_driver_killed_while_running_loses_nothing(site: BatchSite, cluster: SlurmCluster,
+                                                   work: Path) -> None:
+    proc = site.spawn_run("--site", "hpc", "--cmd", "sleep 3; echo done > result.txt; "
+                      "exit 5", "in.txt", "--into", "back", cwd=work)
+    status = site.wait_job(("running",))
+    proc.kill()
+    proc.wait()
+    resumed = site.cli("resume", status["id"], cwd=work)
+    assert resumed.returncode == 5, resumed.stderr
+    assert (work / "back" / "result.txt").read_text() == "done\n"
+    run = newest(site)
+    assert run["exit_code"] == 5 and run["job_info"]["native"] == "FAILED"
+    assert "launched" in json.dumps(run) and run["job_id"] == status["job_id"]
+    # the job was submitted once
+    jobs = cluster.run("squeue", "-h", "-n", "re-" + run["id"].replace("-", "")[:8],
+                       "-t", "all", "-o", "%i").stdout.split()
+    assert jobs in ([], [run["job_id"]])
+
+
+def test_drained_node_gives_a_clear_message(site: BatchSite, cluster: SlurmCluster,
+                                            work: Path) -> None:
+    cluster.drain("maintenance by the test")
+    try:
+        proc = site.cli("run", "--site", "hpc", "--timeout", "8s", "--cmd", "touch ran",
+                        cwd=work, timeout=90)
+        assert proc.returncode == 124, proc.stderr
+        assert "drained" in proc.stderr and "sinfo -R" in proc.stderr
+        run = newest(site)
+        assert run["state"] == "timed_out"
+        assert scontrol(cluster, run["job_id"])["JobState"] == "CANCELLED"
+    finally:
+        cluster.resume()
+        cluster.wait_idle(30)
+
+
+def test_walltime_kill_is_reported(site: BatchSite, cluster: SlurmCluster, work: Path) -> None:
+    proc = site.spawn_run("--site", "hpc", "-R", "walltime=1", "--cmd",
+                          "echo working; sleep 600", cwd=work)
+    status = site.wait_job(("running",))
+    assert scontrol(cluster, status["job_id"])["TimeLimit"] == "00:01:00"
+    # Slurm's smallest limit is a minute, checked every 30 s: lowering it to 0 now makes
+    # the same walltime kill come at the next check instead of 60-90 s later
+    cluster.run("scontrol", "update", f"JobId={status['job_id']}", "TimeLimit=0")
+    try:
+        _, err = proc.communicate(timeout=200)
+    finally:
+        proc.kill()
+    assert proc.returncode not in (0, None), err
+    assert "TIMEOUT" in err and "walltime" in err
+    run = newest(site)
+    assert run["job_info"]["state"] == "timed_out" and run["state"] == "failed"
+    assert scontrol(cluster, run["job_id"])["JobState"] == "TIMEOUT"
+
+
+def test_site_check_shows_the_scheduler(site: BatchSite, cluster: SlurmCluster,
+                                        work: Path) -> None:
+    proc = site.cli("site", "check", "hpc", "--json", cwd=work)
+    rows = {r["check"]: r for r in json.loads(proc.stdout)}
+    row = rows["scheduler"]
+    assert row["status"] == "ok", row
+    assert "sbatch" in row["detail"] and cluster.partition in row["detail"]
