@@ -5,7 +5,6 @@ their documented output formats (samples and sources in tests/data/)."""
 from __future__ import annotations
 
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
