@@ -56,7 +56,12 @@ def main() -> None:
     Stage the declared inputs into a fresh <root>/<uuid> directory on the remote
     host, run the site's entrypoint (or an allowlisted template) there, bring the
     whole directory back, and clean up. Start with `remote-exec demo`.
+
+    REMOTE_EXEC_DEBUG=1 prints debug logs on stderr (secrets are masked).
     """
+    from remote_exec.redact import setup_debug_logging
+
+    setup_debug_logging()
 
 
 @main.command(context_settings=CONTEXT)
@@ -91,9 +96,11 @@ def main() -> None:
 @click.option("--no-holder", is_flag=True,
               help="Connect from this process instead of the per-user connection holder "
               "(also: REMOTE_EXEC_HOLDER=0).")
-@click.option("--backend", "-b", type=click.Choice(["direct", "slurm", "pbs", "torque", "pjm"]),
-              help="Run directly on the host, or submit a batch job to the site's scheduler "
-              "(default: the site's `backend`, else direct).")
+@click.option("--backend", "-b",
+              type=click.Choice(["direct", "slurm", "pbs", "torque", "pjm", "fujitsu"]),
+              help="Run directly on the host, submit a batch job to the site's scheduler, "
+              "or forward it to the Fujitsu HPC WebAPI (fujitsu: needs the site's `fujitsu:` "
+              "section) (default: the site's `backend`, else direct).")
 @click.option("--resource", "-R", "resources", multiple=True, metavar="KEY=VALUE",
               help="A batch job's resource, over the site's `resources`: nodes, tasks, "
               "cpus_per_task, memory (4G), walltime (1:00:00, 30m), queue (partition / "
@@ -567,6 +574,97 @@ def legacy(ctx: click.Context, args: tuple[str, ...]) -> None:
     solver_log.write("abnormal end")
     lg.print_remote_log(read_log_tail(Path.cwd(), lines=10**6))
     sys.exit(1)
+
+
+@main.group(context_settings=CONTEXT)
+def fujitsu() -> None:
+    """Talk to a `fujitsu` site's HPC WebAPI by hand (for debugging).
+
+    \b
+    Credentials: REMOTE_EXEC_FUJITSU_TOKEN (auth: bearer), or
+    REMOTE_EXEC_FUJITSU_ACCESS_KEY and REMOTE_EXEC_FUJITSU_SECRET_KEY (auth: hmac),
+    or the site's credentials_file (mode 0600). --site may be left out when the
+    configuration has exactly one fujitsu site.
+    """
+
+
+_site_option = click.option("--site", "-s", "site_name", metavar="SITE",
+                            help="The fujitsu site (default: the only one configured).")
+_config_option = click.option("--config", "config_path", metavar="FILE",
+                              help="Configuration file.")
+
+
+def _fujitsu_api(site_name: str | None, config_path: str | None) -> Any:
+    from remote_exec.backends.fujitsu.client import FujitsuBackend
+    from remote_exec.config import load_config
+
+    config = load_config(config_path)
+    if site_name is None:
+        names = [n for n, v in config.sites.items() if v.get("backend") == "fujitsu"]
+        if len(names) != 1:
+            raise ConfigError("give --site: the configuration has "
+                              f"{len(names) or 'no'} fujitsu sites" +
+                              (f" ({', '.join(names)})" if names else ""))
+        site_name = names[0]
+    return FujitsuBackend(config.site(site_name)).api
+
+
+def _fujitsu_call(fn: Any) -> None:
+    import json
+
+    try:
+        click.echo(json.dumps(fn(), indent=2, ensure_ascii=False))
+    except RemoteExecError as err:
+        _fail(err)
+
+
+@fujitsu.command("jobs", context_settings=CONTEXT)
+@_site_option
+@_config_option
+def fujitsu_jobs(site_name: str | None, config_path: str | None) -> None:
+    """Get Job List: the queued and running jobs."""
+    _fujitsu_call(lambda: _fujitsu_api(site_name, config_path).jobs())
+
+
+@fujitsu.command("job", context_settings=CONTEXT)
+@click.argument("job_id")
+@_site_option
+@_config_option
+def fujitsu_job(job_id: str, site_name: str | None, config_path: str | None) -> None:
+    """Get Job Detail of JOB_ID (exit 1 once it is no longer queued or running)."""
+    detail = None
+
+    def get() -> Any:
+        nonlocal detail
+        detail = _fujitsu_api(site_name, config_path).job(job_id)
+        return detail if detail is not None else {"job_id": job_id,
+                                                   "status": "not queued or running (404)"}
+    _fujitsu_call(get)
+    if detail is None:
+        sys.exit(1)
+
+
+@fujitsu.command("cancel", context_settings=CONTEXT)
+@click.argument("job_id")
+@_site_option
+@_config_option
+def fujitsu_cancel(job_id: str, site_name: str | None, config_path: str | None) -> None:
+    """Cancel a Job: JOB_ID (exit 1 if it had already ended: 404)."""
+    try:
+        done = _fujitsu_api(site_name, config_path).cancel(job_id)
+    except RemoteExecError as err:
+        _fail(err)
+    click.echo(f"job {job_id} cancelled" if done else f"job {job_id} had already ended")
+    sys.exit(0 if done else 1)
+
+
+@fujitsu.command("sync-status", context_settings=CONTEXT)
+@click.argument("requestid")
+@_site_option
+@_config_option
+def fujitsu_sync_status(requestid: str, site_name: str | None, config_path: str | None) -> None:
+    """Get Synchronization Status of REQUESTID."""
+    _fujitsu_call(lambda: _fujitsu_api(site_name, config_path).sync_status(requestid))
 
 
 @main.group(context_settings=CONTEXT)

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from remote_exec.backends.fujitsu.settings import SCHEMA as FUJITSU_SCHEMA
 from remote_exec.errors import ConfigError
 from remote_exec.paths import user_config_file
 from remote_exec.templates import check_return_pattern
@@ -77,7 +78,8 @@ _SITE_PROPERTIES: dict[str, Any] = {
     "agent_dir": {"type": "string", "minLength": 1},
     "never_return": {"type": "array", "items": {"type": "string", "minLength": 1}},
     "only_return": {"type": "array", "items": {"type": "string", "minLength": 1}},
-    "backend": {"enum": ["direct", "slurm", "pbs", "torque", "pjm"]},
+    "backend": {"enum": ["direct", "slurm", "pbs", "torque", "pjm", "fujitsu"]},
+    "fujitsu": FUJITSU_SCHEMA,
     "resources": {
         "type": "object",
         "additionalProperties": False,
@@ -143,6 +145,7 @@ class Site:
     only_return: list[str] = field(default_factory=list)
     backend: str = "direct"
     resources: dict[str, Any] = field(default_factory=dict)
+    fujitsu: dict[str, Any] = field(default_factory=dict)  # backend: fujitsu (WebAPI, bucket)
     defined_in: str | None = None  # the file that defined it, None for a bare host alias
 
     @property
@@ -187,6 +190,10 @@ class Config:
             from remote_exec.backends.batch import Resources
 
             Resources.parse(values["resources"], f"{self.path}: sites.{name}.resources")
+        if values.get("backend") == "fujitsu" or values.get("fujitsu"):
+            from remote_exec.backends.fujitsu.settings import FujitsuSettings
+
+            FujitsuSettings.from_site(values.get("fujitsu"), f"{self.path}: sites.{name}")
         if values.get("restricted") and values.get("backend", "direct") != "direct":
             raise ConfigError(
                 f"{self.path}: site {name!r} is restricted and has backend "

@@ -31,10 +31,12 @@ import asyncssh
 
 from remote_exec import localfs
 from remote_exec import returns as return_filter
-from remote_exec.backends import AgentBackend, BatchBackend, Launched, make_backend
 from remote_exec.backends import agent as agent_mod
+from remote_exec.backends import make_backend
+from remote_exec.backends.agent import AgentBackend
 from remote_exec.backends.batch import CANCELLED, COMPLETED, JobInfo
-from remote_exec.backends.direct import follow_log, read_control, read_exit_code
+from remote_exec.backends.direct import Launched, follow_log, read_control, read_exit_code
+from remote_exec.backends.scheduled import BatchBackend
 from remote_exec.errors import (
     EXIT_SIGNAL_BASE,
     EXIT_TIMEOUT,
@@ -147,6 +149,12 @@ async def execute_async(request: RunRequest, ui: Reporter, *, resume: bool = Fal
             _check_resumable(record)
             journal.update(request.run_id, state="running", error=None,
                            driver_pid=driver_pid or os.getpid())
+        reporter = _JournalReporter(ui, journal, request.run_id)
+        if request.backend == "fujitsu":  # no SSH at all: the WebAPI and its bucket
+            from remote_exec.backends.fujitsu.driver import FujitsuDriver
+
+            return await FujitsuDriver(request, reporter, journal, None, record, control,
+                                       resumed=resume).drive()
         link = Link(request.site, ui, run_id=request.run_id, acquire=acquire,
                     **({"release": release} if release else {}))
         driver = _Driver(request, _JournalReporter(ui, journal, request.run_id), journal,
@@ -191,7 +199,7 @@ class _Driver:
         self.job_id = record.job_id
         self.exit_code = record.exit_code
         self.backend = make_backend(request.backend, run_id=self.run_id,
-                                    resources=request.resources)
+                                    resources=request.resources, site=request.site)
         #: a restricted site: every step goes through its agent (no SFTP, no shell)
         self.agent = self.backend if isinstance(self.backend, AgentBackend) else None
         #: a batch job: submitted to the site's scheduler, asked about while it waits
@@ -656,13 +664,7 @@ class _Driver:
         what = "nothing was running yet"
         if self.phase in ("staged", "launched"):  # (staged: a launch may be in flight)
             try:
-                conn = await asyncio.wait_for(self.link.conn(), self.site.connect_timeout)
-                if self.batch is not None:
-                    stopping = self.batch.cancel(conn, self.rundir, self.site.cancel_grace,
-                                                 job_id=self.job_id)
-                else:  # (the agent backend takes the run id from the run directory)
-                    stopping = self.backend.cancel(conn, self.rundir, self.site.cancel_grace)
-                what = await asyncio.wait_for(stopping, self.site.cancel_grace + 30)
+                what = await self._stop_remote()
             except (asyncio.TimeoutError, OSError, asyncssh.Error, RemoteExecError) as exc:
                 what = f"could not reach the host to stop it ({exc})"
                 self.ui.warn(f"the remote process of run {self.run_id} may still be running: "
@@ -674,6 +676,16 @@ class _Driver:
         self.journal.update(self.run_id, state=state, error=f"{self._reason_text()}: {what}")
         self.ui.event(state, f"run {self.run_id} {state.replace('_', ' ')} "
                       f"({self._reason_text()}); remote: {what}", run_id=self.run_id)
+
+    async def _stop_remote(self) -> str:
+        """Stop the entrypoint or job (bounded in time); what was done, in words."""
+        conn = await asyncio.wait_for(self.link.conn(), self.site.connect_timeout)
+        if self.batch is not None:
+            stopping = self.batch.cancel(conn, self.rundir, self.site.cancel_grace,
+                                         job_id=self.job_id)
+        else:  # (the agent backend takes the run id from the run directory)
+            stopping = self.backend.cancel(conn, self.rundir, self.site.cancel_grace)
+        return str(await asyncio.wait_for(stopping, self.site.cancel_grace + 30))
 
     def _reason_text(self) -> str:
         reason = self.control.reason or "cancel"

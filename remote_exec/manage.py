@@ -22,8 +22,10 @@ from typing import Any
 
 import asyncssh
 
-from remote_exec.backends import AgentBackend, BatchBackend, make_backend
+from remote_exec.backends import make_backend
+from remote_exec.backends.agent import AgentBackend
 from remote_exec.backends.direct import read_control, read_exit_code
+from remote_exec.backends.scheduled import BatchBackend
 from remote_exec.config import Site
 from remote_exec.errors import ConfigError, RemoteExecError, RunBusyError
 from remote_exec.inputs import CONTROL_DIR, LOG_NAME
@@ -77,6 +79,8 @@ async def probe(record: RunRecord) -> RemoteState:
     if not record.rundir:
         return RemoteState(reachable=True)
     site = record_site(record)
+    if record.backend == "fujitsu":
+        return await asyncio.to_thread(_probe_fujitsu, record, site)
     try:
         conn = await asyncio.wait_for(open_throttled(site), site.connect_timeout + 5)
     except (RemoteExecError, asyncio.TimeoutError) as exc:
@@ -114,9 +118,37 @@ def job_line(record: RunRecord) -> str | None:
     from remote_exec.backends.scheduled import describe_job, scheduler_named
 
     try:
-        return describe_job(scheduler_named(record.backend), JobInfo.from_dict(data))
+        info = JobInfo.from_dict(data)
+        if record.backend == "fujitsu":
+            from remote_exec.backends.fujitsu.client import TITLE
+            from remote_exec.backends.pjm import PjmScheduler
+
+            text = describe_job(PjmScheduler(), info).replace("PJM job", f"{TITLE} job", 1)
+            fields = " ".join(f"{k}={v}" for k, v in sorted(info.extra.items()))
+            return f"{text}\n          {fields}" if fields else text
+        return describe_job(scheduler_named(record.backend), info)
     except (KeyError, ValueError, TypeError):
         return None
+
+
+def _probe_fujitsu(record: RunRecord, site: Site) -> RemoteState:
+    from remote_exec.backends.fujitsu.client import TITLE, FujitsuBackend, job_info
+    from remote_exec.backends.pjm import PjmScheduler
+    from remote_exec.backends.scheduled import describe_job
+
+    try:
+        backend = FujitsuBackend(site, record.id)
+        if not record.job_id:
+            return RemoteState(reachable=True, exists=True, job=f"no {TITLE} job submitted yet")
+        detail = backend.api.job(record.job_id)
+    except RemoteExecError as exc:
+        return RemoteState(reachable=False, error=exc.message)
+    if detail is None:
+        return RemoteState(reachable=True, exists=True,
+                           job=f"{TITLE} job {record.job_id}: no longer queued or running")
+    info = job_info({**detail, "job_id": record.job_id})
+    text = describe_job(PjmScheduler(), info).replace("PJM job", f"{TITLE} job", 1)
+    return RemoteState(reachable=True, exists=True, alive=True, job=text)
 
 
 # -- logs ---------------------------------------------------------------------------------------
@@ -137,6 +169,10 @@ async def remote_log(record: RunRecord, ui: Reporter, follow: bool) -> None:
     """
     if not record.rundir:
         raise ConfigError(f"run {record.id} has no remote directory yet")
+    if record.backend == "fujitsu":
+        raise ConfigError(f"run {record.id} runs through the Fujitsu HPC WebAPI: its log "
+                          "comes back with its files, after the job",
+                          hint=f"`remote-exec status {record.id[:8]}` shows the job meanwhile")
     site = record_site(record)
     path = posixpath.join(record.rundir, LOG_NAME)
     offset = 0
@@ -234,6 +270,15 @@ def cancel(record: RunRecord, ui: Reporter, wait: float = 60.0) -> str:
 
 async def _cancel_remote(record: RunRecord) -> str:
     site = record_site(record)
+    if record.backend == "fujitsu":
+        from remote_exec.backends.fujitsu.client import FujitsuBackend
+
+        if not record.job_id:
+            return "no job was submitted"
+        backend = FujitsuBackend(site, record.id)
+        done = await asyncio.to_thread(backend.api.cancel, record.job_id)
+        return (f"Cancel a Job {record.job_id}: cancelled" if done
+                else f"Cancel a Job {record.job_id}: it had already ended (404)")
     conn = await open_throttled(site)
     async with conn:
         backend = make_backend(record.backend, run_id=record.id)

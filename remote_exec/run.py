@@ -114,7 +114,9 @@ def execute(request: RunRequest, ui: Reporter, *, use_holder: bool = True,
     """Run (or resume) ``request`` to the end, through the holder when possible."""
     from remote_exec import holder
 
-    if use_holder and holder.enabled():
+    if use_holder and holder.enabled() and request.backend != "fujitsu":
+        # (a fujitsu run has no SSH connection to keep warm, and its credentials are in
+        # this process's environment)
         result = holder.run_via_holder(request, ui, resume=resume)
         if result is not None:
             return result

@@ -18,6 +18,8 @@ file system with the SSH host, and live in :mod:`remote_exec.engine`.
   ``slurm``, ``pbs``, ``torque``, ``pjm``  a batch job of the site's scheduler
                (:mod:`.scheduled`, the job's life in :mod:`.batch`, one module per
                scheduler for its commands and output formats);
+  ``fujitsu``  the Fujitsu Cloud Service HPC WebAPI: files through its object storage,
+               the job through its REST calls (:mod:`.fujitsu`);
   ``agent``    a restricted site: every step, files included, is a request to the
                agent the site installed (:mod:`.agent`).
 """
@@ -26,27 +28,37 @@ from __future__ import annotations
 
 from typing import Any
 
-from remote_exec.backends.agent import AgentBackend
-from remote_exec.backends.direct import DirectBackend, Launched
-from remote_exec.backends.scheduled import SCHEDULERS, BatchBackend, scheduler_named
-
 #: what a user may choose per site (``backend:``) or per run (``--backend``)
-CHOOSABLE = ("direct", *SCHEDULERS)
+CHOOSABLE = ("direct", "slurm", "pbs", "torque", "pjm", "fujitsu")
+#: the batch schedulers (each a module here with its commands and formats)
+SCHEDULER_NAMES = ("slurm", "pbs", "torque", "pjm")
 
 
 def make_backend(name: str, *, run_id: str = "",
-                 resources: dict[str, Any] | None = None) -> Any:
-    """The backend ``name`` for one run (``resources``: a batch job's, validated)."""
+                 resources: dict[str, Any] | None = None, site: Any = None) -> Any:
+    """The backend ``name`` for one run (``resources``: a batch job's, validated).
+
+    Imports happen here, so that loading the configuration (which validates backend
+    names and resources) does not import the SSH engine.
+    """
+    if name == "fujitsu":
+        from remote_exec.backends.fujitsu.client import FujitsuBackend
+
+        return FujitsuBackend(site, run_id)
     if name == "direct":
+        from remote_exec.backends.direct import DirectBackend
+
         return DirectBackend()
     if name == "agent":
+        from remote_exec.backends.agent import AgentBackend
+
         return AgentBackend()
-    if name in SCHEDULERS:
+    if name in SCHEDULER_NAMES:
         from remote_exec.backends.batch import Resources
+        from remote_exec.backends.scheduled import BatchBackend, scheduler_named
 
         return BatchBackend(scheduler_named(name), Resources(**(resources or {})), run_id)
     raise ValueError(f"unknown backend {name!r}")
 
 
-__all__ = ["CHOOSABLE", "AgentBackend", "BatchBackend", "DirectBackend", "Launched",
-           "make_backend"]
+__all__ = ["CHOOSABLE", "SCHEDULER_NAMES", "make_backend"]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from typing import Any, ClassVar
 
@@ -65,6 +65,7 @@ class JobInfo:
     ended: datetime | None = None
     nodes: str = ""
     time_limit: str = ""
+    extra: dict[str, str] = field(default_factory=dict)  # more of the scheduler's fields
 
     def __post_init__(self) -> None:
         if self.state not in COMMON_STATES:

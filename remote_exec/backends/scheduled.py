@@ -78,17 +78,20 @@ class SubmitError(StageError):
     exit_code = EXIT_STAGE
 
 
-def render_job_script(scheduler: Scheduler, run_id: str, resources: Resources) -> str:
-    """The batch job script of run ``run_id`` from the scheduler's template."""
+def render_job_script(scheduler: Scheduler | str, run_id: str, resources: Resources,
+                      **extra: str) -> str:
+    """The batch job script of run ``run_id`` from the scheduler's template (or the
+    template file named ``scheduler``); ``extra`` values are the template's own."""
     import jinja2
 
-    text = (importlib.resources.files("remote_exec.backends") / "batch_scripts"
-            / scheduler.template).read_text(encoding="utf-8")
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+    folder = importlib.resources.files("remote_exec.backends") / "batch_scripts"
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(folder)),
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                              autoescape=False)  # noqa: S701 - shell text, values validated
-    return env.from_string(text).render(
+    name = scheduler if isinstance(scheduler, str) else scheduler.template
+    return env.get_template(name).render(
         job_name=job_name(run_id), output=SCHEDULER_OUTPUT, run_script=RUN_SCRIPT,
-        r=resources, slurm_time=slurm_time)
+        r=resources, slurm_time=slurm_time, **extra)
 
 
 def job_name(run_id: str) -> str:

@@ -53,6 +53,10 @@ def _space_row(free: int | None) -> Row:
 
 
 async def check(site: Site) -> list[Row]:
+    if site.backend == "fujitsu":
+        import asyncio
+
+        return await asyncio.to_thread(_fujitsu_rows, site)
     rows: list[Row] = []
     try:
         conn = await open_connection(site)
@@ -211,6 +215,31 @@ async def _scheduler_row(site: Site, conn: asyncssh.SSHClientConnection) -> Row:
         if lines:
             detail += "; " + "; ".join(lines[:4]) + (" …" if len(lines) > 4 else "")
     return Row("scheduler", OK, detail)
+
+
+def _fujitsu_rows(site: Site) -> list[Row]:
+    """A WebAPI site: its settings and credentials, the API, the bucket."""
+    from remote_exec.backends.fujitsu.client import FujitsuBackend
+
+    try:
+        backend = FujitsuBackend(site, "site-check")
+    except RemoteExecError as err:
+        return [Row("credentials", FAIL, err.message, err.hint or "")]
+    rows = [Row("credentials", OK, f"{backend.settings.auth} (values not shown)")]
+    try:
+        jobs = backend.api.jobs()
+        rows.append(Row("WebAPI", OK, f"{backend.settings.api_url}: Get Job List answered "
+                        f"({len(jobs)} queued or running)"))
+    except RemoteExecError as err:
+        rows.append(Row("WebAPI", FAIL, err.message, err.hint or ""))
+    try:
+        next(iter(backend.bucket.objects()), None)
+        rows.append(Row("bucket", OK, f"{backend.settings.bucket} readable"))
+    except Exception as exc:  # noqa: BLE001 - boto3 raises many kinds
+        rows.append(Row("bucket", FAIL, f"{backend.settings.bucket}: {exc}".splitlines()[0],
+                        "check bucket, s3_endpoint, region and the object storage "
+                        "credentials (AWS_* or s3_profile)"))
+    return rows
 
 
 def failed(rows: list[Row]) -> bool:
