@@ -262,3 +262,22 @@ def test_slurm_real_samples(name: str) -> None:
     assert info is not None and info.state == state, info
     assert info.exit_code == code
     assert bool(s.explain(info)) == stuck
+
+
+def test_readme_configuration_example_loads(tmp_path: Path) -> None:
+    """The README's configuration example is valid, batch and fujitsu sites included."""
+    from remote_exec.backends.fujitsu.settings import FujitsuSettings
+    from remote_exec.config import load_config
+
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    block = text[text.index("```yaml") + len("```yaml"):]
+    path = tmp_path / "sites.yaml"
+    path.write_text(block[:block.index("```")])
+    config = load_config(path)
+    for name in config.sites:
+        site = config.site(name)
+        if site.backend == "fujitsu":
+            settings = FujitsuSettings.from_site(site.fujitsu, name)
+            assert settings.paths["job"] == "/jobs/{job_id}"
+        else:
+            Resources.parse(site.resources, name)

@@ -277,3 +277,24 @@ def test_site_check(env: Env, work: Path) -> None:
     rows = {r["check"]: r for r in json.loads(bad.stdout)}
     assert bad.returncode == 1 and rows["WebAPI"]["status"] == "FAIL"
     assert "refused the credentials" in rows["WebAPI"]["detail"]
+
+
+def test_credentials_file_and_custom_paths(env: Env, work: Path, sim: FujitsuSim) -> None:
+    """Credentials from a 0600 file (a looser mode is refused); paths set per site."""
+    creds = env.tmp / "fujitsu.env"
+    creds.write_text(f"# the WebAPI token\nexport REMOTE_EXEC_FUJITSU_TOKEN='{sim.token}'\n")
+    creds.chmod(0o644)
+    data = yaml.safe_load(env.config.read_text())
+    fujitsu = data["sites"]["fcs"]["fujitsu"]
+    fujitsu["credentials_file"] = str(creds)
+    fujitsu["api_url"] = sim.url.rsplit("/v1", 1)[0]  # the base without /v1 ...
+    fujitsu["paths"] = {"sync": "/v1/sync", "sync_status": "/v1/sync/{requestid}",
+                        "jobs": "/v1/jobs", "job": "/v1/jobs/{job_id}"}  # ... in the paths
+    env.config.write_text(yaml.safe_dump(data))
+    del env.secrets["REMOTE_EXEC_FUJITSU_TOKEN"]
+    loose = env.cli(*env.run_args(), cwd=work)
+    assert loose.returncode == 78 and "chmod 600" in loose.stderr, loose.stderr
+    creds.chmod(0o600)
+    proc = env.cli(*env.run_args(), cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    assert sim.token not in proc.stderr
