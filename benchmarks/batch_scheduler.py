@@ -141,7 +141,8 @@ class Bench:
                 med[kind] = statistics.median(values)
                 print(f"{kind:18} {med[kind]:8.3f} {min(values):8.3f} {max(values):8.3f}")
         if len(med) == 3:
-            print(f"a/c legacy+sbatch / remote-exec slurm: {med['a legacy+sbatch'] / med['c slurm']:.2f}x")
+            speedup = med["a legacy+sbatch"] / med["c slurm"]
+            print(f"a/c legacy+sbatch / remote-exec slurm: {speedup:.2f}x")
             print(f"c/b remote-exec slurm / direct:        {med['c slurm'] / med['b direct']:.2f}x")
         for failure in self.failures:
             print(f"FAILED {failure}")
