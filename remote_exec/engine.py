@@ -34,9 +34,9 @@ from remote_exec import returns as return_filter
 from remote_exec.backends import agent as agent_mod
 from remote_exec.backends import make_backend
 from remote_exec.backends.agent import AgentBackend
-from remote_exec.backends.batch import CANCELLED, COMPLETED, JobInfo
+from remote_exec.backends.batch import CANCELLED, COMPLETED, TIMED_OUT, JobInfo
 from remote_exec.backends.direct import Launched, follow_log, read_control, read_exit_code
-from remote_exec.backends.scheduled import BatchBackend
+from remote_exec.backends.scheduled import BatchBackend, SchedulerUnavailable
 from remote_exec.errors import (
     EXIT_SIGNAL_BASE,
     EXIT_TIMEOUT,
@@ -133,6 +133,8 @@ async def execute_async(request: RunRequest, ui: Reporter, *, resume: bool = Fal
     journal = Journal()
     try:
         record = journal.get(request.run_id)
+        if request.backend == "fujitsu" and record is None:  # settings and credentials,
+            make_backend("fujitsu", run_id=request.run_id, site=request.site)  # before a record
         if record is None:
             if resume:
                 raise ConfigError(f"run {request.run_id} is not in the journal")
@@ -571,13 +573,24 @@ class _Driver:
         assert self.job_id is not None
         loop = asyncio.get_running_loop()
         interval, ask_every, next_ask, unknown = POLL_FIRST, QUERY_FIRST, 0.0, 0
+        silent_since = 0.0  # when the scheduler stopped answering
         while True:
             code = await batch.poll(await self.link.sftp(), self.rundir, self.job_id)
             if code is not None:
                 await self._settle_job(batch, code)
                 return code
             if loop.time() >= next_ask:
-                info = await batch.query(await self.link.conn(), self.job_id)
+                try:
+                    info = await batch.query(await self.link.conn(), self.job_id)
+                except SchedulerUnavailable as exc:  # no answer is not "gone": wait on
+                    if not silent_since:
+                        self.ui.warn(f"{exc.message}; still waiting")
+                    silent_since = silent_since or loop.time()
+                    ask_every = min(ask_every * 1.5, QUERY_MAX)
+                    next_ask = loop.time() + ask_every
+                    await asyncio.sleep(interval)
+                    continue
+                silent_since = 0.0
                 self._note_job(batch, info)
                 unknown = unknown + 1 if info is None else 0
                 if info is not None and info.terminal:
@@ -606,9 +619,15 @@ class _Driver:
                 return code
             if attempt + 1 < tries:
                 await asyncio.sleep(1.0)
-        if info.exit_code is not None:
+        if info.state == CANCELLED:
+            return info.exit_code or EXIT_SIGNAL_BASE + 15
+        if info.state == COMPLETED and info.exit_code is not None:
             return info.exit_code
-        return EXIT_SIGNAL_BASE + 15 if info.state == CANCELLED else 1
+        # failed / timed out without the wrapper's word: never a success, even when the
+        # scheduler says 0 (Slurm's NODE_FAIL, BOOT_FAIL, PREEMPTED are 0:0)
+        if info.state == TIMED_OUT:
+            return info.exit_code or EXIT_SIGNAL_BASE + 9
+        return info.exit_code or 1
 
     async def _settle_job(self, batch: BatchBackend, code: int) -> None:
         """The wrapper recorded ``code``: learn how the scheduler saw the job end (why it
@@ -617,7 +636,10 @@ class _Driver:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (0 if code == 0 else 10.0)
         while True:
-            info = await batch.query(await self.link.conn(), self.job_id)
+            try:
+                info = await batch.query(await self.link.conn(), self.job_id)
+            except SchedulerUnavailable:
+                return  # the exit code is what counts; the why is a nicety
             self._note_job(batch, info)
             if info is None or info.terminal or loop.time() >= deadline:
                 return

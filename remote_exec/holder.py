@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -56,7 +57,36 @@ def idle_timeout() -> float:
 
 # -- client -------------------------------------------------------------------------------
 
+def code_fingerprint() -> str:
+    """Which remote-exec code this process runs (its files' names, sizes and mtimes):
+    a holder started before an upgrade must not drive runs with its old code."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted([*root.rglob("*.py"), *root.rglob("*.j2")]):
+        with contextlib.suppress(OSError):
+            info = path.stat()
+            digest.update(f"{path.relative_to(root)}:{info.st_size}:{info.st_mtime_ns}\n"
+                          .encode())
+    return digest.hexdigest()[:16]
+
+
 def run_via_holder(request: Any, ui: Any, resume: bool = False) -> Any:
+    """Execute ``request`` in the holder, replacing one that runs other code (an
+    upgrade); None if unavailable."""
+    for _attempt in range(2):
+        result = _run_via_holder(request, ui, resume)
+        if result is not _STALE:
+            return result
+        deadline = time.monotonic() + 5  # the old holder unlinks its socket at once
+        while socket_path().exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return None
+
+
+_STALE = object()
+
+
+def _run_via_holder(request: Any, ui: Any, resume: bool = False) -> Any:
     """Execute ``request`` in the holder (starting it if needed); None if unavailable.
 
     SIGINT, SIGTERM and SIGHUP are passed on as a cancel request; the holder stops
@@ -77,7 +107,7 @@ def run_via_holder(request: Any, ui: Any, resume: bool = False) -> Any:
     try:
         with sock:
             payload = {"run": request_to_wire(request), "progress": ui.show_progress,
-                       "resume": resume, "pid": os.getpid()}
+                       "resume": resume, "pid": os.getpid(), "code": code_fingerprint()}
             stream = sock.makefile("rb")
             try:
                 sock.sendall(json.dumps(payload).encode() + b"\n")
@@ -118,6 +148,8 @@ def _read_replies(stream: Any, ui: Any) -> Any:
             ui.progress_stop()
         elif kind == "result":
             return RunResult(**msg["result"])
+        elif kind == "stale":
+            return _STALE
         elif kind == "error":
             cls = getattr(errors, msg["class"], errors.RemoteExecError)
             if not (isinstance(cls, type) and issubclass(cls, errors.RemoteExecError)):
@@ -299,6 +331,7 @@ class Holder:
         self.stopping = asyncio.Event()
         self.started = time.time()
         self.runs_done = 0
+        self.code = code_fingerprint()
 
     def claim(self) -> bool:
         """Take the holder lock; False if another holder of this state directory runs."""
@@ -363,6 +396,9 @@ class Holder:
             elif "stop" in msg:
                 self.stopping.set()
                 writer.write(b'{"stopping": true}\n')
+            elif "run" in msg and msg.get("code", self.code) != self.code:
+                self.stopping.set()  # other code than the client's: make way for a new one
+                writer.write(b'{"t": "stale"}\n')
             elif "run" in msg:
                 await self._run(msg, reader, writer)
             await writer.drain()

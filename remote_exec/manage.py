@@ -272,13 +272,20 @@ async def _cancel_remote(record: RunRecord) -> str:
     site = record_site(record)
     if record.backend == "fujitsu":
         from remote_exec.backends.fujitsu.client import FujitsuBackend
+        from remote_exec.backends.scheduled import job_name
 
-        if not record.job_id:
-            return "no job was submitted"
         backend = FujitsuBackend(site, record.id)
-        done = await asyncio.to_thread(backend.api.cancel, record.job_id)
-        return (f"Cancel a Job {record.job_id}: cancelled" if done
-                else f"Cancel a Job {record.job_id}: it had already ended (404)")
+        job_id = record.job_id
+        if not job_id:  # a submission may have landed before the driver died
+            name = job_name(record.id)
+            jobs = await asyncio.to_thread(backend.api.jobs)
+            job_id = next((str(j.get("job_id")) for j in jobs
+                           if str(j.get("job_name")) == name), None)
+            if job_id is None:
+                return "no job of the run is queued or running"
+        done = await asyncio.to_thread(backend.api.cancel, job_id)
+        return (f"Cancel a Job {job_id}: cancelled" if done
+                else f"Cancel a Job {job_id}: it had already ended (404)")
     conn = await open_throttled(site)
     async with conn:
         backend = make_backend(record.backend, run_id=record.id)

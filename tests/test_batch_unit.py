@@ -281,3 +281,77 @@ def test_readme_configuration_example_loads(tmp_path: Path) -> None:
             assert settings.paths["job"] == "/jobs/{job_id}"
         else:
             Resources.parse(site.resources, name)
+
+
+class _Answer:
+    def __init__(self, status: int, stdout: str = "", stderr: str = "") -> None:
+        self.exit_status, self.stdout, self.stderr = status, stdout, stderr
+
+
+class _Conn:
+    """Answers each command by its program name, like a login node would."""
+
+    def __init__(self, answers: dict[str, _Answer]) -> None:
+        self.answers, self.asked = answers, []
+
+    async def run(self, command: str, check: bool = False) -> _Answer:
+        self.asked.append(command)
+        return self.answers[command.split()[0]]
+
+    def is_closed(self) -> bool:
+        return False
+
+
+def test_query_tells_unknown_from_unavailable() -> None:
+    import asyncio
+
+    from remote_exec.backends.scheduled import BatchBackend, SchedulerUnavailable
+
+    backend = BatchBackend(SlurmScheduler(), Resources(), "run")
+    down = "slurm_load_jobs error: Unable to contact slurm controller (connect failure)"
+    unavailable = _Conn({"squeue": _Answer(1, stderr=down),
+                         "sacct": _Answer(1, stderr="sacct: error: Problem talking to the "
+                                          "database: Connection refused"),
+                         "scontrol": _Answer(1, stderr=down)})
+    with pytest.raises(SchedulerUnavailable, match="did not answer"):
+        asyncio.run(backend.query(unavailable, "7"))
+    gone = _Conn({"squeue": _Answer(1, stderr="slurm_load_jobs error: Invalid job id "
+                                    "specified"),
+                  "sacct": _Answer(1, stderr="Slurm accounting storage is disabled"),
+                  "scontrol": _Answer(1, stderr="slurm_load_jobs error: Invalid job id "
+                                      "specified")})
+    assert asyncio.run(backend.query(gone, "7")) is None
+    running = _Conn({"squeue": _Answer(0, "7|RUNNING|None|2026-01-01T00:00:00|"
+                                       "2026-01-01T00:00:02|N/A|1:05|10:00|n1\n")})
+    info = asyncio.run(backend.query(running, "7"))
+    assert info is not None and info.state == RUNNING and info.run_time == 65
+    assert len(running.asked) == 1 and "'%i|%T|%r|%V|%S|%e|%M|%l|%N'" in running.asked[0]
+
+
+@pytest.mark.parametrize(("state", "native", "code", "expected"), [
+    ("failed", "NODE_FAIL", 0, 1),          # Slurm says 0:0: still a failure
+    ("failed", "FAILED", 3, 3),
+    ("cancelled", "CANCELLED", 0, 143),
+    ("cancelled", "CANCELLED", 7, 7),
+    ("timed_out", "TIMEOUT", None, 137),
+    ("completed", "COMPLETED", 0, 0),
+    ("failed", "BOOT_FAIL", None, 1),
+])
+def test_an_ended_job_without_exit_file(state: str, native: str, code: int | None,
+                                        expected: int) -> None:
+    """The wrapper left no exit code: the scheduler's, but never 0 for a failed job."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from remote_exec.engine import _Driver
+
+    async def nothing(*_: object) -> None:
+        return None
+
+    async def sftp() -> None:
+        return None
+
+    stub = SimpleNamespace(link=SimpleNamespace(sftp=sftp), rundir="/r", job_id="7")
+    batch = SimpleNamespace(poll=nothing)
+    info = JobInfo(job_id="7", native=native, state=state, exit_code=code)  # never started
+    assert asyncio.run(_Driver._exit_of_ended_job(stub, batch, info)) == expected

@@ -298,3 +298,25 @@ def test_credentials_file_and_custom_paths(env: Env, work: Path, sim: FujitsuSim
     proc = env.cli(*env.run_args(), cwd=work)
     assert proc.returncode == 0, proc.stderr
     assert sim.token not in proc.stderr
+
+
+def test_api_outage_interrupts_and_resume_finishes(env: Env, work: Path,
+                                                   sim: FujitsuSim) -> None:
+    """The WebAPI failing past the retries while the job runs: the run is interrupted
+    (exit 75), the job goes on, and `resume` finishes it without a second job."""
+    env.solver.write_text(SOLVER.replace("#!/bin/sh\n", "#!/bin/sh\nsleep 2\n"))
+    proc = env.spawn(*env.run_args(), cwd=work)
+    run = env.wait_job(("RUN",))
+    sim.faults.burst_5xx = 10_000
+    try:
+        _, err = proc.communicate(timeout=90)
+    finally:
+        sim.faults.burst_5xx = 0
+    assert proc.returncode == 75, err
+    assert env.newest()["state"] == "interrupted"
+    submitted = sum(1 for r in sim.requests if r.method == "POST" and r.path == "/v1/jobs")
+    resumed = env.cli("resume", run["id"], cwd=work)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (work / "result" / "summary.txt").read_text() == "sum 11\n"
+    assert sum(1 for r in sim.requests
+               if r.method == "POST" and r.path == "/v1/jobs") == submitted

@@ -31,3 +31,29 @@ def test_env_disables_holder(cli, workdir):
                extra_env={"REMOTE_EXEC_HOLDER": "0"})
     assert proc.returncode == 0, proc.stderr
     assert cli("holder", "status", cwd=workdir).returncode == 3
+
+
+def test_holder_running_other_code_makes_way(cli, workdir):
+    """A holder started by another version (an upgrade) answers `stale` to a client with
+    other code and goes; the client's next holder runs its own code."""
+    import json
+    import socket
+    import time
+    from pathlib import Path
+
+    proc = cli("run", "--site", "loop", "--cmd", "true", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    path = Path(cli.state) / "holder" / "holder.sock"
+    assert path.exists()
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(path))
+        sock.sendall(json.dumps({"run": {}, "code": "another-version"}).encode() + b"\n")
+        assert json.loads(sock.makefile("rb").readline()) == {"t": "stale"}
+    deadline = time.monotonic() + 5
+    while path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not path.exists()  # the old holder went away
+    again = cli("run", "--site", "loop", "--cmd", "echo fresh > f", "--into", "b", cwd=workdir)
+    assert again.returncode == 0, again.stderr
+    assert "did not start" not in again.stderr  # a new holder took the run
+    assert (workdir / "b" / "f").read_text() == "fresh\n"

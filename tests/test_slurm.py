@@ -165,7 +165,7 @@ def test_remote_exec_cancel_while_running(site: BatchSite, cluster: SlurmCluster
 
 def test_driver_killed_while_running_loses_nothing(site: BatchSite, cluster: SlurmCluster,
                                                    work: Path) -> None:
-    proc = site.spawn_run("--site", "hpc", "--cmd", "sleep 3; echo done > result.txt; "
+    proc = site.spawn_run("--site", "hpc", "--cmd", "sleep 6; echo done > result.txt; "
                       "exit 5", "in.txt", "--into", "back", cwd=work)
     status = site.wait_job(("running",))
     proc.kill()

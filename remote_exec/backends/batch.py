@@ -41,7 +41,7 @@ SCHEDULER_OUTPUT = ".remote-exec/scheduler.out"
 #: what the job script runs (relative to the run directory)
 RUN_SCRIPT = ".remote-exec/run.sh"
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}")  # fullmatch: no newline
 _MEMORY_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 _MEMORY_SCALE_MB = {"k": 1 / 1024, "": 1, "m": 1, "g": 1024, "t": 1024 * 1024}
 
@@ -66,6 +66,7 @@ class JobInfo:
     nodes: str = ""
     time_limit: str = ""
     extra: dict[str, str] = field(default_factory=dict)  # more of the scheduler's fields
+    used: float | None = None  # seconds it has run so far, as the scheduler counts them
 
     def __post_init__(self) -> None:
         if self.state not in COMMON_STATES:
@@ -84,10 +85,11 @@ class JobInfo:
 
     @property
     def run_time(self) -> float | None:
-        """Seconds between start and end (None if unknown or not ended)."""
+        """Seconds between start and end; while running, the time used so far (None if
+        unknown)."""
         if self.started and self.ended:
             return max((self.ended - self.started).total_seconds(), 0.0)
-        return None
+        return self.used
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -147,7 +149,7 @@ class Resources:
                 out["walltime_s"] = parse_walltime(value, f"{where}: walltime")
             else:
                 text = str(value)
-                if not _NAME_RE.match(text):
+                if not _NAME_RE.fullmatch(text):
                     raise ConfigError(f"{where}: invalid {norm} name {text!r}",
                                       hint="letters, digits and . _ @ + - only")
                 out[norm] = text
@@ -276,6 +278,20 @@ class Scheduler(ABC):
         """Plain words for why a queued job waits, when the reason needs action
         (e.g. every node drained); None when waiting is normal."""
         return None
+
+
+def parse_elapsed(text: str) -> float | None:
+    """``SS``, ``MM:SS``, ``H:MM:SS``, ``HHHH:MM:SS`` or ``D-HH:MM:SS`` (schedulers'
+    elapsed-time columns) as seconds; None if it is none of these."""
+    match = re.fullmatch(r"\s*(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?\s*", text or "")
+    if not match:
+        return None
+    days = int(match.group(1) or 0)
+    numbers = [int(g) for g in match.groups()[1:] if g is not None]
+    while len(numbers) < 3:
+        numbers.insert(0, 0)
+    hours, minutes, seconds = numbers
+    return float(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
 
 
 def slurm_time(seconds: int) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import importlib.resources
 import posixpath
+import re
 import shlex
 from typing import Any, cast
 
@@ -30,7 +31,7 @@ from remote_exec.backends.batch import (
 )
 from remote_exec.backends.direct import Launched, read_control, read_exit_code
 from remote_exec.entrypoint import ALREADY_LAUNCHED
-from remote_exec.errors import EXIT_STAGE, StageError
+from remote_exec.errors import EXIT_STAGE, RemoteExecError, StageError
 from remote_exec.inputs import CONTROL_DIR
 
 JOB_SCRIPT = f"{CONTROL_DIR}/job.sh"
@@ -70,6 +71,15 @@ cat {CONTROL_DIR}/submit.out
 cat {CONTROL_DIR}/submit.err >&2
 exit "$rc"
 """
+
+
+#: what the query commands say of a job they do not know (any more)
+UNKNOWN_JOB = re.compile(r"invalid job id|unknown job|does not exist|no such job|"
+                         r"job has finished|not found", re.IGNORECASE)
+
+
+class SchedulerUnavailable(RemoteExecError):
+    """The scheduler's commands failed without saying anything about the job."""
 
 
 class SubmitError(StageError):
@@ -141,7 +151,7 @@ class BatchBackend:
         return Launched(job_id=job_id, before=before)
 
     async def _earlier_submission(self, sftp: asyncssh.SFTPClient, rundir: str,
-                                  wait: float = 15.0) -> tuple[str, str, int | None]:
+                                  wait: float = 120.0) -> tuple[str, str, int | None]:
         """What the first submission printed (it may still be under way)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
@@ -181,19 +191,32 @@ class BatchBackend:
         return await read_exit_code(sftp, rundir)
 
     async def query(self, conn: asyncssh.SSHClientConnection, job_id: str) -> JobInfo | None:
-        """What the scheduler says about ``job_id``, or None if none of its commands
-        knows it (any more)."""
+        """What the scheduler says about ``job_id``; None if its commands answer that they
+        do not know it (any more). Raises :class:`SchedulerUnavailable` when every
+        command failed otherwise (controller down or timing out): that is no answer."""
+        failures: list[str] = []
+        unknown = False
         for index, argv in enumerate(self.scheduler.queries(job_id)):
             result = await conn.run(shlex.join(argv), check=False)
             if result.exit_status is None and conn.is_closed():
                 raise asyncssh.ConnectionLost("the connection closed while asking the "
                                               "scheduler")
             if result.exit_status != 0:
+                said = str(result.stderr or result.stdout or "").strip()
+                if result.exit_status != 127 and UNKNOWN_JOB.search(said):
+                    unknown = True
+                else:
+                    failures.append(f"{argv[0]}: {said.splitlines()[-1] if said else ''}"
+                                    f" (exit {result.exit_status})")
                 continue
             info = self.scheduler.parse_query(index, str(result.stdout or ""), job_id)
             if info is not None:
                 return info
-        return None
+            unknown = True  # it answered, without the job
+        if unknown:
+            return None
+        raise SchedulerUnavailable(f"{self.scheduler.title} did not answer about job "
+                                   f"{job_id}: " + "; ".join(failures))
 
     # -- cancel -----------------------------------------------------------------------------
     async def cancel(self, conn: asyncssh.SSHClientConnection, rundir: str, grace: float,
@@ -207,7 +230,9 @@ class BatchBackend:
         if not job_id:
             job_id = await self._job_id_from(conn, rundir)
         if not job_id:
-            return "no job id recorded: look at the scheduler's queue"
+            return (f"WARNING: no job id recorded: if a {self.scheduler.title} job named "
+                    f"{job_name(self.run_id or posixpath.basename(rundir))} is in the queue, "
+                    f"cancel it with {self.scheduler.cancel_argv('ID')[0]}")
         argv = self.scheduler.cancel_argv(job_id)
         result = await conn.run(shlex.join(argv), check=False)
         said = (str(result.stderr or "") + str(result.stdout or "")).strip()
@@ -219,7 +244,7 @@ class BatchBackend:
                            ) -> str | None:
         async with conn.start_sftp_client() as sftp:
             try:
-                out, _, status = await self._earlier_submission(sftp, rundir, wait=10.0)
+                out, _, status = await self._earlier_submission(sftp, rundir, wait=60.0)
             except SubmitError:
                 return None
         if status != 0:
@@ -247,7 +272,8 @@ def describe_job(scheduler: Scheduler, info: JobInfo) -> str:
     if info.queue_wait is not None:
         times.append(f"queued {_seconds(info.queue_wait)}")
     if info.run_time is not None:
-        times.append(f"ran {_seconds(info.run_time)}")
+        verb = "ran" if info.terminal else "running"
+        times.append(f"{verb} {_seconds(info.run_time)}")
     if info.exit_code is not None:
         times.append(f"exit code {info.exit_code}")
     if times:

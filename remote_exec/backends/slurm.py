@@ -24,6 +24,7 @@ from remote_exec.backends.batch import (
     TIMED_OUT,
     JobInfo,
     Scheduler,
+    parse_elapsed,
 )
 
 #: ``squeue -o`` fields: id, state, reason, submit, start, end, used, limit, nodes
@@ -119,7 +120,8 @@ class SlurmScheduler(Scheduler):
             return JobInfo(job_id=job_id, native=native, state=state,
                            reason=_reason(cells[2]), submitted=_time(cells[3]),
                            started=_time(cells[4]) if state == RUNNING else None,
-                           nodes=_blank(cells[8]), time_limit=_blank(cells[7]))
+                           nodes=_blank(cells[8]), time_limit=_blank(cells[7]),
+                           used=parse_elapsed(cells[6]) if state == RUNNING else None)
         return None
 
     def _parse_sacct(self, stdout: str, job_id: str) -> JobInfo | None:

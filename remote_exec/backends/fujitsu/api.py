@@ -9,6 +9,7 @@ method, the path and the status are logged (at DEBUG), never a header or a body.
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import random
@@ -32,9 +33,11 @@ CREDENTIALS_HINT = ("the HPC side could not use the object storage: set up its c
 
 
 class ApiError(RemoteExecError):
-    """The WebAPI answered something other than what the operation documents."""
+    """The WebAPI answered something other than what the operation documents.
+    ``transient``: a 5xx that outlived the retries (worth a later ``resume``)."""
 
     exit_code = ConnectError.exit_code
+    transient = False
 
 
 class SyncError(StageError):
@@ -76,8 +79,10 @@ class WebApi:
         return answer.body
 
     def submit(self, jobfile: str) -> str:
-        """"Submit a Job" (§6.3): 201 and the job id. No ``qopt`` (reserved)."""
-        answer = self.call("POST", self._path("jobs"), {"jobfile": jobfile})
+        """"Submit a Job" (§6.3): 201 and the job id. No ``qopt`` (reserved). Never
+        retried here: a 5xx or a timeout may come after the job was accepted (the caller
+        looks for it by name before submitting again)."""
+        answer = self.call("POST", self._path("jobs"), {"jobfile": jobfile}, retry=False)
         job_id = answer.body.get("job_id") if isinstance(answer.body, dict) else None
         if answer.status != 201 or job_id is None:
             raise self._unexpected("Submit a Job", answer, StageError)
@@ -103,7 +108,7 @@ class WebApi:
     def cancel(self, job_id: str) -> bool:
         """"Cancel a Job" (§6.5): True if it was cancelled (204), False if it had ended or
         never existed (404)."""
-        answer = self.call("DELETE", self._path("job", job_id=job_id))
+        answer = self.call("DELETE", self._path("job", job_id=job_id), retry=False)
         if answer.status in (200, 202, 204):
             return True
         if answer.status == 404:
@@ -116,8 +121,9 @@ class WebApi:
         quoted = {k: urllib.parse.quote(str(v), safe="") for k, v in values.items()}
         return self.base_path + template.format(**quoted)
 
-    def call(self, method: str, path: str, body: Any = None) -> Answer:
-        """One request, retried on 5xx and network errors; 401/403 raise AuthError."""
+    def call(self, method: str, path: str, body: Any = None, retry: bool = True) -> Answer:
+        """One request, retried on 5xx and network errors (unless ``retry`` is False: for
+        requests that must not be repeated blindly); 401/403 raise AuthError."""
         data = b"" if body is None else json.dumps(body).encode()
         parts = urllib.parse.urlsplit(self.settings.api_url)
         url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
@@ -134,10 +140,11 @@ class WebApi:
                     answer = Answer(r.status, _json(r.read()))
             except urllib.error.HTTPError as exc:
                 answer = Answer(exc.code, _json(exc.read()))
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
-                reason = getattr(exc, "reason", exc)
+            except (urllib.error.URLError, http.client.HTTPException, TimeoutError,
+                    ConnectionError, OSError) as exc:
+                reason = getattr(exc, "reason", None) or type(exc).__name__
                 log.debug("%s %s: %s", method, path, reason)
-                if attempt >= self.tries:
+                if attempt >= self.tries or not retry:
                     raise ConnectError(f"the WebAPI at {self.settings.api_url} is not "
                                        f"reachable: {reason}",
                                        hint="check api_url, the network and the proxy") from None
@@ -149,7 +156,7 @@ class WebApi:
                                 f"{_code(answer)})",
                                 hint="check the site's `auth` scheme and the access key / "
                                 "token (REMOTE_EXEC_FUJITSU_* or credentials_file)")
-            if answer.status >= 500 and attempt < self.tries:
+            if answer.status >= 500 and attempt < self.tries and retry:
                 attempt = self._backoff(attempt)
                 continue
             return answer
@@ -161,6 +168,11 @@ class WebApi:
 
     def _unexpected(self, operation: str, answer: Answer,
                     kind: type[RemoteExecError] = ApiError) -> RemoteExecError:
+        if answer.status >= 500:
+            error = ApiError(f"{operation}: the WebAPI keeps failing ({answer.status} "
+                             f"{_code(answer)})".strip(), hint="try again later")
+            error.transient = True
+            return error
         return kind(f"{operation}: unexpected answer {answer.status} {_code(answer)}".strip(),
                     hint="the WebAPI may differ from the guide (seeds/000 §6); check the "
                     "site's api_url and paths")

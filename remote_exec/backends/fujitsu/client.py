@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from remote_exec.backends.batch import JobInfo
+from remote_exec.backends.batch import JobInfo, parse_elapsed
 from remote_exec.backends.fujitsu.api import WebApi
 from remote_exec.backends.fujitsu.auth import load_auth
 from remote_exec.backends.fujitsu.settings import FujitsuSettings
@@ -56,6 +56,7 @@ def job_info(detail: dict[str, Any]) -> JobInfo:
                    submitted=_time(detail.get("accept")),
                    started=_time(detail.get("start_date")),
                    time_limit=str(detail.get("Fugaku:elapse_limit", "")).strip(),
+                   used=parse_elapsed(str(detail.get("elapse_time", ""))),
                    extra=extra)
 
 

@@ -9,6 +9,7 @@ thread, so Ctrl-C and ``--timeout`` interrupt a wait at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -16,11 +17,12 @@ from typing import Any, TypeVar
 from remote_exec import localfs
 from remote_exec import returns as return_filter
 from remote_exec.backends.batch import COMPLETED, FAILED, JobInfo, Resources
-from remote_exec.backends.fujitsu.api import CREDENTIALS_HINT, SyncError
+from remote_exec.backends.fujitsu.api import CREDENTIALS_HINT, ApiError, SyncError
 from remote_exec.backends.fujitsu.client import TITLE, FujitsuBackend, job_info
+from remote_exec.backends.pjm import PjmScheduler
 from remote_exec.backends.scheduled import job_name, render_job_script
 from remote_exec.engine import _Driver
-from remote_exec.errors import RemoteExecError, RemoteLostError
+from remote_exec.errors import ConnectError, LinkLostError, RemoteExecError
 from remote_exec.inputs import CONTROL_DIR
 
 T = TypeVar("T")
@@ -37,9 +39,18 @@ class FujitsuDriver(_Driver):
     def api(self) -> Any:
         return self.backend.api
 
+    _submitting: asyncio.Future[str] | None = None
+
     async def _step(self, name: str, fn: Callable[[], Awaitable[T]]) -> T:
         try:
             return await fn()
+        except (ConnectError, ApiError) as exc:
+            if isinstance(exc, ApiError) and not exc.transient:
+                raise
+            # the job goes on at the service: the run is interrupted, not failed
+            raise LinkLostError(f"{name}: {exc.message}",
+                                hint=f"`remote-exec resume {self.run_id[:8]}` once the "
+                                "WebAPI answers again") from None
         except (asyncio.CancelledError, RemoteExecError):
             raise
         except Exception as exc:  # noqa: BLE001 - anything else is a bug worth its words
@@ -83,7 +94,15 @@ class FujitsuDriver(_Driver):
         job_id = await self._adopt() if self.retrying else None
         before = job_id is not None
         if job_id is None:
-            job_id = await self._blocking(self.api.submit, f"{self.rundir}/{JOB_SCRIPT}")
+            # shielded: a Ctrl-C meanwhile waits for the answer, to cancel that very job
+            self._submitting = asyncio.ensure_future(
+                self._blocking(self.api.submit, f"{self.rundir}/{JOB_SCRIPT}"))
+            try:
+                job_id = await asyncio.shield(self._submitting)
+            except (ConnectError, ApiError):  # the service may have taken it all the same
+                job_id = await self._adopt()
+                if job_id is None:
+                    raise
         self.job_id = job_id
         self._advance("launched", job_id=job_id)
         again = " (it had been submitted before)" if before else ""
@@ -111,18 +130,22 @@ class FujitsuDriver(_Driver):
                 detail = listed[0] if listed else None
                 if detail is None:
                     break
-            self._note(job_info({**detail, "job_id": self.job_id}))
+            info = job_info({**detail, "job_id": self.job_id})
+            self._note(info)
+            if info.terminal:  # e.g. ERR: it will not run
+                break
             await asyncio.sleep(interval)
             interval = min(interval * 1.5, self.backend.settings.poll_max)
         await self._sync("to_online")
         raw = await self._blocking(self.backend.bucket.read, f"{CONTROL_DIR}/exit_code")
         text = (raw or b"").decode("utf-8", "replace").strip()
-        if not text.lstrip("-").isdigit():
-            raise RemoteLostError(
-                f"{TITLE} job {self.job_id} ended but left no exit code (killed before "
-                "its wrapper could write one, or its files did not come back)",
-                hint=f"look at {self.rundir} on the HPC side (the job's .out/.err files)")
-        code = int(text)
+        if text.lstrip("-").isdigit():
+            code = int(text)
+        else:  # killed before its wrapper could write one: still bring back what it left
+            code = 1
+            self.ui.warn(f"{TITLE} job {self.job_id} ended without an exit code (killed, "
+                         "or its wrapper never ran): counted as failed (1); its .out/.err "
+                         "files come back with the run's files")
         last = self.job_info
         self._note(JobInfo(job_id=self.job_id, native="EXT",
                            state=COMPLETED if code == 0 else FAILED, exit_code=code,
@@ -178,6 +201,10 @@ class FujitsuDriver(_Driver):
         return False
 
     async def _stop_remote(self) -> str:
+        if not self.job_id and self._submitting is not None:
+            with contextlib.suppress(Exception):
+                self.job_id = await asyncio.wait_for(asyncio.shield(self._submitting),
+                                                     self.backend.settings.request_timeout)
         if not self.job_id:
             self.job_id = await self._adopt()
         if not self.job_id:
@@ -217,6 +244,10 @@ class FujitsuDriver(_Driver):
         last, self.job_info = self.job_info, info
         self.journal.update(self.run_id, job_info=json.dumps(info.to_dict()))
         if last is None or (last.native, last.reason) != (info.native, info.reason):
+            why = PjmScheduler().explain(info)
+            if why:
+                self.ui.warn(f"{TITLE} job {info.job_id}: {info.native}: {why}; "
+                             f"`remote-exec cancel {self.run_id[:8]}` gives up")
             elapse = info.extra.get("elapse_time")
             text = f"{TITLE} job {info.job_id}: {info.native}"
             if info.reason:

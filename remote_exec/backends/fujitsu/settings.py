@@ -80,4 +80,9 @@ class FujitsuSettings:
         for name, path in settings.paths.items():
             if not path.startswith("/"):
                 raise ConfigError(f"{where}: paths.{name} must start with '/'")
+            try:
+                path.format(requestid="1", job_id="1")
+            except (KeyError, IndexError, ValueError):
+                raise ConfigError(f"{where}: paths.{name} {path!r} may only use "
+                                  "{requestid} and {job_id}") from None
         return settings
