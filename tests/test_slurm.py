@@ -224,3 +224,38 @@ def test_site_check_shows_the_scheduler(site: BatchSite, cluster: SlurmCluster,
     row = rows["scheduler"]
     assert row["status"] == "ok", row
     assert "sbatch" in row["detail"] and cluster.partition in row["detail"]
+
+
+def test_link_cut_while_queued_and_running_loses_nothing(site: BatchSite,
+                                                         cluster: SlurmCluster,
+                                                         work: Path) -> None:
+    """The SSH link dies while the job waits behind another and again while it runs:
+    remote-exec reconnects, the job is submitted once, its exit code comes back."""
+    import yaml
+    from tcp_proxy import TcpProxy
+
+    blocker = _blocker(cluster)
+    with TcpProxy(site.box.port) as tcp:
+        data = yaml.safe_load(site.config.read_text())
+        kind, blob = Path(f"{site.box.host_key}.pub").read_text().split()[:2]
+        known = work / "proxied.known_hosts"  # the same host key, at the proxy's port
+        known.write_text(f"[127.0.0.1]:{tcp.port} {kind} {blob}\n")
+        data["sites"]["hpc"].update(port=tcp.port, known_hosts=str(known),
+                                    retry_max_interval=0.5)
+        proxied = BatchSite(box=site.box, config=work / "proxied.yaml", state=site.state,
+                            root=site.root, name="hpc")
+        proxied.config.write_text(yaml.safe_dump(data))
+        proc = proxied.spawn_run("--site", "hpc", "--cmd", "sleep 3; echo ok > r.txt; exit 6",
+                                 "--into", "back", cwd=work)
+        queued = proxied.wait_job(("queued",))
+        tcp.cut()
+        cluster.run("scancel", blocker)
+        proxied.wait_job(("running",))
+        tcp.cut()
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 6, err
+    assert "reconnect" in err.lower(), err
+    assert (work / "back" / "r.txt").read_text() == "ok\n"
+    name = "re-" + queued["id"].replace("-", "")[:8]
+    jobs = cluster.run("squeue", "-h", "-t", "all", "-n", name, "-o", "%i").stdout.split()
+    assert jobs == [queued["job_id"]]  # submitted once
