@@ -120,10 +120,9 @@ def job_line(record: RunRecord) -> str | None:
     try:
         info = JobInfo.from_dict(data)
         if record.backend == "fujitsu":
-            from remote_exec.backends.fujitsu.client import TITLE
-            from remote_exec.backends.pjm import PjmScheduler
+            from remote_exec.backends.fujitsu.client import describe
 
-            text = describe_job(PjmScheduler(), info).replace("PJM job", f"{TITLE} job", 1)
+            text = describe(info)
             fields = " ".join(f"{k}={v}" for k, v in sorted(info.extra.items()))
             return f"{text}\n          {fields}" if fields else text
         return describe_job(scheduler_named(record.backend), info)
@@ -132,9 +131,7 @@ def job_line(record: RunRecord) -> str | None:
 
 
 def _probe_fujitsu(record: RunRecord, site: Site) -> RemoteState:
-    from remote_exec.backends.fujitsu.client import TITLE, FujitsuBackend, job_info
-    from remote_exec.backends.pjm import PjmScheduler
-    from remote_exec.backends.scheduled import describe_job
+    from remote_exec.backends.fujitsu.client import TITLE, FujitsuBackend, describe, job_info
 
     try:
         backend = FujitsuBackend(site, record.id)
@@ -147,8 +144,7 @@ def _probe_fujitsu(record: RunRecord, site: Site) -> RemoteState:
         return RemoteState(reachable=True, exists=True,
                            job=f"{TITLE} job {record.job_id}: no longer queued or running")
     info = job_info({**detail, "job_id": record.job_id})
-    text = describe_job(PjmScheduler(), info).replace("PJM job", f"{TITLE} job", 1)
-    return RemoteState(reachable=True, exists=True, alive=True, job=text)
+    return RemoteState(reachable=True, exists=True, alive=True, job=describe(info))
 
 
 # -- logs ---------------------------------------------------------------------------------------

@@ -60,6 +60,14 @@ def job_info(detail: dict[str, Any]) -> JobInfo:
                    extra=extra)
 
 
+def describe(info: JobInfo) -> str:
+    """``Fujitsu HPC job 12: RUN; queued 1 s, running 5 s`` (PJM's states and reasons)."""
+    from remote_exec.backends.pjm import PjmScheduler
+    from remote_exec.backends.scheduled import describe_job
+
+    return describe_job(PjmScheduler(), info).replace("PJM job", f"{TITLE} job", 1)
+
+
 def _time(value: Any) -> datetime | None:
     try:
         return datetime.fromisoformat(str(value)) if value and value != "-" else None
