@@ -469,7 +469,7 @@ class _Driver:
     async def _fetch(self) -> None:
         partial = localfs.partial_dir(self.request.into, self.run_id)
         if self.agent is not None:  # the agent applies the site's return filter
-            report = await self.agent.fetch(await self.link.rsh(), self.run_id, partial,
+            report = await self.agent.fetch(await self.link.rsh(framed=False), self.run_id, partial,
                                             self.ui.show_progress)
             method, size = report.method, localfs.tree_size(partial)
         else:
@@ -541,7 +541,8 @@ class _Driver:
         inputs = self.request.inputs
         size = sum(i.size for i in inputs)
         try:
-            await agent.stage(await self.link.rsh(), inputs, self.run_id, self.ui.show_progress)
+            await agent.stage(await self.link.rsh(framed=False), inputs, self.run_id,
+                              self.ui.show_progress)
         except StageError as exc:
             if not self.retrying and not self.link.is_loss(exc):
                 with contextlib.suppress(Exception):

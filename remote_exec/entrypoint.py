@@ -24,7 +24,6 @@ Four kinds of entrypoint:
 
 from __future__ import annotations
 
-import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,7 +141,6 @@ class Entrypoint:
         return files
 
 
-def control_command(rundir: str, script: str, *args: int) -> str:
-    """The exec request running control script ``script`` (quoted for any sh-like shell)."""
-    script_path = shlex.quote(f"{rundir}/{CONTROL_DIR}/{script}")
-    return " ".join(["/bin/sh", script_path, *(str(int(a)) for a in args)])
+def control_argv(rundir: str, script: str, *args: int) -> list[str]:
+    """The program that runs control script ``script`` (for :mod:`remote_exec.ssh.shell`)."""
+    return ["/bin/sh", f"{rundir}/{CONTROL_DIR}/{script}", *(str(int(a)) for a in args)]

@@ -80,6 +80,11 @@ class StageError(RemoteExecError):
     exit_code = EXIT_STAGE
 
 
+class NoisyShellError(StageError):
+    """The remote login shell prints in non-interactive sessions and nothing could carry
+    the run past that text (see :mod:`remote_exec.ssh.shell`)."""
+
+
 class FetchError(RemoteExecError):
     """Copying results back failed; the remote directory is kept."""
 

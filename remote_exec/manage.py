@@ -30,6 +30,7 @@ from remote_exec.config import Site
 from remote_exec.errors import ConfigError, RemoteExecError, RunBusyError
 from remote_exec.inputs import CONTROL_DIR, LOG_NAME
 from remote_exec.journal import Journal, RunLock, RunRecord, opened
+from remote_exec.ssh import shell
 from remote_exec.ssh.link import open_throttled
 from remote_exec.ui import Reporter
 
@@ -90,7 +91,7 @@ async def probe(record: RunRecord) -> RemoteState:
             answer = await AgentBackend(site.name).status(conn, record.id)
         return RemoteState(reachable=True, exists=bool(answer.get("exists")),
                            exit_code=answer.get("exit_code"), alive=answer.get("alive"))
-    async with conn, conn.start_sftp_client() as sftp:
+    async with conn, await shell.open_sftp(conn) as sftp:
         if not await sftp.exists(record.rundir):
             return RemoteState(reachable=True)
         state = RemoteState(reachable=True, exists=True,
@@ -188,7 +189,7 @@ async def remote_log(record: RunRecord, ui: Reporter, follow: bool) -> None:
                                  lambda data: ui.log_text(decoder.decode(data)))
             ui.log_text(decoder.decode(b"", True))
         return
-    async with conn, conn.start_sftp_client() as sftp:
+    async with conn, await shell.open_sftp(conn) as sftp:
         if not await sftp.exists(record.rundir):
             raise ConfigError(f"the run directory {site.name}:{record.rundir} is gone",
                               hint="it was cleaned up; a fetched copy may be in "
@@ -290,7 +291,7 @@ async def _cancel_remote(record: RunRecord) -> str:
             if not (await backend.status(conn, record.id)).get("exists"):
                 return "the run directory is gone (nothing to stop)"
             return await backend.cancel(conn, record.rundir or "", site.cancel_grace)
-        async with conn.start_sftp_client() as sftp:
+        async with await shell.open_sftp(conn) as sftp:
             if not await sftp.exists(posixpath.join(record.rundir or "", CONTROL_DIR,
                                                     "cancel.sh")):
                 return "the run directory holds no entrypoint (nothing to stop)"
@@ -338,7 +339,7 @@ async def cleanup(site: Site, older_than: float, dry_run: bool, ui: Reporter,
         async with conn:
             return await _cleanup_agent(conn, site, older_than, dry_run, ui, active_ids)
     found: list[Leftover] = []
-    async with conn, conn.start_sftp_client() as sftp:
+    async with conn, await shell.open_sftp(conn) as sftp:
         root = site.root
         if root == "~" or root.startswith("~/"):
             root = posixpath.join(await sftp.realpath("."), root[2:])

@@ -47,10 +47,13 @@ class Sandbox:
     """One loopback sshd and its keys, living in ``directory``."""
 
     def __init__(self, directory: Path | None = None, *, extra_config: list[str] | None = None,
-                 wrapper: list[str] | None = None) -> None:
+                 wrapper: list[str] | None = None, internal_sftp: bool = False) -> None:
         self.dir = Path(directory) if directory else state_dir() / "sandbox"
         self.extra_config = list(extra_config or [])
         self.wrapper = list(wrapper or [])  # e.g. a namespace wrapper in the tests
+        #: serve SFTP inside sshd; by default, as a stock server does, the external
+        #: sftp-server, which sshd starts through the user's login shell
+        self.internal_sftp = internal_sftp
 
     # -- files -------------------------------------------------------------------------
     @property
@@ -242,13 +245,25 @@ class Sandbox:
                 shutil.copy(source, self.site_dir / target)
                 os.chmod(self.site_dir / target, 0o755)  # noqa: S103 - site scripts
 
+    def _sftp_server(self) -> str:
+        """What a stock sshd_config names: the external sftp-server where installed."""
+        from remote_exec.ssh.shell import SFTP_SERVERS
+
+        if not self.internal_sftp:
+            for path in SFTP_SERVERS:
+                if os.access(path, os.X_OK):
+                    return path
+        return "internal-sftp"
+
     def _sshd_config(self, port: int) -> str:
         lines = [
             *self.extra_config,  # first: sshd keeps the first value of each keyword
             f"Port {port}",
             "ListenAddress 127.0.0.1",
             f"HostKey {self.host_key}",
-            f"AuthorizedKeysFile {self.authorized_keys}",
+            # the sandbox's key for its own user; other accounts (the tests make some)
+            # use their own ~/.ssh/authorized_keys, as on any host
+            f"AuthorizedKeysFile {self.authorized_keys} .ssh/authorized_keys",
             f"PidFile {self.dir / 'sshd.daemon.pid'}",
             "StrictModes no",
             "PubkeyAuthentication yes",
@@ -261,6 +276,6 @@ class Sandbox:
             "X11Forwarding no",
             "AllowAgentForwarding no",
             "AllowTcpForwarding no",
-            "Subsystem sftp internal-sftp",
+            f"Subsystem sftp {self._sftp_server()}",
         ]
         return "\n".join(lines) + "\n"

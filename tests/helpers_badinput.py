@@ -29,6 +29,7 @@ __all__ = [
     "pwned",
     "site_entry",
     "snapshot",
+    "sshd_without",
     "tmpfs_root",
     "tree_bytes",
     "write_config",
@@ -153,28 +154,38 @@ def absent_rsync_sshd(tmp_path_factory: pytest.TempPathFactory):
     /usr/bin with a whiteout for ``rsync`` inside a private mount namespace: the file
     simply does not exist for the remote side, as on a host where rsync is not installed.
     """
-    unshare = shutil.which("unshare")
     rsync = shutil.which("rsync")
-    if os.geteuid() != 0 or not unshare or not rsync:
-        pytest.skip("hiding rsync needs root and unshare(1)")
-    bindir = os.path.dirname(os.path.realpath(rsync))
-    directory = tmp_path_factory.mktemp("absent-rsync")
+    if not rsync:
+        pytest.skip("rsync is not installed here")
+    box = sshd_without(os.path.realpath(rsync), tmp_path_factory.mktemp("absent-rsync"))
+    yield box
+    box.down()
+
+
+def sshd_without(path: str, directory: Path) -> Sandbox:
+    """A started loopback sshd for whose sessions the file ``path`` does not exist.
+
+    An overlay on its directory with a whiteout for it, inside a private mount
+    namespace (the test skips where that needs what it cannot have: root, unshare,
+    overlayfs)."""
+    unshare = shutil.which("unshare")
+    if os.geteuid() != 0 or not unshare:
+        pytest.skip(f"hiding {path} needs root and unshare(1)")
+    bindir, name = os.path.split(path)
     upper, work = directory / "upper", directory / "ovl-work"
     upper.mkdir()
     work.mkdir()
     try:
-        os.mknod(upper / "rsync", 0o600 | stat.S_IFCHR, os.makedev(0, 0))  # a whiteout
+        os.mknod(upper / name, 0o600 | stat.S_IFCHR, os.makedev(0, 0))  # a whiteout
     except OSError as exc:
         pytest.skip(f"cannot make an overlay whiteout: {exc}")
-    probe = subprocess.run(
-        [unshare, "-m", "sh", "-c",
-         f"mount -t overlay overlay -o lowerdir={bindir},upperdir={upper},workdir={work} "
-         f"{bindir} && ! test -e {bindir}/rsync"], capture_output=True, text=True)
+    mount = (f"mount -t overlay overlay -o lowerdir={bindir},upperdir={upper},"
+             f"workdir={work} {bindir}")
+    probe = subprocess.run([unshare, "-m", "sh", "-c", f"{mount} && ! test -e {path}"],
+                           capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.skip(f"overlayfs is not usable here: {probe.stderr.strip()}")
-    script = (f"mount -t overlay overlay -o lowerdir={bindir},upperdir={upper},"
-              f'workdir={work} {bindir} && exec "$@"')
-    box = Sandbox(directory / "sshd", wrapper=[unshare, "-m", "sh", "-c", script, "sh"])
+    box = Sandbox(directory / "sshd", wrapper=[unshare, "-m", "sh", "-c",
+                                               f'{mount} && exec "$@"', "sh"])
     box.up()
-    yield box
-    box.down()
+    return box

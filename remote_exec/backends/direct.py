@@ -18,9 +18,10 @@ from typing import cast
 
 import asyncssh
 
-from remote_exec.entrypoint import ALREADY_LAUNCHED, control_command
+from remote_exec.entrypoint import ALREADY_LAUNCHED, control_argv
 from remote_exec.errors import RemoteLostError, StageError
 from remote_exec.inputs import CONTROL_DIR, LOG_NAME
+from remote_exec.ssh import shell
 from remote_exec.ui import Reporter
 
 
@@ -41,9 +42,10 @@ class DirectBackend:
 
     async def launch(self, conn: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient,
                      rundir: str) -> Launched:
-        process = await conn.create_process(control_command(rundir, "launch.sh"),
-                                            stdin=asyncssh.DEVNULL)
-        line = cast(str, await process.stdout.readline())
+        started = await shell.start(conn, shell.EXEC_ARGS, *control_argv(rundir, "launch.sh"),
+                                    stdin=asyncssh.DEVNULL)
+        process = started.process
+        line = cast(str, await process.stdout.readline()) if started.framed else ""
         if line.startswith("started "):
             return Launched(job_id=line.split()[1], channel=process)
         await process.wait_closed()
@@ -51,10 +53,10 @@ class DirectBackend:
             return Launched(job_id=await read_control(sftp, rundir, "pgid"), before=True)
         if process.exit_status is None and conn.is_closed():
             raise asyncssh.ConnectionLost("the connection closed while launching")
-        err = cast(str, await process.stderr.read()) if process.stderr else ""
+        err = cast(str, await process.stderr.read()) if started.framed else started.banner_err
         raise StageError(
             f"could not launch the entrypoint (launch.sh exit {process.exit_status}): "
-            f"{err.strip()[-500:]}",
+            f"{str(err).strip()[-500:]}",
             hint=f"look at {rundir}/{CONTROL_DIR} on the remote host; /bin/sh must exist there",
         )
 
@@ -75,8 +77,8 @@ class DirectBackend:
 
     async def cancel(self, conn: asyncssh.SSHClientConnection, rundir: str,
                      grace: float) -> str:
-        result = await conn.run(control_command(rundir, "cancel.sh", int(grace)), check=False)
-        return str(result.stdout or "").strip() or f"cancel.sh exit {result.exit_status}"
+        result = await shell.run_argv(conn, control_argv(rundir, "cancel.sh", int(grace)))
+        return result.stdout.strip() or f"cancel.sh exit {result.exit_status}"
 
 
 async def read_control(sftp: asyncssh.SFTPClient, rundir: str, name: str) -> str | None:

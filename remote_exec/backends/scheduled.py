@@ -6,8 +6,9 @@ what differs is how the wrapper ``run.sh`` is started: as the body of a batch jo
 (see :mod:`remote_exec.backends.batch` for the life of a job, and one module per
 scheduler for its commands and formats).
 
-Every command is an argument vector quoted with :func:`shlex.join`, so nothing
-a user typed is read by a remote shell.
+Every command is an argument vector run through :mod:`remote_exec.ssh.shell`, so
+nothing a user typed is read by a remote shell, and a login shell that prints or is
+csh changes nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import asyncio
 import importlib.resources
 import posixpath
 import re
-import shlex
 from typing import Any, cast
 
 import asyncssh
@@ -33,6 +33,7 @@ from remote_exec.backends.direct import Launched, read_control, read_exit_code
 from remote_exec.entrypoint import ALREADY_LAUNCHED
 from remote_exec.errors import EXIT_STAGE, RemoteExecError, StageError
 from remote_exec.inputs import CONTROL_DIR
+from remote_exec.ssh import shell
 
 JOB_SCRIPT = f"{CONTROL_DIR}/job.sh"
 BATCH_SCRIPT = f"{CONTROL_DIR}/batch.sh"
@@ -131,7 +132,7 @@ class BatchBackend:
                     await f.write(text.encode("utf-8"))
         argv = ["/bin/sh", posixpath.join(rundir, BATCH_SCRIPT), "submit",
                 *self.scheduler.submit_argv(JOB_SCRIPT)]
-        result = await conn.run(shlex.join(argv), check=False)
+        result = await shell.run_argv(conn, argv)
         if result.exit_status is None and conn.is_closed():
             raise asyncssh.ConnectionLost("the connection closed while submitting")
         before = result.exit_status == ALREADY_LAUNCHED
@@ -197,7 +198,7 @@ class BatchBackend:
         failures: list[str] = []
         unknown = False
         for index, argv in enumerate(self.scheduler.queries(job_id)):
-            result = await conn.run(shlex.join(argv), check=False)
+            result = await shell.run_argv(conn, argv)
             if result.exit_status is None and conn.is_closed():
                 raise asyncssh.ConnectionLost("the connection closed while asking the "
                                               "scheduler")
@@ -222,8 +223,8 @@ class BatchBackend:
     async def cancel(self, conn: asyncssh.SSHClientConnection, rundir: str, grace: float,
                      job_id: str | None = None) -> str:
         """Mark an unsubmitted run so it never is; cancel a submitted job."""
-        mark = await conn.run(shlex.join(["/bin/sh", posixpath.join(rundir, BATCH_SCRIPT),
-                                          "cancel"]), check=False)
+        mark = await shell.run_argv(conn, ["/bin/sh", posixpath.join(rundir, BATCH_SCRIPT),
+                                           "cancel"])
         answer = str(mark.stdout or "").strip()
         if mark.exit_status == 0 and answer == "not submitted":
             return "the job was not submitted yet (it never will be)"
@@ -234,7 +235,7 @@ class BatchBackend:
                     f"{job_name(self.run_id or posixpath.basename(rundir))} is in the queue, "
                     f"cancel it with {self.scheduler.cancel_argv('ID')[0]}")
         argv = self.scheduler.cancel_argv(job_id)
-        result = await conn.run(shlex.join(argv), check=False)
+        result = await shell.run_argv(conn, argv)
         said = (str(result.stderr or "") + str(result.stdout or "")).strip()
         if result.exit_status == 0:
             return f"{argv[0]} {job_id}: done" + (f" ({said})" if said else "")
@@ -242,7 +243,7 @@ class BatchBackend:
 
     async def _job_id_from(self, conn: asyncssh.SSHClientConnection, rundir: str
                            ) -> str | None:
-        async with conn.start_sftp_client() as sftp:
+        async with await shell.open_sftp(conn) as sftp:
             try:
                 out, _, status = await self._earlier_submission(sftp, rundir, wait=60.0)
             except SubmitError:

@@ -20,6 +20,7 @@ from remote_exec.backends.agent import AgentBackend
 from remote_exec.config import Site
 from remote_exec.errors import AuthError, RemoteExecError
 from remote_exec.ssh import rsync as rsync_mod
+from remote_exec.ssh import shell
 from remote_exec.ssh.connect import open_connection
 from remote_exec.templates import RemotePath
 
@@ -145,21 +146,29 @@ async def _open_rows(site: Site, conn: asyncssh.SSHClientConnection) -> list[Row
         rows.append(Row("access", WARN, "open: the key can run any command on the host",
                         f"`remote-exec site install {site.name} --apply` restricts it to the "
                         "agent and the site's approved templates"))
-    rsync = await conn.run("rsync --version", check=False)
-    first = str(rsync.stdout or "").splitlines()[:1]
-    rows.append(Row("rsync (host)", OK if rsync.exit_status == 0 else WARN,
-                    first[0] if rsync.exit_status == 0 and first else "not found",
-                    "" if rsync.exit_status == 0 else "install rsync on the host for large "
+    login = await shell.run(conn, 'printf "%s\\n" "${SHELL:-/bin/sh}"')
+    rows.append(_login_shell_row(login))
+    rsync = await shell.run(conn, "rsync --version")
+    first = rsync.stdout.splitlines()[:1]
+    rows.append(Row("rsync (host)", OK if rsync.ok else WARN,
+                    first[0] if rsync.ok and first else "not found",
+                    "" if rsync.ok else "install rsync on the host for large "
                     "transfers (SFTP is used meanwhile)"))
-    python = await conn.run("python3 --version", check=False)
-    rows.append(Row("python (host)", OK if python.exit_status == 0 else WARN,
-                    str(python.stdout or python.stderr or "").strip() or "not found",
-                    "" if python.exit_status == 0 else "needed only for the restricted agent"))
+    python = await shell.run(conn, "python3 --version 2>&1")
+    rows.append(Row("python (host)", OK if python.ok else WARN,
+                    python.stdout.strip() if python.ok else "not found",
+                    "" if python.ok else "needed only for the restricted agent"))
     try:
-        sftp = await conn.start_sftp_client()
+        sftp = await shell.open_sftp(conn)
+    except RemoteExecError as err:
+        rows.append(Row("sftp", FAIL, err.message, err.hint or ""))
+        return rows
     except (OSError, asyncssh.Error) as exc:
         rows.append(Row("sftp", FAIL, str(exc), "enable the sftp subsystem in sshd_config"))
         return rows
+    rows.append(Row("sftp", OK, "sftp-server started past the login shell's output "
+                    "(the SFTP subsystem itself is garbled by it)"
+                    if shell.subsystem_garbled(conn) else "subsystem"))
     async with sftp:
         root = site.root
         if root == "~" or root.startswith("~/"):
@@ -180,34 +189,51 @@ async def _open_rows(site: Site, conn: asyncssh.SSHClientConnection) -> list[Row
         if site.backend != "direct":
             rows.append(await _scheduler_row(site, conn))
         program = site.entrypoint
-        found = await conn.run(f"test -x {RemotePath(program).shell()}", check=False)
-        rows.append(Row("site entrypoint", OK if found.exit_status == 0 else WARN,
-                        program + ("" if found.exit_status == 0 else " not found"),
-                        "" if found.exit_status == 0 else "install it, or use --template / "
-                        "--cmd"))
+        found = await shell.run(conn, f"test -x {RemotePath(program).shell()}")
+        rows.append(Row("site entrypoint", OK if found.ok else WARN,
+                        program + ("" if found.ok else " not found"),
+                        "" if found.ok else "install it, or use --template / --cmd"))
     return rows
+
+
+def _login_shell_row(login: shell.Result) -> Row:
+    """The login shell, and whether it prints in a non-interactive session: text on
+    stdout garbles the SFTP subsystem and rsync for any client that does not frame
+    its streams as remote-exec does; text on stderr only clutters messages."""
+    name = login.stdout.strip() or "unknown"
+    if not login.framed:
+        return Row("login shell", FAIL, f"{name}: it did not start /bin/sh "
+                   f"({(login.banner_err or login.stdout).strip()[-200:]})",
+                   "the account's login shell must be able to run commands (`ssh HOST true`)")
+    said = [f"{len(text.encode())} bytes on {stream} ({shell.describe_banner(text)})"
+            for stream, text in (("stdout", login.banner), ("stderr", login.banner_err))
+            if text]
+    if not said:
+        return Row("login shell", OK, f"{name}, quiet in non-interactive sessions")
+    affected = ("the SFTP subsystem and rsync are garbled for ordinary clients (sftp, scp, "
+                "rsync -e ssh); remote-exec frames its streams and carries on"
+                if login.banner else "messages carry the text; nothing breaks")
+    return Row("login shell", WARN, f"{name} prints {' and '.join(said)} in non-interactive "
+               f"sessions: {affected}", shell.QUIET_SHELL_FIX)
 
 
 async def _scheduler_row(site: Site, conn: asyncssh.SSHClientConnection) -> Row:
     """Whether the site's scheduler takes jobs from this login: its submit command is on
     the PATH, and what its queues say."""
-    import shlex
-
     from remote_exec.backends.scheduled import scheduler_named
 
     scheduler = scheduler_named(site.backend)
     tool = scheduler.submit_argv("job.sh")[0]
-    found = await conn.run(shlex.join(["sh", "-c", 'command -v "$1"', "sh", tool]),
-                           check=False)
-    if found.exit_status != 0:
+    found = await shell.run(conn, 'command -v "$1"', tool)
+    if not found.ok:
         return Row("scheduler", FAIL, f"{tool} not found ({scheduler.title})",
                    f"install {scheduler.title}'s client on the host and put it on the PATH of "
                    "a non-interactive login, or change the site's `backend`")
-    detail = f"{scheduler.title}: {str(found.stdout or '').strip()}"
+    detail = f"{scheduler.title}: {found.stdout.strip()}"
     argv = scheduler.probe_argv()
     if argv:
-        probe = await conn.run(shlex.join(argv), check=False)
-        lines = str(probe.stdout or probe.stderr or "").strip().splitlines()
+        probe = await shell.run_argv(conn, argv)
+        lines = (probe.stdout or probe.stderr).strip().splitlines()
         if probe.exit_status != 0:
             return Row("scheduler", FAIL, f"{detail}; {' '.join(argv)}: "
                        f"{' '.join(lines[-2:]) or f'exit {probe.exit_status}'}",

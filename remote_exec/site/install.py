@@ -37,6 +37,7 @@ from remote_exec.config import Site
 from remote_exec.errors import ConfigError, RemoteExecError
 from remote_exec.paths import shipped_dir
 from remote_exec.returns import AGENT_FILE, agent_module
+from remote_exec.ssh import shell
 from remote_exec.ssh.connect import open_connection
 
 ALLOWLIST = "allowlist.json"
@@ -87,11 +88,11 @@ def _expand(path: str, home: str) -> str:
 
 
 async def _run(conn: asyncssh.SSHClientConnection, *words: str) -> str:
-    result = await conn.run(" ".join(shlex.quote(w) for w in words), check=False)
-    if result.exit_status != 0:
+    result = await shell.run_argv(conn, words)
+    if not result.ok:
         raise RemoteExecError(f"`{' '.join(words)}` failed on the host: "
-                              f"{str(result.stderr or result.stdout).strip()[:300]}")
-    return str(result.stdout or "").strip()
+                              f"{(result.stderr or result.stdout).strip()[:300]}")
+    return result.stdout.strip()
 
 
 async def _write(sftp: asyncssh.SFTPClient, path: str, data: bytes, mode: int) -> None:
@@ -105,11 +106,11 @@ async def _write(sftp: asyncssh.SFTPClient, path: str, data: bytes, mode: int) -
 
 async def _find_python(conn: asyncssh.SSHClientConnection) -> str:
     for candidate in ("python3", "/usr/bin/python3", "/usr/local/bin/python3"):
-        result = await conn.run(
-            f"{shlex.quote(candidate)} -c 'import sys; print(sys.executable); "
-            "print(\"%d.%d\" % sys.version_info[:2])'", check=False)
-        lines = str(result.stdout or "").split()
-        if result.exit_status == 0 and len(lines) == 2:
+        result = await shell.run_argv(conn, [
+            candidate, "-c", 'import sys; print(sys.executable); '
+            'print("%d.%d" % sys.version_info[:2])'])
+        lines = result.stdout.split()
+        if result.ok and len(lines) == 2:
             major, minor = (int(x) for x in lines[1].split("."))
             if (major, minor) >= (3, 6):
                 return lines[0]
@@ -124,7 +125,7 @@ async def install(site: Site, *, apply: bool, admin_identity: str | None = None,
     admin = dataclasses.replace(site, identity_file=admin_identity or site.identity_file,
                                 restricted=False)
     conn = await open_connection(admin)
-    async with conn, conn.start_sftp_client() as sftp:
+    async with conn, await shell.open_sftp(conn) as sftp:
         home = await sftp.realpath(".")
         agent_dir = _expand(site.agent_dir, home)
         root = _expand(site.root, home)

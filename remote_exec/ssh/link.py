@@ -30,6 +30,7 @@ from remote_exec.errors import AuthError, ConnectError, LinkLostError
 from remote_exec.paths import state_dir
 from remote_exec.ssh.connect import open_connection
 from remote_exec.ssh.rsync import rsync_tunnel
+from remote_exec.ssh.shell import open_sftp
 from remote_exec.ui import Reporter
 
 HANDSHAKES_PER_HOST = 6  # below sshd's MaxStartups 10 (where random drops begin)
@@ -121,7 +122,7 @@ class Link:
         self._conn: asyncssh.SSHClientConnection | None = None
         self._sftp: asyncssh.SFTPClient | None = None
         self._tunnel: contextlib.AsyncExitStack | None = None
-        self._rsh: str | None = None
+        self._rsh: dict[bool, str] = {}  # framed? -> rsync's --rsh value
         self.reconnects = 0
 
     # -- what steps use ---------------------------------------------------------------------
@@ -134,7 +135,7 @@ class Link:
         if self._sftp is None:
             conn = await self.conn()
             try:
-                self._sftp = await conn.start_sftp_client()
+                self._sftp = await open_sftp(conn)
             except (OSError, asyncssh.Error) as exc:
                 if conn.is_closed():
                     raise
@@ -149,13 +150,18 @@ class Link:
             raise ConnectionError("no open connection")
         return self._sftp
 
-    async def rsh(self) -> str:
-        """rsync's ``--rsh`` value for a tunnel over the current connection."""
-        if self._rsh is None:
+    async def rsh(self, framed: bool = True) -> str:
+        """rsync's ``--rsh`` value for a tunnel over the current connection.
+
+        ``framed=False`` hands rsync's command to a forced command unchanged (the
+        restricted agent); see :func:`remote_exec.ssh.rsync.rsync_tunnel`."""
+        if framed not in self._rsh:
             conn = await self.conn()
-            self._tunnel = contextlib.AsyncExitStack()
-            self._rsh = await self._tunnel.enter_async_context(rsync_tunnel(conn))
-        return self._rsh
+            if self._tunnel is None:
+                self._tunnel = contextlib.AsyncExitStack()
+            self._rsh[framed] = await self._tunnel.enter_async_context(
+                rsync_tunnel(conn, framed))
+        return self._rsh[framed]
 
     def is_loss(self, exc: BaseException) -> bool:
         """Whether ``exc`` came from the connection dying (so a retry may help)."""
@@ -205,7 +211,7 @@ class Link:
             with contextlib.suppress(Exception):
                 await self._tunnel.aclose()
         self._tunnel = None
-        self._rsh = None
+        self._rsh = {}
         if self._sftp is not None:
             with contextlib.suppress(Exception):
                 self._sftp.exit()

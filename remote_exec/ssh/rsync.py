@@ -15,6 +15,8 @@ from pathlib import Path
 
 import asyncssh
 
+from remote_exec.ssh import shell
+
 BRIDGE = Path(__file__).with_name("rsh_bridge.py")
 #: The host name rsync sees; the bridge ignores it and uses the open connection.
 TUNNEL_HOST = "remote-exec"
@@ -27,21 +29,27 @@ def local_rsync() -> str | None:
 
 async def remote_has_rsync(conn: asyncssh.SSHClientConnection) -> bool:
     """Whether the remote login shell finds an rsync (one exec on the connection)."""
-    result = await conn.run("rsync --version >/dev/null 2>&1", check=False)
-    return result.exit_status == 0
+    return (await shell.run(conn, "rsync --version >/dev/null 2>&1")).ok
 
 
-async def _serve(conn: asyncssh.SSHClientConnection, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:
-    """Run one rsync remote command on an SSH channel and relay it to the bridge."""
+async def _serve(conn: asyncssh.SSHClientConnection, framed: bool,
+                 reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Run one rsync remote command on an SSH channel and relay it to the bridge.
+
+    ``framed``: the command runs under ``/bin/sh`` past a mark, so a login shell that
+    prints (or is csh) cannot garble rsync's protocol; a restricted site's agent, which
+    reads the command itself, gets it as rsync wrote it."""
 
     def frame(kind: bytes, payload: bytes) -> None:
         writer.write(struct.pack(">cI", kind, len(payload)) + payload)
 
     try:
         argv = json.loads(await reader.readline())
-        command = " ".join(argv)  # rsync quoted its words for a remote shell, as ssh joins them
-        process = await conn.create_process(command, encoding=None)
+        command = " ".join(argv)  # rsync quoted its words for a remote sh, as ssh joins them
+        if framed:
+            process = (await shell.start(conn, "exec " + command, encoding=None)).process
+        else:
+            process = await conn.create_process(command, encoding=None)
 
         async def upstream() -> None:
             while True:
@@ -83,12 +91,16 @@ async def _serve(conn: asyncssh.SSHClientConnection, reader: asyncio.StreamReade
 
 
 @contextlib.asynccontextmanager
-async def rsync_tunnel(conn: asyncssh.SSHClientConnection) -> AsyncIterator[str]:
-    """Serve the bridge socket for the life of the block; yields the ``--rsh`` value."""
+async def rsync_tunnel(conn: asyncssh.SSHClientConnection,
+                       framed: bool = True) -> AsyncIterator[str]:
+    """Serve the bridge socket for the life of the block; yields the ``--rsh`` value.
+
+    ``framed=False`` for a forced command that reads rsync's command itself (the
+    restricted agent): see :func:`_serve`."""
     tmp = tempfile.mkdtemp(prefix="remote-exec-rsh-")  # mode 0700: only we can connect
     sock_path = os.path.join(tmp, "s")
     server = await asyncio.start_unix_server(
-        lambda r, w: _serve(conn, r, w), path=sock_path
+        lambda r, w: _serve(conn, framed, r, w), path=sock_path
     )
     rsh = " ".join(_rsync_quote(w) for w in (sys.executable, "-S", "-E", str(BRIDGE), sock_path))
     try:

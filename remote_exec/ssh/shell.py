@@ -1,0 +1,239 @@
+"""Remote commands and SFTP sessions that work under any login shell.
+
+sshd runs every exec request -- and, on a stock server, the ``sftp-server`` behind
+the SFTP subsystem -- as ``$SHELL -c COMMAND`` with the remote user's login shell.
+Two things break there, and this module is the one place that deals with both:
+
+* **The shell's syntax.** csh and tcsh reject sh redirections (``2>&1`` makes a file
+  named ``1``), newlines inside quotes and ``!word`` (history). So every command
+  remote-exec sends is one line, ``exec /bin/sh -c 'SCRIPT' sh ARG...``, quoted so
+  that sh, bash, dash, ksh, zsh, csh and tcsh read it alike: the login shell only
+  starts ``/bin/sh``, which does the rest.
+* **The shell's start-up files.** A ``.bashrc`` or ``.cshrc`` that prints ("Welcome
+  to the cluster", module lists, quota notices) puts its text in front of the
+  command's own output. Every command is framed: ``/bin/sh`` first prints a line
+  holding a fresh nonce on stdout and on stderr, and what comes before it is the
+  *banner*, kept apart and never parsed. SFTP is opened on the subsystem first; when
+  that stream is garbled by a banner, the ``sftp-server`` is started on an exec
+  channel framed the same way and the SFTP client reads from after the mark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import secrets
+import shlex
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import asyncssh
+
+from remote_exec.errors import ConfigError, NoisyShellError
+
+#: where OpenSSH's sftp-server lives on Debian/Ubuntu, RHEL/Fedora, Arch/SUSE, BSDs
+SFTP_SERVERS = (
+    "/usr/lib/openssh/sftp-server",
+    "/usr/libexec/openssh/sftp-server",
+    "/usr/lib/ssh/sftp-server",
+    "/usr/libexec/sftp-server",
+    "/usr/lib/sftp-server",
+    "/usr/local/libexec/sftp-server",
+)
+
+#: what a user does about a login shell that prints in non-interactive sessions
+QUIET_SHELL_FIX = (
+    "make the remote login shell quiet when it is not interactive: put "
+    "`[ -z \"$PS1\" ] && return` at the top of ~/.bashrc (csh/tcsh: "
+    "`if (! $?prompt) exit` at the top of ~/.cshrc), or move the output to "
+    "~/.bash_profile (csh/tcsh: ~/.login)"
+)
+
+#: how long a banner may take before the framed command's mark shows up
+MARK_TIMEOUT = 60.0
+
+
+def quote(word: str) -> str:
+    """``word`` as one word for sh, bash, dash, zsh, csh and tcsh alike.
+
+    POSIX single quotes, with ``!`` written ``'\\!'`` outside them (csh expands
+    ``!`` inside single quotes; every shell reads ``\\!`` as ``!``). A newline has
+    no spelling that csh and sh share, so it is refused.
+    """
+    if "\n" in word or "\r" in word:
+        raise ConfigError(
+            f"cannot pass {word!r} to a remote login shell: it holds a line break",
+            hint="remove line breaks from the site's paths and parameters",
+        )
+    return shlex.quote(word).replace("!", "'\\!'")
+
+
+def sh_line(script: str, *args: str) -> str:
+    """The exec request that runs POSIX sh ``script`` with ``args`` as ``$1``...
+
+    ``script`` is remote-exec's own code and must be a single line."""
+    return " ".join(["exec /bin/sh -c", quote(script), "sh", *(quote(a) for a in args)])
+
+
+#: the sh script that runs its arguments as a program (no shell syntax applies to them)
+EXEC_ARGS = 'exec "$@"'
+
+
+class Mark:
+    """A per-command nonce line that separates the login shell's banner from output."""
+
+    def __init__(self) -> None:
+        self.text = f"remote-exec-mark-{secrets.token_hex(8)}"
+
+    @property
+    def line(self) -> bytes:
+        return self.text.encode() + b"\n"
+
+    def prefix(self, *, stderr: bool = True) -> str:
+        """sh that prints the mark on stdout (and stderr), to run before the real work."""
+        out = f"printf '%s\\n' {self.text}"
+        return f"{out}; {out} >&2; " if stderr else f"{out}; "
+
+    def split(self, text: str) -> tuple[str, str, bool]:
+        """``(banner, output, found)`` of one stream's whole text."""
+        marker = self.text + "\n"
+        at = text.find(marker)
+        if at < 0:
+            return "", text, False
+        return text[:at], text[at + len(marker):], True
+
+
+@dataclass
+class Result:
+    """A finished remote command, its banner kept apart."""
+
+    exit_status: int | None
+    stdout: str
+    stderr: str
+    banner: str = ""  # what the login shell printed on stdout before the command
+    banner_err: str = ""  # ... and on stderr
+    framed: bool = True  # False: /bin/sh never started (the login shell refused)
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_status == 0
+
+
+async def run(conn: asyncssh.SSHClientConnection, script: str, *args: str,
+              input: str | None = None) -> Result:
+    """Run sh ``script`` with ``args`` on the host; its output without the banner."""
+    mark = Mark()
+    done = await conn.run(sh_line(mark.prefix() + script, *args), input=input, check=False)
+    banner, out, found = mark.split(str(done.stdout or ""))
+    banner_err, err, found_err = mark.split(str(done.stderr or ""))
+    return Result(done.exit_status, out, err, banner, banner_err, found and found_err)
+
+
+async def run_argv(conn: asyncssh.SSHClientConnection, argv: Sequence[str],
+                   input: str | None = None) -> Result:
+    """Run the program ``argv`` on the host (``argv[0]`` looked up in the login PATH)."""
+    return await run(conn, EXEC_ARGS, *argv, input=input)
+
+
+@dataclass
+class Started:
+    """A command started on a channel, its output read past the login shell's banner."""
+
+    process: asyncssh.SSHClientProcess[Any]
+    banner: bytes | str  # what the login shell printed on stdout first
+    banner_err: bytes | str  # ... and on stderr (all of stderr when not ``framed``)
+    framed: bool  # False: the channel ended before /bin/sh printed the mark
+
+
+async def start(conn: asyncssh.SSHClientConnection, script: str, *args: str,
+                encoding: str | None = "utf-8", **kwargs: Any) -> Started:
+    """Start sh ``script`` on a channel, its stdout and stderr read past the banner.
+
+    When the channel ends before the mark, both streams are at EOF and the banners
+    hold all they said."""
+    mark = Mark()
+    process = await conn.create_process(sh_line(mark.prefix() + script, *args),
+                                        encoding=encoding, **kwargs)
+    separator: bytes | str = mark.line if encoding is None else mark.line.decode()
+    banner, found = await skip_banner(process.stdout, separator)
+    banner_err, _ = await skip_banner(process.stderr, separator)  # printed right after
+    return Started(process, banner, banner_err, found)
+
+
+async def skip_banner(stream: asyncssh.SSHReader[Any],
+                      separator: bytes | str) -> tuple[Any, bool]:
+    """Read ``stream`` up to and including ``separator``: ``(what came before, found)``.
+
+    At EOF without the separator, everything read is returned and the stream is
+    left at EOF."""
+    try:
+        data = await asyncio.wait_for(stream.readuntil(separator), MARK_TIMEOUT)
+    except asyncio.IncompleteReadError as exc:
+        return exc.partial, False
+    return data[:-len(separator)], True
+
+
+# -- SFTP ---------------------------------------------------------------------------------
+
+#: connections whose SFTP subsystem was seen garbled: go straight to the framed server
+_GARBLED: weakref.WeakSet[asyncssh.SSHClientConnection] = weakref.WeakSet()
+
+
+def subsystem_garbled(conn: asyncssh.SSHClientConnection) -> bool:
+    """Whether :func:`open_sftp` found the SFTP subsystem garbled on ``conn``."""
+    return conn in _GARBLED
+
+
+async def open_sftp(conn: asyncssh.SSHClientConnection) -> asyncssh.SFTPClient:
+    """An SFTP client on ``conn``, also when the login shell garbles the subsystem."""
+    if conn not in _GARBLED:
+        try:
+            return await conn.start_sftp_client()
+        except asyncssh.SFTPBadMessage:
+            if conn.is_closed():
+                raise
+        _GARBLED.add(conn)
+    return await _framed_sftp(conn)
+
+
+async def _framed_sftp(conn: asyncssh.SSHClientConnection) -> asyncssh.SFTPClient:
+    mark = Mark()
+    servers = " ".join(quote(p) for p in SFTP_SERVERS)
+    script = (f"for p in {servers}; do if [ -x \"$p\" ]; then {mark.prefix(stderr=False)}"
+              "exec \"$p\"; fi; done; echo 'no sftp-server found' >&2; exit 127")
+    writer, reader, _ = await conn.open_session(sh_line(script), encoding=None)
+    banner, found = await skip_banner(reader, mark.line)
+    if not found:
+        writer.close()
+        raise NoisyShellError(
+            "the remote login shell prints text in non-interactive sessions, which breaks "
+            "SFTP, and no sftp-server was found to start past it "
+            f"(it printed: {describe_banner(banner)})",
+            hint=QUIET_SHELL_FIX,
+        )
+    return await _sftp_client(conn, reader, writer)
+
+
+async def _sftp_client(conn: asyncssh.SSHClientConnection, reader: asyncssh.SSHReader[bytes],
+                       writer: asyncssh.SSHWriter[bytes]) -> asyncssh.SFTPClient:
+    """asyncssh's own SFTP client start-up on a channel we opened (its internal helper:
+    the keywords are matched to the installed version's signature)."""
+    from asyncssh.sftp import start_sftp_client
+
+    wanted: dict[str, Any] = {
+        "conn": conn, "loop": asyncio.get_running_loop(), "reader": reader, "writer": writer,
+        "utf8_decode_errors": "strict", "path_encoding": "utf-8", "path_errors": "strict",
+        "sftp_version": 3,
+    }
+    params = inspect.signature(start_sftp_client).parameters
+    return cast(asyncssh.SFTPClient,
+                await start_sftp_client(**{k: v for k, v in wanted.items() if k in params}))
+
+
+def describe_banner(banner: bytes | str) -> str:
+    """A short quote of a banner for messages and ``site check``."""
+    text = banner.decode("utf-8", "replace") if isinstance(banner, bytes) else banner
+    text = " ".join(text.split())
+    return repr(text[:120] + ("…" if len(text) > 120 else ""))
