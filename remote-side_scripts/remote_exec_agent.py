@@ -61,7 +61,7 @@ import sys
 import time
 import traceback
 
-AGENT_VERSION = "1"
+AGENT_VERSION = "2"
 AGENT_NAME = "remote-exec-agent"
 
 EXIT_OK = 0
@@ -1604,6 +1604,24 @@ def _say(text):
         pass
 
 
+#: ``mark NONCE REQUEST``: the client's framing. The agent prints NONCE on a line of
+#: its own on stdout and stderr before anything else, so the client can tell the
+#: login shell's start-up output (a .bashrc that prints) from the agent's answer.
+MARK_WORD = "mark"
+MARK_NONCE = re.compile(r"[A-Za-z0-9_.-]{8,80}\Z")
+
+
+def strip_mark(command):
+    """``command`` without its mark, after printing the mark; as it was if unmarked."""
+    words = (command or "").split(None, 2)
+    if len(words) < 2 or words[0] != MARK_WORD or not MARK_NONCE.match(words[1]):
+        return command
+    for stream in (sys.stdout, sys.stderr):
+        stream.write(words[1] + "\n")
+        stream.flush()
+    return words[2] if len(words) > 2 else ""
+
+
 def dispatch(cfg, command, journal):
     """Run one client request; returns the exit status (or raises Refused / Failure)."""
     if command is None:
@@ -1689,7 +1707,7 @@ def main(argv=None):
     if allowlist is None:
         allowlist = os.path.join(os.path.dirname(os.path.abspath(__file__)), "allowlist.json")
     allowlist = os.path.abspath(os.path.expanduser(allowlist))
-    command = os.environ.get("SSH_ORIGINAL_COMMAND")
+    command = strip_mark(os.environ.get("SSH_ORIGINAL_COMMAND"))
     journal = Journal(os.path.join(os.path.dirname(allowlist), "agent.log"), command)
     return _serve(allowlist, command, journal)
 

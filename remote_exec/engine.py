@@ -33,7 +33,7 @@ from remote_exec import localfs
 from remote_exec import returns as return_filter
 from remote_exec.backends import agent as agent_mod
 from remote_exec.backends import make_backend
-from remote_exec.backends.agent import AgentBackend
+from remote_exec.backends.agent import AgentBackend, agent_rsync
 from remote_exec.backends.batch import CANCELLED, COMPLETED, TIMED_OUT, JobInfo
 from remote_exec.backends.direct import Launched, follow_log, read_control, read_exit_code
 from remote_exec.backends.scheduled import BatchBackend, SchedulerUnavailable
@@ -469,7 +469,7 @@ class _Driver:
     async def _fetch(self) -> None:
         partial = localfs.partial_dir(self.request.into, self.run_id)
         if self.agent is not None:  # the agent applies the site's return filter
-            report = await self.agent.fetch(await self.link.rsh(framed=False), self.run_id, partial,
+            report = await self.agent.fetch(await self.link.rsh(agent_rsync), self.run_id, partial,
                                             self.ui.show_progress)
             method, size = report.method, localfs.tree_size(partial)
         else:
@@ -541,7 +541,7 @@ class _Driver:
         inputs = self.request.inputs
         size = sum(i.size for i in inputs)
         try:
-            await agent.stage(await self.link.rsh(framed=False), inputs, self.run_id,
+            await agent.stage(await self.link.rsh(agent_rsync), inputs, self.run_id,
                               self.ui.show_progress)
         except StageError as exc:
             if not self.retrying and not self.link.is_loss(exc):

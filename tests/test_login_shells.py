@@ -237,3 +237,45 @@ def test_noisy_shell_without_sftp_server_fails_before_creating_anything(
     assert list((home / "runs").iterdir()) == []  # nothing was created remotely
     assert not (home / "ran.txt").exists()
     assert sorted(p.name for p in workdir.iterdir()) == before
+
+
+@pytest.mark.parametrize("key", ["bash-stdout", "tcsh-stdout"])
+def test_restricted_site_on_a_noisy_login_shell(cli, workdir: Path, tmp_path: Path, accounts,
+                                                sshd: Sandbox, key: str) -> None:
+    """The agent is a forced command, which sshd runs through the login shell too: its
+    answers and its rsync are framed past the banner as well."""
+    import asyncssh
+
+    home = _need(accounts, key)
+    account = ACCOUNTS[key]
+    entry = pwd.getpwnam(account.name)
+    program = home / "work.sh"
+    program.write_text('#!/bin/sh\ncat a.dat "b c.dat" > out.bin\necho ran >> ~/ran.txt\n')
+    program.chmod(0o755)
+    os.chown(program, entry.pw_uid, entry.pw_gid)
+    mint_key = tmp_path / "mint_key"
+    generated = asyncssh.generate_private_key("ssh-ed25519")
+    generated.write_private_key(str(mint_key))
+    generated.write_public_key(f"{mint_key}.pub")
+    mint_key.chmod(0o600)
+    admin = _site(sshd, account)
+    locked = _site(sshd, account, identity_file=str(mint_key), restricted=True,
+                   agent_dir="~/.remote-exec-agent", templates=["generic"])
+    config = tmp_path / "restricted.yaml"
+    config.write_text(yaml.safe_dump({"sites": {"locked": locked, "admin": admin}}))
+    env = {"REMOTE_EXEC_CONFIG": str(config)}
+    proc = cli("site", "install", "locked", "--apply", "--admin-identity",
+               str(sshd.user_key), cwd=workdir, extra_env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = _inputs(workdir)
+    into = tmp_path / "into"
+    into.mkdir()
+    proc = cli("run", "--site", "locked", "--template", "generic", "-p",
+               f"program={program}", "--into", str(into), "a.dat", "b c.dat",
+               cwd=workdir, extra_env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert (into / "out.bin").read_bytes() == data["a.dat"] + data["b c.dat"]
+    assert (home / "ran.txt").read_text() == "ran\n"
+    proc = cli("site", "check", "locked", "--json", cwd=workdir, extra_env=env)
+    rows = {row["check"]: row for row in json.loads(proc.stdout)}
+    assert rows["access"]["status"] == "ok", rows

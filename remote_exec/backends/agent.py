@@ -43,6 +43,7 @@ from remote_exec.errors import (
 )
 from remote_exec.inputs import Input
 from remote_exec.ssh import rsync as rsync_mod
+from remote_exec.ssh import shell
 from remote_exec.ssh.transfer import FetchReport
 from remote_exec.ui import Reporter
 
@@ -58,8 +59,18 @@ class AgentRefused(RemoteExecError):
     exit_code = EXIT_AUTH
 
 
-def _command(*words: str) -> str:
-    return shlex.join(words)
+#: the agent's framing word (see ``strip_mark`` in the agent): it prints the mark first
+MARK_WORD = "mark"
+
+
+def agent_request(*words: str) -> shell.Request:
+    """The exec request for one agent command, framed past the login shell's output."""
+    return lambda mark: shlex.join([MARK_WORD, mark.text, *words])
+
+
+def agent_rsync(command: str) -> shell.Request:
+    """The exec request for rsync's remote command, which the agent confines."""
+    return lambda mark: f"{MARK_WORD} {mark.text} {command}"
 
 
 def _first_line(text: str) -> str:
@@ -74,6 +85,10 @@ def _raise_for(status: int | None, stderr: str, what: str, site: str) -> None:
     if status == REFUSED and line.startswith(PREFIX):
         raise AgentRefused(f"{site} refused to {what}: {line[len(PREFIX):]}",
                            hint="the site's allowlist decides; ask its administrator")
+    if MARK_WORD in line and "is not an agent command" in line:
+        raise ConfigError(
+            f"{site}'s remote-exec agent is older than this remote-exec ({line})",
+            hint="install the current agent: `remote-exec site install SITE --apply`")
     if line.startswith(PREFIX):
         raise RemoteExecError(f"{site}: the agent could not {what}: {line[len(PREFIX):]}")
     if status == 127 or "not found" in line:
@@ -96,15 +111,15 @@ class AgentBackend:
     async def call(self, conn: asyncssh.SSHClientConnection, *words: str,
                    stdin: str | None = None, what: str = "") -> dict[str, Any]:
         """Run one agent command; its JSON answer, or an error that says who refused."""
-        result = await conn.run(_command(*words), input=stdin, check=False)
+        result = await shell.run_request(conn, agent_request(*words), input=stdin)
         if result.exit_status != 0:
-            _raise_for(result.exit_status, str(result.stderr or ""),
+            _raise_for(result.exit_status, result.stderr or result.banner_err,
                        what or " ".join(words[:1]), self.site)
         try:
-            return cast(dict[str, Any], json.loads(str(result.stdout or "")))
+            return cast(dict[str, Any], json.loads(result.stdout))
         except ValueError:
             raise RemoteExecError(f"{self.site}: the agent's answer to {words[0]} is not "
-                                  f"JSON: {_first_line(str(result.stdout))[:200]}") from None
+                                  f"JSON: {_first_line(result.stdout)[:200]}") from None
 
     async def hello(self, conn: asyncssh.SSHClientConnection) -> dict[str, Any]:
         return await self.call(conn, "hello", what="say hello")
@@ -154,11 +169,12 @@ class AgentBackend:
 
     async def launch(self, conn: asyncssh.SSHClientConnection, run_id: str, entry: str,
                      params: dict[str, Any]) -> Launched:
-        process = await conn.create_process(_command("launch", run_id, entry),
+        started = await shell.start_request(conn, agent_request("launch", run_id, entry),
                                             stdin=asyncssh.PIPE)
+        process = started.process
         process.stdin.write(json.dumps(params))
         process.stdin.write_eof()
-        line = cast(str, await process.stdout.readline())
+        line = cast(str, await process.stdout.readline()) if started.framed else ""
         if line.startswith("started "):
             return Launched(job_id=line.split()[1], channel=process)
         await process.wait_closed()
@@ -168,7 +184,8 @@ class AgentBackend:
             return Launched(job_id=str(pgid) if pgid else None, before=True)
         if process.exit_status is None and conn.is_closed():
             raise asyncssh.ConnectionLost("the connection closed while launching")
-        err = cast(str, await process.stderr.read()) if process.stderr else ""
+        err = cast(str, await process.stderr.read()) if started.framed \
+            else str(started.banner_err)
         _raise_for(process.exit_status, err, f"launch {entry}", self.site)
         raise AssertionError("unreachable")
 
@@ -177,7 +194,7 @@ class AgentBackend:
 
     async def wait(self, conn: asyncssh.SSHClientConnection, run_id: str) -> int:
         """Block until the entrypoint ends (on the host); its exit code."""
-        result = await conn.run(_command("wait", run_id), check=False)
+        result = await shell.run_request(conn, agent_request("wait", run_id))
         if result.exit_status is None and conn.is_closed():
             raise asyncssh.ConnectionLost("the connection closed while waiting")
         if result.exit_status == 3:
@@ -186,9 +203,9 @@ class AgentBackend:
                 "remote host rebooted, or the process killed with KILL?)",
                 hint="`remote-exec logs` shows what it wrote")
         if result.exit_status != 0:
-            _raise_for(result.exit_status, str(result.stderr or ""), "wait for the run",
-                       self.site)
-        return int(json.loads(str(result.stdout))["exit_code"])
+            _raise_for(result.exit_status, result.stderr or result.banner_err,
+                       "wait for the run", self.site)
+        return int(json.loads(result.stdout)["exit_code"])
 
     async def cancel(self, conn: asyncssh.SSHClientConnection, rundir: str,
                      grace: float) -> str:
@@ -209,8 +226,9 @@ class AgentBackend:
         """Stream the run's log from ``offset`` into ``sink`` (to the run's end with
         ``follow``)."""
         words = ["log", run_id, "--offset", str(offset)] + (["--follow"] if follow else [])
-        process = await conn.create_process(_command(*words), encoding=None,
+        started = await shell.start_request(conn, agent_request(*words), encoding=None,
                                             stdin=asyncssh.DEVNULL)
+        process = started.process
         try:
             while True:
                 data = cast(bytes, await process.stdout.read(65536))
@@ -221,7 +239,8 @@ class AgentBackend:
         finally:
             process.close()
         if process.exit_status not in (0, None):
-            err = cast(bytes, await process.stderr.read()) if process.stderr else b""
+            err = cast(bytes, await process.stderr.read()) if started.framed \
+                else cast(bytes, started.banner_err)
             _raise_for(process.exit_status, err.decode("utf-8", "replace"), "show the log",
                        self.site)
 

@@ -29,8 +29,8 @@ from remote_exec.config import Site
 from remote_exec.errors import AuthError, ConnectError, LinkLostError
 from remote_exec.paths import state_dir
 from remote_exec.ssh.connect import open_connection
-from remote_exec.ssh.rsync import rsync_tunnel
-from remote_exec.ssh.shell import open_sftp
+from remote_exec.ssh.rsync import RsyncRequest, rsync_tunnel
+from remote_exec.ssh.shell import open_sftp, sh_rsync
 from remote_exec.ui import Reporter
 
 HANDSHAKES_PER_HOST = 6  # below sshd's MaxStartups 10 (where random drops begin)
@@ -122,7 +122,7 @@ class Link:
         self._conn: asyncssh.SSHClientConnection | None = None
         self._sftp: asyncssh.SFTPClient | None = None
         self._tunnel: contextlib.AsyncExitStack | None = None
-        self._rsh: dict[bool, str] = {}  # framed? -> rsync's --rsh value
+        self._rsh: dict[RsyncRequest, str] = {}  # rsync's --rsh value per framing
         self.reconnects = 0
 
     # -- what steps use ---------------------------------------------------------------------
@@ -150,18 +150,15 @@ class Link:
             raise ConnectionError("no open connection")
         return self._sftp
 
-    async def rsh(self, framed: bool = True) -> str:
-        """rsync's ``--rsh`` value for a tunnel over the current connection.
-
-        ``framed=False`` hands rsync's command to a forced command unchanged (the
-        restricted agent); see :func:`remote_exec.ssh.rsync.rsync_tunnel`."""
-        if framed not in self._rsh:
+    async def rsh(self, wrap: RsyncRequest = sh_rsync) -> str:
+        """rsync's ``--rsh`` value for a tunnel over the current connection; ``wrap``
+        frames rsync's remote command (a restricted site's agent has its own)."""
+        if wrap not in self._rsh:
             conn = await self.conn()
             if self._tunnel is None:
                 self._tunnel = contextlib.AsyncExitStack()
-            self._rsh[framed] = await self._tunnel.enter_async_context(
-                rsync_tunnel(conn, framed))
-        return self._rsh[framed]
+            self._rsh[wrap] = await self._tunnel.enter_async_context(rsync_tunnel(conn, wrap))
+        return self._rsh[wrap]
 
     def is_loss(self, exc: BaseException) -> bool:
         """Whether ``exc`` came from the connection dying (so a retry may help)."""

@@ -10,7 +10,7 @@ import shutil
 import struct
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import asyncssh
@@ -32,13 +32,17 @@ async def remote_has_rsync(conn: asyncssh.SSHClientConnection) -> bool:
     return (await shell.run(conn, "rsync --version >/dev/null 2>&1")).ok
 
 
-async def _serve(conn: asyncssh.SSHClientConnection, framed: bool,
+#: the exec request for rsync's remote command: see :func:`remote_exec.ssh.shell.sh_rsync`
+RsyncRequest = Callable[[str], shell.Request]
+
+
+async def _serve(conn: asyncssh.SSHClientConnection, wrap: RsyncRequest,
                  reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Run one rsync remote command on an SSH channel and relay it to the bridge.
 
-    ``framed``: the command runs under ``/bin/sh`` past a mark, so a login shell that
-    prints (or is csh) cannot garble rsync's protocol; a restricted site's agent, which
-    reads the command itself, gets it as rsync wrote it."""
+    ``wrap`` frames the command, so that a login shell that prints (or is csh) cannot
+    garble rsync's protocol: under ``/bin/sh`` on an open site, in the agent's own
+    words on a restricted one."""
 
     def frame(kind: bytes, payload: bytes) -> None:
         writer.write(struct.pack(">cI", kind, len(payload)) + payload)
@@ -46,10 +50,8 @@ async def _serve(conn: asyncssh.SSHClientConnection, framed: bool,
     try:
         argv = json.loads(await reader.readline())
         command = " ".join(argv)  # rsync quoted its words for a remote sh, as ssh joins them
-        if framed:
-            process = (await shell.start(conn, "exec " + command, encoding=None)).process
-        else:
-            process = await conn.create_process(command, encoding=None)
+        started = await shell.start_request(conn, wrap(command), encoding=None)
+        process = started.process
 
         async def upstream() -> None:
             while True:
@@ -92,15 +94,12 @@ async def _serve(conn: asyncssh.SSHClientConnection, framed: bool,
 
 @contextlib.asynccontextmanager
 async def rsync_tunnel(conn: asyncssh.SSHClientConnection,
-                       framed: bool = True) -> AsyncIterator[str]:
-    """Serve the bridge socket for the life of the block; yields the ``--rsh`` value.
-
-    ``framed=False`` for a forced command that reads rsync's command itself (the
-    restricted agent): see :func:`_serve`."""
+                       wrap: RsyncRequest = shell.sh_rsync) -> AsyncIterator[str]:
+    """Serve the bridge socket for the life of the block; yields the ``--rsh`` value."""
     tmp = tempfile.mkdtemp(prefix="remote-exec-rsh-")  # mode 0700: only we can connect
     sock_path = os.path.join(tmp, "s")
     server = await asyncio.start_unix_server(
-        lambda r, w: _serve(conn, framed, r, w), path=sock_path
+        lambda r, w: _serve(conn, wrap, r, w), path=sock_path
     )
     rsh = " ".join(_rsync_quote(w) for w in (sys.executable, "-S", "-E", str(BRIDGE), sock_path))
     try:

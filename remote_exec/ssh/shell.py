@@ -25,7 +25,7 @@ import inspect
 import secrets
 import shlex
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -121,11 +121,32 @@ class Result:
         return self.exit_status == 0
 
 
+#: builds one exec request from its mark; what runs must print the mark (on stdout and
+#: stderr) before anything else
+Request = Callable[[Mark], str]
+
+
+def sh_request(script: str, *args: str) -> Request:
+    """The request that runs POSIX sh ``script`` with ``args``, under any login shell."""
+    return lambda mark: sh_line(mark.prefix() + script, *args)
+
+
+def sh_rsync(command: str) -> Request:
+    """The request for rsync's remote command (rsync quoted its words for a remote sh)."""
+    return sh_request("exec " + command)
+
+
 async def run(conn: asyncssh.SSHClientConnection, script: str, *args: str,
               input: str | None = None) -> Result:
     """Run sh ``script`` with ``args`` on the host; its output without the banner."""
+    return await run_request(conn, sh_request(script, *args), input=input)
+
+
+async def run_request(conn: asyncssh.SSHClientConnection, request: Request,
+                      input: str | None = None) -> Result:
+    """Run one framed request; its output without the banner."""
     mark = Mark()
-    done = await conn.run(sh_line(mark.prefix() + script, *args), input=input, check=False)
+    done = await conn.run(request(mark), input=input, check=False)
     banner, out, found = mark.split(str(done.stdout or ""))
     banner_err, err, found_err = mark.split(str(done.stderr or ""))
     return Result(done.exit_status, out, err, banner, banner_err, found and found_err)
@@ -149,13 +170,18 @@ class Started:
 
 async def start(conn: asyncssh.SSHClientConnection, script: str, *args: str,
                 encoding: str | None = "utf-8", **kwargs: Any) -> Started:
-    """Start sh ``script`` on a channel, its stdout and stderr read past the banner.
+    """Start sh ``script`` on a channel, its stdout and stderr read past the banner."""
+    return await start_request(conn, sh_request(script, *args), encoding=encoding, **kwargs)
+
+
+async def start_request(conn: asyncssh.SSHClientConnection, request: Request,
+                        encoding: str | None = "utf-8", **kwargs: Any) -> Started:
+    """Start one framed request on a channel, its stdout and stderr read past the banner.
 
     When the channel ends before the mark, both streams are at EOF and the banners
     hold all they said."""
     mark = Mark()
-    process = await conn.create_process(sh_line(mark.prefix() + script, *args),
-                                        encoding=encoding, **kwargs)
+    process = await conn.create_process(request(mark), encoding=encoding, **kwargs)
     separator: bytes | str = mark.line if encoding is None else mark.line.decode()
     banner, found = await skip_banner(process.stdout, separator)
     banner_err, _ = await skip_banner(process.stderr, separator)  # printed right after
