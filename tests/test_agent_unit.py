@@ -295,7 +295,7 @@ def test_runs_on_python_3_6(tmp_path: Path) -> None:
 def test_hello(site: Site) -> None:
     hello = site.ok("hello")
     assert hello["agent"] == "remote-exec-agent"
-    assert hello["version"] == "1"
+    assert hello["version"] == agent_module.AGENT_VERSION
     assert re.fullmatch(r"3\.\d+\.\d+", hello["python"])
     assert hello["rsync"] is None or hello["rsync"].startswith("rsync")
     assert hello["root"] == str(site.root) and site.root.is_dir()

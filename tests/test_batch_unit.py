@@ -3,6 +3,7 @@ the job script, the submit guard, Slurm's parsers on real captured output."""
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 from datetime import datetime
 from pathlib import Path
@@ -294,9 +295,12 @@ class _Conn:
     def __init__(self, answers: dict[str, _Answer]) -> None:
         self.answers, self.asked = answers, []
 
-    async def run(self, command: str, check: bool = False) -> _Answer:
-        self.asked.append(command)
-        return self.answers[command.split()[0]]
+    async def run(self, command: str, check: bool = False, input: str | None = None
+                  ) -> _Answer:
+        words = shlex.split(command)  # exec /bin/sh -c SCRIPT sh PROGRAM ARG...
+        assert words[:3] == ["exec", "/bin/sh", "-c"] and words[4] == "sh", command
+        self.asked.append(shlex.join(words[5:]))
+        return self.answers[words[5]]
 
     def is_closed(self) -> bool:
         return False
