@@ -148,7 +148,7 @@ async def execute_async(request: RunRequest, ui: Reporter, *, resume: bool = Fal
         else:
             if not resume:
                 raise ConfigError(f"run {request.run_id} already exists in the journal")
-            _check_resumable(record)
+            _check_resumable(record, journal)
             journal.update(request.run_id, state="running", error=None,
                            driver_pid=driver_pid or os.getpid())
         reporter = _JournalReporter(ui, journal, request.run_id)
@@ -170,12 +170,21 @@ async def execute_async(request: RunRequest, ui: Reporter, *, resume: bool = Fal
         lock.release()
 
 
-def _check_resumable(record: RunRecord) -> None:
+def _check_resumable(record: RunRecord, journal: Journal) -> None:
+    """Refuse to resume a run that ended for good. A run whose entrypoint finished but
+    whose results were never fetched (the fetch failed, or a cancel or timeout came
+    during it) is resumable: only the fetch and the cleanup are left to do."""
     if record.state == "succeeded":
         raise ConfigError(f"run {record.id} already succeeded; nothing to resume")
+    destroyed = journal.destroyed(record.id)
+    if destroyed:
+        raise ConfigError(f"run {record.id} cannot be resumed: {destroyed}",
+                          hint="start a new run")
+    if record.awaits_fetch:
+        return
     if record.state in ("cancelled", "timed_out"):
-        raise ConfigError(f"run {record.id} was {record.state.replace('_', ' ')}; "
-                          "it cannot be resumed", hint="start a new run")
+        raise ConfigError(f"run {record.id} was {record.state.replace('_', ' ')} before its "
+                          "entrypoint finished; it cannot be resumed", hint="start a new run")
     if record.state == "failed" and not record.reached("finished"):
         raise ConfigError(
             f"run {record.id} failed before its entrypoint finished: {record.error}",
@@ -243,6 +252,9 @@ class _Driver:
             raise
         except RemoteExecError as err:
             self.journal.update(self.run_id, state="failed", error=err.message)
+            if self._awaits_fetch():
+                later = self._resume_fetch_text()
+                err.hint = f"{err.hint}; once that is fixed, {later}" if err.hint else later
             raise
         finally:
             if deadline is not None:
@@ -270,6 +282,17 @@ class _Driver:
                 text += f": killed at its walltime limit{limit}"
             return f"{text}; exit code {code}"
         return "" if code == 0 else f"the entrypoint exited with {code}"
+
+    def _awaits_fetch(self) -> bool:
+        """Whether the entrypoint finished and its results are not in place yet."""
+        return self._done("finished") and not self._done("fetched")
+
+    def _resume_fetch_text(self) -> str:
+        """How ``resume`` brings the results back, naming the partial directory it uses."""
+        partial = localfs.partial_path(self.request.into, self.run_id)
+        kept = f" (what came back so far stays in {partial})" if partial.exists() else ""
+        return (f"`remote-exec resume {self.run_id[:8]}` fetches the results{kept}; "
+                "the entrypoint does not run again")
 
     def _done(self, phase: str) -> bool:
         return PHASES.index(self.phase) >= PHASES.index(phase)
@@ -718,10 +741,15 @@ class _Driver:
         return reason
 
     def _cancelled_error(self) -> RunCancelled:
-        where = f"{self.site.name}:{self.rundir}" if self.rundir else "nowhere yet"
-        return RunCancelled(
-            f"run {self.run_id} stopped: {self._reason_text()}",
-            exit_code=self.control.exit_code,
-            hint=f"the remote directory is kept at {where}; "
-            f"`remote-exec cleanup {self.site.name}` removes leftovers",
-        )
+        """The error a cancel ends with: what is kept where, and what can be done with it.
+        A local partial directory stays only if ``resume`` will fetch into it."""
+        if self._awaits_fetch():
+            hint = (f"the entrypoint had finished (exit code {self.exit_code}); its results "
+                    f"are kept at {self.site.name}:{self.rundir}; {self._resume_fetch_text()}")
+        else:
+            localfs.discard(localfs.partial_path(self.request.into, self.run_id))
+            where = f"{self.site.name}:{self.rundir}" if self.rundir else "nowhere yet"
+            hint = (f"the remote directory is kept at {where}; "
+                    f"`remote-exec cleanup {self.site.name}` removes leftovers")
+        return RunCancelled(f"run {self.run_id} stopped: {self._reason_text()}",
+                            exit_code=self.control.exit_code, hint=hint)

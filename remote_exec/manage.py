@@ -16,7 +16,7 @@ import posixpath
 import re
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from remote_exec.backends.scheduled import BatchBackend
 from remote_exec.config import Site
 from remote_exec.errors import ConfigError, RemoteExecError, RunBusyError
 from remote_exec.inputs import CONTROL_DIR, LOG_NAME
-from remote_exec.journal import Journal, RunLock, RunRecord, opened
+from remote_exec.journal import ACTIVE_STATES, Journal, RunLock, RunRecord, opened
 from remote_exec.ssh.link import open_throttled
 from remote_exec.ui import Reporter
 
@@ -320,23 +320,48 @@ class Leftover:
     path: str
     age_days: float
     state: str  # finished | not launched | running | dead
-    verdict: str = ""  # removed | would remove | kept (active) | too recent | failed
+    verdict: str = ""  # removed | would remove | kept (active) | kept (unfetched)
+    #                    | too recent | failed
+    note: str = ""  # what removing it destroys (results never fetched), if anything
+
+    @property
+    def run_id(self) -> str:
+        return posixpath.basename(self.path)
+
+
+@dataclass
+class Guards:
+    """What this machine's journal says about the runs whose directories ``cleanup`` finds."""
+
+    active: set[str] = field(default_factory=set)  # running or interrupted: never removed
+    unfetched: dict[str, RunRecord] = field(default_factory=dict)  # removed only with force
+
+    @classmethod
+    def from_journal(cls) -> Guards:
+        with opened() as journal:
+            records = journal.runs(limit=None)
+        return cls(active={r.id for r in records if r.state in ACTIVE_STATES},
+                   unfetched={r.id: r for r in records if r.awaits_fetch})
 
 
 async def cleanup(site: Site, older_than: float, dry_run: bool, ui: Reporter,
-                  active_ids: set[str]) -> list[Leftover]:
+                  guards: Guards, force: bool = False) -> list[Leftover]:
     """Remove run directories under the site's root that remote-exec made and no one uses.
 
     A directory qualifies when its name is a run id, it holds ``.remote-exec/``, it
     is older than ``older_than`` seconds, the journal does not list it as running
-    or interrupted, and its entrypoint is not running.
+    or interrupted, and its entrypoint is not running. One whose results the journal
+    has not placed yet (the fetch failed or was cancelled) is kept unless ``force``;
+    removing it is recorded in the journal, so ``resume`` says why it cannot.
     """
     from remote_exec.ssh import transfer
 
     conn = await open_throttled(site)
     if site.restricted:
         async with conn:
-            return await _cleanup_agent(conn, site, older_than, dry_run, ui, active_ids)
+            found = await _cleanup_agent(conn, site, older_than, dry_run, ui, guards, force)
+        _record_destroyed(found, guards)
+        return found
     found: list[Leftover] = []
     async with conn, conn.start_sftp_client() as sftp:
         root = site.root
@@ -359,31 +384,55 @@ async def cleanup(site: Site, older_than: float, dry_run: bool, ui: Reporter,
             state = await _leftover_state(sftp, path, proc)
             item = Leftover(path=path, age_days=age, state=state)
             found.append(item)
-            if _removable(item, name in active_ids, older_than, dry_run):
+            if _removable(item, guards, older_than, dry_run, force):
                 try:
                     await transfer.remove_tree(sftp, path)
                     item.verdict = "removed"
                 except asyncssh.SFTPError as exc:
                     item.verdict = "failed"
                     ui.warn(f"could not remove {path}: {exc.reason}")
+    _record_destroyed(found, guards)
     return found
 
 
-def _removable(item: Leftover, active: bool, older_than: float, dry_run: bool) -> bool:
+def _removable(item: Leftover, guards: Guards, older_than: float, dry_run: bool,
+               force: bool) -> bool:
     """Whether to remove ``item`` now; if not, its verdict says why."""
-    if active or item.state == "running":
+    unfetched = guards.unfetched.get(item.run_id)
+    if item.run_id in guards.active or item.state == "running":
         item.verdict = "kept (active)"
     elif item.age_days * 86400 < older_than:
         item.verdict = "too recent"
-    elif dry_run:
-        item.verdict = "would remove"
+    elif unfetched is not None and not force:
+        item.verdict = "kept (unfetched)"
     else:
-        return True
+        if unfetched is not None:
+            item.note = (f"run {unfetched.id}: its results were never fetched (entrypoint "
+                         f"exit code {unfetched.exit_code}); they exist only in {item.path}"
+                         + (", which --force would destroy" if dry_run
+                            else ", destroyed by --force"))
+        if not dry_run:
+            return True
+        item.verdict = "would remove"
     return False
 
 
+def _record_destroyed(found: list[Leftover], guards: Guards) -> None:
+    """Note in the journal each run whose unfetched results ``cleanup --force`` removed."""
+    gone = [item for item in found if item.verdict == "removed"
+            and item.run_id in guards.unfetched]
+    if not gone:
+        return
+    with opened() as journal:
+        for item in gone:
+            journal.mark_destroyed(item.run_id, f"its remote directory {item.path} was "
+                                   "removed by `remote-exec cleanup --force` before its "
+                                   "results were fetched")
+
+
 async def _cleanup_agent(conn: asyncssh.SSHClientConnection, site: Site, older_than: float,
-                         dry_run: bool, ui: Reporter, active_ids: set[str]) -> list[Leftover]:
+                         dry_run: bool, ui: Reporter, guards: Guards,
+                         force: bool) -> list[Leftover]:
     """:func:`cleanup` on a restricted site: the agent lists and removes its runs."""
     agent = AgentBackend(site.name)
     found: list[Leftover] = []
@@ -393,7 +442,7 @@ async def _cleanup_agent(conn: asyncssh.SSHClientConnection, site: Site, older_t
         item = Leftover(path=posixpath.join(site.root, name), age_days=age / 86400,
                         state=str(run.get("state")))
         found.append(item)
-        if _removable(item, name in active_ids, older_than, dry_run):
+        if _removable(item, guards, older_than, dry_run, force):
             try:
                 await agent.remove(conn, name)
                 item.verdict = "removed"
