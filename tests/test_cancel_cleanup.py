@@ -91,38 +91,58 @@ def partials(directory: Path) -> list[Path]:
 
 # -- 5. a cancel stops everything local --------------------------------------------------------
 
-STAGES = [("holder", "rsync"), ("no-holder", "rsync"), ("holder", "sftp")]
+#: (mode, transfer, how the run is stopped)
+STAGES = [("holder", "rsync", "SIGTERM"), ("no-holder", "rsync", "SIGTERM"),
+          ("holder", "sftp", "SIGTERM"), ("holder", "rsync", "timeout")]
+#: (mode, how the run is stopped)
+FETCHES = [("holder", "SIGTERM"), ("no-holder", "SIGTERM"), ("holder", "cancel")]
+#: the exit code and journal state each way of stopping ends with
+ENDS = {"SIGTERM": (143, "cancelled"), "cancel": (143, "cancelled"),
+        "timeout": (124, "timed_out")}
 
 
-@pytest.mark.parametrize(("mode", "transfer"), STAGES, ids=lambda v: v)
-def test_sigterm_during_stage_stops_the_transfer(env: Env, mode: str, transfer: str) -> None:
+def stop(env: Env, run_id: str, how: str) -> None:
+    """Stop the newest run the way ``how`` says (``timeout``: it stops itself)."""
+    if how == "SIGTERM":
+        env.bg[-1].signal(signal.SIGTERM)
+    elif how == "cancel":
+        cancelled = env("cancel", run_id[:8])
+        assert cancelled.returncode == 0, cancelled.stderr
+
+
+@pytest.mark.parametrize(("mode", "transfer", "how"), STAGES, ids=lambda v: v)
+def test_cancel_during_stage_stops_the_transfer(env: Env, mode: str, transfer: str,
+                                                how: str) -> None:
     make_big_file(env.work / "big.bin")
-    run = env.start("run", "--site", "loop", *MODES[mode], "--transfer", transfer,
+    limit = ["--timeout", "3s"] if how == "timeout" else []
+    run = env.start("run", "--site", "loop", *MODES[mode], *limit, "--transfer", transfer,
                     "--into", str(env.dest), "--cmd", env.count(), "big.bin")
     rundir = env.rundir()
     wait_until(lambda: tree_bytes(rundir) > 16 << 20, 60, "the stage to be under way")
     assert bool(local_transfer_processes(rundir.name)) == (transfer == "rsync")
-    run.signal(signal.SIGTERM)
-    assert run.wait(30) == 143, run.stderr
+    stop(env, rundir.name, how)
+    code, state = ENDS[how]
+    assert run.wait(30) == code, run.stderr
     assert local_transfer_processes(rundir.name) == [], "rsync or its bridge outlived the run"
     wait_until(lambda: not any_process_of(rundir.name), 10, "the remote rsync to end")
     assert_stopped_growing(lambda: tree_bytes(rundir), "the remote staged file")
     assert tree_bytes(rundir) < (BIG_MIB << 20)
     record = env.record()
-    assert (record.state, record.phase) == ("cancelled", "created"), record
+    assert (record.state, record.phase) == (state, "created"), record
     assert partials(env.dest) == []
     assert env.runs_of_entrypoint() == 0
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_sigterm_during_rsync_fetch_stops_it_and_resume_fetches(env: Env, mode: str) -> None:
+@pytest.mark.parametrize(("mode", "how"), FETCHES, ids=lambda v: v)
+def test_cancel_during_rsync_fetch_stops_it_and_resume_fetches(env: Env, mode: str,
+                                                               how: str) -> None:
     run = env.start("run", "--site", "loop", *MODES[mode], "--transfer", "rsync",
                     "--into", str(env.dest), "--cmd",
                     f"{env.count()}; head -c {BIG_MIB}M /dev/zero | tr '\\0' Z > out.bin")
     record = env.wait_phase("finished", timeout=60)
     wait_until(lambda: partials(env.dest) and tree_bytes(partials(env.dest)[0]) > 16 << 20,
                60, "rsync to be fetching")
-    run.signal(signal.SIGTERM)
+    stop(env, record.id, how)
     assert run.wait(30) == 143, run.stderr
     assert local_transfer_processes(record.id) == [], "rsync or its bridge outlived the run"
     wait_until(lambda: not any_process_of(record.id), 10, "the remote rsync to end")
