@@ -50,6 +50,7 @@ from remote_exec.errors import (
 )
 from remote_exec.inputs import CONTROL_DIR
 from remote_exec.journal import PHASES, Journal, RunLock, RunRecord
+from remote_exec.manage import exit_before_cancel
 from remote_exec.run import RunRequest, RunResult, request_to_wire
 from remote_exec.ssh import transfer
 from remote_exec.ssh.link import Acquire, Link, Release, open_throttled
@@ -710,6 +711,7 @@ class _Driver:
         if self.phase in ("staged", "launched"):  # (staged: a launch may be in flight)
             try:
                 what = await self._stop_remote()
+                await self._note_exit_before_cancel(what)
             except (asyncio.TimeoutError, OSError, asyncssh.Error, RemoteExecError) as exc:
                 what = f"could not reach the host to stop it ({exc})"
                 self.ui.warn(f"the remote process of run {self.run_id} may still be running: "
@@ -731,6 +733,17 @@ class _Driver:
         else:  # (the agent backend takes the run id from the run directory)
             stopping = self.backend.cancel(conn, self.rundir, self.site.cancel_grace)
         return str(await asyncio.wait_for(stopping, self.site.cancel_grace + 30))
+
+    async def _note_exit_before_cancel(self, what: str) -> None:
+        """An entrypoint that ended on its own before the cancel reached it counts as
+        finished (with its exit code): its results are kept for ``resume``."""
+        if self.batch is not None or self.agent is not None:
+            return
+        sftp = await asyncio.wait_for(self.link.sftp(), self.site.connect_timeout)
+        code = await exit_before_cancel(sftp, self.rundir, what)
+        if code is not None:
+            self.exit_code = code
+            self._advance("finished", exit_code=code)
 
     def _reason_text(self) -> str:
         reason = self.control.reason or "cancel"

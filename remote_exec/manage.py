@@ -256,48 +256,76 @@ def cancel(record: RunRecord, ui: Reporter, wait: float = 60.0) -> str:
             assert fresh is not None
             if fresh.ended:
                 return f"run {record.id} {fresh.state.replace('_', ' ')}"
-            what = asyncio.run(_cancel_remote(fresh)) if fresh.rundir else "nothing started"
-            journal.update(record.id, state="cancelled", error=f"remote-exec cancel: {what}")
+            what, finished = (asyncio.run(_cancel_remote(fresh)) if fresh.rundir
+                              else ("nothing started", None))
+            fields: dict[str, Any] = {}
+            if finished is not None and not fresh.reached("finished"):
+                fields = {"phase": "finished", "exit_code": finished}
+                what += (f" (exit code {finished}); its results are kept: "
+                         f"`remote-exec resume {record.id[:8]}` fetches them")
+            journal.update(record.id, state="cancelled", error=f"remote-exec cancel: {what}",
+                           **fields)
             journal.event(record.id, "cancelled", f"cancelled by remote-exec cancel: {what}")
             return f"run {record.id} cancelled; remote: {what}"
     finally:
         lock.release()
 
 
-async def _cancel_remote(record: RunRecord) -> str:
+async def _cancel_remote(record: RunRecord) -> tuple[str, int | None]:
+    """Stop the run remotely: what was done, in words, and the exit code of an
+    entrypoint that had ended on its own before the cancel reached it (else None)."""
     site = record_site(record)
     if record.backend == "fujitsu":
-        from remote_exec.backends.fujitsu.client import FujitsuBackend
-        from remote_exec.backends.scheduled import job_name
-
-        backend = FujitsuBackend(site, record.id)
-        job_id = record.job_id
-        if not job_id:  # a submission may have landed before the driver died
-            name = job_name(record.id)
-            jobs = await asyncio.to_thread(backend.api.jobs)
-            job_id = next((str(j.get("job_id")) for j in jobs
-                           if str(j.get("job_name")) == name), None)
-            if job_id is None:
-                return "no job of the run is queued or running"
-        done = await asyncio.to_thread(backend.api.cancel, job_id)
-        return (f"Cancel a Job {job_id}: cancelled" if done
-                else f"Cancel a Job {job_id}: it had already ended (404)")
+        return await _cancel_fujitsu(record, site), None
     conn = await open_throttled(site)
     async with conn:
         backend = make_backend(record.backend, run_id=record.id)
         if isinstance(backend, AgentBackend):
             backend.site = site.name
             if not (await backend.status(conn, record.id)).get("exists"):
-                return "the run directory is gone (nothing to stop)"
-            return await backend.cancel(conn, record.rundir or "", site.cancel_grace)
+                return "the run directory is gone (nothing to stop)", None
+            return await backend.cancel(conn, record.rundir or "", site.cancel_grace), None
         async with conn.start_sftp_client() as sftp:
             if not await sftp.exists(posixpath.join(record.rundir or "", CONTROL_DIR,
                                                     "cancel.sh")):
-                return "the run directory holds no entrypoint (nothing to stop)"
+                return "the run directory holds no entrypoint (nothing to stop)", None
         if isinstance(backend, BatchBackend):
             return await backend.cancel(conn, record.rundir or "", site.cancel_grace,
-                                        job_id=record.job_id)
-        return await backend.cancel(conn, record.rundir or "", site.cancel_grace)
+                                        job_id=record.job_id), None
+        what = await backend.cancel(conn, record.rundir or "", site.cancel_grace)
+        async with conn.start_sftp_client() as sftp:
+            return what, await exit_before_cancel(sftp, record.rundir or "", what)
+
+
+#: what cancel.sh answers when the entrypoint had ended on its own before it could stop it
+ENDED_ON_ITS_OWN = ("already finished", "already gone")
+
+
+async def exit_before_cancel(sftp: asyncssh.SFTPClient, rundir: str, what: str) -> int | None:
+    """The exit code of an entrypoint that ended on its own before a cancel reached it
+    (``what`` is cancel.sh's answer), else None. Such a run's results are worth fetching:
+    it counts as finished, so ``cleanup`` keeps them and ``resume`` fetches them."""
+    if what not in ENDED_ON_ITS_OWN:
+        return None
+    return await read_exit_code(sftp, rundir)
+
+
+async def _cancel_fujitsu(record: RunRecord, site: Site) -> str:
+    from remote_exec.backends.fujitsu.client import FujitsuBackend
+    from remote_exec.backends.scheduled import job_name
+
+    backend = FujitsuBackend(site, record.id)
+    job_id = record.job_id
+    if not job_id:  # a submission may have landed before the driver died
+        name = job_name(record.id)
+        jobs = await asyncio.to_thread(backend.api.jobs)
+        job_id = next((str(j.get("job_id")) for j in jobs
+                       if str(j.get("job_name")) == name), None)
+        if job_id is None:
+            return "no job of the run is queued or running"
+    done = await asyncio.to_thread(backend.api.cancel, job_id)
+    return (f"Cancel a Job {job_id}: cancelled" if done
+            else f"Cancel a Job {job_id}: it had already ended (404)")
 
 
 def _is_remote_exec(pid: int) -> bool:

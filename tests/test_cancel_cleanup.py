@@ -242,3 +242,27 @@ def test_cleanup_keeps_unfetched_results_force_removes_them_resume_fetches(
     assert refused.returncode == 78, refused.stderr
     assert "cleanup --force" in refused.stderr
     assert env.runs_of_entrypoint() == 2
+
+
+def test_cancel_of_an_undriven_run_that_had_finished_keeps_its_results(env: Env) -> None:
+    """Its remote-exec died while waiting; the entrypoint then finished on its own; a late
+    `remote-exec cancel` stops nothing, and the results stay for `resume`, not for
+    `cleanup`."""
+    run = env.start("run", "--site", "loop", "--no-holder", "--into", str(env.dest),
+                    "--cmd", f"{env.count()}; sleep 1; echo precious > precious.txt")
+    record = env.wait_phase("launched")
+    run.signal(signal.SIGKILL)
+    run.wait()
+    wait_until((env.root / record.id / ".remote-exec" / "exit_code").exists, 30,
+               "the entrypoint to finish")
+    cancelled = env("cancel", record.id[:8])
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert f"`remote-exec resume {record.id[:8]}` fetches them" in cancelled.stdout
+    record = env.record()
+    assert (record.state, record.phase, record.exit_code) == ("cancelled", "finished", 0)
+    cleanup = env("cleanup", "loop", "--older-than", "0s")
+    assert verdict(cleanup.stdout, record.id) == "kept (unfetched)"
+    resumed = env("resume", record.id[:8], "--no-holder")
+    assert resumed.returncode == 0, resumed.stderr
+    assert (env.dest / "precious.txt").read_text() == "precious\n"
+    assert env.runs_of_entrypoint() == 1
