@@ -485,35 +485,43 @@ def cancel_cmd(run_id: str) -> None:
 @click.option("--older-than", default="7d", show_default=True, metavar="DURATION",
               help="Only directories older than this (e.g. 30d, 12h, 0 for all).")
 @click.option("--dry-run", "-n", is_flag=True, help="Only list what would be removed.")
+@click.option("--force", is_flag=True,
+              help="Also remove directories whose results were never fetched (named).")
 @click.option("--config", "config_path", metavar="FILE", help="Configuration file.")
-def cleanup_cmd(site_name: str, older_than: str, dry_run: bool, config_path: str | None) -> None:
+def cleanup_cmd(site_name: str, older_than: str, dry_run: bool, force: bool,
+                config_path: str | None) -> None:
     """Remove leftover run directories under the site's root on the remote host.
 
     Only directories remote-exec made (named by a run id, holding .remote-exec/)
     are considered, and never one whose run is active in the journal or whose
-    entrypoint is still running. /tmp is wiped after 30 days anyway, but disks
-    fill first.
+    entrypoint is still running. One whose entrypoint finished but whose results
+    were never fetched is kept (`remote-exec resume RUN` fetches them) unless
+    --force, which names each one it destroys. /tmp is wiped after 30 days anyway,
+    but disks fill first.
     """
     import asyncio
 
     from remote_exec import manage
     from remote_exec.config import parse_duration
-    from remote_exec.journal import ACTIVE_STATES, opened
     from remote_exec.ui import Reporter
 
     try:
         site, _ = _resolve_site(config_path, site_name)
-        with opened() as journal:
-            active = {r.id for r in journal.runs(limit=None, states=ACTIVE_STATES)}
         found = asyncio.run(manage.cleanup(site, parse_duration(older_than), dry_run,
-                                           Reporter(), active))
+                                           Reporter(), manage.Guards.from_journal(), force))
     except RemoteExecError as err:
         _fail(err)
     for item in found:
-        click.echo(f"{item.verdict:14} {item.path}  ({item.state}, {item.age_days:.1f} days old)")
+        click.echo(f"{item.verdict:17} {item.path}  ({item.state}, {item.age_days:.1f} days old)")
+        if item.note:
+            click.echo(f"{'':17} {item.note}")
     removed = sum(1 for f in found if f.verdict == "removed")
     click.echo(f"{removed} of {len(found)} run director{'y' if len(found) == 1 else 'ies'} "
                f"removed on {site_name}")
+    unfetched = sum(1 for f in found if f.verdict == "kept (unfetched)")
+    if unfetched:
+        click.echo(f"{unfetched} kept: their results were never fetched; "
+                   "`remote-exec resume RUN` fetches them, `--force` removes them anyway")
 
 
 @main.command(context_settings={**CONTEXT, "ignore_unknown_options": True},

@@ -50,6 +50,7 @@ from remote_exec.errors import (
 )
 from remote_exec.inputs import CONTROL_DIR
 from remote_exec.journal import PHASES, Journal, RunLock, RunRecord
+from remote_exec.manage import exit_before_cancel
 from remote_exec.run import RunRequest, RunResult, request_to_wire
 from remote_exec.ssh import transfer
 from remote_exec.ssh.link import Acquire, Link, Release, open_throttled
@@ -148,7 +149,7 @@ async def execute_async(request: RunRequest, ui: Reporter, *, resume: bool = Fal
         else:
             if not resume:
                 raise ConfigError(f"run {request.run_id} already exists in the journal")
-            _check_resumable(record)
+            _check_resumable(record, journal)
             journal.update(request.run_id, state="running", error=None,
                            driver_pid=driver_pid or os.getpid())
         reporter = _JournalReporter(ui, journal, request.run_id)
@@ -170,12 +171,21 @@ async def execute_async(request: RunRequest, ui: Reporter, *, resume: bool = Fal
         lock.release()
 
 
-def _check_resumable(record: RunRecord) -> None:
+def _check_resumable(record: RunRecord, journal: Journal) -> None:
+    """Refuse to resume a run that ended for good. A run whose entrypoint finished but
+    whose results were never fetched (the fetch failed, or a cancel or timeout came
+    during it) is resumable: only the fetch and the cleanup are left to do."""
     if record.state == "succeeded":
         raise ConfigError(f"run {record.id} already succeeded; nothing to resume")
+    destroyed = journal.destroyed(record.id)
+    if destroyed:
+        raise ConfigError(f"run {record.id} cannot be resumed: {destroyed}",
+                          hint="start a new run")
+    if record.awaits_fetch:
+        return
     if record.state in ("cancelled", "timed_out"):
-        raise ConfigError(f"run {record.id} was {record.state.replace('_', ' ')}; "
-                          "it cannot be resumed", hint="start a new run")
+        raise ConfigError(f"run {record.id} was {record.state.replace('_', ' ')} before its "
+                          "entrypoint finished; it cannot be resumed", hint="start a new run")
     if record.state == "failed" and not record.reached("finished"):
         raise ConfigError(
             f"run {record.id} failed before its entrypoint finished: {record.error}",
@@ -243,6 +253,9 @@ class _Driver:
             raise
         except RemoteExecError as err:
             self.journal.update(self.run_id, state="failed", error=err.message)
+            if self._awaits_fetch():
+                later = self._resume_fetch_text()
+                err.hint = f"{err.hint}; once that is fixed, {later}" if err.hint else later
             raise
         finally:
             if deadline is not None:
@@ -270,6 +283,17 @@ class _Driver:
                 text += f": killed at its walltime limit{limit}"
             return f"{text}; exit code {code}"
         return "" if code == 0 else f"the entrypoint exited with {code}"
+
+    def _awaits_fetch(self) -> bool:
+        """Whether the entrypoint finished and its results are not in place yet."""
+        return self._done("finished") and not self._done("fetched")
+
+    def _resume_fetch_text(self) -> str:
+        """How ``resume`` brings the results back, naming the partial directory it uses."""
+        partial = localfs.partial_path(self.request.into, self.run_id)
+        kept = f" (what came back so far stays in {partial})" if partial.exists() else ""
+        return (f"`remote-exec resume {self.run_id[:8]}` fetches the results{kept}; "
+                "the entrypoint does not run again")
 
     def _done(self, phase: str) -> bool:
         return PHASES.index(self.phase) >= PHASES.index(phase)
@@ -688,6 +712,7 @@ class _Driver:
         if self.phase in ("staged", "launched"):  # (staged: a launch may be in flight)
             try:
                 what = await self._stop_remote()
+                await self._note_exit_before_cancel(what)
             except (asyncio.TimeoutError, OSError, asyncssh.Error, RemoteExecError) as exc:
                 what = f"could not reach the host to stop it ({exc})"
                 self.ui.warn(f"the remote process of run {self.run_id} may still be running: "
@@ -710,6 +735,17 @@ class _Driver:
             stopping = self.backend.cancel(conn, self.rundir, self.site.cancel_grace)
         return str(await asyncio.wait_for(stopping, self.site.cancel_grace + 30))
 
+    async def _note_exit_before_cancel(self, what: str) -> None:
+        """An entrypoint that ended on its own before the cancel reached it counts as
+        finished (with its exit code): its results are kept for ``resume``."""
+        if self.batch is not None or self.agent is not None:
+            return
+        sftp = await asyncio.wait_for(self.link.sftp(), self.site.connect_timeout)
+        code = await exit_before_cancel(sftp, self.rundir, what)
+        if code is not None:
+            self.exit_code = code
+            self._advance("finished", exit_code=code)
+
     def _reason_text(self) -> str:
         reason = self.control.reason or "cancel"
         if reason == "timeout":
@@ -719,10 +755,15 @@ class _Driver:
         return reason
 
     def _cancelled_error(self) -> RunCancelled:
-        where = f"{self.site.name}:{self.rundir}" if self.rundir else "nowhere yet"
-        return RunCancelled(
-            f"run {self.run_id} stopped: {self._reason_text()}",
-            exit_code=self.control.exit_code,
-            hint=f"the remote directory is kept at {where}; "
-            f"`remote-exec cleanup {self.site.name}` removes leftovers",
-        )
+        """The error a cancel ends with: what is kept where, and what can be done with it.
+        A local partial directory stays only if ``resume`` will fetch into it."""
+        if self._awaits_fetch():
+            hint = (f"the entrypoint had finished (exit code {self.exit_code}); its results "
+                    f"are kept at {self.site.name}:{self.rundir}; {self._resume_fetch_text()}")
+        else:
+            localfs.discard(localfs.partial_path(self.request.into, self.run_id))
+            where = f"{self.site.name}:{self.rundir}" if self.rundir else "nowhere yet"
+            hint = (f"the remote directory is kept at {where}; "
+                    f"`remote-exec cleanup {self.site.name}` removes leftovers")
+        return RunCancelled(f"run {self.run_id} stopped: {self._reason_text()}",
+                            exit_code=self.control.exit_code, hint=hint)

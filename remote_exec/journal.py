@@ -35,6 +35,8 @@ from remote_exec.paths import state_dir
 
 PHASES = ("planned", "created", "staged", "launched", "finished", "fetched", "cleaned")
 ACTIVE_STATES = ("running", "interrupted")
+#: the event kind of :meth:`Journal.mark_destroyed`
+DESTROYED = "destroyed"
 END_STATES = ("succeeded", "failed", "cancelled", "timed_out")
 
 #: columns added after the first release (name, type), for older journals
@@ -104,6 +106,12 @@ class RunRecord:
     @property
     def ended(self) -> bool:
         return self.state in END_STATES
+
+    @property
+    def awaits_fetch(self) -> bool:
+        """Whether the entrypoint finished but its results were never placed locally:
+        the remote run directory is their only copy, and ``resume`` fetches them."""
+        return self.reached("finished") and not self.reached("fetched")
 
     def request_data(self) -> dict[str, Any]:
         return dict(json.loads(self.request))
@@ -176,6 +184,18 @@ class Journal:
     def event(self, run_id: str, kind: str, message: str) -> None:
         self.db.execute("INSERT INTO events (run_id, at, kind, message) VALUES (?, ?, ?, ?)",
                         (run_id, time.time(), kind, message))
+
+    def mark_destroyed(self, run_id: str, message: str) -> None:
+        """Record that the run's remote directory, results unfetched, was removed on
+        purpose (``cleanup --force``): nothing is left for ``resume`` to fetch."""
+        self.update(run_id, state="failed", error=message)
+        self.event(run_id, DESTROYED, message)
+
+    def destroyed(self, run_id: str) -> str | None:
+        """Why the run's unfetched results are gone (see :meth:`mark_destroyed`), or None."""
+        row = self.db.execute("SELECT message FROM events WHERE run_id = ? AND kind = ? "
+                              "ORDER BY at DESC LIMIT 1", (run_id, DESTROYED)).fetchone()
+        return str(row["message"]) if row else None
 
     def forget(self, run_id: str) -> None:
         self.db.execute("DELETE FROM runs WHERE id = ?", (run_id,))

@@ -16,9 +16,14 @@ def partial_dir(into: Path, run_id: str) -> Path:
     ``resume``) continues into what the earlier attempt brought.
     """
     into.mkdir(parents=True, exist_ok=True)
-    partial = into / f".remote-exec-{run_id}.partial"
+    partial = partial_path(into, run_id)
     partial.mkdir(mode=0o700, exist_ok=True)
     return partial
+
+
+def partial_path(into: Path, run_id: str) -> Path:
+    """Where :func:`partial_dir` puts the run's partial results (nothing is created)."""
+    return into / f".remote-exec-{run_id}.partial"
 
 
 def place(partial: Path, into: Path) -> list[str]:

@@ -16,7 +16,7 @@ import posixpath
 import re
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from remote_exec.backends.scheduled import BatchBackend
 from remote_exec.config import Site
 from remote_exec.errors import ConfigError, RemoteExecError, RunBusyError
 from remote_exec.inputs import CONTROL_DIR, LOG_NAME
-from remote_exec.journal import Journal, RunLock, RunRecord, opened
+from remote_exec.journal import ACTIVE_STATES, Journal, RunLock, RunRecord, opened
 from remote_exec.ssh import shell
 from remote_exec.ssh.link import open_throttled
 from remote_exec.ui import Reporter
@@ -257,48 +257,76 @@ def cancel(record: RunRecord, ui: Reporter, wait: float = 60.0) -> str:
             assert fresh is not None
             if fresh.ended:
                 return f"run {record.id} {fresh.state.replace('_', ' ')}"
-            what = asyncio.run(_cancel_remote(fresh)) if fresh.rundir else "nothing started"
-            journal.update(record.id, state="cancelled", error=f"remote-exec cancel: {what}")
+            what, finished = (asyncio.run(_cancel_remote(fresh)) if fresh.rundir
+                              else ("nothing started", None))
+            fields: dict[str, Any] = {}
+            if finished is not None and not fresh.reached("finished"):
+                fields = {"phase": "finished", "exit_code": finished}
+                what += (f" (exit code {finished}); its results are kept: "
+                         f"`remote-exec resume {record.id[:8]}` fetches them")
+            journal.update(record.id, state="cancelled", error=f"remote-exec cancel: {what}",
+                           **fields)
             journal.event(record.id, "cancelled", f"cancelled by remote-exec cancel: {what}")
             return f"run {record.id} cancelled; remote: {what}"
     finally:
         lock.release()
 
 
-async def _cancel_remote(record: RunRecord) -> str:
+async def _cancel_remote(record: RunRecord) -> tuple[str, int | None]:
+    """Stop the run remotely: what was done, in words, and the exit code of an
+    entrypoint that had ended on its own before the cancel reached it (else None)."""
     site = record_site(record)
     if record.backend == "fujitsu":
-        from remote_exec.backends.fujitsu.client import FujitsuBackend
-        from remote_exec.backends.scheduled import job_name
-
-        backend = FujitsuBackend(site, record.id)
-        job_id = record.job_id
-        if not job_id:  # a submission may have landed before the driver died
-            name = job_name(record.id)
-            jobs = await asyncio.to_thread(backend.api.jobs)
-            job_id = next((str(j.get("job_id")) for j in jobs
-                           if str(j.get("job_name")) == name), None)
-            if job_id is None:
-                return "no job of the run is queued or running"
-        done = await asyncio.to_thread(backend.api.cancel, job_id)
-        return (f"Cancel a Job {job_id}: cancelled" if done
-                else f"Cancel a Job {job_id}: it had already ended (404)")
+        return await _cancel_fujitsu(record, site), None
     conn = await open_throttled(site)
     async with conn:
         backend = make_backend(record.backend, run_id=record.id)
         if isinstance(backend, AgentBackend):
             backend.site = site.name
             if not (await backend.status(conn, record.id)).get("exists"):
-                return "the run directory is gone (nothing to stop)"
-            return await backend.cancel(conn, record.rundir or "", site.cancel_grace)
+                return "the run directory is gone (nothing to stop)", None
+            return await backend.cancel(conn, record.rundir or "", site.cancel_grace), None
         async with await shell.open_sftp(conn) as sftp:
             if not await sftp.exists(posixpath.join(record.rundir or "", CONTROL_DIR,
                                                     "cancel.sh")):
-                return "the run directory holds no entrypoint (nothing to stop)"
+                return "the run directory holds no entrypoint (nothing to stop)", None
         if isinstance(backend, BatchBackend):
             return await backend.cancel(conn, record.rundir or "", site.cancel_grace,
-                                        job_id=record.job_id)
-        return await backend.cancel(conn, record.rundir or "", site.cancel_grace)
+                                        job_id=record.job_id), None
+        what = await backend.cancel(conn, record.rundir or "", site.cancel_grace)
+        async with conn.start_sftp_client() as sftp:
+            return what, await exit_before_cancel(sftp, record.rundir or "", what)
+
+
+#: what cancel.sh answers when the entrypoint had ended on its own before it could stop it
+ENDED_ON_ITS_OWN = ("already finished", "already gone")
+
+
+async def exit_before_cancel(sftp: asyncssh.SFTPClient, rundir: str, what: str) -> int | None:
+    """The exit code of an entrypoint that ended on its own before a cancel reached it
+    (``what`` is cancel.sh's answer), else None. Such a run's results are worth fetching:
+    it counts as finished, so ``cleanup`` keeps them and ``resume`` fetches them."""
+    if what not in ENDED_ON_ITS_OWN:
+        return None
+    return await read_exit_code(sftp, rundir)
+
+
+async def _cancel_fujitsu(record: RunRecord, site: Site) -> str:
+    from remote_exec.backends.fujitsu.client import FujitsuBackend
+    from remote_exec.backends.scheduled import job_name
+
+    backend = FujitsuBackend(site, record.id)
+    job_id = record.job_id
+    if not job_id:  # a submission may have landed before the driver died
+        name = job_name(record.id)
+        jobs = await asyncio.to_thread(backend.api.jobs)
+        job_id = next((str(j.get("job_id")) for j in jobs
+                       if str(j.get("job_name")) == name), None)
+        if job_id is None:
+            return "no job of the run is queued or running"
+    done = await asyncio.to_thread(backend.api.cancel, job_id)
+    return (f"Cancel a Job {job_id}: cancelled" if done
+            else f"Cancel a Job {job_id}: it had already ended (404)")
 
 
 def _is_remote_exec(pid: int) -> bool:
@@ -321,23 +349,48 @@ class Leftover:
     path: str
     age_days: float
     state: str  # finished | not launched | running | dead
-    verdict: str = ""  # removed | would remove | kept (active) | too recent | failed
+    verdict: str = ""  # removed | would remove | kept (active) | kept (unfetched)
+    #                    | too recent | failed
+    note: str = ""  # what removing it destroys (results never fetched), if anything
+
+    @property
+    def run_id(self) -> str:
+        return posixpath.basename(self.path)
+
+
+@dataclass
+class Guards:
+    """What this machine's journal says about the runs whose directories ``cleanup`` finds."""
+
+    active: set[str] = field(default_factory=set)  # running or interrupted: never removed
+    unfetched: dict[str, RunRecord] = field(default_factory=dict)  # removed only with force
+
+    @classmethod
+    def from_journal(cls) -> Guards:
+        with opened() as journal:
+            records = journal.runs(limit=None)
+        return cls(active={r.id for r in records if r.state in ACTIVE_STATES},
+                   unfetched={r.id: r for r in records if r.awaits_fetch})
 
 
 async def cleanup(site: Site, older_than: float, dry_run: bool, ui: Reporter,
-                  active_ids: set[str]) -> list[Leftover]:
+                  guards: Guards, force: bool = False) -> list[Leftover]:
     """Remove run directories under the site's root that remote-exec made and no one uses.
 
     A directory qualifies when its name is a run id, it holds ``.remote-exec/``, it
     is older than ``older_than`` seconds, the journal does not list it as running
-    or interrupted, and its entrypoint is not running.
+    or interrupted, and its entrypoint is not running. One whose results the journal
+    has not placed yet (the fetch failed or was cancelled) is kept unless ``force``;
+    removing it is recorded in the journal, so ``resume`` says why it cannot.
     """
     from remote_exec.ssh import transfer
 
     conn = await open_throttled(site)
     if site.restricted:
         async with conn:
-            return await _cleanup_agent(conn, site, older_than, dry_run, ui, active_ids)
+            found = await _cleanup_agent(conn, site, older_than, dry_run, ui, guards, force)
+        _record_destroyed(found, guards)
+        return found
     found: list[Leftover] = []
     async with conn, await shell.open_sftp(conn) as sftp:
         root = site.root
@@ -360,31 +413,55 @@ async def cleanup(site: Site, older_than: float, dry_run: bool, ui: Reporter,
             state = await _leftover_state(sftp, path, proc)
             item = Leftover(path=path, age_days=age, state=state)
             found.append(item)
-            if _removable(item, name in active_ids, older_than, dry_run):
+            if _removable(item, guards, older_than, dry_run, force):
                 try:
                     await transfer.remove_tree(sftp, path)
                     item.verdict = "removed"
                 except asyncssh.SFTPError as exc:
                     item.verdict = "failed"
                     ui.warn(f"could not remove {path}: {exc.reason}")
+    _record_destroyed(found, guards)
     return found
 
 
-def _removable(item: Leftover, active: bool, older_than: float, dry_run: bool) -> bool:
+def _removable(item: Leftover, guards: Guards, older_than: float, dry_run: bool,
+               force: bool) -> bool:
     """Whether to remove ``item`` now; if not, its verdict says why."""
-    if active or item.state == "running":
+    unfetched = guards.unfetched.get(item.run_id)
+    if item.run_id in guards.active or item.state == "running":
         item.verdict = "kept (active)"
     elif item.age_days * 86400 < older_than:
         item.verdict = "too recent"
-    elif dry_run:
-        item.verdict = "would remove"
+    elif unfetched is not None and not force:
+        item.verdict = "kept (unfetched)"
     else:
-        return True
+        if unfetched is not None:
+            item.note = (f"run {unfetched.id}: its results were never fetched (entrypoint "
+                         f"exit code {unfetched.exit_code}); they exist only in {item.path}"
+                         + (", which --force would destroy" if dry_run
+                            else ", destroyed by --force"))
+        if not dry_run:
+            return True
+        item.verdict = "would remove"
     return False
 
 
+def _record_destroyed(found: list[Leftover], guards: Guards) -> None:
+    """Note in the journal each run whose unfetched results ``cleanup --force`` removed."""
+    gone = [item for item in found if item.verdict == "removed"
+            and item.run_id in guards.unfetched]
+    if not gone:
+        return
+    with opened() as journal:
+        for item in gone:
+            journal.mark_destroyed(item.run_id, f"its remote directory {item.path} was "
+                                   "removed by `remote-exec cleanup --force` before its "
+                                   "results were fetched")
+
+
 async def _cleanup_agent(conn: asyncssh.SSHClientConnection, site: Site, older_than: float,
-                         dry_run: bool, ui: Reporter, active_ids: set[str]) -> list[Leftover]:
+                         dry_run: bool, ui: Reporter, guards: Guards,
+                         force: bool) -> list[Leftover]:
     """:func:`cleanup` on a restricted site: the agent lists and removes its runs."""
     agent = AgentBackend(site.name)
     found: list[Leftover] = []
@@ -394,7 +471,7 @@ async def _cleanup_agent(conn: asyncssh.SSHClientConnection, site: Site, older_t
         item = Leftover(path=posixpath.join(site.root, name), age_days=age / 86400,
                         state=str(run.get("state")))
         found.append(item)
-        if _removable(item, name in active_ids, older_than, dry_run):
+        if _removable(item, guards, older_than, dry_run, force):
             try:
                 await agent.remove(conn, name)
                 item.verdict = "removed"

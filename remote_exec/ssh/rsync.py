@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import struct
 import sys
 import tempfile
@@ -118,8 +119,18 @@ def _rsync_quote(word: str) -> str:
     return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+#: seconds rsync gets to save its partial file after TERM before it (and its bridge) is KILLed
+STOP_GRACE = 3.0
+
+
 async def run_rsync(rsh: str, args: Sequence[str], *, progress: bool) -> tuple[int, str]:
-    """Run local rsync with ``args`` through the tunnel; returns (exit code, stderr text)."""
+    """Run local rsync with ``args`` through the tunnel; returns (exit code, stderr text).
+
+    rsync and the bridge it starts run in a process group of their own. If the task
+    awaiting them is cancelled (a cancel, ``--timeout``, an abandoned run), the group
+    gets TERM (rsync keeps its partial file), then KILL after :data:`STOP_GRACE`, and
+    the cancel goes on only once rsync is reaped: nothing of the run keeps copying.
+    """
     rsync = local_rsync() or "rsync"
     argv = [rsync, "--blocking-io", "-e", rsh, *args]
     if progress:
@@ -129,9 +140,36 @@ async def run_rsync(rsh: str, args: Sequence[str], *, progress: bool) -> tuple[i
         stdin=asyncio.subprocess.DEVNULL,
         stdout=None if progress else asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,  # its own group: stopped as one, never by the terminal
     )
-    _, err = await proc.communicate()
+    try:
+        _, err = await proc.communicate()
+    except BaseException:
+        await _stop_group(proc)
+        raise
     return proc.returncode or 0, err.decode("utf-8", "replace").strip()
+
+
+async def _stop_group(proc: asyncio.subprocess.Process) -> None:
+    """TERM rsync's process group, KILL it after :data:`STOP_GRACE`; reap rsync.
+
+    Bounded even if cancelled again meanwhile: the KILL is sent in any case.
+    """
+    _signal_group(proc.pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), STOP_GRACE)
+    except asyncio.TimeoutError:
+        pass
+    finally:
+        _signal_group(proc.pid, signal.SIGKILL)  # rsync if it lingers, and its bridge
+        if proc.returncode is None:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(proc.wait(), STOP_GRACE)
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
 
 
 def rsync_remote(path: str) -> str:
