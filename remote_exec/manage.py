@@ -294,7 +294,7 @@ async def _cancel_remote(record: RunRecord) -> tuple[str, int | None]:
             return await backend.cancel(conn, record.rundir or "", site.cancel_grace,
                                         job_id=record.job_id), None
         what = await backend.cancel(conn, record.rundir or "", site.cancel_grace)
-        async with conn.start_sftp_client() as sftp:
+        async with await shell.open_sftp(conn) as sftp:
             return what, await exit_before_cancel(sftp, record.rundir or "", what)
 
 

@@ -279,3 +279,17 @@ def test_restricted_site_on_a_noisy_login_shell(cli, workdir: Path, tmp_path: Pa
     proc = cli("site", "check", "locked", "--json", cwd=workdir, extra_env=env)
     rows = {row["check"]: row for row in json.loads(proc.stdout)}
     assert rows["access"]["status"] == "ok", rows
+
+
+def test_every_remote_command_goes_through_the_shell_module() -> None:
+    """A command sent any other way would meet the login shell unframed (and unquoted
+    for csh): only remote_exec/ssh/shell.py talks to asyncssh's exec and SFTP starts."""
+    import re
+
+    package = Path(__file__).resolve().parent.parent / "remote_exec"
+    call = re.compile(r"\b\w*conn\w*\.(run|create_process|start_sftp_client|open_session)\(")
+    offenders = [f"{path.relative_to(package)}:{number}: {line.strip()}"
+                 for path in package.rglob("*.py") if path.name != "shell.py"
+                 for number, line in enumerate(path.read_text().splitlines(), 1)
+                 if call.search(line)]
+    assert offenders == []
