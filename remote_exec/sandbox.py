@@ -43,6 +43,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class _PortTaken(Exception):
+    """sshd could not bind the port it was given."""
+
+
 class Sandbox:
     """One loopback sshd and its keys, living in ``directory``."""
 
@@ -112,13 +116,7 @@ class Sandbox:
 
     def running(self) -> bool:
         port = self.port
-        if self.pid() is None or port is None:
-            return False
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return True
-        except OSError:
-            return False
+        return self.pid() is not None and port is not None and self._listening(port)
 
     def up(self, port: int | None = None) -> dict[str, Any]:
         """Start the server if it is not running; returns the site definition.
@@ -131,14 +129,24 @@ class Sandbox:
         self.runs_root.mkdir(exist_ok=True, mode=0o700)
         self._make_keys()
         self._install_site_scripts()
-        port = port or free_port()
+        if os.geteuid() == 0:
+            Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        tries = 1 if port else 5
+        for attempt in range(tries):
+            try:
+                self._start_on(sshd, port or free_port())
+                break
+            except _PortTaken as exc:  # another process took the free port meanwhile
+                if attempt == tries - 1:
+                    raise ConnectError(f"the sandbox sshd could not listen: {exc}") from None
+        return self.site_definition()
+
+    def _start_on(self, sshd: str, port: int) -> None:
         self.port_file.write_text(str(port))
         config = self.dir / "sshd_config"
         config.write_text(self._sshd_config(port))
         kind, blob = Path(f"{self.host_key}.pub").read_text().split()[:2]
         self.known_hosts.write_text(f"[127.0.0.1]:{port} {kind} {blob}\n")
-        if os.geteuid() == 0:
-            Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         self.log_file.write_text("")
         proc = subprocess.Popen(
             [*self.wrapper, sshd, "-D", "-f", str(config), "-E", str(self.log_file)],
@@ -150,17 +158,23 @@ class Sandbox:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 err = (proc.stderr.read() if proc.stderr else b"").decode(errors="replace")
-                log = self.log_file.read_text(errors="replace")
-                raise ConnectError(f"the sandbox sshd exited at once: {err.strip()} {log.strip()}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
-            except OSError:
-                time.sleep(0.05)
-        else:
-            self.down()
-            raise ConnectError(f"the sandbox sshd did not listen on 127.0.0.1:{port} within 10 s")
-        return self.site_definition()
+                said = f"{err.strip()} {self.log_file.read_text(errors='replace').strip()}"
+                if "Address already in use" in said:
+                    raise _PortTaken(said)
+                raise ConnectError(f"the sandbox sshd exited at once: {said}")
+            if self._listening(port):
+                return
+            time.sleep(0.05)
+        self.down()
+        raise ConnectError(f"the sandbox sshd did not listen on 127.0.0.1:{port} within 10 s")
+
+    @staticmethod
+    def _listening(port: int) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            return False
 
     def down(self) -> bool:
         """Stop the server; returns whether one was running."""

@@ -24,6 +24,17 @@ from remote_exec.sandbox import Sandbox
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With pytest-xdist (``-n 2 --dist loadgroup``, see pyproject.toml) a test file runs
+    whole on one worker, as with ``--dist loadfile``: its module fixtures (an sshd, remote
+    accounts, a Slurm cluster) are made once. Files that share one machine-wide resource
+    name a group of their own (the Slurm files: ``xdist_group("slurm")``)."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
 def _start(directory: Path, wrapper: list[str] | None = None) -> Sandbox:
     box = Sandbox(directory, wrapper=wrapper)
     box.up()

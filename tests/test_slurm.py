@@ -14,7 +14,8 @@ import pytest
 from batch_site import BatchSite
 from slurm_cluster import SlurmCluster
 
-pytestmark = pytest.mark.timeout(400)
+# one Slurm at a time on this machine (slurmd takes the node's name): one xdist group
+pytestmark = [pytest.mark.timeout(400), pytest.mark.xdist_group("slurm")]
 
 
 @pytest.fixture(scope="module")

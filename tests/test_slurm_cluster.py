@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 from slurm_cluster import SlurmCluster, read_capture
 
+# one Slurm at a time on this machine (slurmd takes the node's name): one xdist group
+pytestmark = pytest.mark.xdist_group("slurm")
+
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "DEADLINE"}
 
 
