@@ -41,6 +41,7 @@ from remote_exec.errors import (
     EXIT_SIGNAL_BASE,
     EXIT_TIMEOUT,
     ConfigError,
+    FetchError,
     LinkLostError,
     RemoteExecError,
     RemoteLostError,
@@ -469,8 +470,13 @@ class _Driver:
     async def _fetch(self) -> None:
         partial = localfs.partial_dir(self.request.into, self.run_id)
         if self.agent is not None:  # the agent applies the site's return filter
-            report = await self.agent.fetch(await self.link.rsh(), self.run_id, partial,
-                                            self.ui.show_progress)
+            try:
+                report = await self.agent.fetch(await self.link.rsh(), self.run_id, partial,
+                                                self.ui.show_progress)
+            except (FetchError, OSError) as exc:
+                if localfs.out_of_space(exc):  # kept: `resume` continues into the partial dir
+                    raise self._disk_full(partial, None) from None
+                raise
             method, size = report.method, localfs.tree_size(partial)
         else:
             method, size, report = await self._fetch_open(partial)
@@ -506,9 +512,17 @@ class _Driver:
                 report = await transfer.fetch_sftp(sftp, self.rundir, partial,
                                                    self.ui.progress_fn, resume=True, keep=keep,
                                                    entries=entries)
+        except (FetchError, OSError) as exc:
+            if localfs.out_of_space(exc):  # kept: `resume` continues into the partial dir
+                raise self._disk_full(partial, size) from None
+            raise
         finally:
             self.ui.progress_stop()
         return method, size, report
+
+    def _disk_full(self, partial: Any, size: int | None) -> FetchError:
+        return localfs.out_of_space_error(partial, self.run_id,
+                                          f"{self.site.name}:{self.rundir}", size)
 
     async def _cleanup(self) -> None:
         """Remove the remote directory per policy."""
