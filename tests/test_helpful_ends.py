@@ -87,3 +87,145 @@ def test_full_local_disk_at_fetch_names_the_partial_directory_and_resume(
     assert (into / "big").stat().st_size == 2000000
     assert (into / "small").read_text() == "small\n"
     assert not partial.exists()
+
+
+# -- 10b, 10c: keys and agents --------------------------------------------------------------
+
+@pytest.fixture
+def agents(tmp_path: Path):
+    """Factory of fresh ssh-agents (``agents(*keys)`` -> socket path); stopped afterwards."""
+    if not shutil.which("ssh-agent") or not shutil.which("ssh-add"):
+        pytest.skip("ssh-agent / ssh-add are not installed")
+    started: list[subprocess.Popen] = []
+
+    def start(*keys: Path) -> str:
+        sock = tmp_path / f"agent-{len(started)}.sock"
+        agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        started.append(agent)
+        for _ in range(200):
+            if sock.exists():
+                break
+            subprocess.run(["sleep", "0.02"])
+        for key in keys:
+            subprocess.run(["ssh-add", str(key)], env={**os.environ, "SSH_AUTH_SOCK": str(sock)},
+                           check=True, capture_output=True)
+        return str(sock)
+
+    yield start
+    for agent in started:
+        agent.terminate()
+        agent.wait(timeout=10)
+
+
+@pytest.fixture
+def keyless_home(tmp_path: Path) -> Path:
+    """A HOME with no keys of its own (so only what a test names or its agent holds counts)."""
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    return home
+
+
+def _env(home: Path, agent: str | None) -> dict[str, str]:
+    env = {"HOME": str(home)}
+    if agent:
+        env["SSH_AUTH_SOCK"] = agent
+    return env
+
+
+def _encrypted_copy(sshd, directory: Path) -> Path:
+    """The sandbox's user key, protected by a passphrase (its .pub beside it)."""
+    key = directory / "locked_ed25519"
+    shutil.copy(sshd.user_key, key)
+    shutil.copy(f"{sshd.user_key}.pub", f"{key}.pub")
+    os.chmod(key, 0o600)
+    subprocess.run(["ssh-keygen", "-q", "-p", "-P", "", "-N", "a passphrase", "-f", str(key)],
+                   check=True, capture_output=True)
+    return key
+
+
+def _no_agent(cli) -> None:
+    cli.env.pop("SSH_AUTH_SOCK", None)
+    cli.env.pop("SSH_AGENT_PID", None)
+
+
+@pytest.mark.parametrize("named_in", ["site", "ssh_config"])
+def test_encrypted_key_without_agent_names_the_passphrase_and_the_agent(
+        cli, sshd, workdir, tmp_path, remote_root, keyless_home, named_in):
+    _no_agent(cli)
+    key = _encrypted_copy(sshd, keyless_home / ".ssh")
+    entry = site_entry(sshd, remote_root)
+    if named_in == "site":
+        entry["identity_file"] = str(key)
+    else:
+        del entry["identity_file"]
+        (keyless_home / ".ssh" / "config").write_text(
+            f"Host 127.0.0.1\n    IdentityFile {key}\n")
+    config = write_config(tmp_path / "locked.yaml", {"locked": entry})
+    proc = cli("run", "--config", str(config), "--site", "locked", "--cmd", "touch ran",
+               cwd=workdir, extra_env=_env(keyless_home, None))
+    assert proc.returncode == 77, proc.stderr
+    assert str(key) in proc.stderr
+    assert "passphrase" in proc.stderr and "ssh-agent" in proc.stderr
+    assert f"ssh-add {key}" in proc.stderr
+    assert "authorized_keys" not in proc.stderr
+    assert list(remote_root.iterdir()) == []
+
+
+def test_encrypted_identity_file_held_by_the_agent_is_used(
+        cli, sshd, workdir, tmp_path, remote_root, keyless_home, agents):
+    key = _encrypted_copy(sshd, keyless_home / ".ssh")
+    config = write_config(tmp_path / "locked.yaml",
+                          {"locked": site_entry(sshd, remote_root, identity_file=str(key))})
+    agent = agents(sshd.user_key)  # the same key, unlocked in the agent
+    proc = cli("run", "--config", str(config), "--site", "locked", "--cmd", "echo in > out",
+               cwd=workdir, extra_env=_env(keyless_home, agent))
+    assert proc.returncode == 0, proc.stderr
+    assert (workdir / "out").read_text() == "in\n"
+
+
+def test_holder_uses_each_callers_own_agent(cli, sshd, workdir, tmp_path, remote_root,
+                                            keyless_home, agents):
+    """The holder was started from a shell whose agent holds no key; a caller with a new
+    agent holding the key succeeds at once, and a caller with the old agent still cannot
+    ride on that caller's pooled connection."""
+    entry = site_entry(sshd, remote_root)
+    del entry["identity_file"]
+    config = write_config(tmp_path / "agent-only.yaml", {"agent": entry})
+    old_agent, new_agent = agents(), agents(sshd.user_key)
+
+    def run(agent: str, name: str) -> subprocess.CompletedProcess:
+        return cli("run", "--config", str(config), "--site", "agent", "--into", name,
+                   "--cmd", "echo ok > ok", cwd=workdir, extra_env=_env(keyless_home, agent))
+
+    first = run(old_agent, "first")
+    assert first.returncode == 77, first.stderr
+    holder = cli("holder", "status", cwd=workdir)
+    assert holder.returncode == 0, "the first run should have started the holder"
+    pid = holder.stdout.split()[1]
+
+    second = run(new_agent, "second")
+    assert second.returncode == 0, second.stderr
+    assert (workdir / "second" / "ok").read_text() == "ok\n"
+
+    third = run(old_agent, "third")
+    assert third.returncode == 77, third.stderr
+    assert cli("holder", "status", cwd=workdir).stdout.split()[1] == pid  # one holder all along
+
+
+# -- 10g. holder status shows where the connection really goes ------------------------------
+
+def test_holder_status_shows_the_port_from_ssh_config(cli, sshd, workdir, tmp_path,
+                                                      remote_root, keyless_home):
+    write_ssh_config(keyless_home / "alias", sshd)
+    home = keyless_home / "alias"
+    cfg = tmp_path / "empty.yaml"
+    cfg.write_text(f"defaults:\n  root: {remote_root}\nsites: {{}}\n")
+    proc = cli("run", "--config", str(cfg), "--site", "labhost", "--cmd", "true",
+               cwd=workdir, extra_env={"HOME": str(home)})
+    assert proc.returncode == 0, proc.stderr
+    status = cli("holder", "status", cwd=workdir)
+    assert status.returncode == 0, status.stderr
+    user = sshd.site_definition()["user"]
+    assert f"{user}@127.0.0.1:{sshd.port}" in status.stdout, status.stdout
+    assert ":22:" not in status.stdout
