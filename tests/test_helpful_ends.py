@@ -229,3 +229,19 @@ def test_holder_status_shows_the_port_from_ssh_config(cli, sshd, workdir, tmp_pa
     user = sshd.site_definition()["user"]
     assert f"{user}@127.0.0.1:{sshd.port}" in status.stdout, status.stdout
     assert ":22:" not in status.stdout
+
+
+def test_unknown_host_hint_uses_the_port_and_file_from_ssh_config(cli, sshd, workdir, tmp_path,
+                                                                  remote_root, keyless_home):
+    """The same resolution names the real port and known_hosts file in the fix it offers."""
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    (keyless_home / ".ssh" / "config").write_text(
+        f"Host labhost\n    HostName 127.0.0.1\n    Port {sshd.port}\n"
+        f"    IdentityFile {sshd.user_key}\n    UserKnownHostsFile {empty}\n")
+    cfg = tmp_path / "empty.yaml"
+    cfg.write_text(f"defaults:\n  root: {remote_root}\nsites: {{}}\n")
+    proc = cli("run", "--config", str(cfg), "--site", "labhost", "--cmd", "true",
+               cwd=workdir, extra_env={"HOME": str(keyless_home)})
+    assert proc.returncode == 77, proc.stderr
+    assert f"ssh-keyscan -p {sshd.port} 127.0.0.1 >> {empty}" in proc.stderr, proc.stderr

@@ -83,7 +83,7 @@ async def open_connection(site: Site, caller_env: Mapping[str, str] | None = Non
     except asyncssh.KeyImportError as exc:
         raise AuthError(
             f"cannot read the private key {site.identity_file}: {exc}",
-            hint="use an unencrypted key or load it into ssh-agent",
+            hint="identity_file must be a private key file (OpenSSH or PEM format)",
         ) from None
     except FileNotFoundError as exc:
         raise AuthError(
@@ -131,16 +131,25 @@ def _identity_files(site: Site) -> list[Path]:
     ~/.ssh/config, else OpenSSH's defaults (existing files only)."""
     if site.identity_file:
         return [Path(site.identity_file)]
-    named: list[str] = []
-    config = Path.home() / ".ssh" / "config"
-    if config.is_file():
-        with contextlib.suppress(OSError, ValueError, asyncssh.Error):
-            resolved = asyncssh.SSHClientConnectionOptions(
-                host=site.host, config=[str(config)], client_keys=None)
-            named = list(resolved.config.get("IdentityFile") or [])
+    resolved = _as_configured(site)
+    named = list(resolved.config.get("IdentityFile") or []) if resolved else []
     if not named:
         named = [str(Path.home() / ".ssh" / name) for name in DEFAULT_IDENTITIES]
     return [path for path in (Path(n).expanduser() for n in named) if path.is_file()]
+
+
+def _as_configured(site: Site) -> asyncssh.SSHClientConnectionOptions | None:
+    """``site`` as ~/.ssh/config completes it (HostName, Port, User, IdentityFile), read
+    by asyncssh as a connection reads it; None without a readable file."""
+    config = Path.home() / ".ssh" / "config"
+    if not config.is_file():
+        return None
+    given = {"port": site.port} if site.port else {}
+    try:
+        return asyncssh.SSHClientConnectionOptions(host=site.host, config=[str(config)],
+                                                   client_keys=None, **given)
+    except (OSError, ValueError, asyncssh.Error):
+        return None
 
 
 def _is_encrypted(path: Path) -> bool:
@@ -184,18 +193,25 @@ async def _agent_public_keys(agent: str | None) -> set[bytes]:
         await client.wait_closed()
 
 
-def _known_hosts_files(site: Site) -> list[Path]:
+def _known_hosts_files(site: Site, resolved: Any) -> list[Path]:
+    """Where the host keys are looked up: the site's file, else ~/.ssh/config's
+    UserKnownHostsFile, else OpenSSH's defaults."""
     if site.known_hosts:
         return [Path(site.known_hosts)]
+    configured = resolved.config.get("UserKnownHostsFile") if resolved else None
+    if configured:
+        return [Path(name).expanduser() for name in configured]
     return [Path.home() / ".ssh" / "known_hosts", Path("/etc/ssh/ssh_known_hosts")]
 
 
 def _host_key_error(site: Site, exc: Exception) -> AuthError:
     """Tell an unknown host from a changed host key, and say how to fix either."""
-    port = site.port or 22
-    host = site.host
+    resolved = _as_configured(site)
+    host = resolved.host if resolved else site.host
+    port = resolved.port if resolved else (site.port or 22)
     entry = host if port == 22 else f"[{host}]:{port}"
-    for path in _known_hosts_files(site):
+    known_files = _known_hosts_files(site, resolved)
+    for path in known_files:
         if not path.is_file():
             continue
         try:
@@ -210,8 +226,8 @@ def _host_key_error(site: Site, exc: Exception) -> AuthError:
                 hint=f"if the host was reinstalled and you trust the new key, remove the old one "
                 f"with `ssh-keygen -R '{entry}' -f {path}` and connect once with ssh to record it",
             )
-    files = ", ".join(str(p) for p in _known_hosts_files(site))
-    target = _known_hosts_files(site)[0]
+    files = ", ".join(str(p) for p in known_files)
+    target = known_files[0]
     return AuthError(
         f"{site.display}: host key is not known (looked in {files}); refusing to connect",
         hint=f"check the fingerprint with the site administrator, then record it by connecting "
