@@ -468,7 +468,10 @@ class _Driver:
             interval = min(interval * 1.5, POLL_MAX)
 
     async def _fetch(self) -> None:
-        partial = localfs.partial_dir(self.request.into, self.run_id)
+        try:
+            partial = localfs.partial_dir(self.request.into, self.run_id)
+        except OSError as exc:
+            raise self._unwritable(exc) from None
         if self.agent is not None:  # the agent applies the site's return filter
             try:
                 report = await self.agent.fetch(await self.link.rsh(), self.run_id, partial,
@@ -480,7 +483,10 @@ class _Driver:
             method, size = report.method, localfs.tree_size(partial)
         else:
             method, size, report = await self._fetch_open(partial)
-        placed = localfs.place(partial, self.request.into)
+        try:
+            placed = localfs.place(partial, self.request.into)
+        except OSError as exc:
+            raise self._unwritable(exc) from None
         for skipped in report.skipped:
             self.ui.warn(f"not fetched: {skipped}")
         self.result.fetched, self.result.fetch_method = placed, method
@@ -523,6 +529,10 @@ class _Driver:
     def _disk_full(self, partial: Any, size: int | None) -> FetchError:
         return localfs.out_of_space_error(partial, self.run_id,
                                           f"{self.site.name}:{self.rundir}", size)
+
+    def _unwritable(self, exc: OSError) -> FetchError:
+        return localfs.unwritable_error(self.request.into, exc, self.run_id,
+                                        f"{self.site.name}:{self.rundir}")
 
     async def _cleanup(self) -> None:
         """Remove the remote directory per policy."""

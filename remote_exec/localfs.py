@@ -101,3 +101,14 @@ def out_of_space_error(partial: Path, run_id: str, remote: str,
         hint=f"free space there, then `remote-exec resume {run_id[:8]}` continues the fetch "
         f"into {partial} (or delete that directory to give the results up)",
     )
+
+
+def unwritable_error(into: Path, exc: OSError, run_id: str, remote: str) -> FetchError:
+    """The results cannot be written into ``into`` (not a directory, no permission...)."""
+    what = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc)
+    return FetchError(
+        f"cannot put the results into {into} ({what}); the results are still on the "
+        f"remote host ({remote})",
+        hint=f"make {into} a writable directory, then `remote-exec resume {run_id[:8]}` "
+        "fetches them",
+    )

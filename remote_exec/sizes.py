@@ -2,10 +2,10 @@
 
 A size is a whole number of bytes (``268435456``) or a whole number with a unit:
 ``K``, ``M``, ``G``, ``T`` or ``P``, optionally followed by ``B`` or ``iB``
-(``512M``, ``1GB``, ``1GiB``; case does not matter), or ``B`` for bytes. There are no
-fractions: ``1536M``, not ``1.5G``. Every unit is a power of 1024, whichever way it is written: ``1GB`` = ``1GiB`` =
-``1G`` = 1073741824 bytes, as Slurm and PBS read ``--mem=1G``. A key may read a bare
-number in another unit (``memory``: MiB, as schedulers do); it says so.
+(``512M``, ``1GB``, ``1GiB``; case does not matter), or ``B`` for bytes; no fractions
+(``1536M``, not ``1.5G``). Every unit is a power of 1024, whichever way it is written:
+``1GB`` = ``1GiB`` = ``1G`` = 1073741824 bytes, as Slurm and PBS read ``--mem=1G``.
+A key may read a bare number in another unit (``memory``: MiB, as schedulers do).
 """
 
 from __future__ import annotations

@@ -89,6 +89,23 @@ def test_full_local_disk_at_fetch_names_the_partial_directory_and_resume(
     assert not partial.exists()
 
 
+def test_an_unwritable_destination_is_a_fetch_error_naming_resume(cli, workdir):
+    """A local failure is not an internal error (70): exit 74, and the next command."""
+    (workdir / "afile").write_text("in the way\n")
+    proc = cli("run", "--site", "loop", "--into", "afile/results", "--cmd", "echo hi > out",
+               cwd=workdir)
+    assert proc.returncode == 74, proc.stderr
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+    resume = re.search(r"`remote-exec resume ([0-9a-f]{8})`", proc.stderr)
+    assert resume, proc.stderr
+    assert "afile/results" in proc.stderr and "still on the remote host" in proc.stderr
+
+    (workdir / "afile").unlink()
+    again = cli("resume", resume.group(1), cwd=workdir)
+    assert again.returncode == 0, again.stderr
+    assert (workdir / "afile" / "results" / "out").read_text() == "hi\n"
+
+
 # -- 10b, 10c: keys and agents --------------------------------------------------------------
 
 @pytest.fixture
