@@ -144,7 +144,8 @@ def _as_configured(site: Site) -> asyncssh.SSHClientConnectionOptions | None:
     config = Path.home() / ".ssh" / "config"
     if not config.is_file():
         return None
-    given = {"port": site.port} if site.port else {}
+    given = {key: value for key, value in (("port", site.port), ("username", site.user))
+             if value}
     try:
         return asyncssh.SSHClientConnectionOptions(host=site.host, config=[str(config)],
                                                    client_keys=None, **given)
@@ -153,6 +154,7 @@ def _as_configured(site: Site) -> asyncssh.SSHClientConnectionOptions | None:
 
 
 def _is_encrypted(path: Path) -> bool:
+    """Whether the private key at ``path`` needs a passphrase to be read."""
     try:
         asyncssh.read_private_key(str(path))
     except asyncssh.KeyImportError as exc:
