@@ -47,6 +47,7 @@ from typing import Any
 from remote_exec.backends.fujitsu.settings import SCHEMA as FUJITSU_SCHEMA
 from remote_exec.errors import ConfigError
 from remote_exec.paths import user_config_file
+from remote_exec.sizes import SIZE_HINT, SIZE_SCHEMA, parse_size
 from remote_exec.templates import check_return_pattern
 
 DEFAULT_ROOT = "/tmp"
@@ -67,7 +68,7 @@ _SITE_PROPERTIES: dict[str, Any] = {
     "templates": {"type": "array", "items": {"type": "string"}},
     "cleanup": {"enum": list(CLEANUP_POLICIES)},
     "transfer": {"enum": list(TRANSFER_METHODS)},
-    "rsync_threshold": {"type": "integer", "minimum": 0},
+    "rsync_threshold": SIZE_SCHEMA,
     "connect_timeout": {"type": "number", "exclusiveMinimum": 0},
     "retry_tries": {"type": "integer", "minimum": 0, "maximum": 1000},
     "retry_max_interval": {"type": "number", "exclusiveMinimum": 0},
@@ -83,8 +84,11 @@ _SITE_PROPERTIES: dict[str, Any] = {
     "resources": {
         "type": "object",
         "additionalProperties": False,
-        "properties": {key: {"type": ["string", "integer"]} for key in (
-            "nodes", "tasks", "cpus_per_task", "memory", "walltime", "queue", "project")},
+        "properties": {
+            **{key: {"type": ["string", "integer"]} for key in (
+                "nodes", "tasks", "cpus_per_task", "walltime", "queue", "project")},
+            "memory": SIZE_SCHEMA,  # a bare number is MiB
+        },
     },
 }
 
@@ -183,6 +187,9 @@ class Config:
         for key in ("identity_file", "known_hosts"):
             if values.get(key):
                 values[key] = os.path.expanduser(values[key])
+        if "rsync_threshold" in values:
+            values["rsync_threshold"] = parse_size(
+                values["rsync_threshold"], f"{self.path}: sites.{name}.rsync_threshold")
         for key in ("never_return", "only_return"):
             for pattern in values.get(key) or []:
                 check_return_pattern(pattern, f"{self.path}: sites.{name}.{key}")
@@ -246,27 +253,89 @@ def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
 
 
 def parse_config(text: str, path: Path) -> Config:
-    """Parse and validate configuration ``text`` read from ``path``."""
-    import yaml
+    """Parse and validate configuration ``text`` read from ``path``.
 
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    try:
-        node = yaml.compose(text, Loader=loader)
-        data = yaml.load(text, Loader=loader) if node is not None else {}  # noqa: S506 - a SafeLoader
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+    Every problem is reported at once, each as ``FILE:LINE: KEY: what is wrong``.
+    """
+    node, data, duplicates = _load_yaml(text, path)
     if data is None:
         data = {}
-    _validate(data, node, path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}:1: the top level must be a mapping with a 'sites' key")
+    problems = sorted(duplicates + _schema_problems(data, node), key=lambda p: p[0])
+    if problems:
+        raise ConfigError("\n".join(f"{path}:{line}: {text}" for line, text in problems))
     return Config(
         path=path,
         sites={k: dict(v or {}) for k, v in (data.get("sites") or {}).items()},
         defaults=dict(data.get("defaults") or {}),
         legacy=dict(data.get("legacy") or {}),
     )
+
+
+#: a problem found in the file: (1-based line, "key: what is wrong")
+Problem = tuple[int, str]
+
+
+def _load_yaml(text: str, path: Path) -> tuple[Any, Any, list[Problem]]:
+    """The YAML node tree, the data, and the keys given twice in one mapping."""
+    import yaml
+
+    loader = _unique_key_loader()(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+    finally:
+        loader.dispose()
+    return node, data, loader.duplicates
+
+
+_LOADER: Any = None
+
+
+def _unique_key_loader() -> Any:
+    """A SafeLoader that records every key given twice in one mapping.
+
+    YAML requires keys to be unique; PyYAML would silently keep the last one, so a
+    site's second ``port:`` would win without a word.
+    """
+    global _LOADER
+    if _LOADER is not None:
+        return _LOADER
+    import yaml
+
+    base = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+    class UniqueKeyLoader(base):  # type: ignore[misc,valid-type]
+        def __init__(self, stream: str) -> None:
+            super().__init__(stream)
+            self.duplicates: list[Problem] = []
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            first: dict[Any, int] = {}
+            for key_node, _value in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *defaults` may be overridden on purpose
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in first:
+                        self.duplicates.append((line, f"{key}: duplicate key {key!r} (first "
+                                                f"on line {first[key]}); YAML keeps only "
+                                                "the last one: remove one of them"))
+                    else:
+                        first[key] = line
+                except TypeError:
+                    continue  # an unhashable key: the constructor reports it
+            return super().construct_mapping(node, deep=deep)
+
+    _LOADER = UniqueKeyLoader
+    return _LOADER
 
 
 _VALIDATOR = None
@@ -281,43 +350,41 @@ def _validator() -> Any:
     return _VALIDATOR
 
 
-def _validate(data: Any, node: Any, path: Path) -> None:
+def _schema_problems(data: dict[str, Any], node: Any) -> list[Problem]:
+    """Every place where ``data`` breaks :data:`SCHEMA`.
+
+    fastjsonschema checks a sound file quickly (it runs on every command) but stops
+    at the first error; only then is jsonschema imported to list them all.
+    """
     import fastjsonschema
 
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}:1: the top level must be a mapping with a 'sites' key")
     try:
         _validator()(data)
-    except fastjsonschema.JsonSchemaValueException as exc:
-        keys = [str(p) for p in (exc.path or [])[1:]]
-        line, key = _locate(node, keys)
-        message = exc.message.replace("data.", "", 1).replace("data ", "", 1)
-        if exc.rule == "additionalProperties":
-            if not keys:
-                allowed = sorted(SCHEMA["properties"])
-            elif keys == ["legacy"]:
-                allowed = sorted(SCHEMA["properties"]["legacy"]["properties"])
-            else:
-                allowed = sorted(_SITE_PROPERTIES)
-            unknown = _unknown_key(exc.value, keys, data)
-            where = ".".join(keys) or "top level"
-            key = unknown or key
-            line = _locate(node, [*keys, unknown])[0] if unknown else line
-            message = f"unknown key {unknown!r} in {where}; allowed keys: {', '.join(allowed)}"
-        raise ConfigError(f"{path}:{line}: {key}: {message}") from None
+        return []
+    except fastjsonschema.JsonSchemaValueException:
+        pass
+    import jsonschema
+
+    problems: list[Problem] = []
+    for error in jsonschema.Draft7Validator(SCHEMA).iter_errors(data):
+        problems += _problems_of(error, node)
+    return problems
 
 
-def _unknown_key(value: Any, keys: list[str], data: Any) -> str | None:
-    if not isinstance(value, dict):
-        return None
-    if not keys:
-        known = set(SCHEMA["properties"])
-    elif keys == ["legacy"]:
-        known = {"solver_log_base", "site"}
-    else:
-        known = set(_SITE_PROPERTIES)
-    extra = [k for k in value if k not in known]
-    return str(extra[0]) if extra else None
+def _problems_of(error: Any, node: Any) -> list[Problem]:
+    """One jsonschema error as problems located in the file (one per unknown key)."""
+    keys = [str(k) for k in error.absolute_path]
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        where = ".".join(keys) or "top level"
+        return [(_locate(node, [*keys, str(key)])[0],
+                 f"{key}: unknown key {str(key)!r} in {where}; "
+                 f"allowed keys: {', '.join(allowed)}")
+                for key in error.instance if key not in allowed]
+    line, dotted = _locate(node, keys)
+    if error.schema == SIZE_SCHEMA:
+        return [(line, f"{dotted}: invalid size {error.instance!r}: {SIZE_HINT}")]
+    return [(line, f"{dotted}: {error.message}")]
 
 
 def _locate(node: Any, keys: list[str]) -> tuple[int, str]:

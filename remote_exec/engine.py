@@ -41,6 +41,7 @@ from remote_exec.errors import (
     EXIT_SIGNAL_BASE,
     EXIT_TIMEOUT,
     ConfigError,
+    FetchError,
     LinkLostError,
     RemoteExecError,
     RemoteLostError,
@@ -491,14 +492,25 @@ class _Driver:
             interval = min(interval * 1.5, POLL_MAX)
 
     async def _fetch(self) -> None:
-        partial = localfs.partial_dir(self.request.into, self.run_id)
+        try:
+            partial = localfs.partial_dir(self.request.into, self.run_id)
+        except OSError as exc:
+            raise self._unwritable(exc) from None
         if self.agent is not None:  # the agent applies the site's return filter
-            report = await self.agent.fetch(await self.link.rsh(agent_rsync), self.run_id, partial,
-                                            self.ui.show_progress)
+            try:
+                report = await self.agent.fetch(await self.link.rsh(agent_rsync), self.run_id,
+                                                partial, self.ui.show_progress)
+            except (FetchError, OSError) as exc:
+                if localfs.out_of_space(exc):  # kept: `resume` continues into the partial dir
+                    raise self._disk_full(partial, None) from None
+                raise
             method, size = report.method, localfs.tree_size(partial)
         else:
             method, size, report = await self._fetch_open(partial)
-        placed = localfs.place(partial, self.request.into)
+        try:
+            placed = localfs.place(partial, self.request.into)
+        except OSError as exc:
+            raise self._unwritable(exc) from None
         for skipped in report.skipped:
             self.ui.warn(f"not fetched: {skipped}")
         self.result.fetched, self.result.fetch_method = placed, method
@@ -530,9 +542,21 @@ class _Driver:
                 report = await transfer.fetch_sftp(sftp, self.rundir, partial,
                                                    self.ui.progress_fn, resume=True, keep=keep,
                                                    entries=entries)
+        except (FetchError, OSError) as exc:
+            if localfs.out_of_space(exc):  # kept: `resume` continues into the partial dir
+                raise self._disk_full(partial, size) from None
+            raise
         finally:
             self.ui.progress_stop()
         return method, size, report
+
+    def _disk_full(self, partial: Any, size: int | None) -> FetchError:
+        return localfs.out_of_space_error(partial, self.run_id,
+                                          f"{self.site.name}:{self.rundir}", size)
+
+    def _unwritable(self, exc: OSError) -> FetchError:
+        return localfs.unwritable_error(self.request.into, exc, self.run_id,
+                                        f"{self.site.name}:{self.rundir}")
 
     async def _cleanup(self) -> None:
         """Remove the remote directory per policy."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,9 @@ from remote_exec.ui import Reporter
 
 RUNS_PER_CONNECTION = 3
 HANDSHAKES_PER_HOST = 4  # within the holder; remote_exec.ssh.link bounds it across processes
+#: what of each client's environment the connections of its runs use (its ssh-agent):
+#: the holder's own environment is that of whoever started it, maybe long ago
+CALLER_ENV = ("SSH_AUTH_SOCK",)
 
 
 def socket_path() -> Path:
@@ -56,6 +61,11 @@ def idle_timeout() -> float:
 
 
 # -- client -------------------------------------------------------------------------------
+
+def caller_env() -> dict[str, str]:
+    """The part of this process's environment its runs' connections must use."""
+    return {name: os.environ[name] for name in CALLER_ENV if name in os.environ}
+
 
 def code_fingerprint() -> str:
     """Which remote-exec code this process runs (its files' names, sizes and mtimes):
@@ -107,7 +117,8 @@ def _run_via_holder(request: Any, ui: Any, resume: bool = False) -> Any:
     try:
         with sock:
             payload = {"run": request_to_wire(request), "progress": ui.show_progress,
-                       "resume": resume, "pid": os.getpid(), "code": code_fingerprint()}
+                       "resume": resume, "pid": os.getpid(), "code": code_fingerprint(),
+                       "env": caller_env()}
             stream = sock.makefile("rb")
             try:
                 sock.sendall(json.dumps(payload).encode() + b"\n")
@@ -258,10 +269,12 @@ class _WireReporter(Reporter):
 
 
 class _Pool:
-    """Warm connections per destination, with admission counted per host.
+    """Warm connections per destination and caller's agent, with admission counted per host.
 
-    ``acquire``/``release`` have the shape :class:`remote_exec.ssh.link.Link` takes,
-    so a run's reconnects go through the pool too.
+    ``acquire`` (with the run's ``caller_env`` bound) and ``release`` have the shape
+    :class:`remote_exec.ssh.link.Link` takes, so a run's reconnects go through the pool
+    too. A connection is shared only by runs whose callers have the same ssh-agent:
+    a run never authenticates with another caller's agent.
     """
 
     def __init__(self) -> None:
@@ -270,9 +283,9 @@ class _Pool:
         self.lock = asyncio.Lock()
 
     @staticmethod
-    def key(site: Any) -> tuple:
+    def key(site: Any, caller_env: Mapping[str, str]) -> tuple:
         return (site.host, site.port, site.user, site.identity_file, site.known_hosts,
-                site.connect_timeout, site.stall_timeout)
+                site.connect_timeout, site.stall_timeout, tuple(sorted(caller_env.items())))
 
     def _take(self, key: tuple) -> Any:
         slots = self.conns.setdefault(key, [])
@@ -283,10 +296,10 @@ class _Pool:
                 return slot[0]
         return None
 
-    async def acquire(self, site: Any, tries: int) -> Any:
+    async def acquire(self, site: Any, tries: int, *, caller_env: Mapping[str, str]) -> Any:
         from remote_exec.ssh.link import open_throttled
 
-        key = self.key(site)
+        key = self.key(site, caller_env)
         async with self.lock:
             conn = self._take(key)
             if conn is not None:
@@ -297,7 +310,7 @@ class _Pool:
                 conn = self._take(key)
                 if conn is not None:
                     return conn
-            conn = await open_throttled(site, tries)
+            conn = await open_throttled(site, tries, caller_env=caller_env)
             async with self.lock:
                 self.conns.setdefault(key, []).append([conn, 1])
                 return conn
@@ -312,6 +325,18 @@ class _Pool:
                     if broken:
                         slots.remove(slot)
                     return
+
+    def destinations(self) -> dict[str, int]:
+        """``user@host:port`` as each open connection resolved it (~/.ssh/config
+        included) -> how many connections."""
+        counts: dict[str, int] = {}
+        for slots in self.conns.values():
+            for conn, _runs in slots:
+                if not conn.is_closed():
+                    dest = (f"{conn.get_extra_info('username')}@{conn.get_extra_info('host')}"
+                            f":{conn.get_extra_info('port')}")
+                    counts[dest] = counts.get(dest, 0) + 1
+        return counts
 
     def close_all(self) -> None:
         for slots in self.conns.values():
@@ -387,10 +412,9 @@ class Holder:
                 return
             msg = json.loads(line)
             if "status" in msg:
-                pooled = {f"{k[2] or ''}@{k[0]}:{k[1] or 22}": len(v)
-                          for k, v in self.pool.conns.items()}
                 writer.write(json.dumps({"pid": os.getpid(), "active_runs": self.active - 1,
-                                         "runs_done": self.runs_done, "connections": pooled,
+                                         "runs_done": self.runs_done,
+                                         "connections": self.pool.destinations(),
                                          "idle_timeout": self.idle,
                                          "started": self.started}).encode() + b"\n")
             elif "stop" in msg:
@@ -419,9 +443,11 @@ class Holder:
         request = request_from_wire(msg["run"])
         ui = _WireReporter(writer, bool(msg.get("progress")))
         control = RunControl()
+        # the connections of this run use its caller's agent, never this process's
+        acquire = functools.partial(self.pool.acquire, caller_env=dict(msg.get("env") or {}))
         task = asyncio.ensure_future(execute_async(
             request, ui, resume=bool(msg.get("resume")), control=control,
-            acquire=self.pool.acquire, release=self.pool.release, driver_pid=msg.get("pid"),
+            acquire=acquire, release=self.pool.release, driver_pid=msg.get("pid"),
         ))
         watcher = asyncio.ensure_future(self._watch_client(reader, control))
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,9 +55,13 @@ def check_inputs(paths: list[str]) -> list[Input]:
                 f"{raw!r} and {seen[name]!r} would both be staged as {name!r}; rename one of them"
             )
             continue
-        is_dir = os.path.isdir(raw)
         try:
+            _check_stageable(raw)
+            is_dir = os.path.isdir(raw)
             size = _check_readable(source, is_dir)
+        except NotStageable as exc:
+            problems.append(str(exc) if exc.path == raw else f"{raw!r}: {exc}")
+            continue
         except OSError as exc:
             problems.append(f"{raw!r}: cannot read {exc.filename or raw!r}: {exc.strerror}")
             continue
@@ -68,6 +73,38 @@ def check_inputs(paths: list[str]) -> list[Input]:
             hint="nothing was created on the remote host; fix the inputs and run again",
         )
     return inputs
+
+
+class NotStageable(Exception):
+    """A path that is neither a regular file nor a directory (FIFO, device, socket)."""
+
+    def __init__(self, path: str, mode: int) -> None:
+        self.path = path
+        link = f" (a symlink to {os.path.realpath(path)!r})" if os.path.islink(path) else ""
+        super().__init__(f"{path!r}{link} is {_kind(mode)}: only regular files and "
+                         "directories can be staged")
+
+
+def _kind(mode: int) -> str:
+    """What a non-regular, non-directory file is, for messages."""
+    for test, name in ((stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _check_stageable(path: str) -> os.stat_result:
+    """stat(2) ``path`` following symlinks; NotStageable unless a regular file or directory.
+
+    Checked before anything is opened: opening a FIFO blocks, and a device would be
+    staged as whatever its size says (an empty file for /dev/zero).
+    """
+    st = os.stat(path)
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        raise NotStageable(path, st.st_mode)
+    return st
 
 
 def _check_readable(path: Path, is_dir: bool) -> int:
@@ -89,9 +126,10 @@ def _check_readable(path: Path, is_dir: bool) -> int:
             full = os.path.join(dirpath, filename)
             if os.path.islink(full) and not os.path.exists(full):
                 raise FileNotFoundError(2, "broken symlink", full)
+            st = _check_stageable(full)
             with open(full, "rb"):
                 pass
-            total += os.stat(full).st_size
+            total += st.st_size
     return total
 
 

@@ -10,6 +10,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
+from conftest import site_entry
 
 #: (id, YAML text, expected line, words the message must contain)
 CASES = [
@@ -178,3 +180,81 @@ def test_a_return_pattern_that_climbs_out_is_refused(cli, workdir, tmp_path):
     proc = cli("run", "--config", str(config), "--site", "loop", "--cmd", "true", cwd=workdir)
     assert proc.returncode == 78
     assert "never_return" in proc.stderr and "'..' is not allowed" in proc.stderr
+
+
+# -- issue 13, 10d-f: duplicate keys, every error at once, sizes with units ----------------
+
+def test_a_duplicate_key_is_refused_with_both_lines(cli, workdir, tmp_path, remote_root):
+    path = _write(tmp_path, """\
+        sites:
+          loop:
+            host: 127.0.0.1
+            port: 22
+
+            port: 2222
+        """)
+    proc = cli("run", "--config", str(path), "--site", "loop", "--cmd", "touch ran",
+               cwd=workdir)
+    assert proc.returncode == 78, proc.stderr
+    assert f"{path}:6:" in proc.stderr and "line 4" in proc.stderr, proc.stderr
+    assert "duplicate key 'port'" in proc.stderr
+    assert list(remote_root.iterdir()) == []
+
+
+def test_every_schema_error_is_listed_at_once(cli, workdir, tmp_path, remote_root):
+    path = _write(tmp_path, """\
+        sites:
+          loop:
+            host: 127.0.0.1
+            port: "abc"
+            colour: blue
+          other:
+            host: other.example
+            cleanup: sometimes
+            rsync_threshold: lots
+            resources:
+              memory: 4 bananas
+        legacy:
+          solver_log_bas: /srv/log
+        """)
+    proc = cli("run", "--config", str(path), "--site", "loop", "--cmd", "touch ran",
+               cwd=workdir)
+    assert proc.returncode == 78, proc.stderr
+    expected = {4: "port", 5: "colour", 8: "cleanup", 9: "rsync_threshold",
+                11: "memory", 13: "solver_log_bas"}
+    for line, key in expected.items():
+        assert re.search(rf"{re.escape(str(path))}:{line}: .*{key}", proc.stderr), \
+            f"line {line} ({key}) not reported in {proc.stderr!r}"
+    assert "Traceback" not in proc.stderr
+    assert list(remote_root.iterdir()) == []
+
+
+@pytest.mark.parametrize("threshold, method", [("1K", "rsync"), ("1KiB", "rsync"),
+                                               ("1GB", "sftp"), ("512M", "sftp"),
+                                               (1024, "rsync")])
+def test_sizes_take_units_everywhere(cli, workdir, tmp_path, sshd, remote_root,
+                                     threshold, method):
+    """`rsync_threshold: 1GB` is accepted like `memory: 4G`, and means bytes: a 4 KiB
+    input goes by rsync from a 1K threshold, by SFTP under a 1GB one."""
+    entry = site_entry(sshd, remote_root, transfer="auto", rsync_threshold=threshold,
+                       resources={"memory": "4GiB"})
+    path = tmp_path / "sizes.yaml"
+    path.write_text(yaml.safe_dump({"sites": {"sized": entry}}))
+    (workdir / "in.dat").write_bytes(b"x" * 4096)
+    proc = cli("run", "--config", str(path), "--site", "sized", "--json", "--cmd", "true",
+               "in.dat", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    assert f"by {method}" in proc.stderr, proc.stderr
+
+
+def test_an_invalid_size_names_the_units(cli, workdir, tmp_path):
+    path = _write(tmp_path, """\
+        sites:
+          loop:
+            host: 127.0.0.1
+            rsync_threshold: 1 GBx
+        """)
+    proc = cli("run", "--config", str(path), "--site", "loop", "--cmd", "true", cwd=workdir)
+    assert proc.returncode == 78, proc.stderr
+    assert f"{path}:4:" in proc.stderr and "invalid size" in proc.stderr
+    assert "K, M, G, T" in proc.stderr

@@ -22,6 +22,7 @@ its parsers are tested on the sample outputs in ``tests/data/``.
 
 from __future__ import annotations
 
+import math
 import re
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, fields
@@ -29,6 +30,7 @@ from datetime import datetime
 from typing import Any, ClassVar
 
 from remote_exec.errors import ConfigError
+from remote_exec.sizes import SIZE_HINT, parse_size
 
 #: the one small set every scheduler's states map to
 QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED, TIMED_OUT = (
@@ -42,8 +44,6 @@ SCHEDULER_OUTPUT = ".remote-exec/scheduler.out"
 RUN_SCRIPT = ".remote-exec/run.sh"
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}")  # fullmatch: no newline
-_MEMORY_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
-_MEMORY_SCALE_MB = {"k": 1 / 1024, "": 1, "m": 1, "g": 1024, "t": 1024 * 1024}
 
 
 @dataclass
@@ -189,12 +189,12 @@ def _positive_int(value: Any, what: str) -> int:
 
 
 def parse_memory_mb(value: Any, what: str = "memory") -> int:
-    """``4096``, ``512M``, ``4G``, ``4GB``, ``4GiB``, ``1T`` as MiB (a bare number is MiB)."""
-    match = _MEMORY_RE.match(str(value))
-    if not match or int(match.group(1)) < 1:
-        raise ConfigError(f"{what}: invalid size {value!r}",
-                          hint="a whole number with an optional unit K, M, G or T, e.g. 4G")
-    return max(int(int(match.group(1)) * _MEMORY_SCALE_MB[match.group(2).lower()]), 1)
+    """``4096``, ``512M``, ``4G``, ``4GB``, ``4GiB``, ``1T`` as MiB, rounded up (a bare
+    number is MiB, as schedulers read it; the syntax is :mod:`remote_exec.sizes`')."""
+    size = parse_size(value, what, bare="m")
+    if size < 1:
+        raise ConfigError(f"{what} must be more than 0, not {value!r}", hint=SIZE_HINT)
+    return math.ceil(size / 1024 ** 2)
 
 
 def parse_walltime(value: Any, what: str = "walltime") -> int:

@@ -21,7 +21,7 @@ import contextlib
 import errno
 import os
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import asyncssh
 
@@ -85,16 +85,18 @@ async def handshake_slot(host: str, slots: int = HANDSHAKES_PER_HOST) -> AsyncIt
 FIRST_CONNECT_TRIES = 8
 
 
-async def open_throttled(site: Site,
-                         tries: int = FIRST_CONNECT_TRIES) -> asyncssh.SSHClientConnection:
+async def open_throttled(site: Site, tries: int = FIRST_CONNECT_TRIES,
+                         caller_env: Mapping[str, str] | None = None,
+                         ) -> asyncssh.SSHClientConnection:
     """Open a connection within a handshake slot, retrying sshd's pre-authentication drops.
 
     A reconnect passes ``tries=1``: there, each try counts against the run's retry budget.
+    ``caller_env``: see :func:`remote_exec.ssh.connect.connect_options`.
     """
     for attempt in range(tries):
         try:
             async with handshake_slot(site.host):
-                return await open_connection(site)
+                return await open_connection(site, caller_env)
         except ConnectError as exc:
             if not exc.retryable or attempt == tries - 1:
                 raise

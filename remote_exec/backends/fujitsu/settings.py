@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from remote_exec.errors import ConfigError
+from remote_exec.sizes import SIZE_SCHEMA, parse_size
+
+MIN_MULTIPART = 5 * 1024 * 1024  # S3's smallest part
 
 #: the WebAPI's operations and their default paths (relative to ``api_url``); the
 #: guide links them to an API reference, so each can be overridden per site
@@ -42,7 +45,7 @@ SCHEMA: dict[str, Any] = {
         "hpc_dir": {"type": "string", "minLength": 1},
         "poll_max": {"type": "number", "minimum": 0.1},
         "request_timeout": {"type": "number", "minimum": 1},
-        "multipart_threshold": {"type": "integer", "minimum": 5242880},
+        "multipart_threshold": SIZE_SCHEMA,  # at least MIN_MULTIPART
     },
 }
 _HPC_DIR = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
@@ -72,6 +75,12 @@ class FujitsuSettings:
         data = dict(values)
         data["paths"] = {**DEFAULT_PATHS, **(data.get("paths") or {})}
         data["hmac"] = {**DEFAULT_HMAC, **(data.get("hmac") or {})}
+        if "multipart_threshold" in data:
+            data["multipart_threshold"] = parse_size(data["multipart_threshold"],
+                                                     f"{where}: fujitsu.multipart_threshold")
+            if data["multipart_threshold"] < MIN_MULTIPART:
+                raise ConfigError(f"{where}: fujitsu.multipart_threshold must be at least 5M "
+                                  "(S3's smallest part)")
         settings = cls(**data)
         settings.api_url = settings.api_url.rstrip("/")
         if ".." in settings.hpc_dir.split("/") or not _HPC_DIR.match(settings.hpc_dir):

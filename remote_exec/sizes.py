@@ -1,0 +1,38 @@
+"""Sizes in the configuration: one syntax and one parser for every size key.
+
+A size is a whole number of bytes (``268435456``) or a whole number with a unit:
+``K``, ``M``, ``G``, ``T`` or ``P``, optionally followed by ``B`` or ``iB``
+(``512M``, ``1GB``, ``1GiB``; case does not matter), or ``B`` for bytes; no fractions
+(``1536M``, not ``1.5G``). Every unit is a power of 1024, whichever way it is written:
+``1GB`` = ``1GiB`` = ``1G`` = 1073741824 bytes, as Slurm and PBS read ``--mem=1G``.
+A key may read a bare number in another unit (``memory``: MiB, as schedulers do).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from remote_exec.errors import ConfigError
+
+#: the syntax, shared by the configuration schema (strings) and :func:`parse_size`
+SIZE_PATTERN = r"^\s*([0-9]+)\s*([kKmMgGtTpP](?:[iI]?[bB])?|[bB])?\s*$"
+#: the schema of a size key: a whole number, or a string of SIZE_PATTERN
+SIZE_SCHEMA: dict[str, Any] = {"type": ["integer", "string"], "minimum": 0,
+                               "pattern": SIZE_PATTERN}
+SIZE_HINT = ("a whole number of bytes, or a whole number with a unit K, M, G, T (powers "
+             "of 1024; KB, KiB and K are the same), e.g. 1G, 512MiB, 268435456")
+
+_SIZE_RE = re.compile(SIZE_PATTERN)
+_SCALE = {"b": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4, "p": 1024 ** 5}
+
+
+def parse_size(value: Any, what: str, bare: str = "b") -> int:
+    """``value`` in bytes; a bare number counts in ``bare`` units (``"b"`` bytes,
+    ``"m"`` MiB). A ConfigError naming ``what`` if ``value`` is no size."""
+    text = str(value)
+    match = _SIZE_RE.match(text) if not isinstance(value, bool) else None
+    if match is None:
+        raise ConfigError(f"{what}: invalid size {value!r}", hint=SIZE_HINT)
+    unit = (match.group(2) or bare)[0].lower()
+    return int(match.group(1)) * _SCALE[unit]
