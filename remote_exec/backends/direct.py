@@ -49,10 +49,13 @@ class DirectBackend:
         if line.startswith("started "):
             return Launched(job_id=line.split()[1], channel=process)
         await process.wait_closed()
-        if process.exit_status == ALREADY_LAUNCHED:
-            return Launched(job_id=await read_control(sftp, rundir, "pgid"), before=True)
         if process.exit_status is None and conn.is_closed():
             raise asyncssh.ConnectionLost("the connection closed while launching")
+        pgid = await read_control(sftp, rundir, "pgid")
+        if process.exit_status == ALREADY_LAUNCHED or pgid:
+            # launched, by an earlier attempt or by this one whose answer got lost: wait
+            # for that process; never start the entrypoint a second time
+            return Launched(job_id=pgid, before=True)
         err = cast(str, await process.stderr.read()) if started.framed else started.banner_err
         raise StageError(
             f"could not launch the entrypoint (launch.sh exit {process.exit_status}): "
