@@ -72,36 +72,41 @@ def kind_of(mode: int) -> str:
 
 # -- inputs ----------------------------------------------------------------------------------
 
-def input_source(rel: str, inputs: Sequence[Input]) -> Path | None:
-    """The local path whose staged copy is at ``rel`` of the run directory, if any."""
-    head, _, rest = rel.partition("/")
-    for item in inputs:
-        if item.name == head:
-            source = Path(os.path.abspath(item.source))
-            if not rest:
-                return source
-            return source / rest if item.is_dir else None
-    return None
+class StagedInputs:
+    """A run's inputs, by the name they were staged under."""
 
+    def __init__(self, inputs: Sequence[Input]) -> None:
+        self.by_name = {item.name: item for item in inputs}
 
-def is_unchanged_input(rel: str, size: int | None, mtime: float | None,
-                       inputs: Sequence[Input]) -> bool:
-    """Whether a returned regular file at ``rel`` of ``size`` bytes, modified at ``mtime``,
-    is the staged copy of a local input left as it was (staging keeps mtimes)."""
-    source = input_source(rel, inputs)
-    if source is None or size is None or mtime is None:
-        return False
-    try:
-        st = os.stat(source)
-    except OSError:
-        return False
-    return stat.S_ISREG(st.st_mode) and st.st_size == size and int(st.st_mtime) == int(mtime)
+    def source(self, rel: str) -> Path | None:
+        """The local path whose staged copy is at ``rel`` of the run directory, if any."""
+        head, _, rest = rel.partition("/")
+        item = self.by_name.get(head)
+        if item is None:
+            return None
+        source = Path(os.path.abspath(item.source))
+        if not rest:
+            return source
+        return source / rest if item.is_dir else None
 
+    def unchanged(self, rel: str, size: int | None, mtime: float | None) -> bool:
+        """Whether a returned regular file at ``rel`` of ``size`` bytes, modified at
+        ``mtime``, is the staged copy of a local input left as it was (staging keeps
+        mtimes; SFTP's have whole seconds)."""
+        source = self.source(rel)
+        if source is None or size is None or mtime is None:
+            return False
+        try:
+            st = os.stat(source)
+        except OSError:
+            return False
+        return stat.S_ISREG(st.st_mode) and st.st_size == size \
+            and int(st.st_mtime) == int(mtime)
 
-def is_input_dir(rel: str, inputs: Sequence[Input]) -> bool:
-    """Whether ``rel`` of the run directory is a directory staged from an input."""
-    source = input_source(rel, inputs)
-    return source is not None and source.is_dir()
+    def is_dir(self, rel: str) -> bool:
+        """Whether ``rel`` of the run directory is a directory staged from an input."""
+        source = self.source(rel)
+        return source is not None and source.is_dir()
 
 
 # -- the local pass --------------------------------------------------------------------------
@@ -116,7 +121,7 @@ def place(partial: Path, into: Path, *, inputs: Sequence[Input] = (),
     """
     say = warn or (lambda _message: None)
     _make_safe(partial, say)
-    kept = _settle_inputs(partial, inputs, say)
+    kept = _settle_inputs(partial, StagedInputs(inputs), say)
     _drop_escaping_links(partial, into, say)
     guard = _InputGuard(inputs)
     names = {item.name for item in inputs}  # (what is left of those is kept aside)
@@ -126,11 +131,12 @@ def place(partial: Path, into: Path, *, inputs: Sequence[Input] = (),
             placed.append(name)
     if kept:
         raise PlacingError(
-            f"{len(kept)} returned item(s) would replace local ones and were kept aside:\n  "
-            + "\n  ".join(kept),
-            hint=f"nothing local was changed; the returned items are in {partial}. Move the "
-            f"local item(s) away and run `remote-exec resume {_run_id_of(partial)}`, or take "
-            "the returned ones from there (the remote directory is kept)")
+            f"{len(kept)} returned item(s) could not be placed and were kept aside (the "
+            "rest is in place):\n  " + "\n  ".join(kept),
+            hint=f"the local items were left as they were and the returned ones wait in "
+            f"{partial}: move the local ones away and run `remote-exec resume "
+            f"{_run_id_of(partial)}`, or take the returned ones from there (the remote "
+            "directory is kept)")
     shutil.rmtree(partial, ignore_errors=True)
     return placed
 
@@ -169,14 +175,14 @@ def _make_safe(partial: Path, say: Warn) -> None:
                 os.lchown(path, os.geteuid(), os.getegid())
             if what != "symlink" and st.st_mode & ~SAFE_MODE_BITS & 0o7777:
                 os.chmod(path, stat.S_IMODE(st.st_mode) & SAFE_MODE_BITS)
-                say(f"{rel}: setuid/setgid bit cleared")
+                say(f"not fetched: the setuid/setgid bit of {rel} (cleared)")
 
 
-def _settle_inputs(partial: Path, inputs: Sequence[Input], say: Warn) -> list[str]:
+def _settle_inputs(partial: Path, inputs: StagedInputs, say: Warn) -> list[str]:
     """Drop unchanged copies of inputs; rename what is left of an input ``NAME.returned``.
     Returns why the copies that could not be renamed were kept aside."""
     kept: list[str] = []
-    for item in inputs:
+    for item in inputs.by_name.values():
         top = partial / item.name
         if not os.path.lexists(top):
             continue
@@ -193,7 +199,7 @@ def _settle_inputs(partial: Path, inputs: Sequence[Input], say: Warn) -> list[st
     return kept
 
 
-def _drop_unchanged(partial: Path, top: Path, inputs: Sequence[Input]) -> None:
+def _drop_unchanged(partial: Path, top: Path, inputs: StagedInputs) -> None:
     paths = [top]
     if top.is_dir() and not top.is_symlink():
         paths = [Path(d, n) for d, dirs, files in os.walk(top, topdown=False)
@@ -201,10 +207,9 @@ def _drop_unchanged(partial: Path, top: Path, inputs: Sequence[Input]) -> None:
     for path in paths:
         rel = path.relative_to(partial).as_posix()
         st = os.lstat(path)
-        if stat.S_ISREG(st.st_mode) and is_unchanged_input(rel, st.st_size, st.st_mtime,
-                                                           inputs):
+        if stat.S_ISREG(st.st_mode) and inputs.unchanged(rel, st.st_size, st.st_mtime):
             os.unlink(path)
-        elif stat.S_ISDIR(st.st_mode) and not os.listdir(path) and is_input_dir(rel, inputs):
+        elif stat.S_ISDIR(st.st_mode) and not os.listdir(path) and inputs.is_dir(rel):
             os.rmdir(path)
 
 
@@ -313,9 +318,14 @@ class _InputGuard:
             if item.is_dir:
                 self.trees.append(os.path.realpath(source).rstrip("/") + "/")
 
-    def protects(self, path: Path) -> bool:
+    def refuses(self, path: Path) -> str:
+        """Why nothing may be placed at ``path`` ('' if it may)."""
         canonical = _canonical(str(path))
-        return canonical in self.exact or canonical.startswith(tuple(self.trees))
+        if canonical in self.exact:
+            return f"would overwrite the local input {path}"
+        if canonical.startswith(tuple(self.trees)):
+            return f"would land inside a local input directory, at {path}"
+        return ""
 
 
 def _canonical(path: str) -> str:
@@ -328,8 +338,9 @@ def _merge(src: Path, dst: Path, guard: _InputGuard, kept: list[str]) -> bool:
     """Move ``src`` to ``dst`` (merging directories); what cannot go is left in place and
     described in ``kept``. Whether anything of ``src`` was placed."""
     what = kind_of(os.lstat(src).st_mode)
-    if guard.protects(dst):
-        kept.append(f"{src} (a {what}) would overwrite the local input {dst}")
+    refused = guard.refuses(dst)
+    if refused:
+        kept.append(f"{src} (a {what}) {refused}")
         return False
     try:
         there = kind_of(os.lstat(dst).st_mode)

@@ -135,19 +135,26 @@ def test_a_changed_input_comes_back_beside_it_never_over_it(cli, workdir, tmp_pa
     target = tmp_path / "elsewhere.dat"
     target.write_text("handed over by MInt\n")
     os.symlink(target, workdir / "port.dat")
+    other = tmp_path / "other-port.dat"
+    other.write_text("another port\n")
+    os.symlink(other, workdir / "port2.dat")
     tree = workdir / "tree"
     (tree / "deep").mkdir(parents=True)
     (tree / "a").write_text("a\n")
     (tree / "deep" / "b").write_text("b\n")
-    before = {p: os.lstat(p).st_mtime_ns for p in (workdir / "input.dat", target, tree / "a")}
+    before = {p: os.lstat(p).st_mtime_ns
+              for p in (workdir / "input.dat", target, other, tree / "a")}
     proc = run(cli, workdir, transfer,
                ": > input.dat; echo changed > tree/a; echo new > tree/deep/new; "
-               "cat port.dat > seen.txt", "input.dat", "port.dat", "tree")
+               "cat port.dat > seen.txt; echo more >> port2.dat",
+               "input.dat", "port.dat", "port2.dat", "tree")
     assert proc.returncode == 0, proc.stderr
     # the local inputs are untouched; the symlinked one is still a symlink
     assert (workdir / "input.dat").read_text() == "the input\n"
     assert os.readlink(workdir / "port.dat") == str(target)
     assert target.read_text() == "handed over by MInt\n"
+    assert os.readlink(workdir / "port2.dat") == str(other)
+    assert other.read_text() == "another port\n"
     assert (tree / "a").read_text() == "a\n" and not (tree / "deep" / "new").exists()
     assert before == {p: os.lstat(p).st_mtime_ns for p in before}
     # what the entrypoint changed comes back as NAME.returned, and only that
@@ -156,6 +163,7 @@ def test_a_changed_input_comes_back_beside_it_never_over_it(cli, workdir, tmp_pa
                   for p in (workdir / "tree.returned").rglob("*")) == ["a", "deep", "deep/new"]
     assert (workdir / "tree.returned" / "a").read_text() == "changed\n"
     assert not os.path.lexists(workdir / "port.dat.returned")
+    assert (workdir / "port2.dat.returned").read_text() == "another port\nmore\n"
     assert (workdir / "seen.txt").read_text() == "handed over by MInt\n"
     assert "input input.dat was changed by the entrypoint" in proc.stderr
     assert partials(workdir) == []

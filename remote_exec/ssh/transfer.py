@@ -131,6 +131,7 @@ def plan_fetch(entries: Sequence[tuple[str, asyncssh.SFTPAttrs]],
     of an input the entrypoint left unchanged. A directory comes back when ``keep``
     accepts it and it was not staged from an input, or when something in it comes back.
     """
+    staged = localfs.StagedInputs(inputs)
     chosen: list[tuple[str, asyncssh.SFTPAttrs]] = []
     wanted_dirs: set[str] = set()
     skipped: list[str] = []
@@ -138,7 +139,7 @@ def plan_fetch(entries: Sequence[tuple[str, asyncssh.SFTPAttrs]],
     for rel, attrs in entries:
         kind = attrs.type
         if kind == asyncssh.FILEXFER_TYPE_DIRECTORY:
-            if (keep is None or keep(rel)) and not localfs.is_input_dir(rel, inputs):
+            if (keep is None or keep(rel)) and not staged.is_dir(rel):
                 wanted_dirs.add(rel)
             continue
         if keep is not None and not keep(rel):
@@ -147,8 +148,8 @@ def plan_fetch(entries: Sequence[tuple[str, asyncssh.SFTPAttrs]],
             what = localfs.kind_of(attrs.permissions or 0)
             skipped.append(f"{rel} (a {what}: only files, directories and symlinks come back)")
             continue
-        if kind == asyncssh.FILEXFER_TYPE_REGULAR and localfs.is_unchanged_input(
-                rel, attrs.size, attrs.mtime, inputs):
+        if kind == asyncssh.FILEXFER_TYPE_REGULAR and staged.unchanged(rel, attrs.size,
+                                                                       attrs.mtime):
             unchanged += 1
             continue
         chosen.append((rel, attrs))
