@@ -9,6 +9,7 @@ CLI against the loopback sshd, by SFTP and by rsync alike:
   7. local inputs are never modified: unchanged ones do not travel back, changed ones
      come back as NAME.returned, a symlinked input stays a symlink.
 """
+# ruff: noqa: F811  (the restricted site's fixture is imported and used by name)
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from helpers_badinput import event
+from test_restricted import Locked, locked  # noqa: F401  (the restricted site, by name)
 
 from remote_exec.errors import EXIT_FETCH
 
@@ -181,3 +183,31 @@ def test_an_unchanged_input_does_not_travel_back(cli, workdir, transfer):
     assert event(proc.stderr, "unchanged")["unchanged"] == 1
     assert fetched["method"] == transfer
     assert not (workdir / "big.bin.returned").exists()
+
+
+# -- the same rules on a restricted site (results through the agent's outbox) --------------
+
+def test_a_restricted_site_places_by_the_same_rules(locked: Locked, tmp_path: Path):
+    work = tmp_path / "work"
+    (work / "results").mkdir(parents=True)
+    (work / "results" / "kept.dat").write_text("precious\n")
+    (work / "input.txt").write_text("the input\n")
+    target = tmp_path / "port-target.dat"
+    target.write_text("a port\n")
+    os.symlink(target, work / "port.dat")
+    script = ": > input.txt; echo x > results; echo s > suid; chmod 4755 suid; echo ok > out"
+    proc = locked.cli("run", "--site", "locked", "--template", "generic",
+                      "-p", "program=/bin/sh", "-p", "args=-c", "-p", f"args={script}",
+                      "input.txt", "port.dat", cwd=work)
+    assert proc.returncode == EXIT_FETCH, proc.stderr
+    assert (work / "results" / "kept.dat").read_text() == "precious\n"
+    assert (work / "input.txt").read_text() == "the input\n"
+    assert (work / "input.txt.returned").read_bytes() == b""
+    assert os.readlink(work / "port.dat") == str(target)
+    assert target.read_text() == "a port\n"
+    assert not os.path.lexists(work / "port.dat.returned")
+    assert (work / "out").read_text() == "ok\n"
+    assert stat.S_IMODE(os.lstat(work / "suid").st_mode) == 0o755
+    [partial] = partials(work)
+    assert (partial / "results").read_text() == "x\n"
+    assert "would replace the local directory" in proc.stderr
