@@ -8,7 +8,7 @@ then makes one local pass over it before anything reaches the destination:
   * only regular files, directories and symlinks are kept; setuid/setgid bits are
     cleared and, when running as root, foreign ownership is taken back;
   * a returned copy of an input that is unchanged (same size and mtime as the local
-    input) is dropped; a changed one is renamed ``NAME.returned``;
+    input, or the same bytes) is dropped; a changed one is renamed ``NAME.returned``;
   * every symlink is resolved for real, chains and ``..`` included, against the
     destination as it will be once placed; one that leaves it is dropped;
   * each item is then moved into place with one rename. A returned item never replaces
@@ -19,6 +19,7 @@ then makes one local pass over it before anything reaches the destination:
 from __future__ import annotations
 
 import contextlib
+import filecmp
 import os
 import shutil
 import stat
@@ -102,6 +103,20 @@ class StagedInputs:
             return False
         return stat.S_ISREG(st.st_mode) and st.st_size == size \
             and int(st.st_mtime) == int(mtime)
+
+    def unchanged_copy(self, rel: str, path: Path) -> bool:
+        """Whether the fetched regular file ``path`` (at ``rel`` of the run directory) is
+        an input left as it was: by the quick check, or, when the transfer kept no
+        times (object storage), by its bytes."""
+        st = os.lstat(path)
+        if self.unchanged(rel, st.st_size, st.st_mtime):
+            return True
+        source = self.source(rel)
+        try:
+            return source is not None and os.stat(source).st_size == st.st_size \
+                and filecmp.cmp(source, path, shallow=False)
+        except OSError:
+            return False
 
     def is_dir(self, rel: str) -> bool:
         """Whether ``rel`` of the run directory is a directory staged from an input."""
@@ -207,7 +222,7 @@ def _drop_unchanged(partial: Path, top: Path, inputs: StagedInputs) -> None:
     for path in paths:
         rel = path.relative_to(partial).as_posix()
         st = os.lstat(path)
-        if stat.S_ISREG(st.st_mode) and inputs.unchanged(rel, st.st_size, st.st_mtime):
+        if stat.S_ISREG(st.st_mode) and inputs.unchanged_copy(rel, path):
             os.unlink(path)
         elif stat.S_ISDIR(st.st_mode) and not os.listdir(path) and inputs.is_dir(rel):
             os.rmdir(path)
