@@ -507,48 +507,55 @@ class _Driver:
             method, size = report.method, localfs.tree_size(partial)
         else:
             method, size, report = await self._fetch_open(partial)
+        dropped = [f"not fetched: {item}" for item in report.skipped]
+        for message in dropped:
+            self.ui.warn(message)
+
+        def warn(message: str) -> None:  # what the local pass drops or renames
+            dropped.append(message)
+            self.ui.warn(message)
+
         try:
-            placed = localfs.place(partial, self.request.into)
+            placed = localfs.place(partial, self.request.into, inputs=self.request.inputs,
+                                   warn=warn)
         except OSError as exc:
             raise self._unwritable(exc) from None
-        for skipped in report.skipped:
-            self.ui.warn(f"not fetched: {skipped}")
         self.result.fetched, self.result.fetch_method = placed, method
-        self.result.skipped = report.skipped
+        self.result.skipped = dropped
         self._advance("fetched")
         self.ui.event("fetched", f"fetched {len(placed)} item(s), {size} bytes, by {method} "
                       f"into {self.request.into}", fetched=placed, bytes=size, method=method)
 
     async def _fetch_open(self, partial: Any) -> tuple[str, int, transfer.FetchReport]:
-        """Fetch over SFTP or rsync, keeping only what the template and the site return."""
+        """Fetch over SFTP or rsync what the template and the site return, but the
+        inputs the entrypoint left unchanged."""
         sftp = await self.link.sftp()
         site, returns = self.site, self.request.returns
         keep = None
         if not return_filter.is_trivial(returns, site.never_return, site.only_return):
             keep = return_filter.predicate(returns, site.never_return, site.only_return)
-        entries = await transfer.walk_remote(sftp, self.rundir)
-        chosen = [(rel, attrs) for rel, attrs in entries
-                  if attrs.type != asyncssh.FILEXFER_TYPE_DIRECTORY and (keep is None or keep(rel))]
-        size = sum(attrs.size or 0 for rel, attrs in chosen
-                   if attrs.type == asyncssh.FILEXFER_TYPE_REGULAR)
-        method = await self._method(size)
-        self.ui.progress_start("fetching", size)
+        plan = transfer.plan_fetch(await transfer.walk_remote(sftp, self.rundir), keep,
+                                   self.request.inputs)
+        if plan.unchanged:
+            self.ui.event("unchanged", f"{plan.unchanged} input file(s) came back unchanged: "
+                          "not transferred", unchanged=plan.unchanged)
+        method = await self._method(plan.size)
+        self.ui.progress_start("fetching", plan.size)
         try:
             if method == "rsync":
-                files = None if keep is None else [rel for rel, _ in chosen]
                 report = await transfer.fetch_rsync(await self.link.rsh(), self.rundir,
-                                                    partial, self.ui.show_progress, files=files)
+                                                    partial, self.ui.show_progress, plan)
             else:
                 report = await transfer.fetch_sftp(sftp, self.rundir, partial,
-                                                   self.ui.progress_fn, resume=True, keep=keep,
-                                                   entries=entries)
+                                                   self.ui.progress_fn, plan)
         except (FetchError, OSError) as exc:
             if localfs.out_of_space(exc):  # kept: `resume` continues into the partial dir
-                raise self._disk_full(partial, size) from None
+                raise self._disk_full(partial, plan.size) from None
             raise
         finally:
             self.ui.progress_stop()
-        return method, size, report
+        report.skipped = plan.skipped
+        return method, plan.size, report
 
     def _disk_full(self, partial: Any, size: int | None) -> FetchError:
         return localfs.out_of_space_error(partial, self.run_id,

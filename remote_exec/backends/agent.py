@@ -44,7 +44,7 @@ from remote_exec.errors import (
 from remote_exec.inputs import Input
 from remote_exec.ssh import rsync as rsync_mod
 from remote_exec.ssh import shell
-from remote_exec.ssh.transfer import FetchReport
+from remote_exec.ssh.transfer import RSYNC_FETCH_OPTIONS, FetchReport
 from remote_exec.ui import Reporter
 
 #: the agent's exit status for a refused request, and for a run launched before
@@ -151,8 +151,8 @@ class AgentBackend:
             raise FetchError("a restricted site moves files with rsync, and rsync is not "
                              "installed here", hint="install rsync, then `remote-exec resume`")
         code, err = await rsync_mod.run_rsync(
-            rsh, ["-a", "--partial", "--safe-links", rsync_mod.rsync_remote(run_id + "/"),
-                  str(dest) + "/"], progress=progress)
+            rsh, [*RSYNC_FETCH_OPTIONS, "-r", "--safe-links",
+                  rsync_mod.rsync_remote(run_id + "/"), str(dest) + "/"], progress=progress)
         if code != 0:
             self._rsync_failed(err, code, FetchError, "send the results back")
         return FetchReport(method="rsync")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import asyncssh
 
+from remote_exec import localfs
 from remote_exec.errors import FetchError, StageError
 from remote_exec.inputs import CONTROL_DIR, Input
 from remote_exec.ssh import rsync as rsync_mod
@@ -112,83 +113,148 @@ async def stage_rsync(rsh: str, inputs: Sequence[Input], rundir: str, progress: 
         )
 
 
-async def fetch_sftp(sftp: asyncssh.SFTPClient, rundir: str, dest: Path,
-                     progress: ProgressFn | None, *, resume: bool = False,
-                     keep: Callable[[str], bool] | None = None,
-                     entries: list[tuple[str, asyncssh.SFTPAttrs]] | None = None,
-                     ) -> FetchReport:
-    """Copy the whole run directory (but the control directory) into ``dest``; with
-    ``keep``, only the files and links whose relative path it accepts (directories
-    left empty by it are not created). ``entries`` is :func:`walk_remote`'s answer if
-    the caller has it already.
+@dataclass
+class FetchPlan:
+    """What of a run directory comes back, decided once for SFTP and rsync alike."""
 
-    Symlinks are copied as symlinks; one that points outside the directory is
-    skipped and reported, so a run can never plant a link to a local file. With
-    ``resume``, ``dest`` may hold an earlier attempt: files whose size and mtime
-    match are kept.
+    entries: list[tuple[str, asyncssh.SFTPAttrs]]  # directories first, then what they hold
+    files: list[str] | None  # rsync's --files-from; None: the whole directory
+    size: int  # bytes of the regular files
+    skipped: list[str] = field(default_factory=list)  # left out, for a warning each
+    unchanged: int = 0  # copies of inputs left as staged: not transferred back
+
+
+def plan_fetch(entries: Sequence[tuple[str, asyncssh.SFTPAttrs]],
+               keep: Callable[[str], bool] | None, inputs: Sequence[Input]) -> FetchPlan:
+    """Choose what comes back from :func:`walk_remote`'s ``entries``: what ``keep`` (the
+    return filter) accepts, but never a special file (device, FIFO, socket) nor a copy
+    of an input the entrypoint left unchanged. A directory comes back when ``keep``
+    accepts it and it was not staged from an input, or when something in it comes back.
     """
-    report = FetchReport(method="sftp")
+    staged = localfs.StagedInputs(inputs)
+    chosen: list[tuple[str, asyncssh.SFTPAttrs]] = []
+    wanted_dirs: set[str] = set()
+    skipped: list[str] = []
+    unchanged = 0
+    for rel, attrs in entries:
+        kind = attrs.type
+        if kind == asyncssh.FILEXFER_TYPE_DIRECTORY:
+            if (keep is None or keep(rel)) and not staged.is_dir(rel):
+                wanted_dirs.add(rel)
+            continue
+        if keep is not None and not keep(rel):
+            continue
+        if kind not in (asyncssh.FILEXFER_TYPE_REGULAR, asyncssh.FILEXFER_TYPE_SYMLINK):
+            what = localfs.kind_of(attrs.permissions or 0)
+            skipped.append(f"{rel} (a {what}: only files, directories and symlinks come back)")
+            continue
+        if kind == asyncssh.FILEXFER_TYPE_REGULAR and staged.unchanged(rel, attrs.size,
+                                                                       attrs.mtime):
+            unchanged += 1
+            continue
+        chosen.append((rel, attrs))
+        wanted_dirs.update(_parents(rel))
+    dirs = [(rel, attrs) for rel, attrs in entries
+            if attrs.type == asyncssh.FILEXFER_TYPE_DIRECTORY and rel in wanted_dirs]
+    whole = keep is None and not skipped and not unchanged and len(dirs) == sum(
+        attrs.type == asyncssh.FILEXFER_TYPE_DIRECTORY for _rel, attrs in entries)
+    skipped += [f"the setuid/setgid bit of {rel} (cleared)" for rel, attrs in dirs + chosen
+                if attrs.type != asyncssh.FILEXFER_TYPE_SYMLINK
+                and (attrs.permissions or 0) & ~localfs.SAFE_MODE_BITS & 0o7777]
+    return FetchPlan(
+        entries=dirs + chosen,
+        files=None if whole else [rel for rel, _attrs in dirs + chosen],
+        size=sum(attrs.size or 0 for _rel, attrs in chosen
+                 if attrs.type == asyncssh.FILEXFER_TYPE_REGULAR),
+        skipped=skipped, unchanged=unchanged)
+
+
+def _parents(rel: str) -> list[str]:
+    parts = rel.split("/")[:-1]
+    return ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+async def fetch_sftp(sftp: asyncssh.SFTPClient, rundir: str, dest: Path,
+                     progress: ProgressFn | None, plan: FetchPlan) -> FetchReport:
+    """Copy what ``plan`` chose of the run directory into ``dest`` (a partial directory,
+    which may hold an earlier attempt: files whose size and mtime match are kept).
+
+    Symlinks are copied as symlinks, whatever they point to (:func:`localfs.place`
+    checks them all before anything is placed). Nothing is chowned, and modes lose
+    their setuid/setgid bits.
+    """
     handler = _sftp_progress(progress)
     root = os.fsencode(rundir)
     local_root = os.fsencode(dest)
-    jobs: list[tuple[bytes, bytes]] = []
-    dirs: list[tuple[bytes, bytes, asyncssh.SFTPAttrs]] = []
+    jobs: list[tuple[bytes, bytes, asyncssh.SFTPAttrs]] = []
+    dirs: list[tuple[bytes, asyncssh.SFTPAttrs]] = []
     try:
-        if entries is None:
-            entries = await walk_remote(sftp, rundir)
-        for rel, attrs in entries:  # (a directory comes before what it holds)
+        for rel, attrs in plan.entries:  # (a directory comes before what it holds)
             child = os.fsencode(rel)
             remote, local = posixpath.join(root, child), os.path.join(local_root, child)
-            kind = attrs.type
-            if kind == asyncssh.FILEXFER_TYPE_DIRECTORY:
-                os.makedirs(local, exist_ok=resume or keep is not None)
-                dirs.append((remote, local, attrs))
-            elif keep is not None and not keep(os.fsdecode(child)):
-                continue
-            elif kind == asyncssh.FILEXFER_TYPE_SYMLINK:
+            if attrs.type == asyncssh.FILEXFER_TYPE_DIRECTORY:
+                _clear_non_dir(local)
+                os.makedirs(local, exist_ok=True)
+                dirs.append((local, attrs))
+            elif attrs.type == asyncssh.FILEXFER_TYPE_SYMLINK:
                 target = os.fsencode(await sftp.readlink(remote))
-                if _link_stays_inside(local_root, local, target):
-                    if resume and os.path.lexists(local):
-                        os.unlink(local)
-                    os.symlink(target, local)
-                else:
-                    report.skipped.append(f"{os.fsdecode(child)} -> {os.fsdecode(target)} "
-                                          "(symlink pointing outside the run directory)")
-            elif kind == asyncssh.FILEXFER_TYPE_REGULAR:
-                if not (resume and _same_local(local, attrs)):
-                    jobs.append((remote, local))
-            else:
-                report.skipped.append(f"{os.fsdecode(child)} (not a regular file)")
-        await _gather_limited(
-            sftp.get(src, dst, preserve=True, progress_handler=handler) for src, dst in jobs
-        )
-        for _remote, local, attrs in reversed(dirs):
-            if keep is not None and not os.listdir(local) and not keep(
-                    os.fsdecode(os.path.relpath(local, local_root))):
-                os.rmdir(local)  # nothing in it comes back
-                continue
-            os.chmod(local, (attrs.permissions or 0o755) & 0o7777)
-            if attrs.mtime is not None:
-                os.utime(local, (attrs.atime or attrs.mtime, attrs.mtime))
+                if os.path.lexists(local):
+                    os.unlink(local)
+                os.symlink(target, local)
+            elif not _same_local(local, attrs):
+                if os.path.islink(local):  # never write through a link
+                    os.unlink(local)
+                jobs.append((remote, local, attrs))
+        await _gather_limited(_get(sftp, src, dst, attrs, handler) for src, dst, attrs in jobs)
+        for local, attrs in reversed(dirs):
+            _set_local_attrs(local, attrs)
     except (OSError, asyncssh.SFTPError) as exc:
         raise FetchError(
             f"copying results back from {rundir} failed: {_reason(exc)}",
             hint=f"the remote directory is kept; retry, or copy it by hand from {rundir}",
         ) from None
-    return report
+    return FetchReport(method="sftp")
+
+
+async def _get(sftp: asyncssh.SFTPClient, remote: bytes, local: bytes,
+               attrs: asyncssh.SFTPAttrs,
+               handler: Callable[[bytes, bytes, int, int], None] | None) -> None:
+    """Download one file, then give it the remote mode (without setuid/setgid) and times."""
+    await sftp.get(remote, local, preserve=False, progress_handler=handler)
+    _set_local_attrs(local, attrs)
+
+
+def _set_local_attrs(local: bytes, attrs: asyncssh.SFTPAttrs) -> None:
+    os.chmod(local, (attrs.permissions or 0o755) & localfs.SAFE_MODE_BITS)
+    if attrs.mtime is not None:
+        os.utime(local, (attrs.atime or attrs.mtime, attrs.mtime))
+
+
+def _clear_non_dir(local: bytes) -> None:
+    """Remove what an earlier attempt left at ``local`` if it is not a directory."""
+    if os.path.lexists(local) and (os.path.islink(local) or not os.path.isdir(local)):
+        os.unlink(local)
+
+
+#: rsync options of a fetch: ``-a`` without owner, group, devices and specials (and
+#: without ``-r``, added for a whole directory only); links as links (``localfs.place``
+#: checks them all); no setuid/setgid bits
+RSYNC_FETCH_OPTIONS = ("-lpt", "--no-devices", "--no-specials", "--chmod=ugo-s",
+                       "--partial")
 
 
 async def fetch_rsync(rsh: str, rundir: str, dest: Path, progress: bool,
-                      files: Sequence[str] | None = None) -> FetchReport:
-    """Copy the run directory (but the control directory) into ``dest`` with ``rsync -a``;
-    with ``files``, only those relative paths. Symlinks pointing out of the run
-    directory are not copied (``--safe-links``)."""
-    args = ["-a", "--partial", "--safe-links", f"--exclude=/{CONTROL_DIR}"]
+                      plan: FetchPlan) -> FetchReport:
+    """Copy what ``plan`` chose of the run directory (never the control directory) into
+    ``dest`` with rsync (:data:`RSYNC_FETCH_OPTIONS`)."""
+    args = [*RSYNC_FETCH_OPTIONS, f"--exclude=/{CONTROL_DIR}"]
     listing = None
-    if files is not None:
+    if plan.files is None:
+        args.append("-r")
+    else:  # (listed directories come without their content, which is listed if it comes)
         listing = tempfile.NamedTemporaryFile("wb", prefix="remote-exec-files-", delete=False)
         with listing:
-            listing.write(b"".join(os.fsencode(f) + b"\0" for f in files))
+            listing.write(b"".join(os.fsencode(f) + b"\0" for f in plan.files))
         args += ["--from0", f"--files-from={listing.name}"]
         os.makedirs(dest, exist_ok=True)
     try:
@@ -275,14 +341,6 @@ async def _restore_dir_times(sftp: asyncssh.SFTPClient, source: bytes, target: b
         st = os.stat(dirpath)
         remote = posixpath.normpath(posixpath.join(target, os.path.relpath(dirpath, source)))
         await sftp.utime(remote, (st.st_atime, st.st_mtime))
-
-
-def _link_stays_inside(root: bytes, link: bytes, target: bytes) -> bool:
-    """Whether a symlink at ``link`` pointing to ``target`` resolves inside ``root``."""
-    if os.path.isabs(target):
-        return False
-    resolved = os.path.normpath(os.path.join(os.path.dirname(link), target))
-    return resolved == root or resolved.startswith(root.rstrip(b"/") + b"/")
 
 
 def _sftp_progress(progress: ProgressFn | None) -> Callable[[bytes, bytes, int, int], None] | None:

@@ -172,7 +172,8 @@ class FujitsuDriver(_Driver):
             skipped = await self._blocking(bucket.download, partial, keep, self._progress())
         finally:
             self.ui.progress_stop()
-        placed = localfs.place(partial, self.request.into)
+        placed = localfs.place(partial, self.request.into, inputs=self.request.inputs,
+                               warn=self.ui.warn)
         for item in skipped:
             self.ui.warn(f"not fetched: {item}")
         self.result.fetched, self.result.fetch_method = placed, "object storage"
