@@ -743,7 +743,6 @@ class _Driver:
         if self.phase in ("staged", "launched"):  # (staged: a launch may be in flight)
             try:
                 what = await self._stop_remote()
-                await self._note_exit_before_cancel(what)
             except (asyncio.TimeoutError, OSError, asyncssh.Error, RemoteExecError) as exc:
                 what = f"could not reach the host to stop it ({exc})"
                 self.ui.warn(f"the remote process of run {self.run_id} may still be running: "
@@ -764,7 +763,9 @@ class _Driver:
                                          job_id=self.job_id)
         else:  # (the agent backend takes the run id from the run directory)
             stopping = self.backend.cancel(conn, self.rundir, self.site.cancel_grace)
-        return str(await asyncio.wait_for(stopping, self.site.cancel_grace + 30))
+        what = str(await asyncio.wait_for(stopping, self.site.cancel_grace + 30))
+        await self._note_exit_before_cancel(what)
+        return what
 
     async def _note_exit_before_cancel(self, what: str) -> None:
         """An entrypoint that ended on its own before the cancel reached it counts as

@@ -509,8 +509,9 @@ def assert_undriven(env: Env, record: RunRecord) -> None:
 
 
 def test_sigkill_while_waiting_then_resume(env):
+    # (8 s: long enough for `status` to see it running on a loaded machine)
     run = env.start("run", "--site", "loop", "--no-holder", "--into", str(env.dest),
-                    "--cmd", f"{env.count()}; sleep 3; echo resumed > out.txt")
+                    "--cmd", f"{env.count()}; sleep 8; echo resumed > out.txt")
     record = env.wait_phase("launched")
     run.signal(signal.SIGKILL)
     run.wait()

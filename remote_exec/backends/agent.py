@@ -44,7 +44,7 @@ from remote_exec.errors import (
 from remote_exec.inputs import Input
 from remote_exec.ssh import rsync as rsync_mod
 from remote_exec.ssh import shell
-from remote_exec.ssh.transfer import RSYNC_FETCH_OPTIONS, FetchReport
+from remote_exec.ssh.transfer import RSYNC_FETCH_OPTIONS, FetchReport, rsync_hint
 from remote_exec.ui import Reporter
 
 #: the agent's exit status for a refused request, and for a run launched before
@@ -164,8 +164,8 @@ class AgentBackend:
                 _raise_for(REFUSED if "refused" in line else 1, line, what, self.site)
         raise error(f"rsync could not {what} on {self.site} (rsync exit {code}): "
                     f"{err[-2000:]}",
-                    hint="free space on the remote host if it is full; otherwise see "
-                    "rsync's message")
+                    hint=rsync_hint(err, "free space on the remote host if it is full; "
+                                    "otherwise see rsync's message"))
 
     async def launch(self, conn: asyncssh.SSHClientConnection, run_id: str, entry: str,
                      params: dict[str, Any]) -> Launched:

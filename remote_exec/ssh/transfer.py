@@ -23,6 +23,7 @@ from remote_exec import localfs
 from remote_exec.errors import FetchError, StageError
 from remote_exec.inputs import CONTROL_DIR, Input
 from remote_exec.ssh import rsync as rsync_mod
+from remote_exec.ssh import shell
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -98,6 +99,14 @@ async def stage_sftp(sftp: asyncssh.SFTPClient, inputs: Sequence[Input], rundir:
         ) from None
 
 
+def rsync_hint(err: str, otherwise: str) -> str:
+    """What to do about a failed rsync: its protocol garbled by text from the remote login
+    shell (a shell that remote-exec's framing could not get past), or ``otherwise``."""
+    if "protocol version mismatch" in err or "is your shell clean" in err:
+        return shell.QUIET_SHELL_FIX
+    return otherwise
+
+
 async def stage_rsync(rsh: str, inputs: Sequence[Input], rundir: str, progress: bool) -> None:
     """Copy inputs into ``rundir`` with ``rsync -a -L --partial`` through the tunnel
     (a retry after a dropped connection continues from the partial file)."""
@@ -109,7 +118,8 @@ async def stage_rsync(rsh: str, inputs: Sequence[Input], rundir: str, progress: 
     if code != 0:
         raise StageError(
             f"rsync could not copy the inputs into {rundir} (rsync exit {code}): {err[-2000:]}",
-            hint="free space on the remote host if it is full; otherwise see rsync's message",
+            hint=rsync_hint(err, "free space on the remote host if it is full; otherwise "
+                            "see rsync's message"),
         )
 
 
@@ -211,7 +221,7 @@ async def fetch_sftp(sftp: asyncssh.SFTPClient, rundir: str, dest: Path,
     except (OSError, asyncssh.SFTPError) as exc:
         raise FetchError(
             f"copying results back from {rundir} failed: {_reason(exc)}",
-            hint=f"the remote directory is kept; retry, or copy it by hand from {rundir}",
+            hint=f"the remote directory {rundir} is kept",
         ) from None
     return FetchReport(method="sftp")
 
@@ -267,7 +277,7 @@ async def fetch_rsync(rsh: str, rundir: str, dest: Path, progress: bool,
     if code != 0:
         raise FetchError(
             f"rsync could not copy results back from {rundir} (rsync exit {code}): {err[-2000:]}",
-            hint=f"the remote directory is kept; retry, or copy it by hand from {rundir}",
+            hint=rsync_hint(err, f"the remote directory {rundir} is kept"),
         )
     return FetchReport(method="rsync")
 
