@@ -37,6 +37,7 @@ from remote_exec.backends.agent import AgentBackend, agent_rsync
 from remote_exec.backends.batch import CANCELLED, COMPLETED, TIMED_OUT, JobInfo
 from remote_exec.backends.direct import Launched, follow_log, read_control, read_exit_code
 from remote_exec.backends.scheduled import BatchBackend, SchedulerUnavailable
+from remote_exec.backoff import POLL, QUERY
 from remote_exec.errors import (
     EXIT_SIGNAL_BASE,
     EXIT_TIMEOUT,
@@ -59,11 +60,6 @@ from remote_exec.ui import Reporter
 
 T = TypeVar("T")
 
-POLL_FIRST = 0.2
-POLL_MAX = 5.0
-#: how often a batch job's scheduler is asked (its exit code file is read every poll)
-QUERY_FIRST = 1.0
-QUERY_MAX = 30.0
 
 
 class RunControl:
@@ -483,13 +479,12 @@ class _Driver:
                 return recorded
             if attached is not None:
                 return attached
-        interval = POLL_FIRST
-        while True:
+        for delay in POLL.delays():
             code = await self.backend.poll(await self.link.sftp(), self.rundir, self.job_id)
             if code is not None:
                 return code
-            await asyncio.sleep(interval)
-            interval = min(interval * 1.5, POLL_MAX)
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
 
     async def _fetch(self) -> None:
         try:
@@ -628,9 +623,10 @@ class _Driver:
         """Wait for the job: its exit code file every poll, the scheduler less often."""
         assert self.job_id is not None
         loop = asyncio.get_running_loop()
-        interval, ask_every, next_ask, unknown = POLL_FIRST, QUERY_FIRST, 0.0, 0
+        asks = QUERY.delays()  # the exit code file is read every poll, the scheduler less often
+        next_ask, unknown = 0.0, 0
         silent_since = 0.0  # when the scheduler stopped answering
-        while True:
+        for delay in POLL.delays():
             code = await batch.poll(await self.link.sftp(), self.rundir, self.job_id)
             if code is not None:
                 await self._settle_job(batch, code)
@@ -642,9 +638,8 @@ class _Driver:
                     if not silent_since:
                         self.ui.warn(f"{exc.message}; still waiting")
                     silent_since = silent_since or loop.time()
-                    ask_every = min(ask_every * 1.5, QUERY_MAX)
-                    next_ask = loop.time() + ask_every
-                    await asyncio.sleep(interval)
+                    next_ask = loop.time() + next(asks)
+                    await asyncio.sleep(delay)
                     continue
                 silent_since = 0.0
                 self._note_job(batch, info)
@@ -660,10 +655,9 @@ class _Driver:
                         "job left no exit code (purged from the scheduler's memory, or the "
                         "wrapper never ran)",
                         hint=f"look at {self.rundir}/{CONTROL_DIR}/scheduler.out on the host")
-                ask_every = min(ask_every * 1.5, QUERY_MAX)
-                next_ask = loop.time() + ask_every
-            await asyncio.sleep(interval)
-            interval = min(interval * 1.5, POLL_MAX)
+                next_ask = loop.time() + next(asks)
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
 
     async def _exit_of_ended_job(self, batch: BatchBackend, info: JobInfo) -> int:
         """The exit code of a job the scheduler says ended: the wrapper's if it wrote one

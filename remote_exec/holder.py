@@ -10,7 +10,7 @@ ControlPersist, the holder exits after ``$REMOTE_EXEC_HOLDER_IDLE`` seconds with
 runs (default 120). ``REMOTE_EXEC_HOLDER=0`` or ``run --no-holder`` runs in-process.
 
 Admission is counted here, per host, across all the runs of one user: at most
-``HANDSHAKES_PER_HOST`` connections being opened at once (sshd drops unauthenticated
+``HOLDER_HANDSHAKES`` connections being opened at once (sshd drops unauthenticated
 connections beyond MaxStartups) and at most ``RUNS_PER_CONNECTION`` runs sharing one
 connection (each run uses two or three channels; sshd allows ten, MaxSessions).
 """
@@ -39,7 +39,6 @@ from remote_exec.paths import state_dir
 from remote_exec.ui import Reporter
 
 RUNS_PER_CONNECTION = 3
-HANDSHAKES_PER_HOST = 4  # within the holder; remote_exec.ssh.link bounds it across processes
 #: what of each client's environment the connections of its runs use (its ssh-agent):
 #: the holder's own environment is that of whoever started it, maybe long ago
 CALLER_ENV = ("SSH_AUTH_SOCK",)
@@ -297,14 +296,14 @@ class _Pool:
         return None
 
     async def acquire(self, site: Any, tries: int, *, caller_env: Mapping[str, str]) -> Any:
-        from remote_exec.ssh.link import open_throttled
+        from remote_exec.ssh.link import HOLDER_HANDSHAKES, open_throttled
 
         key = self.key(site, caller_env)
         async with self.lock:
             conn = self._take(key)
             if conn is not None:
                 return conn
-            gate = self.handshakes.setdefault(site.host, asyncio.Semaphore(HANDSHAKES_PER_HOST))
+            gate = self.handshakes.setdefault(site.host, asyncio.Semaphore(HOLDER_HANDSHAKES))
         async with gate:
             async with self.lock:  # someone may have opened one meanwhile
                 conn = self._take(key)

@@ -30,6 +30,7 @@ from remote_exec.backends.batch import (
     slurm_time,
 )
 from remote_exec.backends.direct import Launched, read_control, read_exit_code
+from remote_exec.backoff import POLL
 from remote_exec.entrypoint import ALREADY_LAUNCHED
 from remote_exec.errors import EXIT_STAGE, RemoteExecError, StageError
 from remote_exec.inputs import CONTROL_DIR
@@ -156,7 +157,7 @@ class BatchBackend:
         """What the first submission printed (it may still be under way)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
-        while True:
+        for delay in POLL.delays():
             rc = await read_control(sftp, rundir, "submit.rc")
             if rc is not None:
                 out = await read_control(sftp, rundir, "submit.out") or ""
@@ -169,7 +170,8 @@ class BatchBackend:
                     "an earlier attempt started submitting this run's job but left no "
                     "answer", hint=f"look at {rundir}/{CONTROL_DIR} on the host and at the "
                     f"{self.scheduler.title} queue; then start a new run")
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
 
     def _refused(self, status: int | None, text: str) -> SubmitError:
         tool = self.scheduler.submit_argv("job.sh")[0]

@@ -10,7 +10,7 @@ ends the run at once: retrying cannot fix those.
 
 Opening connections is throttled per host across processes (:func:`handshake_slot`):
 sshd drops unauthenticated connections beyond ``MaxStartups`` (10 by default), so
-at most ``HANDSHAKES_PER_HOST`` handshakes to one host run at once for this user,
+at most ``HANDSHAKE_SLOTS`` handshakes to one host run at once for this user,
 and the drops sshd still makes are retried.
 """
 
@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import asyncssh
 
+from remote_exec.backoff import HANDSHAKE, RECONNECT, SLOT
 from remote_exec.config import Site
 from remote_exec.errors import AuthError, ConnectError, LinkLostError
 from remote_exec.paths import state_dir
@@ -33,8 +34,12 @@ from remote_exec.ssh.rsync import RsyncRequest, rsync_tunnel
 from remote_exec.ssh.shell import open_sftp, sh_rsync
 from remote_exec.ui import Reporter
 
-HANDSHAKES_PER_HOST = 6  # below sshd's MaxStartups 10 (where random drops begin)
-FIRST_DELAY = 1.0
+#: handshakes to one host at once for all of a user's processes: below sshd's
+#: MaxStartups 10 (where its random drops begin)
+HANDSHAKE_SLOTS = 6
+#: the holder's share of them, so that ``status``, ``cancel`` and runs without the
+#: holder still find a slot while it opens connections
+HOLDER_HANDSHAKES = 4
 
 #: exceptions that mean the transport is gone, whatever the step was doing
 LOSS_ERRORS: tuple[type[BaseException], ...] = (
@@ -48,14 +53,8 @@ Acquire = Callable[[Site, int], Awaitable[asyncssh.SSHClientConnection]]
 Release = Callable[[asyncssh.SSHClientConnection, bool], None]
 
 
-def backoff(attempt: int, max_interval: float) -> float:
-    """Seconds to wait before retry ``attempt`` (0-based): 1, 2, 4 ... capped, jittered."""
-    ceiling = min(max_interval, FIRST_DELAY * (2 ** attempt))
-    return ceiling * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not cryptography
-
-
 @contextlib.asynccontextmanager
-async def handshake_slot(host: str, slots: int = HANDSHAKES_PER_HOST) -> AsyncIterator[None]:
+async def handshake_slot(host: str, slots: int = HANDSHAKE_SLOTS) -> AsyncIterator[None]:
     """Hold one of ``slots`` per-host lock files in the state directory while connecting."""
     import fcntl
 
@@ -78,7 +77,7 @@ async def handshake_slot(host: str, slots: int = HANDSHAKES_PER_HOST) -> AsyncIt
             finally:
                 os.close(fd)  # releases the lock
             return
-        await asyncio.sleep(random.uniform(0.01, 0.05))  # noqa: S311
+        await asyncio.sleep(SLOT.delay(0))
 
 
 #: handshakes a first connection may try when sshd drops them (MaxStartups)
@@ -100,7 +99,7 @@ async def open_throttled(site: Site, tries: int = FIRST_CONNECT_TRIES,
         except ConnectError as exc:
             if not exc.retryable or attempt == tries - 1:
                 raise
-        await asyncio.sleep(min(0.2 * (2 ** attempt), 5.0) * random.uniform(0.5, 1.0))  # noqa: S311
+        await asyncio.sleep(HANDSHAKE.delay(attempt))
     raise AssertionError("unreachable")
 
 
@@ -178,7 +177,7 @@ class Link:
         await self._drop(broken=True)
         last: BaseException = cause
         for attempt in range(self.tries):
-            delay = backoff(attempt, self.max_interval)
+            delay = RECONNECT.capped(self.max_interval).delay(attempt)
             self.ui.warn(f"connection to {self.site.display} lost during {during} "
                          f"({_describe(last)}); reconnecting in {delay:.1f} s "
                          f"(try {attempt + 1} of {self.tries})")

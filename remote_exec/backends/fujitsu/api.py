@@ -12,7 +12,6 @@ from __future__ import annotations
 import http.client
 import json
 import logging
-import random
 import time
 import urllib.error
 import urllib.parse
@@ -22,6 +21,7 @@ from typing import Any
 
 from remote_exec.backends.fujitsu.auth import Auth
 from remote_exec.backends.fujitsu.settings import FujitsuSettings
+from remote_exec.backoff import REQUEST_RETRY
 from remote_exec.errors import AuthError, ConnectError, RemoteExecError, StageError
 
 log = logging.getLogger("remote_exec.fujitsu")
@@ -162,8 +162,7 @@ class WebApi:
             return answer
 
     def _backoff(self, attempt: int) -> int:
-        delay = min(0.5 * 2 ** attempt, self.max_interval)
-        time.sleep(delay * (0.5 + random.random() / 2))  # noqa: S311 - jitter, not crypto
+        time.sleep(REQUEST_RETRY.capped(self.max_interval).delay(attempt))
         return attempt + 1
 
     def _unexpected(self, operation: str, answer: Answer,

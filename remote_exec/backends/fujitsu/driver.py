@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 from remote_exec import localfs
@@ -21,12 +21,12 @@ from remote_exec.backends.fujitsu.api import CREDENTIALS_HINT, ApiError, SyncErr
 from remote_exec.backends.fujitsu.client import TITLE, FujitsuBackend, job_info
 from remote_exec.backends.pjm import PjmScheduler
 from remote_exec.backends.scheduled import job_name, render_job_script
+from remote_exec.backoff import REMOTE_POLL
 from remote_exec.engine import _Driver
 from remote_exec.errors import ConnectError, LinkLostError, RemoteExecError
 from remote_exec.inputs import CONTROL_DIR
 
 T = TypeVar("T")
-POLL_FIRST = 1.0
 JOB_SCRIPT = f"{CONTROL_DIR}/job.sh"
 
 
@@ -55,6 +55,10 @@ class FujitsuDriver(_Driver):
             raise
         except Exception as exc:  # noqa: BLE001 - anything else is a bug worth its words
             raise RemoteExecError(f"{name} failed: {type(exc).__name__}: {exc}") from exc
+
+    def _polls(self) -> Iterator[float]:
+        """The delays between two questions to the WebAPI (the site caps them)."""
+        return REMOTE_POLL.capped(self.backend.settings.poll_max).delays()
 
     async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.to_thread(fn, *args)
@@ -121,8 +125,7 @@ class FujitsuDriver(_Driver):
 
     async def _wait(self) -> None:
         assert self.job_id is not None
-        interval = POLL_FIRST
-        while True:
+        for delay in self._polls():
             detail = await self._blocking(self.api.job, self.job_id)
             if detail is None:  # 404: ended, or a detail answer racing the submission
                 listed = [j for j in await self._blocking(self.api.jobs)
@@ -134,8 +137,7 @@ class FujitsuDriver(_Driver):
             self._note(info)
             if info.terminal:  # e.g. ERR: it will not run
                 break
-            await asyncio.sleep(interval)
-            interval = min(interval * 1.5, self.backend.settings.poll_max)
+            await asyncio.sleep(delay)
         await self._sync("to_online")
         raw = await self._blocking(self.backend.bucket.read, f"{CONTROL_DIR}/exit_code")
         text = (raw or b"").decode("utf-8", "replace").strip()
@@ -222,8 +224,7 @@ class FujitsuDriver(_Driver):
         requestid = await self._blocking(self.api.start_sync, settings.hpc_dir, direction)
         self.ui.event("sync", f"sync {direction} of {settings.hpc_dir}: request {requestid}",
                       requestid=requestid, direction=direction)
-        interval = 0.5
-        while True:
+        for delay in self._polls():
             answer = await self._blocking(self.api.sync_status, requestid)
             status = str(answer.get("status", ""))
             if status == "complete":
@@ -238,8 +239,7 @@ class FujitsuDriver(_Driver):
             if status != "waiting":
                 raise SyncError(f"the sync {direction} (request {requestid}) answered an "
                                 f"unknown status {status!r}")
-            await asyncio.sleep(interval)
-            interval = min(interval * 1.5, settings.poll_max)
+            await asyncio.sleep(delay)
 
     def _note(self, info: JobInfo) -> None:
         last, self.job_info = self.job_info, info
