@@ -31,7 +31,7 @@ from remote_exec.errors import AuthError, ConnectError, LinkLostError
 from remote_exec.paths import state_dir
 from remote_exec.ssh.connect import open_connection
 from remote_exec.ssh.rsync import RsyncRequest, rsync_tunnel
-from remote_exec.ssh.shell import open_sftp, sh_rsync
+from remote_exec.ssh.shell import drop_shared_sftp, sh_rsync, shared_sftp
 from remote_exec.ui import Reporter
 
 #: handshakes to one host at once for all of a user's processes: below sshd's
@@ -136,7 +136,7 @@ class Link:
         if self._sftp is None:
             conn = await self.conn()
             try:
-                self._sftp = await open_sftp(conn)
+                self._sftp = await shared_sftp(conn)
             except (OSError, asyncssh.Error) as exc:
                 if conn.is_closed():
                     raise
@@ -210,10 +210,10 @@ class Link:
                 await self._tunnel.aclose()
         self._tunnel = None
         self._rsh = {}
-        if self._sftp is not None:
+        if self._sftp is not None and self._conn is not None and broken:
             with contextlib.suppress(Exception):
-                self._sftp.exit()
-        self._sftp = None
+                drop_shared_sftp(self._conn)  # (others on the connection reopen theirs)
+        self._sftp = None  # else it stays open for the next run on the connection
         if self._conn is not None:
             self._release(self._conn, broken or self._conn.is_closed())
         self._conn = None

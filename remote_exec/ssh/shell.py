@@ -207,6 +207,33 @@ async def skip_banner(stream: asyncssh.SSHReader[Any],
 _GARBLED: weakref.WeakSet[asyncssh.SSHClientConnection] = weakref.WeakSet()
 
 
+#: one SFTP client per connection, shared by the runs on it (see :func:`shared_sftp`)
+_SHARED: weakref.WeakKeyDictionary[asyncssh.SSHClientConnection,
+                                   asyncio.Future[asyncssh.SFTPClient]] = \
+    weakref.WeakKeyDictionary()
+
+
+async def shared_sftp(conn: asyncssh.SSHClientConnection) -> asyncssh.SFTPClient:
+    """The connection's SFTP client, opened once and shared by every run on it.
+
+    On a stock server each SFTP session costs a login shell (sshd starts sftp-server
+    through it), as much as a bare ``ssh host true``; a warm connection of the
+    holder pays it once, not once per run. Close it with :func:`drop_shared_sftp`."""
+    opening = _SHARED.get(conn)
+    if opening is None or (opening.done() and opening.exception() is not None):
+        opening = asyncio.ensure_future(open_sftp(conn))
+        _SHARED[conn] = opening
+    return await asyncio.shield(opening)
+
+
+def drop_shared_sftp(conn: asyncssh.SSHClientConnection) -> None:
+    """Close the connection's shared SFTP client (a run saw it fail); the next user
+    of the connection opens a new one."""
+    opening = _SHARED.pop(conn, None)
+    if opening is not None and opening.done() and opening.exception() is None:
+        opening.result().exit()
+
+
 def subsystem_garbled(conn: asyncssh.SSHClientConnection) -> bool:
     """Whether :func:`open_sftp` found the SFTP subsystem garbled on ``conn``."""
     return conn in _GARBLED
