@@ -197,10 +197,6 @@ class Journal:
                               "ORDER BY at DESC LIMIT 1", (run_id, DESTROYED)).fetchone()
         return str(row["message"]) if row else None
 
-    def forget(self, run_id: str) -> None:
-        self.db.execute("DELETE FROM runs WHERE id = ?", (run_id,))
-        self.db.execute("DELETE FROM events WHERE run_id = ?", (run_id,))
-
     # -- reading --------------------------------------------------------------------------
     def get(self, run_id: str) -> RunRecord | None:
         row = self.db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()

@@ -492,13 +492,6 @@ async def _leftover_state(sftp: asyncssh.SFTPClient, path: str, proc: bool) -> s
     return "running"  # cannot tell: leave it
 
 
-def describe_age(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f}{unit}"
-    return f"{seconds:.0f}s"
-
-
 def summary(record: RunRecord) -> dict[str, Any]:
     """The record as plain data (for ``--json``)."""
     data = {k: v for k, v in record.__dict__.items() if k != "request"}

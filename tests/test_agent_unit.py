@@ -258,6 +258,16 @@ def test_version(site: Site) -> None:
     assert proc.stdout == f"remote-exec-agent {agent_module.AGENT_VERSION}\n"
 
 
+def test_the_client_and_the_agent_share_their_exit_statuses() -> None:
+    """The agent is one standard-library file (it cannot import the client): the
+    protocol's exit statuses are written on both sides and must agree."""
+    from remote_exec.backends.agent import REFUSED
+    from remote_exec.entrypoint import ALREADY_LAUNCHED
+
+    assert agent_module.EXIT_ALREADY_LAUNCHED == ALREADY_LAUNCHED
+    assert agent_module.EXIT_REFUSED == REFUSED
+
+
 def _python36() -> str | None:
     candidates = [shutil.which("python3.6")]
     candidates += sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.6*/bin/python3.6")))

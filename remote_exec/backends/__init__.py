@@ -28,8 +28,6 @@ from __future__ import annotations
 
 from typing import Any
 
-#: what a user may choose per site (``backend:``) or per run (``--backend``)
-CHOOSABLE = ("direct", "slurm", "pbs", "torque", "pjm", "fujitsu")
 #: the batch schedulers (each a module here with its commands and formats)
 SCHEDULER_NAMES = ("slurm", "pbs", "torque", "pjm")
 
@@ -61,4 +59,4 @@ def make_backend(name: str, *, run_id: str = "",
     raise ValueError(f"unknown backend {name!r}")
 
 
-__all__ = ["CHOOSABLE", "SCHEDULER_NAMES", "make_backend"]
+__all__ = ["SCHEDULER_NAMES", "make_backend"]

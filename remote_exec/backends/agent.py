@@ -33,6 +33,7 @@ from typing import Any, cast
 import asyncssh
 
 from remote_exec.backends.direct import Launched
+from remote_exec.entrypoint import ALREADY_LAUNCHED
 from remote_exec.errors import (
     EXIT_AUTH,
     ConfigError,
@@ -47,9 +48,9 @@ from remote_exec.ssh import shell
 from remote_exec.ssh.transfer import RSYNC_FETCH_OPTIONS, FetchReport, rsync_hint
 from remote_exec.ui import Reporter
 
-#: the agent's exit status for a refused request, and for a run launched before
+#: the agent's exit status for a refused request (a run launched before answers
+#: ALREADY_LAUNCHED, as launch.sh does)
 REFUSED = 2
-ALREADY_LAUNCHED = 96
 PREFIX = "remote-exec agent: "
 
 

@@ -124,7 +124,6 @@ class Link:
         self._sftp: asyncssh.SFTPClient | None = None
         self._tunnel: contextlib.AsyncExitStack | None = None
         self._rsh: dict[RsyncRequest, str] = {}  # rsync's --rsh value per framing
-        self.reconnects = 0
 
     # -- what steps use ---------------------------------------------------------------------
     async def conn(self) -> asyncssh.SSHClientConnection:
@@ -189,7 +188,6 @@ class Link:
             except ConnectError as exc:
                 last = exc
                 continue
-            self.reconnects += 1
             self.ui.event("reconnected", f"reconnected to {self.site.display}",
                           run_id=self.run_id, attempt=attempt + 1)
             return
