@@ -120,7 +120,11 @@ def run(site_name: str, command: str | None, template: str | None, params: tuple
       (neither)         the site's entrypoint, by default
                         ~/misrc_remote_workflow/scripts/execute_remote-side_program_ssh.sh
     Output goes to remote_program_exec.log there. Inputs are files or directories;
-    symlinks are followed and base names kept.
+    symlinks are followed and base names kept. Results come back into --into
+    (default: here); inputs are never overwritten: unchanged ones do not come
+    back, changed ones come back as NAME.returned; a result that would replace a
+    local item of another type is kept aside (exit 74, `remote-exec resume RUN`
+    places it once the local item is moved away).
 
     The entrypoint runs detached from the SSH session: if the link drops,
     remote-exec reconnects (--retry) and carries on; if remote-exec itself dies,
@@ -136,7 +140,9 @@ def run(site_name: str, command: str | None, template: str | None, params: tuple
 
     \b
     Exit status: 0 success; the entrypoint's own code when it fails;
-    66 input error, 69 connection error, 73 staging error, 74 fetch error,
+    66 input error, 69 connection error, 73 staging error (also: a remote
+    login shell whose output no sftp-server could be started past), 74 fetch or
+    placing error (results kept; `resume` finishes),
     75 link lost or outcome unknown (resumable), 77 authentication / host key,
     78 configuration, 124 --timeout expired, 130/143/129 cancelled by
     SIGINT/SIGTERM/SIGHUP.
