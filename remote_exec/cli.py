@@ -296,8 +296,10 @@ def _raw_params(tpl: Any, pairs: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _execute(request: Any, ui: Any, use_holder: bool = True, resume: bool = False) -> Any:
+    from remote_exec.paths import writable_state_dir
     from remote_exec.run import execute
 
+    writable_state_dir()  # the journal goes there: say so before contacting anything
     try:
         return execute(request, ui, use_holder=use_holder, resume=resume)
     except RemoteExecError:
@@ -557,6 +559,7 @@ def legacy(ctx: click.Context, args: tuple[str, ...]) -> None:
 
         site, config = _resolve_site(None, parsed.client_name)
         solver_log = lg.SolverLog(config.solver_log_base, parsed.solver)
+        lg.refuse_restricted(site)
         request = RunRequest(
             site=site, inputs=check_inputs(parsed.client_files),
             entrypoint=Entrypoint("command", f"command {parsed.client_cmd!r}", parsed.client_cmd),
