@@ -382,7 +382,10 @@ class _Driver:
                     await self._wait_for_channel(name, exc, refusals)
                     continue
                 if not self.link.is_loss(exc):
-                    raise _step_error(name, exc) from exc
+                    error = _step_error(name, exc)
+                    if error is exc:
+                        raise
+                    raise error from exc
                 failures += 1
                 if failures > 2 * self.link.tries + 1:
                     raise LinkLostError(

@@ -84,6 +84,26 @@ def test_legacy_on_a_restricted_site_is_refused_before_connecting(locked: Locked
     assert not [line for line in listed.splitlines() if line.strip()], listed
 
 
+def test_sftp_refused_by_the_agent_is_a_refusal_not_a_lost_link(locked: Locked,  # noqa: F811
+                                                                 tmp_path: Path) -> None:
+    """The same key on a site not marked restricted: the agent refuses the SFTP session;
+    that is final (77) at once, with the fix, not a dropped link to reconnect."""
+    config = yaml.safe_load(locked.config.read_text())
+    config["sites"]["locked"]["restricted"] = False
+    unmarked = tmp_path / "unmarked.yaml"
+    unmarked.write_text(yaml.safe_dump(config))
+    work = tmp_path / "unmarked"
+    work.mkdir()
+    (work / "input.txt").write_text("data\n")
+    proc = locked.cli("run", "--config", str(unmarked), "--site", "locked", "--cmd", "true",
+                      "input.txt", cwd=work, timeout=240)
+    assert proc.returncode == 77, proc.stderr
+    assert "refused an SFTP session" in proc.stderr and "restricted: true" in proc.stderr
+    assert "reconnect" not in proc.stderr and "Traceback" not in proc.stderr
+    run = json.loads(locked.cli("list", "--json", "-n", "1", cwd=work).stdout.splitlines()[0])
+    assert run["state"] == "failed", run
+
+
 # -- 2. a lost outcome is resumable, through the journal too --------------------------------
 
 def test_lost_outcome_is_interrupted_and_resume_finishes_it(cli: Cli, workdir: Path,
