@@ -137,9 +137,9 @@ def run(site_name: str, command: str | None, template: str | None, params: tuple
     \b
     Exit status: 0 success; the entrypoint's own code when it fails;
     66 input error, 69 connection error, 73 staging error, 74 fetch error,
-    75 link lost or outcome unknown (resumable), 77 authentication / host key,
-    78 configuration, 124 --timeout expired, 130/143/129 cancelled by
-    SIGINT/SIGTERM/SIGHUP.
+    75 link lost or outcome unknown (resumable), 77 authentication / host key /
+    the site refused, 78 configuration (or an unwritable state directory),
+    124 --timeout expired, 130/143/129 cancelled by SIGINT/SIGTERM/SIGHUP.
 
     \b
     Examples:

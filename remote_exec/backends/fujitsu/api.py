@@ -23,6 +23,8 @@ from typing import Any
 from remote_exec.backends.fujitsu.auth import Auth
 from remote_exec.backends.fujitsu.settings import FujitsuSettings
 from remote_exec.errors import (
+    FINAL,
+    TRANSIENT,
     AuthError,
     ConnectError,
     RemoteExecError,
@@ -44,6 +46,10 @@ class ApiError(RemoteExecError):
 
     exit_code = ConnectError.exit_code
     transient = False
+
+    @property  # type: ignore[override]
+    def disposition(self) -> str:
+        return TRANSIENT if self.transient else FINAL
 
 
 class SyncError(StageError):
