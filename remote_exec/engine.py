@@ -379,7 +379,7 @@ class _Driver:
                 await asyncio.sleep(0)  # let the connection notice that it closed
                 if self.link.refused_channel(exc):
                     refusals += 1
-                    await self._wait_for_channel(name, exc, refusals)
+                    await self._wait_for_channel(name, refusals)
                     continue
                 if not self.link.is_loss(exc):
                     error = _step_error(name, exc)
@@ -395,7 +395,7 @@ class _Driver:
                 self.retrying = True
                 await self.link.reconnect(name, exc)
 
-    async def _wait_for_channel(self, name: str, exc: BaseException, refusals: int) -> None:
+    async def _wait_for_channel(self, name: str, refusals: int) -> None:
         """Back off before opening a refused channel again: the connection is kept, this
         run's idle SFTP session is closed so that runs sharing the connection can go on;
         past ``CHANNEL_TRIES`` the run is interrupted, for ``resume``."""

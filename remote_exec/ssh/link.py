@@ -46,7 +46,7 @@ HANDSHAKES_PER_HOST = 6  # below sshd's MaxStartups 10 (where random drops begin
 FIRST_DELAY = 1.0
 
 #: exceptions that mean the transport is gone, whatever the step was doing (a refused
-#: channel, asyncssh.ChannelOpenError, is not one: see :func:`channel_refused`)
+#: channel, asyncssh.ChannelOpenError, is not one: see :meth:`Link.refused_channel`)
 LOSS_ERRORS: tuple[type[BaseException], ...] = (
     asyncssh.ConnectionLost, asyncssh.DisconnectError, asyncssh.SFTPConnectionLost,
     asyncssh.SFTPNoConnection, ConnectionError, TimeoutError, EOFError,
