@@ -55,6 +55,8 @@ RECONNECT = Backoff(first=1.0, factor=2.0, ceiling=60.0, jitter=0.5)
 HANDSHAKE = Backoff(first=0.2, factor=2.0, ceiling=5.0, jitter=0.5)
 #: a free handshake slot (another process holds all of them)
 SLOT = Backoff(first=0.05, factor=1.0, ceiling=0.05, jitter=0.8)
+#: a channel sshd refused on an open connection (MaxSessions): until another run's ends
+CHANNEL = Backoff(first=1.0, factor=2.0, ceiling=8.0, jitter=0.5)
 #: a run's exit-code file, an earlier attempt's answer, a scheduler's view of a job
 POLL = Backoff(first=0.2, factor=1.5, ceiling=5.0)
 #: asking a batch scheduler about a job (it is a shared service: less often)

@@ -143,9 +143,9 @@ def run(site_name: str, command: str | None, template: str | None, params: tuple
     66 input error, 69 connection error, 73 staging error (also: a remote
     login shell whose output no sftp-server could be started past), 74 fetch or
     placing error (results kept; `resume` finishes),
-    75 link lost or outcome unknown (resumable), 77 authentication / host key,
-    78 configuration, 124 --timeout expired, 130/143/129 cancelled by
-    SIGINT/SIGTERM/SIGHUP.
+    75 link lost or outcome unknown (resumable), 77 authentication / host key /
+    the site refused, 78 configuration (or an unwritable state directory),
+    124 --timeout expired, 130/143/129 cancelled by SIGINT/SIGTERM/SIGHUP.
 
     \b
     Examples:
@@ -302,8 +302,10 @@ def _raw_params(tpl: Any, pairs: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _execute(request: Any, ui: Any, use_holder: bool = True, resume: bool = False) -> Any:
+    from remote_exec.paths import writable_state_dir
     from remote_exec.run import execute
 
+    writable_state_dir()  # the journal goes there: say so before contacting anything
     try:
         return execute(request, ui, use_holder=use_holder, resume=resume)
     except RemoteExecError:
@@ -563,6 +565,7 @@ def legacy(ctx: click.Context, args: tuple[str, ...]) -> None:
 
         site, config = _resolve_site(None, parsed.client_name)
         solver_log = lg.SolverLog(config.solver_log_base, parsed.solver)
+        lg.refuse_restricted(site)
         request = RunRequest(
             site=site, inputs=check_inputs(parsed.client_files),
             entrypoint=Entrypoint("command", f"command {parsed.client_cmd!r}", parsed.client_cmd),

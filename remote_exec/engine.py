@@ -37,10 +37,12 @@ from remote_exec.backends.agent import AgentBackend, agent_rsync
 from remote_exec.backends.batch import CANCELLED, COMPLETED, TIMED_OUT, JobInfo
 from remote_exec.backends.direct import Launched, follow_log, read_control, read_exit_code
 from remote_exec.backends.scheduled import BatchBackend, SchedulerUnavailable
-from remote_exec.backoff import POLL, QUERY
+from remote_exec.backoff import CHANNEL, POLL, QUERY
 from remote_exec.errors import (
     EXIT_SIGNAL_BASE,
     EXIT_TIMEOUT,
+    FINAL,
+    TRANSIENT,
     ConfigError,
     FetchError,
     LinkLostError,
@@ -60,6 +62,52 @@ from remote_exec.ui import Reporter
 
 T = TypeVar("T")
 
+#: a channel sshd refused (MaxSessions) is opened again this many times, backing off
+#: (backoff.CHANNEL) between tries: about a minute in all
+CHANNEL_TRIES = 12
+
+
+#: the error a step's own failure (a local or SFTP error, the agent's) is reported as
+STEP_ERRORS: dict[str, type[RemoteExecError]] = {
+    "creating the run directory": StageError,
+    "staging": StageError,
+    "launching": StageError,
+    "waiting for the entrypoint": RemoteLostError,
+    "fetching": FetchError,
+    "cleaning up": FetchError,
+}
+
+
+def _step_error(name: str, exc: BaseException) -> RemoteExecError:
+    """``exc`` as the error of step ``name``: a specific RemoteExecError is kept; a bare
+    one, a local OSError or an SFTP error becomes the step's (73 staging, 74 fetching,
+    75 the outcome could not be read), never an internal error."""
+    if isinstance(exc, RemoteExecError) and type(exc) is not RemoteExecError:
+        return exc
+    error = STEP_ERRORS.get(name, RemoteExecError)
+    text = exc.message if isinstance(exc, RemoteExecError) else _describe_os(exc)
+    hint = exc.hint if isinstance(exc, RemoteExecError) else _os_hint(exc)
+    return error(f"{name} failed: {text}", hint=hint)
+
+
+def _describe_os(exc: BaseException) -> str:
+    """An OSError or SFTP error in words, with the path it concerns when known."""
+    if isinstance(exc, asyncssh.SFTPError):
+        return f"the remote host answered: {exc.reason} (SFTP {type(exc).__name__[4:]})"
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.strerror or exc}: {exc.filename}"
+    return str(exc) or type(exc).__name__
+
+
+def _os_hint(exc: BaseException) -> str | None:
+    if type(exc) is asyncssh.SFTPFailure:  # sftp-server's word for any other errno
+        return ("the remote host gave no reason: often a full disk or no free inodes; "
+                "check the free space under the site's `root` (`remote-exec site check`)")
+    if isinstance(exc, (PermissionError, asyncssh.SFTPPermissionDenied)):
+        return "check the permissions of the path named (and the site's `root`)"
+    if isinstance(exc, OSError) and exc.errno == 30:  # EROFS
+        return "the file system is read-only: choose another destination (--into)"
+    return None
 
 
 class RunControl:
@@ -168,6 +216,17 @@ async def execute_async(request: RunRequest, ui: Reporter, *, resume: bool = Fal
         lock.release()
 
 
+def record_error(journal: Journal, run_id: str, err: RemoteExecError) -> RemoteExecError:
+    """Record in the journal the end of run ``run_id`` by ``err``, from its disposition
+    (so the exit code, the state and what ``resume`` does agree); the error to raise. A
+    transient error that outlived its retries interrupts the run, like a lost link."""
+    if err.disposition == TRANSIENT:
+        err = LinkLostError(err.message, hint=f"`remote-exec resume {run_id[:8]}` continues "
+                            "the run" + (f"; {err.hint}" if err.hint else ""))
+    journal.update(run_id, state=err.journal_state, error=err.message)
+    return err
+
+
 def _check_resumable(record: RunRecord, journal: Journal) -> None:
     """Refuse to resume a run that ended for good. A run whose entrypoint finished but
     whose results were never fetched (the fetch failed, or a cancel or timeout came
@@ -245,15 +304,8 @@ class _Driver:
                 raise
             await self._cancel_remote()
             raise self._cancelled_error() from None
-        except LinkLostError as err:
-            self.journal.update(self.run_id, state="interrupted", error=err.message)
-            raise
         except RemoteExecError as err:
-            self.journal.update(self.run_id, state="failed", error=err.message)
-            if self._awaits_fetch():
-                later = self._resume_fetch_text()
-                err.hint = f"{err.hint}; once that is fixed, {later}" if err.hint else later
-            raise
+            raise self._record_error(err) from err.__cause__
         finally:
             if deadline is not None:
                 deadline.cancel()
@@ -265,6 +317,15 @@ class _Driver:
         self.result.exit_code = self.exit_code
         self.result.rundir = self.rundir
         return self.result
+
+    def _record_error(self, err: RemoteExecError) -> RemoteExecError:
+        """Record the run's end by ``err`` (see :func:`record_error`); the error to raise,
+        saying how ``resume`` fetches results that are waiting."""
+        err = record_error(self.journal, self.run_id, err)
+        if err.disposition == FINAL and self._awaits_fetch():
+            later = self._resume_fetch_text()
+            err.hint = f"{err.hint}; once that is fixed, {later}" if err.hint else later
+        return err
 
     def _failure_text(self) -> str:
         """Why the run failed, in the words of whoever knows best ("" if it did not)."""
@@ -300,8 +361,10 @@ class _Driver:
         self.journal.update(self.run_id, phase=phase, **fields)
 
     async def _step(self, name: str, fn: Callable[[], Awaitable[T]]) -> T:
-        """Run ``fn``; when the connection drops, reconnect (with backoff) and run it again."""
-        failures = 0
+        """Run ``fn``; when the connection drops, reconnect (with backoff) and run it
+        again; when sshd refuses a channel on the open connection (MaxSessions), wait and
+        run it again on the same connection. Anything else is final, in the step's words."""
+        failures = refusals = 0
         while True:
             try:
                 return await fn()
@@ -309,10 +372,15 @@ class _Driver:
                 raise
             except (RemoteExecError, OSError, asyncssh.Error) as exc:
                 await asyncio.sleep(0)  # let the connection notice that it closed
+                if self.link.refused_channel(exc):
+                    refusals += 1
+                    await self._wait_for_channel(name, refusals)
+                    continue
                 if not self.link.is_loss(exc):
-                    if isinstance(exc, RemoteExecError):
+                    error = _step_error(name, exc)
+                    if error is exc:
                         raise
-                    raise RemoteExecError(f"{name} failed: {exc}") from exc
+                    raise error from exc
                 failures += 1
                 if failures > 2 * self.link.tries + 1:
                     raise LinkLostError(
@@ -321,6 +389,23 @@ class _Driver:
                     ) from None
                 self.retrying = True
                 await self.link.reconnect(name, exc)
+
+    async def _wait_for_channel(self, name: str, refusals: int) -> None:
+        """Back off before opening a refused channel again: the connection is kept (the
+        runs sharing it share one SFTP session, so a channel frees when another run's
+        launch ends); past ``CHANNEL_TRIES`` the run is interrupted, for ``resume``."""
+        if refusals > CHANNEL_TRIES:
+            raise LinkLostError(
+                f"{self.site.display} kept refusing new channels during {name} "
+                f"({CHANNEL_TRIES} tries): too many sessions on the connection (MaxSessions)",
+                hint=f"`remote-exec resume {self.run_id[:8]}` once fewer runs share the host, "
+                "or raise MaxSessions in its sshd_config") from None
+        delay = CHANNEL.delay(refusals - 1)
+        if refusals == 1:
+            self.ui.warn(f"{self.site.display} refused a new channel during {name} "
+                         f"(MaxSessions reached?); opening it again in {delay:.1f} s")
+        self.retrying = True
+        await asyncio.sleep(delay)
 
     # -- steps ------------------------------------------------------------------------------
     async def _create(self) -> None:

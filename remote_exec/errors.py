@@ -1,4 +1,16 @@
-"""One exception hierarchy; each error carries a message a user can act on and an exit code.
+"""One exception hierarchy; each error carries a message a user can act on, an exit code,
+and what it means for the run (its ``disposition``), defined once per class:
+
+* ``TRANSIENT`` — worth another try at once, within the step's bounded retries (a
+  handshake sshd dropped, a channel refused by MaxSessions); past the retries the run
+  is interrupted (:class:`LinkLostError`);
+* ``RESUMABLE`` — the run stops but is not over: the journal records it *interrupted*,
+  remote-exec exits 75, and ``remote-exec resume`` continues it;
+* ``FINAL`` — the run is recorded *failed* with the class's exit code. ``resume`` still
+  accepts a failed run whose entrypoint had finished (only the fetch is left to do).
+
+A policy refusal (authentication, a restricted site's agent) is ``FINAL`` and never a
+network fault: retrying cannot change the answer.
 
 Exit codes (documented in the README). The entrypoint's own exit code is passed
 through unchanged when the remote program fails, so these are chosen from the
@@ -20,16 +32,29 @@ EXIT_REMOTE_LOST = 75  # EX_TEMPFAIL: the outcome could not be read yet; `resume
 EXIT_TIMEOUT = 124  # as timeout(1): the run exceeded --timeout and was stopped
 EXIT_SIGNAL_BASE = 128  # cancelled by a signal: 128 + its number (130 SIGINT, 143 SIGTERM)
 
+TRANSIENT = "transient"
+RESUMABLE = "resumable"
+FINAL = "final"
+
+#: the journal state a run ends in, by the disposition of the error that ended it
+JOURNAL_STATE = {TRANSIENT: "interrupted", RESUMABLE: "interrupted", FINAL: "failed"}
+
 
 class RemoteExecError(Exception):
     """Base of every expected failure. ``str(err)`` is the message for the user."""
 
     exit_code = EXIT_INTERNAL
+    disposition = FINAL
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
+
+    @property
+    def journal_state(self) -> str:
+        """The state the engine records for a run this error ended."""
+        return JOURNAL_STATE[self.disposition]
 
     def __str__(self) -> str:
         if self.hint:
@@ -53,8 +78,8 @@ class ConnectError(RemoteExecError):
     """The host cannot be reached or the connection dropped.
 
     ``retryable`` marks drops worth another try at once, such as sshd closing
-    connections beyond MaxStartups before authentication; an unknown host or a
-    refused port is not.
+    connections beyond MaxStartups before authentication (their disposition is
+    ``TRANSIENT``); an unknown host or a refused port is not (``FINAL``).
     """
 
     exit_code = EXIT_CONNECT
@@ -63,15 +88,37 @@ class ConnectError(RemoteExecError):
         super().__init__(message, hint=hint)
         self.retryable = retryable
 
+    @property  # type: ignore[override]
+    def disposition(self) -> str:
+        return TRANSIENT if self.retryable else FINAL
+
+
+class ChannelRefusedError(ConnectError):
+    """The connection is fine but sshd refused a new channel on it (MaxSessions reached,
+    e.g. by other runs sharing it): wait and open the channel again; the connection is
+    kept for the runs that use it."""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint, retryable=True)
+
 
 class StaleConnectionError(ConnectError):
     """A reused connection turned out dead before the run changed anything remotely."""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint, retryable=True)
 
 
 class AuthError(RemoteExecError):
     """Authentication failed or the host key could not be verified."""
 
     exit_code = EXIT_AUTH
+
+
+class SftpRefusedError(AuthError):
+    """The host accepted the connection but refused an SFTP session on it: its policy
+    (a restricted site's key runs only the remote-exec agent) or its sshd (no SFTP
+    subsystem). Not a network fault: asking again gets the same answer."""
 
 
 class StageError(RemoteExecError):
@@ -92,9 +139,11 @@ class FetchError(RemoteExecError):
 
 
 class RemoteLostError(RemoteExecError):
-    """The entrypoint ran but its outcome could not be read back."""
+    """The entrypoint ran but its outcome could not be read back (yet): the run is
+    interrupted and ``resume`` asks again."""
 
     exit_code = EXIT_REMOTE_LOST
+    disposition = RESUMABLE
 
 
 class LinkLostError(RemoteExecError):
@@ -104,16 +153,20 @@ class LinkLostError(RemoteExecError):
     """
 
     exit_code = EXIT_REMOTE_LOST
+    disposition = RESUMABLE
 
 
 class RunBusyError(RemoteExecError):
-    """Another remote-exec process is driving this run right now."""
+    """Another remote-exec process is driving this run right now (its journal record is
+    left to that process; ``resume`` may be tried again once it stops)."""
 
     exit_code = EXIT_REMOTE_LOST
+    disposition = RESUMABLE
 
 
 class RunCancelled(RemoteExecError):
-    """The run was cancelled (a signal, ``remote-exec cancel``, or --timeout)."""
+    """The run was cancelled (a signal, ``remote-exec cancel``, or --timeout); the engine
+    records it *cancelled* or *timed out* itself, not by this class's disposition."""
 
     def __init__(self, message: str, *, exit_code: int = 130, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from remote_exec.errors import ConfigError
-from remote_exec.paths import state_dir
+from remote_exec.paths import state_dir, state_dir_error
 
 PHASES = ("planned", "created", "staged", "launched", "finished", "fetched", "cleaned")
 ACTIVE_STATES = ("running", "interrupted")
@@ -134,6 +134,12 @@ class Journal:
 
     def __init__(self, path: Path | None = None) -> None:
         self.path = path or journal_path()
+        try:
+            self._open()
+        except (OSError, sqlite3.OperationalError) as exc:
+            raise state_dir_error(self.path.parent, exc) from None
+
+    def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None)
         self.db.row_factory = sqlite3.Row

@@ -24,6 +24,7 @@ import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 LOG_MARKER = "---------- remote side log ----------------"
 USAGE = """\
@@ -61,6 +62,21 @@ def parse(argv: list[str]) -> LegacyArgs | None:
         values["client_cmd"]
     )
     return LegacyArgs(values["client_name"], values["client_cmd"], files, solver)
+
+
+def refuse_restricted(site: Any) -> None:
+    """A restricted site runs only the entrypoints it approved, never a command line such
+    as ``client_cmd``: refused before connecting (exit 1), with what to run instead."""
+    if not site.restricted:
+        return
+    from remote_exec.errors import ConfigError
+
+    allowed = ", ".join(site.templates) or "none"
+    raise ConfigError(
+        f"site {site.name!r} is restricted: its agent runs only the entrypoints it approved, "
+        "not client_cmd (nothing was contacted)",
+        hint=f"call `remote-exec run --site {site.name} INPUT…` for the site's approved "
+        f"entrypoint, or `--template NAME` (allowed: {allowed}), instead of `legacy`")
 
 
 def _solver_name(cmd: str) -> str:

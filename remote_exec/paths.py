@@ -18,6 +18,33 @@ def state_dir() -> Path:
     return Path(base) / "remote-exec"
 
 
+def writable_state_dir() -> Path:
+    """The state directory, created if need be; a ConfigError (78) naming it and the fix
+    when it cannot be written (read-only, not a directory, no permission)."""
+    import tempfile
+
+    directory = state_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise state_dir_error(directory, exc) from None
+    return directory
+
+
+def state_dir_error(directory: Path, exc: BaseException) -> Exception:
+    """The ConfigError for a state directory that cannot be written."""
+    from remote_exec.errors import ConfigError
+
+    why = getattr(exc, "strerror", None) or str(exc)
+    return ConfigError(
+        f"the state directory {directory} is not writable ({why}): remote-exec keeps "
+        "its run journal and locks there",
+        hint="make it writable, or point REMOTE_EXEC_STATE_DIR at a writable directory",
+    )
+
+
 def user_config_file() -> Path:
     """The per-user site configuration file, ``~/.config/remote-exec/sites.yaml``."""
     base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")

@@ -35,7 +35,7 @@ import asyncssh
 from remote_exec.backends.direct import Launched
 from remote_exec.entrypoint import ALREADY_LAUNCHED
 from remote_exec.errors import (
-    EXIT_AUTH,
+    AuthError,
     ConfigError,
     FetchError,
     RemoteExecError,
@@ -54,10 +54,8 @@ REFUSED = 2
 PREFIX = "remote-exec agent: "
 
 
-class AgentRefused(RemoteExecError):
-    """The site's agent refused the request (its policy, not a fault)."""
-
-    exit_code = EXIT_AUTH
+class AgentRefused(AuthError):
+    """The site's agent refused the request (its policy, not a fault: final, exit 77)."""
 
 
 #: the agent's framing word (see ``strip_mark`` in the agent): it prints the mark first

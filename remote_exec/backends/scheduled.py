@@ -32,7 +32,7 @@ from remote_exec.backends.batch import (
 from remote_exec.backends.direct import Launched, read_control, read_exit_code
 from remote_exec.backoff import POLL
 from remote_exec.entrypoint import ALREADY_LAUNCHED
-from remote_exec.errors import EXIT_STAGE, RemoteExecError, StageError
+from remote_exec.errors import EXIT_REMOTE_LOST, EXIT_STAGE, TRANSIENT, RemoteExecError, StageError
 from remote_exec.inputs import CONTROL_DIR
 from remote_exec.ssh import shell
 
@@ -81,7 +81,11 @@ UNKNOWN_JOB = re.compile(r"invalid job id|unknown job|does not exist|no such job
 
 
 class SchedulerUnavailable(RemoteExecError):
-    """The scheduler's commands failed without saying anything about the job."""
+    """The scheduler's commands failed without saying anything about the job: transient
+    (the engine waits on and asks again; had it to give up, the run would be interrupted)."""
+
+    exit_code = EXIT_REMOTE_LOST
+    disposition = TRANSIENT
 
 
 class SubmitError(StageError):

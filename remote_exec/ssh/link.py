@@ -27,7 +27,16 @@ import asyncssh
 
 from remote_exec.backoff import HANDSHAKE, RECONNECT, SLOT
 from remote_exec.config import Site
-from remote_exec.errors import AuthError, ConnectError, LinkLostError
+from remote_exec.errors import (
+    TRANSIENT,
+    AuthError,
+    ChannelRefusedError,
+    ConfigError,
+    ConnectError,
+    LinkLostError,
+    RemoteExecError,
+    SftpRefusedError,
+)
 from remote_exec.paths import state_dir
 from remote_exec.ssh.connect import open_connection
 from remote_exec.ssh.rsync import RsyncRequest, rsync_tunnel
@@ -41,12 +50,15 @@ HANDSHAKE_SLOTS = 6
 #: holder still find a slot while it opens connections
 HOLDER_HANDSHAKES = 4
 
-#: exceptions that mean the transport is gone, whatever the step was doing
+#: exceptions that mean the transport is gone, whatever the step was doing (a refused
+#: channel, asyncssh.ChannelOpenError, is not one: see :meth:`Link.refused_channel`)
 LOSS_ERRORS: tuple[type[BaseException], ...] = (
     asyncssh.ConnectionLost, asyncssh.DisconnectError, asyncssh.SFTPConnectionLost,
-    asyncssh.SFTPNoConnection, asyncssh.ChannelOpenError, ConnectionError, TimeoutError,
-    EOFError,
+    asyncssh.SFTPNoConnection, ConnectionError, TimeoutError, EOFError,
 )
+
+#: refusals by policy: never a network fault, never retried
+REFUSALS: tuple[type[BaseException], ...] = (AuthError, ConfigError)
 
 #: ``acquire(site, tries)``: a connection; ``tries`` bounds the handshakes sshd may drop
 Acquire = Callable[[Site, int], Awaitable[asyncssh.SSHClientConnection]]
@@ -136,13 +148,26 @@ class Link:
             conn = await self.conn()
             try:
                 self._sftp = await shared_sftp(conn)
+            except asyncssh.ChannelOpenError as exc:
+                raise self.channel_refused(exc) from None
             except (OSError, asyncssh.Error) as exc:
+                await asyncio.sleep(0)  # let the connection notice that it closed
                 if conn.is_closed():
                     raise
-                raise ConnectError(f"{self.site.display}: cannot open an SFTP session: {exc}",
-                                   hint="sshd may limit sessions per connection (MaxSessions)",
-                                   retryable=True) from None
+                raise SftpRefusedError(
+                    f"{self.site.display} refused an SFTP session ({_describe(exc)})",
+                    hint="a restricted site (its key runs only the remote-exec agent) needs "
+                    "`restricted: true` in the site's configuration; otherwise enable sshd's "
+                    f"`Subsystem sftp` (`remote-exec site check {self.site.name}` shows it)",
+                ) from None
         return self._sftp
+
+    def channel_refused(self, exc: asyncssh.ChannelOpenError) -> ChannelRefusedError:
+        """sshd refused a new channel on the open connection (MaxSessions)."""
+        return ChannelRefusedError(
+            f"{self.site.display} refused a new channel ({exc.reason or exc.code})",
+            hint="sshd limits sessions per connection (MaxSessions); other runs may share "
+            "this connection: the channel is opened again when one is free")
 
     async def open_sftp(self) -> asyncssh.SFTPClient:
         """The SFTP client if one is open now (never connects: for side tasks)."""
@@ -161,14 +186,27 @@ class Link:
         return self._rsh[wrap]
 
     def is_loss(self, exc: BaseException) -> bool:
-        """Whether ``exc`` came from the connection dying (so a retry may help)."""
-        if isinstance(exc, AuthError):
+        """Whether ``exc`` came from the connection dying (so a reconnect may help).
+
+        A refusal (authentication, the site's agent, configuration) never is; nor is a
+        channel sshd refused on a connection that is still open (:meth:`refused_channel`).
+        """
+        if isinstance(exc, REFUSALS):
             return False
         if self._conn is not None and self._conn.is_closed():
             return True
-        if isinstance(exc, ConnectError) and exc.retryable:
-            return True
+        if self.refused_channel(exc):
+            return False
+        if isinstance(exc, RemoteExecError):
+            return exc.disposition == TRANSIENT
         return isinstance(exc, LOSS_ERRORS)
+
+    def refused_channel(self, exc: BaseException) -> bool:
+        """Whether sshd refused a channel while the connection stays open: wait and open
+        it again on the same connection (other runs may share it)."""
+        if self._conn is None or self._conn.is_closed():
+            return False
+        return isinstance(exc, (ChannelRefusedError, asyncssh.ChannelOpenError))
 
     # -- when it breaks --------------------------------------------------------------------
     async def reconnect(self, during: str, cause: BaseException) -> None:

@@ -22,7 +22,15 @@ from typing import Any
 from remote_exec.backends.fujitsu.auth import Auth
 from remote_exec.backends.fujitsu.settings import FujitsuSettings
 from remote_exec.backoff import REQUEST_RETRY
-from remote_exec.errors import AuthError, ConnectError, RemoteExecError, StageError
+from remote_exec.errors import (
+    FINAL,
+    TRANSIENT,
+    AuthError,
+    ConnectError,
+    RemoteExecError,
+    RemoteLostError,
+    StageError,
+)
 
 log = logging.getLogger("remote_exec.fujitsu")
 
@@ -39,9 +47,18 @@ class ApiError(RemoteExecError):
     exit_code = ConnectError.exit_code
     transient = False
 
+    @property  # type: ignore[override]
+    def disposition(self) -> str:
+        return TRANSIENT if self.transient else FINAL
+
 
 class SyncError(StageError):
-    """A file sync between the bucket and the HPC side failed."""
+    """The sync that carries the inputs to the HPC side failed (final, exit 73)."""
+
+
+class ResultSyncError(RemoteLostError):
+    """The sync that brings a job's files back failed after the job ran: the run is
+    interrupted (exit 75), and ``resume`` syncs again and fetches (the job never reruns)."""
 
 
 @dataclass

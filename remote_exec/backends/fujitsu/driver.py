@@ -17,7 +17,12 @@ from typing import Any, TypeVar
 from remote_exec import localfs
 from remote_exec import returns as return_filter
 from remote_exec.backends.batch import COMPLETED, FAILED, JobInfo, Resources
-from remote_exec.backends.fujitsu.api import CREDENTIALS_HINT, ApiError, SyncError
+from remote_exec.backends.fujitsu.api import (
+    CREDENTIALS_HINT,
+    ApiError,
+    ResultSyncError,
+    SyncError,
+)
 from remote_exec.backends.fujitsu.client import TITLE, FujitsuBackend, job_info
 from remote_exec.backends.pjm import PjmScheduler
 from remote_exec.backends.scheduled import job_name, render_job_script
@@ -219,8 +224,12 @@ class FujitsuDriver(_Driver):
 
     # -- helpers -----------------------------------------------------------------------------
     async def _sync(self, direction: str) -> None:
-        """Start a sync of ``hpc_dir`` and wait until it completes (§6.2, §6.6)."""
+        """Start a sync of ``hpc_dir`` and wait until it completes (§6.2, §6.6). A failed
+        ``to_online`` sync (after the job ran) interrupts the run: ``resume`` syncs again."""
         settings = self.backend.settings
+        failed = SyncError if direction == "from_online" else ResultSyncError
+        later = "" if failed is SyncError else \
+            f"; then `remote-exec resume {self.run_id[:8]}` brings the results back"
         requestid = await self._blocking(self.api.start_sync, settings.hpc_dir, direction)
         self.ui.event("sync", f"sync {direction} of {settings.hpc_dir}: request {requestid}",
                       requestid=requestid, direction=direction)
@@ -231,14 +240,15 @@ class FujitsuDriver(_Driver):
                 result = str(answer.get("result", ""))
                 if result == "0":
                     return
-                raise SyncError(f"the sync {direction} (request {requestid}) completed with "
-                                f"result {result!r}", hint=CREDENTIALS_HINT)
+                raise failed(f"the sync {direction} (request {requestid}) completed with "
+                             f"result {result!r}", hint=CREDENTIALS_HINT + later)
             if status.startswith("error"):
-                raise SyncError(f"the sync {direction} (request {requestid}) failed: "
-                                f"{status.partition(':')[2].strip() or status}")
+                raise failed(f"the sync {direction} (request {requestid}) failed: "
+                             f"{status.partition(':')[2].strip() or status}",
+                             hint=later[2:] or None)
             if status != "waiting":
-                raise SyncError(f"the sync {direction} (request {requestid}) answered an "
-                                f"unknown status {status!r}")
+                raise failed(f"the sync {direction} (request {requestid}) answered an "
+                             f"unknown status {status!r}", hint=later[2:] or None)
             await asyncio.sleep(delay)
 
     def _note(self, info: JobInfo) -> None:
