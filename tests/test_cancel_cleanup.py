@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -29,9 +30,10 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(),
 
 #: big enough that rsync through the tunnel takes several seconds on loopback
 BIG_MIB = 256
-#: a fetch big enough that a stop started by a new process (`remote-exec cancel`) lands
-#: while it is under way, also on a loaded machine
-FETCH_MIB = 768
+#: the local rsync's pace during a fetch test (MiB/s): a fetch of BIG_MIB lasts about 8 s,
+#: so a stop started by a new process (`remote-exec cancel`) lands while it is under way
+#: even on a loaded machine
+FETCH_PACE_MIB = 32
 
 
 @pytest.fixture
@@ -42,6 +44,20 @@ def env(cli, tmp_path: Path, workdir: Path, remote_root: Path) -> Iterator[Env]:
         yield harness
     finally:
         harness.close()
+
+
+def pace_local_rsync(env: Env, tmp_path: Path, mib_per_s: int) -> None:
+    """Put an ``rsync`` first on the PATH of the runs (and of the holder they start) that
+    runs the real one with ``--bwlimit``: a transfer of known length."""
+    real = shutil.which("rsync")
+    assert real, "rsync is not installed"
+    paced = tmp_path / "paced-bin"
+    paced.mkdir()
+    wrapper = paced / "rsync"
+    wrapper.write_text(f'#!/bin/sh\nexec {real} --bwlimit={mib_per_s}m "$@"\n')
+    wrapper.chmod(0o755)
+    path = f"{paced}:{env.cli.env.get('PATH', os.defpath)}"
+    env.cli = replace(env.cli, env={**env.cli.env, "PATH": path})
 
 
 def make_big_file(path: Path, mib: int = BIG_MIB) -> None:
@@ -137,11 +153,12 @@ def test_cancel_during_stage_stops_the_transfer(env: Env, mode: str, transfer: s
 
 
 @pytest.mark.parametrize(("mode", "how"), FETCHES, ids=lambda v: v)
-def test_cancel_during_rsync_fetch_stops_it_and_resume_fetches(env: Env, mode: str,
-                                                               how: str) -> None:
+def test_cancel_during_rsync_fetch_stops_it_and_resume_fetches(env: Env, mode: str, how: str,
+                                                               tmp_path: Path) -> None:
+    pace_local_rsync(env, tmp_path, FETCH_PACE_MIB)
     run = env.start("run", "--site", "loop", *MODES[mode], "--transfer", "rsync",
                     "--into", str(env.dest), "--cmd",
-                    f"{env.count()}; head -c {FETCH_MIB}M /dev/zero | tr '\\0' Z > out.bin")
+                    f"{env.count()}; head -c {BIG_MIB}M /dev/zero | tr '\\0' Z > out.bin")
     record = env.wait_phase("finished", timeout=60)
     wait_until(lambda: partials(env.dest) and tree_bytes(partials(env.dest)[0]) > 16 << 20,
                60, "rsync to be fetching")
@@ -164,7 +181,7 @@ def test_cancel_during_rsync_fetch_stops_it_and_resume_fetches(env: Env, mode: s
 
     resumed = env("resume", record.id[:8], *MODES[mode])
     assert resumed.returncode == 0, resumed.stderr
-    assert (env.dest / "out.bin").stat().st_size == FETCH_MIB << 20
+    assert (env.dest / "out.bin").stat().st_size == BIG_MIB << 20
     assert partials(env.dest) == []
     assert env.runs_of_entrypoint() == 1
     record = env.record()

@@ -279,6 +279,8 @@ def test_restricted_site_on_a_noisy_login_shell(cli, workdir: Path, tmp_path: Pa
     proc = cli("site", "check", "locked", "--json", cwd=workdir, extra_env=env)
     rows = {row["check"]: row for row in json.loads(proc.stdout)}
     assert rows["access"]["status"] == "ok", rows
+    assert rows["login shell"]["status"] == "warn", rows
+    assert "on stdout" in rows["login shell"]["detail"]
 
 
 def test_every_remote_command_goes_through_the_shell_module() -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncssh
 
-from remote_exec.backends.agent import AgentBackend
+from remote_exec.backends.agent import AgentBackend, agent_request
 from remote_exec.config import Site
 from remote_exec.errors import AuthError, RemoteExecError
 from remote_exec.ssh import rsync as rsync_mod
@@ -85,6 +85,9 @@ async def check(site: Site) -> list[Row]:
             hello = None
         if hello is not None:
             rows += _agent_rows(site, hello)
+            # the forced command starts through the login shell too: does it print?
+            login = await shell.run_request(conn, agent_request("hello"))
+            rows.append(_login_shell_row("the login shell", login))
         else:
             rows += await _open_rows(site, conn)
     return rows
@@ -147,7 +150,7 @@ async def _open_rows(site: Site, conn: asyncssh.SSHClientConnection) -> list[Row
                         f"`remote-exec site install {site.name} --apply` restricts it to the "
                         "agent and the site's approved templates"))
     login = await shell.run(conn, 'printf "%s\\n" "${SHELL:-/bin/sh}"')
-    rows.append(_login_shell_row(login))
+    rows.append(_login_shell_row(login.stdout.strip() or "unknown", login))
     rsync = await shell.run(conn, "rsync --version")
     first = rsync.stdout.splitlines()[:1]
     rows.append(Row("rsync (host)", OK if rsync.ok else WARN,
@@ -196,11 +199,11 @@ async def _open_rows(site: Site, conn: asyncssh.SSHClientConnection) -> list[Row
     return rows
 
 
-def _login_shell_row(login: shell.Result) -> Row:
-    """The login shell, and whether it prints in a non-interactive session: text on
-    stdout garbles the SFTP subsystem and rsync for any client that does not frame
-    its streams as remote-exec does; text on stderr only clutters messages."""
-    name = login.stdout.strip() or "unknown"
+def _login_shell_row(name: str, login: shell.Result) -> Row:
+    """The login shell ``name``, and whether it prints in a non-interactive session
+    (``login``: a framed command's result): text on stdout garbles the SFTP subsystem
+    and rsync for any client that does not frame its streams as remote-exec does; text
+    on stderr only clutters messages."""
     if not login.framed:
         return Row("login shell", FAIL, f"{name}: it did not start /bin/sh "
                    f"({(login.banner_err or login.stdout).strip()[-200:]})",
