@@ -6,12 +6,14 @@ so pytest registers them there; conftest.py stays untouched.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import shutil
 import stat
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,8 @@ __all__ = [
     "event",
     "events",
     "free_port",
+    "mounted_tmpfs",
+    "remount",
     "absent_rsync_sshd",
     "new_ed25519_key",
     "pwned",
@@ -124,25 +128,32 @@ def pwned():
             path.unlink()
 
 
-@pytest.fixture
-def tmpfs_root(tmp_path: Path):
-    """A 512 KiB tmpfs to serve as a site's root (root only; skipped if mount fails)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = shutil.which("mount")
-    umount = shutil.which("umount")
-    if not mount or not umount:
-        pytest.skip("mount(8) is not available")
-    root = tmp_path / "tiny-root"
-    root.mkdir()
-    proc = subprocess.run([mount, "-t", "tmpfs", "-o", "size=512k,mode=0755", "tmpfs", str(root)],
+@contextlib.contextmanager
+def mounted_tmpfs(path: Path, options: str) -> Iterator[Path]:
+    """A tmpfs at ``path`` with mount ``options`` (root only; the test is skipped else)."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    path.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
     try:
-        yield root
+        yield path
     finally:
-        subprocess.run([umount, "-l", str(root)], capture_output=True)
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def remount(path: Path, options: str) -> None:
+    """Change a :func:`mounted_tmpfs` (e.g. ``size=16m``: the full disk was freed)."""
+    subprocess.run(["mount", "-o", f"remount,{options}", str(path)], check=True)
+
+
+@pytest.fixture
+def tmpfs_root(tmp_path: Path) -> Iterator[Path]:
+    """A 512 KiB tmpfs to serve as a site's root (root only; skipped if mount fails)."""
+    with mounted_tmpfs(tmp_path / "tiny-root", "size=512k,mode=0755") as root:
+        yield root
 
 
 @pytest.fixture(scope="session")

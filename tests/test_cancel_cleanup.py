@@ -13,16 +13,17 @@ The real CLI against the real loopback sshd, with the harness of ``test_resilien
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import signal
-import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from helpers_badinput import mounted_tmpfs, remount
 from test_resilience import MODES, Env, live, proc_table, wait_until
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(),
@@ -193,28 +194,13 @@ def test_cancel_during_rsync_fetch_stops_it_and_resume_fetches(env: Env, mode: s
 @pytest.fixture
 def tiny_dirs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
     """Makes 1 MiB tmpfs mounts to fetch into (root only; skipped if mount fails)."""
-    mount, umount = shutil.which("mount"), shutil.which("umount")
-    if os.geteuid() != 0 or not mount or not umount:
-        pytest.skip("mounting a tmpfs needs root and mount(8)")
-    mounted: list[Path] = []
-
-    def make(name: str) -> Path:
-        path = tmp_path / name
-        path.mkdir()
-        proc = subprocess.run([mount, "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs",
-                               str(path)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-        mounted.append(path)
-        return path
-
-    yield make
-    for path in mounted:
-        subprocess.run([umount, "-l", str(path)], capture_output=True)
+    with contextlib.ExitStack() as mounts:
+        yield lambda name: mounts.enter_context(mounted_tmpfs(tmp_path / name,
+                                                              "size=1m,mode=0755"))
 
 
 def grow(path: Path) -> None:
-    subprocess.run(["mount", "-o", "remount,size=16m", str(path)], check=True)
+    remount(path, "size=16m")
 
 
 def verdict(stdout: str, run_id: str) -> str:

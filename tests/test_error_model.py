@@ -9,11 +9,9 @@ the last test walks every error class against the README's exit-code table.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +23,7 @@ import pytest
 import yaml
 from conftest import Cli, site_entry
 from fujitsu_sim import FujitsuSim
+from helpers_badinput import mounted_tmpfs
 from test_fujitsu import Env, env, sim  # noqa: F401 - fixtures, by name
 from test_restricted import Locked, locked  # noqa: F401 - fixture, by name
 
@@ -44,22 +43,6 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 def runs(cli: Cli, cwd: Path) -> list[dict]:
     out = cli("list", "--json", cwd=cwd).stdout
     return [json.loads(line) for line in out.splitlines() if line.strip()]
-
-
-@contextlib.contextmanager
-def mounted_tmpfs(path: Path, options: str) -> Iterator[Path]:
-    """A tmpfs at ``path`` with mount ``options`` (root only; the test is skipped else)."""
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        pytest.skip("mounting a tmpfs needs root and mount(8)")
-    path.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 # -- 1. legacy on a restricted site ---------------------------------------------------------

@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers_badinput import site_entry, tmpfs_root, write_config  # noqa: F401
+from helpers_badinput import remount, site_entry, tmpfs_root, write_config  # noqa: F401
 from test_ssh_config import write_ssh_config
 
 # -- 9. special inputs: refused with exit 66 before anything connects -----------------------
@@ -79,9 +79,7 @@ def test_full_local_disk_at_fetch_names_the_partial_directory_and_resume(
     assert re.search(r"\d+ more bytes needed", proc.stderr), proc.stderr
     assert "copy it by hand" not in proc.stderr
 
-    grown = subprocess.run(["mount", "-o", "remount,size=8m", str(tmpfs_root)],
-                           capture_output=True, text=True)
-    assert grown.returncode == 0, grown.stderr
+    remount(tmpfs_root, "size=8m")
     again = cli("resume", run_id[:8], cwd=workdir)
     assert again.returncode == 0, again.stderr
     assert (into / "big").stat().st_size == 2000000
