@@ -57,3 +57,25 @@ def test_holder_running_other_code_makes_way(cli, workdir):
     assert again.returncode == 0, again.stderr
     assert "did not start" not in again.stderr  # a new holder took the run
     assert (workdir / "b" / "f").read_text() == "fresh\n"
+
+
+def test_runs_on_a_warm_connection_share_one_sftp_session(cli, workdir, sshd):
+    """A stock sshd starts every SFTP session through the login shell (as costly as a
+    bare ssh): runs on one warm connection of the holder open it once."""
+    from test_resilience import proc_table
+
+    for _ in range(3):
+        proc = cli("run", "--site", "loop", "--cmd", "true", cwd=workdir)
+        assert proc.returncode == 0, proc.stderr
+    table = proc_table()
+    parent = {pid: ppid for pid, ppid, *_ in table}
+
+    def under_sshd(pid: int) -> bool:
+        while pid > 1:
+            pid = parent.get(pid, 1)
+            if pid == sshd.pid():
+                return True
+        return False
+
+    servers = [row for row in table if "sftp-server" in row[4] and under_sshd(row[0])]
+    assert len(servers) == 1, servers  # the holder's connection keeps its one session

@@ -220,7 +220,7 @@ async def shared_sftp(conn: asyncssh.SSHClientConnection) -> asyncssh.SFTPClient
     through it), as much as a bare ``ssh host true``; a warm connection of the
     holder pays it once, not once per run. Close it with :func:`drop_shared_sftp`."""
     opening = _SHARED.get(conn)
-    if opening is None or (opening.done() and opening.exception() is not None):
+    if opening is None or (opening.done() and not _opened(opening)):
         opening = asyncio.ensure_future(open_sftp(conn))
         _SHARED[conn] = opening
     return await asyncio.shield(opening)
@@ -230,8 +230,13 @@ def drop_shared_sftp(conn: asyncssh.SSHClientConnection) -> None:
     """Close the connection's shared SFTP client (a run saw it fail); the next user
     of the connection opens a new one."""
     opening = _SHARED.pop(conn, None)
-    if opening is not None and opening.done() and opening.exception() is None:
+    if opening is not None and opening.done() and _opened(opening):
         opening.result().exit()
+
+
+def _opened(opening: asyncio.Future[asyncssh.SFTPClient]) -> bool:
+    """Whether a finished :func:`open_sftp` gave a client (not an error, not cancelled)."""
+    return not opening.cancelled() and opening.exception() is None
 
 
 def subsystem_garbled(conn: asyncssh.SSHClientConnection) -> bool:
