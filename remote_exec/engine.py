@@ -150,6 +150,9 @@ class _JournalReporter(Reporter):
     def log_text(self, data: str) -> None:
         self.ui.log_text(data)
 
+    async def drain(self) -> None:
+        await self.ui.drain()
+
     def progress_start(self, label: str, total: int) -> None:
         self.ui.progress_start(label, total)
 

@@ -251,6 +251,13 @@ class _WireReporter(Reporter):
     def log_text(self, data: str) -> None:
         self._send(t="log", text=data)
 
+    async def drain(self) -> None:
+        """Back-pressure: a client that stops reading (``--follow`` on a slow terminal)
+        holds the log's reader here instead of the holder buffering the whole log."""
+        if not self.writer.is_closing():
+            with contextlib.suppress(ConnectionError):
+                await self.writer.drain()
+
     def progress_start(self, label: str, total: int) -> None:
         if self.show_progress:
             self._send(t="progress_start", label=label, total=total)

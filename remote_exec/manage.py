@@ -185,8 +185,10 @@ async def remote_log(record: RunRecord, ui: Reporter, follow: bool) -> None:
                                       hint="it was cleaned up and no fetched copy is left")
                 ui.log_text(decoder.decode(data, True))
                 return
-            await agent.read_log(conn, record.id, 0, follow,
-                                 lambda data: ui.log_text(decoder.decode(data)))
+            async def sink(data: bytes) -> None:
+                ui.log_text(decoder.decode(data))
+
+            await agent.read_log(conn, record.id, 0, follow, sink)
             ui.log_text(decoder.decode(b"", True))
         return
     async with conn, await shell.open_sftp(conn) as sftp:

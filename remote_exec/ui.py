@@ -49,6 +49,9 @@ class Reporter:
         sys.stdout.write(data)
         sys.stdout.flush()
 
+    async def drain(self) -> None:
+        """Wait until what was reported has left (a reader that lags slows the writer)."""
+
     # -- transfer progress -------------------------------------------------------------
     def progress_start(self, label: str, total: int) -> None:
         if not self.show_progress:

@@ -79,3 +79,39 @@ def test_runs_on_a_warm_connection_share_one_sftp_session(cli, workdir, sshd):
 
     servers = [row for row in table if "sftp-server" in row[4] and under_sshd(row[0])]
     assert len(servers) == 1, servers  # the holder's connection keeps its one session
+
+
+def test_a_client_that_stops_reading_holds_the_log_back_in_the_holder(cli, workdir,
+                                                                       remote_root):
+    """``--follow`` on a terminal that does not keep up: the holder waits for its client
+    instead of buffering the whole log (here 300 MB) in memory."""
+    import subprocess
+    import sys
+    import time
+
+    from test_resilience import holder_pid
+
+    size = 300_000_000
+    client = subprocess.Popen(
+        [sys.executable, "-m", "remote_exec", "run", "--site", "loop", "--follow", "--cmd",
+         f"head -c {size} /dev/zero | tr '\\0' x; sleep 60"],
+        cwd=workdir, env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:  # (its stdout is never read: the client blocks once the pipe is full)
+        deadline = time.monotonic() + 90
+        logs: list = []
+        while time.monotonic() < deadline:
+            logs = list(remote_root.glob("*/remote_program_exec.log"))
+            if logs and logs[0].stat().st_size >= size:
+                break
+            time.sleep(0.5)
+        assert logs and logs[0].stat().st_size >= size, "the entrypoint did not write its log"
+        time.sleep(3)  # time for an unbounded holder to read and buffer it all
+        pid = holder_pid(cli)
+        assert pid is not None
+        status = open(f"/proc/{pid}/status").read()
+        rss_kib = int(next(line.split()[1] for line in status.splitlines()
+                           if line.startswith("VmRSS:")))
+        assert rss_kib < 200 * 1024, f"the holder holds {rss_kib} KiB"
+    finally:
+        client.kill()
+        client.wait()

@@ -221,7 +221,7 @@ class AgentBackend:
         return list(answer.get("runs", []))
 
     async def read_log(self, conn: asyncssh.SSHClientConnection, run_id: str, offset: int,
-                       follow: bool, sink: Callable[[bytes], None]) -> None:
+                       follow: bool, sink: Callable[[bytes], Awaitable[None]]) -> None:
         """Stream the run's log from ``offset`` into ``sink`` (to the run's end with
         ``follow``)."""
         words = ["log", run_id, "--offset", str(offset)] + (["--follow"] if follow else [])
@@ -233,7 +233,7 @@ class AgentBackend:
                 data = cast(bytes, await process.stdout.read(65536))
                 if not data:
                     break
-                sink(data)
+                await sink(data)  # (back-pressure: the sink waits for its reader)
             await process.wait_closed()
         finally:
             process.close()
@@ -253,10 +253,11 @@ async def follow_log(backend: AgentBackend,
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     offset = 0
 
-    def sink(data: bytes) -> None:
+    async def sink(data: bytes) -> None:
         nonlocal offset
         offset += len(data)
         ui.log_text(decoder.decode(data))
+        await ui.drain()
 
     stopper = asyncio.ensure_future(stop.wait())
     try:

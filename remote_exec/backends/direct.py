@@ -103,6 +103,10 @@ async def read_exit_code(sftp: asyncssh.SFTPClient, rundir: str) -> int | None:
 
 
 
+#: how much of a followed log is read (and held) at once
+LOG_CHUNK = 256 * 1024
+
+
 async def follow_log(get_sftp: Callable[[], Awaitable[asyncssh.SFTPClient]], rundir: str,
                      ui: Reporter, stop: asyncio.Event, interval: float = 0.25) -> None:
     """Stream ``remote_program_exec.log`` as it grows until ``stop`` is set (then drain).
@@ -115,20 +119,14 @@ async def follow_log(get_sftp: Callable[[], Awaitable[asyncssh.SFTPClient]], run
     offset = 0
     while True:
         finishing = stop.is_set()
-        data = b""
-        with contextlib.suppress(asyncssh.SFTPNoSuchFile):
-            try:
-                sftp = await get_sftp()
-                async with sftp.open(path, "rb") as f:
-                    await f.seek(offset)
-                    data = cast(bytes, await f.read())
-            except asyncssh.SFTPNoSuchFile:
-                raise
-            except (OSError, asyncssh.Error):
-                data = b""
-        if data:
-            offset += len(data)
-            ui.log_text(decoder.decode(data))
+        with contextlib.suppress(OSError, asyncssh.Error):  # (no log yet, a dropped link)
+            sftp = await get_sftp()
+            async with sftp.open(path, "rb") as f:
+                await f.seek(offset)
+                while chunk := cast(bytes, await f.read(LOG_CHUNK)):
+                    offset += len(chunk)
+                    ui.log_text(decoder.decode(chunk))
+                    await ui.drain()  # a reader that lags slows this loop
         if finishing:
             ui.log_text(decoder.decode(b"", True))
             return
