@@ -192,7 +192,7 @@ def _apply_backend(request: Any, backend: str | None, resources: tuple[str, ...]
     (-R over the site's `resources`), validated before connecting."""
     from dataclasses import asdict
 
-    from remote_exec.backends.batch import Resources
+    from remote_exec.backends.scheduler import Resources
 
     site = request.site
     name = backend or site.backend

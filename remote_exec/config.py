@@ -194,7 +194,7 @@ class Config:
             for pattern in values.get(key) or []:
                 check_return_pattern(pattern, f"{self.path}: sites.{name}.{key}")
         if values.get("resources"):
-            from remote_exec.backends.batch import Resources
+            from remote_exec.backends.scheduler import Resources
 
             Resources.parse(values["resources"], f"{self.path}: sites.{name}.resources")
         if values.get("backend") == "fujitsu" or values.get("fujitsu"):

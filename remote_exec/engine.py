@@ -34,9 +34,9 @@ from remote_exec import returns as return_filter
 from remote_exec.backends import agent as agent_mod
 from remote_exec.backends import make_backend
 from remote_exec.backends.agent import AgentBackend, agent_rsync
-from remote_exec.backends.batch import CANCELLED, COMPLETED, TIMED_OUT, JobInfo
+from remote_exec.backends.scheduler import CANCELLED, COMPLETED, TIMED_OUT, JobInfo
 from remote_exec.backends.direct import Launched, follow_log, read_control, read_exit_code
-from remote_exec.backends.scheduled import BatchBackend, SchedulerUnavailable
+from remote_exec.backends.batch import BatchBackend, SchedulerUnavailable
 from remote_exec.backoff import CHANNEL, POLL, QUERY
 from remote_exec.errors import (
     EXIT_SIGNAL_BASE,

@@ -117,7 +117,7 @@ class RunRecord:
         return dict(json.loads(self.request))
 
     def job_data(self) -> dict[str, Any] | None:
-        """A batch job's last known state (see ``backends.batch.JobInfo``), if any."""
+        """A batch job's last known state (see ``backends.scheduler.JobInfo``), if any."""
         return dict(json.loads(self.job_info)) if self.job_info else None
 
 

@@ -16,7 +16,7 @@ import jinja2
 import pytest
 from fakesched import install  # tests/fakesched (tests/ is on sys.path, as for conftest)
 
-from remote_exec.backends.batch import (
+from remote_exec.backends.scheduler import (
     CANCELLED,
     COMPLETED,
     FAILED,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from remote_exec.backends import make_backend
-from remote_exec.backends.batch import (
+from remote_exec.backends.scheduler import (
     CANCELLED,
     COMPLETED,
     QUEUED,
@@ -23,7 +23,7 @@ from remote_exec.backends.batch import (
     parse_walltime,
     slurm_time,
 )
-from remote_exec.backends.scheduled import SUBMITTER, render_job_script, scheduler_named
+from remote_exec.backends.batch import SUBMITTER, render_job_script, scheduler_named
 from remote_exec.backends.slurm import SlurmScheduler
 from remote_exec.errors import ConfigError
 
@@ -93,7 +93,7 @@ def test_job_script_directives() -> None:
 
 
 def test_every_scheduler_renders_and_backends_build() -> None:
-    from remote_exec.backends.scheduled import SCHEDULERS
+    from remote_exec.backends.batch import SCHEDULERS
 
     for name in SCHEDULERS:
         text = render_job_script(scheduler_named(name), "abcdef12", Resources(
@@ -309,7 +309,7 @@ class _Conn:
 def test_query_tells_unknown_from_unavailable() -> None:
     import asyncio
 
-    from remote_exec.backends.scheduled import BatchBackend, SchedulerUnavailable
+    from remote_exec.backends.batch import BatchBackend, SchedulerUnavailable
 
     backend = BatchBackend(SlurmScheduler(), Resources(), "run")
     down = "slurm_load_jobs error: Unable to contact slurm controller (connect failure)"

@@ -16,7 +16,7 @@ file system with the SSH host, and live in :mod:`remote_exec.engine`.
 
   ``direct``   a detached process group on the SSH host (:mod:`.direct`);
   ``slurm``, ``pbs``, ``torque``, ``pjm``  a batch job of the site's scheduler
-               (:mod:`.scheduled`, the job's life in :mod:`.batch`, one module per
+               (:mod:`.batch`, the job's life in :mod:`.scheduler`, one module per
                scheduler for its commands and output formats);
   ``fujitsu``  the Fujitsu Cloud Service HPC WebAPI: files through its object storage,
                the job through its REST calls (:mod:`.fujitsu`);
@@ -52,8 +52,8 @@ def make_backend(name: str, *, run_id: str = "",
 
         return AgentBackend()
     if name in SCHEDULER_NAMES:
-        from remote_exec.backends.batch import Resources
-        from remote_exec.backends.scheduled import BatchBackend, scheduler_named
+        from remote_exec.backends.scheduler import Resources
+        from remote_exec.backends.batch import BatchBackend, scheduler_named
 
         return BatchBackend(scheduler_named(name), Resources(**(resources or {})), run_id)
     raise ValueError(f"unknown backend {name!r}")

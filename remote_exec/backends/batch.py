@@ -1,301 +1,317 @@
-"""Batch schedulers on the remote side: what every scheduler backend shares.
+"""Scheduler backends over SSH: submit a run's batch job, ask about it, cancel it.
 
-A scheduler backend (``slurm``, ``pbs``, ``torque``, ``pjm``) runs the same
-``.remote-exec/run.sh`` wrapper as the ``direct`` backend, but as the body of a
-batch job rendered from a per-scheduler template (``batch_scripts/NAME.sh.j2``):
+The run directory is staged and fetched exactly as for the ``direct`` backend (the
+login host and the compute nodes share the file system, as on every cluster);
+what differs is how the wrapper ``run.sh`` is started: as the body of a batch job
+(see :mod:`remote_exec.backends.scheduler` for the life of a job, and one module per
+scheduler for its commands and formats).
 
-  * **submit** once: ``submit.sh`` takes an atomic ``mkdir`` guard, runs the
-    scheduler's submit command (``sbatch --parsable`` / ``qsub`` / ``pjsub``) in the
-    run directory and keeps what it printed in ``.remote-exec/submit.out``, so a
-    submission repeated after a dropped connection finds the first job id;
-  * **poll**: the wrapper's ``exit_code`` file first (no load on the scheduler),
-    the scheduler's own view (``squeue``/``sacct``/``scontrol``, ``qstat -f``,
-    ``pjstat``) less often; each scheduler's states map, as data, to one small set
-    (:data:`COMMON_STATES`), and its native state and reason are kept for ``status``;
-  * **cancel**: a job not submitted yet is marked so it never will be; a submitted
-    one is cancelled with ``scancel`` / ``qdel`` / ``pjdel``.
-
-A :class:`Scheduler` is the per-scheduler data and parsing: which commands, how to
-read their output, which directives carry :class:`Resources`. It does no I/O, so
-its parsers are tested on the sample outputs in ``tests/data/``.
+Every command is an argument vector run through :mod:`remote_exec.ssh.shell`, so
+nothing a user typed is read by a remote shell, and a login shell that prints or is
+csh changes nothing.
 """
 
 from __future__ import annotations
 
-import math
+import asyncio
+import importlib.resources
+import posixpath
 import re
-from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime
-from typing import Any, ClassVar
+from typing import Any, cast
 
-from remote_exec.errors import ConfigError
-from remote_exec.sizes import SIZE_HINT, parse_size
+import asyncssh
 
-#: the one small set every scheduler's states map to
-QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED, TIMED_OUT = (
-    "queued", "running", "completed", "failed", "cancelled", "timed_out")
-COMMON_STATES = (QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED, TIMED_OUT)
-TERMINAL_STATES = (COMPLETED, FAILED, CANCELLED, TIMED_OUT)
+from remote_exec.backends.scheduler import (
+    RUN_SCRIPT,
+    SCHEDULER_OUTPUT,
+    JobInfo,
+    Resources,
+    Scheduler,
+    slurm_time,
+)
+from remote_exec.backends.direct import Launched, read_control, read_exit_code
+from remote_exec.backoff import POLL
+from remote_exec.entrypoint import ALREADY_LAUNCHED
+from remote_exec.errors import EXIT_REMOTE_LOST, EXIT_STAGE, TRANSIENT, RemoteExecError, StageError
+from remote_exec.inputs import CONTROL_DIR
+from remote_exec.ssh import shell
 
-#: where the scheduler writes the job's own stdout/stderr (relative to the run directory)
-SCHEDULER_OUTPUT = ".remote-exec/scheduler.out"
-#: what the job script runs (relative to the run directory)
-RUN_SCRIPT = ".remote-exec/run.sh"
+JOB_SCRIPT = f"{CONTROL_DIR}/job.sh"
+BATCH_SCRIPT = f"{CONTROL_DIR}/batch.sh"
 
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}")  # fullmatch: no newline
-
-
-@dataclass
-class JobInfo:
-    """What a scheduler says about one job.
-
-    ``native`` and ``reason`` are the scheduler's own words (``PENDING`` /
-    ``Resources``, ``Q``, ``QUE``); ``state`` is one of :data:`COMMON_STATES`.
-    Times are the scheduler's (naive, in its clock): only their differences are used.
-    """
-
-    job_id: str
-    native: str
-    state: str
-    reason: str = ""
-    exit_code: int | None = None
-    submitted: datetime | None = None
-    started: datetime | None = None
-    ended: datetime | None = None
-    nodes: str = ""
-    time_limit: str = ""
-    extra: dict[str, str] = field(default_factory=dict)  # more of the scheduler's fields
-    used: float | None = None  # seconds it has run so far, as the scheduler counts them
-
-    def __post_init__(self) -> None:
-        if self.state not in COMMON_STATES:
-            raise ValueError(f"unknown common state {self.state!r}")
-
-    @property
-    def terminal(self) -> bool:
-        return self.state in TERMINAL_STATES
-
-    @property
-    def queue_wait(self) -> float | None:
-        """Seconds between submission and start (None if unknown or not started)."""
-        if self.submitted and self.started:
-            return max((self.started - self.submitted).total_seconds(), 0.0)
-        return None
-
-    @property
-    def run_time(self) -> float | None:
-        """Seconds between start and end; while running, the time used so far (None if
-        unknown)."""
-        if self.started and self.ended:
-            return max((self.ended - self.started).total_seconds(), 0.0)
-        return self.used
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        for key in ("submitted", "started", "ended"):
-            value = data[key]
-            data[key] = value.isoformat() if value else None
-        data["queue_wait"], data["run_time"] = self.queue_wait, self.run_time
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> JobInfo:
-        names = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in names}
-        for key in ("submitted", "started", "ended"):
-            if values.get(key):
-                values[key] = datetime.fromisoformat(values[key])
-        return cls(**values)
+# The submitter: submits the job at most once per run directory (``mkdir`` is the
+# atomic guard, shared with the cancel mark) and keeps what the scheduler printed,
+# so a submission repeated after a dropped connection reads the first job's id.
+# ``batch.sh cancel`` marks a run not submitted yet so that it never will be.
+SUBMITTER = f"""#!/bin/sh
+# Written by remote-exec. Usage: batch.sh submit COMMAND [ARG...] | batch.sh cancel
+trap '' HUP PIPE
+cd "$(dirname "$0")/.." || exit 97
+case "$1" in
+cancel)
+  : > {CONTROL_DIR}/cancelled
+  if mkdir {CONTROL_DIR}/launched 2>/dev/null; then
+    printf '143\\n' > {CONTROL_DIR}/exit_code.tmp &&
+      mv -f {CONTROL_DIR}/exit_code.tmp {CONTROL_DIR}/exit_code
+    echo "not submitted"
+  else
+    echo "submitted"
+  fi
+  exit 0 ;;
+submit) shift ;;
+*) echo "usage: batch.sh submit COMMAND [ARG...] | batch.sh cancel" >&2; exit 2 ;;
+esac
+if ! mkdir {CONTROL_DIR}/launched 2>/dev/null; then
+  echo "remote-exec: this run was already submitted" >&2
+  exit {ALREADY_LAUNCHED}
+fi
+"$@" > {CONTROL_DIR}/submit.tmp 2> {CONTROL_DIR}/submit.err
+rc=$?
+printf '%s\\n' "$rc" > {CONTROL_DIR}/submit.rc
+mv -f {CONTROL_DIR}/submit.tmp {CONTROL_DIR}/submit.out
+cat {CONTROL_DIR}/submit.out
+cat {CONTROL_DIR}/submit.err >&2
+exit "$rc"
+"""
 
 
-@dataclass(frozen=True)
-class Resources:
-    """What a job asks of the scheduler: typed, validated, scheduler-neutral.
-
-    ``memory_mb`` is per node, ``walltime_s`` in seconds; ``queue`` is Slurm's
-    partition, PBS's queue or PJM's resource group; ``project`` is Slurm's account,
-    PBS's account (``-A``) or PJM's group (``-g``).
-    """
-
-    nodes: int | None = None
-    tasks: int | None = None
-    cpus_per_task: int | None = None
-    memory_mb: int | None = None
-    walltime_s: int | None = None
-    queue: str | None = None
-    project: str | None = None
-
-    #: the keys users write (``-R KEY=VALUE`` and a site's ``resources:``)
-    KEYS: ClassVar[tuple[str, ...]] = ("nodes", "tasks", "cpus_per_task", "memory",
-                                       "walltime", "queue", "project")
-
-    @classmethod
-    def parse(cls, values: dict[str, Any], where: str) -> Resources:
-        """Validate user-given ``values`` (keys of :attr:`KEYS`); ConfigError if bad."""
-        out: dict[str, Any] = {}
-        for key, value in values.items():
-            norm = key.replace("-", "_")
-            if norm not in cls.KEYS:
-                raise ConfigError(f"{where}: unknown resource {key!r}",
-                                  hint="known resources: " + ", ".join(cls.KEYS))
-            if value is None or value == "":
-                continue
-            if norm in ("nodes", "tasks", "cpus_per_task"):
-                out[norm] = _positive_int(value, f"{where}: {norm}")
-            elif norm == "memory":
-                out["memory_mb"] = parse_memory_mb(value, f"{where}: memory")
-            elif norm == "walltime":
-                out["walltime_s"] = parse_walltime(value, f"{where}: walltime")
-            else:
-                text = str(value)
-                if not _NAME_RE.fullmatch(text):
-                    raise ConfigError(f"{where}: invalid {norm} name {text!r}",
-                                      hint="letters, digits and . _ @ + - only")
-                out[norm] = text
-        return cls(**out)
-
-    def merged(self, override: Resources) -> Resources:
-        """These values with ``override``'s set ones on top."""
-        data = asdict(self)
-        data.update({k: v for k, v in asdict(override).items() if v is not None})
-        return Resources(**data)
-
-    @property
-    def walltime_hms(self) -> str | None:
-        """``H:MM:SS`` (hours may exceed 24), or None."""
-        if self.walltime_s is None:
-            return None
-        hours, rest = divmod(self.walltime_s, 3600)
-        return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
-
-    def describe(self) -> str:
-        """``nodes=2, walltime=1:00:00, memory=4096M`` as a user writes them."""
-        shown = {**asdict(self), "memory_mb": None, "walltime_s": None,
-                 "walltime": self.walltime_hms,
-                 "memory": f"{self.memory_mb}M" if self.memory_mb else None}
-        parts = [f"{k}={v}" for k, v in shown.items() if v is not None]
-        return ", ".join(parts) or "the scheduler's defaults"
+#: what the query commands say of a job they do not know (any more)
+UNKNOWN_JOB = re.compile(r"invalid job id|unknown job|does not exist|no such job|"
+                         r"job has finished|not found", re.IGNORECASE)
 
 
-def _positive_int(value: Any, what: str) -> int:
-    try:
-        number = int(str(value).strip())
-    except ValueError:
-        raise ConfigError(f"{what} must be a whole number, not {value!r}") from None
-    if number < 1:
-        raise ConfigError(f"{what} must be at least 1, not {number}")
-    return number
+class SchedulerUnavailable(RemoteExecError):
+    """The scheduler's commands failed without saying anything about the job: transient
+    (the engine waits on and asks again; had it to give up, the run would be interrupted)."""
+
+    exit_code = EXIT_REMOTE_LOST
+    disposition = TRANSIENT
 
 
-def parse_memory_mb(value: Any, what: str = "memory") -> int:
-    """``4096``, ``512M``, ``4G``, ``4GB``, ``4GiB``, ``1T`` as MiB, rounded up (a bare
-    number is MiB, as schedulers read it; the syntax is :mod:`remote_exec.sizes`')."""
-    size = parse_size(value, what, bare="m")
-    if size < 1:
-        raise ConfigError(f"{what} must be more than 0, not {value!r}", hint=SIZE_HINT)
-    return math.ceil(size / 1024 ** 2)
+class SubmitError(StageError):
+    """The scheduler refused the job (bad resources, unknown partition, no client)."""
+
+    exit_code = EXIT_STAGE
 
 
-def parse_walltime(value: Any, what: str = "walltime") -> int:
-    """``90`` (minutes, as Slurm reads it), ``MM:SS``, ``H:MM:SS``, ``D-H[:MM[:SS]]``,
-    or ``30s``/``15m``/``2h``/``1d`` as seconds."""
-    text = str(value).strip()
-    unit = re.fullmatch(r"(\d+)\s*([smhd])", text)
-    if unit:
-        seconds = int(unit.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit.group(2)]
-    else:
-        days = 0
-        match = re.fullmatch(r"(\d+)-(.+)", text)
-        if match:
-            days, text = int(match.group(1)), match.group(2)
-        parts = text.split(":")
-        if not all(p.isdigit() for p in parts) or not 1 <= len(parts) <= 3:
-            raise ConfigError(f"{what}: invalid time {value!r}",
-                              hint="use H:MM:SS, D-H:MM:SS, minutes, or 30m / 2h / 1d")
-        numbers = [int(p) for p in parts]
-        if match:  # D-H, D-H:MM, D-H:MM:SS
-            numbers += [0] * (3 - len(numbers))
-            hours, minutes, secs = numbers
-        elif len(numbers) == 1:  # minutes
-            hours, minutes, secs = 0, numbers[0], 0
-        elif len(numbers) == 2:  # MM:SS
-            hours, minutes, secs = 0, numbers[0], numbers[1]
+def render_job_script(scheduler: Scheduler | str, run_id: str, resources: Resources,
+                      **extra: str) -> str:
+    """The batch job script of run ``run_id`` from the scheduler's template (or the
+    template file named ``scheduler``); ``extra`` values are the template's own."""
+    import jinja2
+
+    folder = importlib.resources.files("remote_exec.backends") / "batch_scripts"
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(folder)),
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                             autoescape=False)  # noqa: S701 - shell text, values validated
+    name = scheduler if isinstance(scheduler, str) else scheduler.template
+    return env.get_template(name).render(
+        job_name=job_name(run_id), output=SCHEDULER_OUTPUT, run_script=RUN_SCRIPT,
+        r=resources, slurm_time=slurm_time, **extra)
+
+
+def job_name(run_id: str) -> str:
+    """``re-`` and the run id's first 8 hex digits: short enough for every scheduler."""
+    return "re-" + run_id.replace("-", "")[:8]
+
+
+class BatchBackend:
+    """Run the entrypoint as a batch job of ``scheduler``."""
+
+    def __init__(self, scheduler: Scheduler, resources: Resources | None = None,
+                 run_id: str = "") -> None:
+        self.scheduler = scheduler
+        self.name = scheduler.name
+        self.resources = resources or Resources()
+        self.run_id = run_id
+
+    # -- submit ---------------------------------------------------------------------------
+    async def launch(self, conn: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient,
+                     rundir: str) -> Launched:
+        files = {JOB_SCRIPT: render_job_script(self.scheduler, self.run_id or
+                                               posixpath.basename(rundir), self.resources),
+                 BATCH_SCRIPT: SUBMITTER}
+        if not await sftp.exists(posixpath.join(rundir, CONTROL_DIR, "launched")):
+            for rel, text in files.items():
+                async with sftp.open(posixpath.join(rundir, rel), "wb") as f:
+                    await f.write(text.encode("utf-8"))
+        argv = ["/bin/sh", posixpath.join(rundir, BATCH_SCRIPT), "submit",
+                *self.scheduler.submit_argv(JOB_SCRIPT)]
+        result = await shell.run_argv(conn, argv)
+        if result.exit_status is None and conn.is_closed():
+            raise asyncssh.ConnectionLost("the connection closed while submitting")
+        before = result.exit_status == ALREADY_LAUNCHED
+        if before:
+            out, err, status = await self._earlier_submission(sftp, rundir)
         else:
-            hours, minutes, secs = numbers
-        seconds = ((days * 24 + hours) * 60 + minutes) * 60 + secs
-    if seconds < 1:
-        raise ConfigError(f"{what} must be at least one second, not {value!r}")
-    return seconds
+            out, err, status = str(result.stdout or ""), str(result.stderr or ""), \
+                result.exit_status
+        if status != 0:
+            raise self._refused(status, err or out)
+        try:
+            job_id = self.scheduler.parse_submit(out)
+        except ValueError as exc:
+            raise SubmitError(f"{self.scheduler.title} did not give a job id: {exc}",
+                              hint=f"look at {rundir}/{CONTROL_DIR}/submit.* on the host"
+                              ) from None
+        return Launched(job_id=job_id, before=before)
+
+    async def _earlier_submission(self, sftp: asyncssh.SFTPClient, rundir: str,
+                                  wait: float = 120.0) -> tuple[str, str, int | None]:
+        """What the first submission printed (it may still be under way)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        for delay in POLL.delays():
+            rc = await read_control(sftp, rundir, "submit.rc")
+            if rc is not None:
+                out = await read_control(sftp, rundir, "submit.out") or ""
+                err = await read_control(sftp, rundir, "submit.err") or ""
+                return out, err, int(rc) if rc.lstrip("-").isdigit() else None
+            if await read_control(sftp, rundir, "cancelled") is not None:
+                raise SubmitError("the run was cancelled before its job was submitted")
+            if loop.time() > deadline:
+                raise SubmitError(
+                    "an earlier attempt started submitting this run's job but left no "
+                    "answer", hint=f"look at {rundir}/{CONTROL_DIR} on the host and at the "
+                    f"{self.scheduler.title} queue; then start a new run")
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _refused(self, status: int | None, text: str) -> SubmitError:
+        tool = self.scheduler.submit_argv("job.sh")[0]
+        text = text.strip()[-800:]
+        if status == 127:
+            return SubmitError(
+                f"{tool} was not found on the remote host ({self.scheduler.title} submits "
+                "with it)",
+                hint=f"is {self.scheduler.title}'s client installed there, and on the PATH "
+                "of a non-interactive login? Or use another `backend` for the site")
+        return SubmitError(
+            f"{self.scheduler.title} refused the job ({tool} exit {status}): {text}",
+            hint=f"check the resources asked ({self.resources.describe()}) against the "
+            "site's queues and limits")
+
+    # -- ask --------------------------------------------------------------------------------
+    async def poll(self, sftp: asyncssh.SFTPClient, rundir: str,
+                   job_id: str | None) -> int | None:
+        """The exit code the wrapper recorded, or None (the scheduler is asked apart)."""
+        return await read_exit_code(sftp, rundir)
+
+    async def query(self, conn: asyncssh.SSHClientConnection, job_id: str) -> JobInfo | None:
+        """What the scheduler says about ``job_id``; None if its commands answer that they
+        do not know it (any more). Raises :class:`SchedulerUnavailable` when every
+        command failed otherwise (controller down or timing out): that is no answer."""
+        failures: list[str] = []
+        unknown = False
+        for index, argv in enumerate(self.scheduler.queries(job_id)):
+            result = await shell.run_argv(conn, argv)
+            if result.exit_status is None and conn.is_closed():
+                raise asyncssh.ConnectionLost("the connection closed while asking the "
+                                              "scheduler")
+            if result.exit_status != 0:
+                said = str(result.stderr or result.stdout or "").strip()
+                if result.exit_status != 127 and UNKNOWN_JOB.search(said):
+                    unknown = True
+                else:
+                    failures.append(f"{argv[0]}: {said.splitlines()[-1] if said else ''}"
+                                    f" (exit {result.exit_status})")
+                continue
+            info = self.scheduler.parse_query(index, str(result.stdout or ""), job_id)
+            if info is not None:
+                return info
+            unknown = True  # it answered, without the job
+        if unknown:
+            return None
+        raise SchedulerUnavailable(f"{self.scheduler.title} did not answer about job "
+                                   f"{job_id}: " + "; ".join(failures))
+
+    # -- cancel -----------------------------------------------------------------------------
+    async def cancel(self, conn: asyncssh.SSHClientConnection, rundir: str, grace: float,
+                     job_id: str | None = None) -> str:
+        """Mark an unsubmitted run so it never is; cancel a submitted job."""
+        mark = await shell.run_argv(conn, ["/bin/sh", posixpath.join(rundir, BATCH_SCRIPT),
+                                           "cancel"])
+        answer = str(mark.stdout or "").strip()
+        if mark.exit_status == 0 and answer == "not submitted":
+            return "the job was not submitted yet (it never will be)"
+        if not job_id:
+            job_id = await self._job_id_from(conn, rundir)
+        if not job_id:
+            return (f"WARNING: no job id recorded: if a {self.scheduler.title} job named "
+                    f"{job_name(self.run_id or posixpath.basename(rundir))} is in the queue, "
+                    f"cancel it with {self.scheduler.cancel_argv('ID')[0]}")
+        argv = self.scheduler.cancel_argv(job_id)
+        result = await shell.run_argv(conn, argv)
+        said = (str(result.stderr or "") + str(result.stdout or "")).strip()
+        if result.exit_status == 0:
+            return f"{argv[0]} {job_id}: done" + (f" ({said})" if said else "")
+        return f"{argv[0]} {job_id} exit {result.exit_status}: {said[-300:]}"
+
+    async def _job_id_from(self, conn: asyncssh.SSHClientConnection, rundir: str
+                           ) -> str | None:
+        async with await shell.open_sftp(conn) as sftp:
+            try:
+                out, _, status = await self._earlier_submission(sftp, rundir, wait=60.0)
+            except SubmitError:
+                return None
+        if status != 0:
+            return None
+        try:
+            return self.scheduler.parse_submit(out)
+        except ValueError:
+            return None
+
+    def describe(self, info: JobInfo | None) -> str:
+        """One line for ``status`` and events."""
+        if info is None:
+            return f"{self.scheduler.title} no longer knows the job"
+        return describe_job(self.scheduler, info)
 
 
-class Scheduler(ABC):
-    """One batch system: its commands, its output formats, its states. No I/O here."""
-
-    #: backend name (``slurm``) and what messages call it (``Slurm``)
-    name: ClassVar[str]
-    title: ClassVar[str]
-    #: native state -> one of COMMON_STATES (exact, upper-cased keys)
-    STATES: ClassVar[dict[str, str]]
-
-    @property
-    def template(self) -> str:
-        """The job script template's file name under ``batch_scripts/``."""
-        return f"{self.name}.sh.j2"
-
-    @abstractmethod
-    def submit_argv(self, script: str) -> list[str]:
-        """The command submitting job script ``script`` (a path relative to the run
-        directory, where the command runs), e.g. ``["sbatch", "--parsable", script]``."""
-
-    @abstractmethod
-    def parse_submit(self, stdout: str) -> str:
-        """The job id in what the submit command printed; ValueError if there is none."""
-
-    @abstractmethod
-    def queries(self, job_id: str) -> list[list[str]]:
-        """Commands asking about ``job_id``, in the order to try them."""
-
-    @abstractmethod
-    def parse_query(self, index: int, stdout: str, job_id: str) -> JobInfo | None:
-        """Read what query ``index`` printed (exit status 0); None if it does not
-        know the job (then the next query is tried)."""
-
-    @abstractmethod
-    def cancel_argv(self, job_id: str) -> list[str]:
-        """The command cancelling ``job_id``."""
-
-    def probe_argv(self) -> list[str] | None:
-        """A quick command showing the scheduler is usable (queues and their state),
-        for ``remote-exec site check``; None if there is none."""
-        return None
-
-    def map_state(self, native: str) -> str:
-        """The common state of native state ``native`` (``failed`` if unknown)."""
-        return self.STATES.get(native.strip().upper(), FAILED)
-
-    def explain(self, info: JobInfo) -> str | None:
-        """Plain words for why a queued job waits, when the reason needs action
-        (e.g. every node drained); None when waiting is normal."""
-        return None
+def describe_job(scheduler: Scheduler, info: JobInfo) -> str:
+    """``Slurm job 12: RUNNING on node1 (queued 2 s, running 10 s)``-style text."""
+    text = f"{scheduler.title} job {info.job_id}: {info.native}"
+    if info.reason and info.reason.lower() not in ("none", info.native.lower()):
+        text += f" ({info.reason})"
+    if info.nodes:
+        text += f" on {info.nodes}"
+    times = []
+    if info.queue_wait is not None:
+        times.append(f"queued {_seconds(info.queue_wait)}")
+    if info.run_time is not None:
+        verb = "ran" if info.terminal else "running"
+        times.append(f"{verb} {_seconds(info.run_time)}")
+    if info.exit_code is not None:
+        times.append(f"exit code {info.exit_code}")
+    if times:
+        text += "; " + ", ".join(times)
+    why = scheduler.explain(info)
+    if why:
+        text += f": {why}"
+    return text
 
 
-def parse_elapsed(text: str) -> float | None:
-    """``SS``, ``MM:SS``, ``H:MM:SS``, ``HHHH:MM:SS`` or ``D-HH:MM:SS`` (schedulers'
-    elapsed-time columns) as seconds; None if it is none of these."""
-    match = re.fullmatch(r"\s*(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?\s*", text or "")
-    if not match:
-        return None
-    days = int(match.group(1) or 0)
-    numbers = [int(g) for g in match.groups()[1:] if g is not None]
-    while len(numbers) < 3:
-        numbers.insert(0, 0)
-    hours, minutes, seconds = numbers
-    return float(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
+def _seconds(value: float) -> str:
+    value = int(round(value))
+    if value < 120:
+        return f"{value} s"
+    if value < 7200:
+        return f"{value // 60} min {value % 60} s"
+    return f"{value // 3600} h {value % 3600 // 60} min"
 
 
-def slurm_time(seconds: int) -> str:
-    """``D-HH:MM:SS`` (or ``HH:MM:SS`` under a day), the form every Slurm version reads."""
-    days, rest = divmod(seconds, 86400)
-    hms = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
-    return f"{days}-{hms}" if days else hms
+def scheduler_named(name: str) -> Scheduler:
+    """The scheduler of backend ``name`` (``slurm``, ``pbs``, ``torque``, ``pjm``)."""
+    return cast(Any, SCHEDULERS[name])()
+
+
+def _load() -> dict[str, type[Scheduler]]:
+    from remote_exec.backends.pbs import PbsScheduler, TorqueScheduler
+    from remote_exec.backends.pjm import PjmScheduler
+    from remote_exec.backends.slurm import SlurmScheduler
+
+    return {"slurm": SlurmScheduler, "pbs": PbsScheduler, "torque": TorqueScheduler,
+            "pjm": PjmScheduler}
+
+
+SCHEDULERS = _load()

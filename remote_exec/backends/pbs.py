@@ -46,7 +46,7 @@ import re
 from datetime import datetime
 from typing import ClassVar
 
-from remote_exec.backends.batch import (
+from remote_exec.backends.scheduler import (
     CANCELLED,
     COMPLETED,
     FAILED,

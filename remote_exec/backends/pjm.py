@@ -31,7 +31,7 @@ from __future__ import annotations
 import re
 from datetime import datetime, timedelta
 
-from remote_exec.backends.batch import (
+from remote_exec.backends.scheduler import (
     CANCELLED,
     COMPLETED,
     FAILED,

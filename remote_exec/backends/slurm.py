@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 
-from remote_exec.backends.batch import (
+from remote_exec.backends.scheduler import (
     CANCELLED,
     COMPLETED,
     FAILED,

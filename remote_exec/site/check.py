@@ -223,7 +223,7 @@ def _login_shell_row(name: str, login: shell.Result) -> Row:
 async def _scheduler_row(site: Site, conn: asyncssh.SSHClientConnection) -> Row:
     """Whether the site's scheduler takes jobs from this login: its submit command is on
     the PATH, and what its queues say."""
-    from remote_exec.backends.scheduled import scheduler_named
+    from remote_exec.backends.batch import scheduler_named
 
     scheduler = scheduler_named(site.backend)
     tool = scheduler.submit_argv("job.sh")[0]
