@@ -243,7 +243,7 @@ def _build_request(site_name: str, command: str | None, template: str | None,
                    inputs: tuple[str, ...]) -> Any:
     from remote_exec.entrypoint import Entrypoint
     from remote_exec.inputs import check_inputs
-    from remote_exec.run import RunRequest
+    from remote_exec.request import RunRequest
 
     if command is not None and template is not None:
         raise ConfigError("give either --cmd or --template, not both")
@@ -561,7 +561,7 @@ def legacy(ctx: click.Context, args: tuple[str, ...]) -> None:
     try:
         from remote_exec.entrypoint import Entrypoint
         from remote_exec.inputs import check_inputs
-        from remote_exec.run import RunRequest
+        from remote_exec.request import RunRequest
 
         site, config = _resolve_site(None, parsed.client_name)
         solver_log = lg.SolverLog(config.solver_log_base, parsed.solver)

@@ -32,11 +32,11 @@ import asyncssh
 from remote_exec import localfs
 from remote_exec import returns as return_filter
 from remote_exec.backends import agent as agent_mod
-from remote_exec.backends import make_backend
+from remote_exec.backends import old_make_backend as make_backend
 from remote_exec.backends.agent import AgentBackend, agent_rsync
-from remote_exec.backends.scheduler import CANCELLED, COMPLETED, TIMED_OUT, JobInfo
-from remote_exec.backends.direct import Launched, follow_log, read_control, read_exit_code
 from remote_exec.backends.batch import BatchBackend, SchedulerUnavailable
+from remote_exec.backends.direct import Launched, follow_log, read_control, read_exit_code
+from remote_exec.backends.scheduler import CANCELLED, COMPLETED, TIMED_OUT, JobInfo
 from remote_exec.backoff import CHANNEL, POLL, QUERY
 from remote_exec.errors import (
     EXIT_SIGNAL_BASE,
@@ -55,7 +55,7 @@ from remote_exec.errors import (
 from remote_exec.inputs import CONTROL_DIR
 from remote_exec.journal import PHASES, Journal, RunLock, RunRecord
 from remote_exec.manage import exit_before_cancel
-from remote_exec.run import RunRequest, RunResult, request_to_wire
+from remote_exec.request import RunRequest, RunResult, request_to_wire
 from remote_exec.ssh import transfer
 from remote_exec.ssh.link import Acquire, Link, Release, open_throttled
 from remote_exec.ui import Reporter

@@ -103,7 +103,8 @@ def _run_via_holder(request: Any, ui: Any, resume: bool = False) -> Any:
     exits at once (the holder still finishes the cancel). If this process dies
     without a word, the holder stops driving the run and leaves it to ``resume``.
     """
-    from remote_exec.run import CANCEL_SIGNALS, Interrupted, request_to_wire
+    from remote_exec.request import request_to_wire
+    from remote_exec.run import CANCEL_SIGNALS, Interrupted
 
     sock = _connect(start=True)
     if sock is None:
@@ -139,7 +140,7 @@ def _run_via_holder(request: Any, ui: Any, resume: bool = False) -> Any:
 
 
 def _read_replies(stream: Any, ui: Any) -> Any:
-    from remote_exec.run import RunResult
+    from remote_exec.request import RunResult
 
     for raw in stream:
         msg = json.loads(raw)
@@ -444,7 +445,7 @@ class Holder:
                    writer: asyncio.StreamWriter) -> None:
         """Drive one run for a client; a ``cancel`` line cancels it, EOF abandons it."""
         from remote_exec.engine import RunControl, execute_async
-        from remote_exec.run import request_from_wire
+        from remote_exec.request import request_from_wire
 
         request = request_from_wire(msg["run"])
         ui = _WireReporter(writer, bool(msg.get("progress")))

@@ -22,10 +22,10 @@ from typing import Any
 
 import asyncssh
 
-from remote_exec.backends import make_backend
+from remote_exec.backends import old_make_backend as make_backend
 from remote_exec.backends.agent import AgentBackend
-from remote_exec.backends.direct import read_control, read_exit_code
 from remote_exec.backends.batch import BatchBackend
+from remote_exec.backends.direct import read_control, read_exit_code
 from remote_exec.config import Site
 from remote_exec.errors import ConfigError, RemoteExecError, RunBusyError
 from remote_exec.inputs import CONTROL_DIR, LOG_NAME
@@ -115,8 +115,8 @@ def job_line(record: RunRecord) -> str | None:
     data = record.job_data()
     if not data:
         return None
-    from remote_exec.backends.scheduler import JobInfo
     from remote_exec.backends.batch import describe_job, scheduler_named
+    from remote_exec.backends.scheduler import JobInfo
 
     try:
         info = JobInfo.from_dict(data)
@@ -314,8 +314,8 @@ async def exit_before_cancel(sftp: asyncssh.SFTPClient, rundir: str, what: str) 
 
 
 async def _cancel_fujitsu(record: RunRecord, site: Site) -> str:
-    from remote_exec.backends.fujitsu.client import FujitsuBackend
     from remote_exec.backends.batch import job_name
+    from remote_exec.backends.fujitsu.client import FujitsuBackend
 
     backend = FujitsuBackend(site, record.id)
     job_id = record.job_id

@@ -16,6 +16,8 @@ import jinja2
 import pytest
 from fakesched import install  # tests/fakesched (tests/ is on sys.path, as for conftest)
 
+from remote_exec.backends.pbs import PbsScheduler, TorqueScheduler, parse_qstat_f
+from remote_exec.backends.pjm import PjmScheduler, parse_pjstat
 from remote_exec.backends.scheduler import (
     CANCELLED,
     COMPLETED,
@@ -29,8 +31,6 @@ from remote_exec.backends.scheduler import (
     Resources,
     Scheduler,
 )
-from remote_exec.backends.pbs import PbsScheduler, TorqueScheduler, parse_qstat_f
-from remote_exec.backends.pjm import PjmScheduler, parse_pjstat
 
 DATA = Path(__file__).resolve().parent / "data"
 SCHEDULERS = {"pbs": PbsScheduler(), "torque": TorqueScheduler(), "pjm": PjmScheduler()}

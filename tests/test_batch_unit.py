@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from remote_exec.backends import make_backend
+from remote_exec.backends.batch import SUBMITTER, render_job_script, scheduler_named
 from remote_exec.backends.scheduler import (
     CANCELLED,
     COMPLETED,
@@ -23,7 +24,6 @@ from remote_exec.backends.scheduler import (
     parse_walltime,
     slurm_time,
 )
-from remote_exec.backends.batch import SUBMITTER, render_job_script, scheduler_named
 from remote_exec.backends.slurm import SlurmScheduler
 from remote_exec.errors import ConfigError
 

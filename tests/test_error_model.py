@@ -29,8 +29,8 @@ from test_restricted import Locked, locked  # noqa: F401 - fixture, by name
 
 from remote_exec import errors, localfs
 from remote_exec.backends.agent import AgentRefused
-from remote_exec.backends.fujitsu.api import ApiError, ResultSyncError, SyncError
 from remote_exec.backends.batch import SchedulerUnavailable, SubmitError
+from remote_exec.backends.fujitsu.api import ApiError, ResultSyncError, SyncError
 from remote_exec.engine import _check_resumable, record_error
 from remote_exec.journal import Journal
 from remote_exec.sandbox import Sandbox

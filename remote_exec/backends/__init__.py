@@ -1,44 +1,181 @@
-"""Where and how the entrypoint runs. One module per backend.
+"""Every way of running a run, behind one interface, found through one registry.
 
-A backend is a small protocol over a staged run directory (see
-:class:`remote_exec.backends.direct.DirectBackend`, the reference):
+The interface is :class:`remote_exec.backends.base.Backend`: the steps a run needs
+(create the run place, stage, launch once, wait, read the log, fetch, remove,
+cancel) and what the commands around a run need (``status``, ``logs``, ``cancel``,
+``cleanup``, ``site check``). :mod:`remote_exec.engine` is the phase loop over it and
+names no particular backend.
 
-  ``launch(conn, sftp, rundir)``  start the entrypoint at most once, detached from
-                            the SSH session; returns a :class:`Launched` (job id, and
-                            an optional way to wait while the channel lasts);
-  ``poll(sftp, rundir, job_id)``  the exit code if the entrypoint ended, else None;
-                            raises RemoteLostError if it vanished without one;
-  ``cancel(conn, rundir, grace, job_id)``  stop it (TERM, then KILL after ``grace`` s,
-                            or the scheduler's cancel command).
+The registry below is the one list of backends: the CLI's ``--backend`` choices, the
+configuration schema's ``backend`` values and the engine all read it. A line names
+the class (imported on first use, so loading the configuration imports no SSH code)
+and what must be known before importing it. Backends from other packages register
+through the ``remote_exec.backends`` entry point group (``NAME = module:Class``),
+looked up only when a name is not built in.
 
-Staging, fetching and cleaning are the same for every backend that shares the
-file system with the SSH host, and live in :mod:`remote_exec.engine`.
+Built in:
 
   ``direct``   a detached process group on the SSH host (:mod:`.direct`);
-  ``slurm``, ``pbs``, ``torque``, ``pjm``  a batch job of the site's scheduler
-               (:mod:`.batch`, the job's life in :mod:`.scheduler`, one module per
-               scheduler for its commands and output formats);
+  ``slurm``, ``pbs``, ``torque``, ``pjm``  a batch job of the site's scheduler over SSH
+               (:mod:`.batch`, one class parameterised by a :class:`.scheduler.Scheduler`;
+               one module per scheduler for its commands and formats);
+  ``agent``    a restricted site: every step is a request to the agent the site
+               installed (:mod:`.agent`); chosen by the site's ``restricted: true``;
   ``fujitsu``  the Fujitsu Cloud Service HPC WebAPI: files through its object storage,
-               the job through its REST calls (:mod:`.fujitsu`);
-  ``agent``    a restricted site: every step, files included, is a request to the
-               agent the site installed (:mod:`.agent`).
+               the job through its REST calls (:mod:`.fujitsu`).
+
+Adding one: a module with a :class:`~.base.Backend` subclass (and its job script
+template, if any), and one :class:`Registered` line here.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-#: the batch schedulers (each a module here with its commands and formats)
-SCHEDULER_NAMES = ("slurm", "pbs", "torque", "pjm")
+from remote_exec.errors import ConfigError
+
+if TYPE_CHECKING:
+    from remote_exec.backends.base import Backend
+    from remote_exec.config import Site
+
+#: the entry point group other packages register their backends in
+ENTRY_POINT_GROUP = "remote_exec.backends"
 
 
-def make_backend(name: str, *, run_id: str = "",
-                 resources: dict[str, Any] | None = None, site: Any = None) -> Any:
-    """The backend ``name`` for one run (``resources``: a batch job's, validated).
+@dataclass(frozen=True)
+class Registered:
+    """One backend: where its class is and what is known of it before importing it."""
 
-    Imports happen here, so that loading the configuration (which validates backend
-    names and resources) does not import the SSH engine.
-    """
+    name: str
+    target: str  # "module:Class"
+    summary: str  # one line for --help and errors
+    options: dict[str, Any] = field(default_factory=dict)  # keywords for the class
+    #: whether a user picks it by name (--backend, the site's `backend`); the agent is
+    #: picked by the site's `restricted: true` instead
+    choosable: bool = True
+    #: whether it takes a batch job's resources (-R, the site's `resources`)
+    takes_resources: bool = False
+    #: whether it travels over SSH (runs go through the connection holder)
+    over_ssh: bool = True
+    #: its settings section in a site (e.g. ``fujitsu:``) and that section's schema
+    #: ("module:ATTR"), validated with the configuration
+    section: str = ""
+    section_schema: str = ""
+
+    def load(self) -> type[Backend]:
+        module, _, attr = self.target.partition(":")
+        cls: type[Backend] = getattr(importlib.import_module(module), attr)
+        return cls
+
+
+def _scheduler(name: str, title: str) -> Registered:
+    return Registered(name, "remote_exec.backends.batch:BatchBackend",
+                      f"a {title} batch job over SSH", options={"scheduler": name},
+                      takes_resources=True)
+
+
+#: the registry: every built-in backend, one line each
+BUILT_IN: tuple[Registered, ...] = (
+    Registered("direct", "remote_exec.backends.direct:DirectBackend",
+               "a detached process on the SSH host"),
+    _scheduler("slurm", "Slurm"),
+    _scheduler("pbs", "PBS Pro"),
+    _scheduler("torque", "Torque"),
+    _scheduler("pjm", "Fujitsu PJM"),
+    Registered("agent", "remote_exec.backends.agent:AgentBackend",
+               "a restricted site's agent (the site's `restricted: true`)", choosable=False),
+    Registered("fujitsu", "remote_exec.backends.fujitsu.backend:FujitsuBackend",
+               "the Fujitsu HPC WebAPI and its object storage", takes_resources=True,
+               over_ssh=False, section="fujitsu",
+               section_schema="remote_exec.backends.fujitsu.settings:SCHEMA"),
+)
+
+_REGISTRY: dict[str, Registered] = {r.name: r for r in BUILT_IN}
+_plugins_loaded = False
+
+#: the backend of a site that names none
+DEFAULT = "direct"
+#: the backend of a restricted site
+RESTRICTED = "agent"
+
+
+def register(entry: Registered) -> None:
+    """Add a backend (a plugin's, or a test's)."""
+    _REGISTRY[entry.name] = entry
+
+
+def _load_plugins() -> None:
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    from importlib.metadata import entry_points
+
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        if point.name not in _REGISTRY:
+            cls = point.load()
+            register(Registered(point.name, point.value, getattr(cls, "summary", point.name),
+                                **getattr(cls, "registration", {})))
+
+
+def get(name: str) -> Registered:
+    """The backend ``name``; a ConfigError naming the known ones if there is none."""
+    if name not in _REGISTRY:
+        _load_plugins()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"unknown backend {name!r}",
+                          hint="known backends: " + ", ".join(choosable())) from None
+
+
+def names() -> list[str]:
+    """Every built-in backend's name (plugins are looked up by name on use)."""
+    return list(_REGISTRY)
+
+
+def choosable() -> list[str]:
+    """The names a user may give (--backend, a site's `backend`)."""
+    return [r.name for r in _REGISTRY.values() if r.choosable]
+
+
+def sections() -> dict[str, str]:
+    """Settings sections of sites (``fujitsu:``) -> their schema's "module:ATTR"."""
+    return {r.section: r.section_schema for r in _REGISTRY.values() if r.section}
+
+
+def for_site(site: Site, override: str | None = None) -> str:
+    """The backend a run on ``site`` uses: --backend ``override`` over the site's
+    `backend`; a restricted site's agent, which nothing overrides."""
+    name = override or site.backend or DEFAULT
+    entry = get(name)
+    if site.restricted:
+        if name != DEFAULT:
+            raise ConfigError(f"site {site.name!r} is restricted: its agent runs approved "
+                              f"entrypoints itself; backend {name!r} is not supported there",
+                              hint="drop --backend (or the site's `backend`)")
+        return RESTRICTED
+    if not entry.choosable:
+        raise ConfigError(f"backend {name!r} cannot be chosen: {entry.summary}")
+    return name
+
+
+def make_backend(name: str, site: Site, run_id: str = "",
+                 resources: dict[str, Any] | None = None) -> Backend:
+    """The backend ``name`` for one run on ``site`` (``resources``: a batch job's,
+    validated). A plain ``Backend(site)`` serves the commands around runs."""
+    entry = get(name)
+    return entry.load()(site, run_id=run_id, resources=resources or {}, **entry.options)
+
+
+__all__ = ["BUILT_IN", "DEFAULT", "ENTRY_POINT_GROUP", "RESTRICTED", "Registered", "choosable",
+           "for_site", "get", "make_backend", "names", "register", "sections"]
+
+
+def old_make_backend(name: str, *, run_id: str = "",  # TODO(issue 12): goes with the engine
+                     resources: dict[str, Any] | None = None, site: Any = None) -> Any:
     if name == "fujitsu":
         from remote_exec.backends.fujitsu.client import FujitsuBackend
 
@@ -51,12 +188,7 @@ def make_backend(name: str, *, run_id: str = "",
         from remote_exec.backends.agent import AgentBackend
 
         return AgentBackend()
-    if name in SCHEDULER_NAMES:
-        from remote_exec.backends.scheduler import Resources
-        from remote_exec.backends.batch import BatchBackend, scheduler_named
+    from remote_exec.backends.batch import BatchBackend, scheduler_named
+    from remote_exec.backends.scheduler import Resources
 
-        return BatchBackend(scheduler_named(name), Resources(**(resources or {})), run_id)
-    raise ValueError(f"unknown backend {name!r}")
-
-
-__all__ = ["SCHEDULER_NAMES", "make_backend"]
+    return BatchBackend(scheduler_named(name), Resources(**(resources or {})), run_id)

@@ -21,6 +21,7 @@ from typing import Any, cast
 
 import asyncssh
 
+from remote_exec.backends.direct import Launched, read_control, read_exit_code
 from remote_exec.backends.scheduler import (
     RUN_SCRIPT,
     SCHEDULER_OUTPUT,
@@ -29,7 +30,6 @@ from remote_exec.backends.scheduler import (
     Scheduler,
     slurm_time,
 )
-from remote_exec.backends.direct import Launched, read_control, read_exit_code
 from remote_exec.backoff import POLL
 from remote_exec.entrypoint import ALREADY_LAUNCHED
 from remote_exec.errors import EXIT_REMOTE_LOST, EXIT_STAGE, TRANSIENT, RemoteExecError, StageError

@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from remote_exec.backends.scheduler import JobInfo, parse_elapsed
 from remote_exec.backends.fujitsu.api import WebApi
 from remote_exec.backends.fujitsu.auth import load_auth
 from remote_exec.backends.fujitsu.settings import FujitsuSettings
+from remote_exec.backends.scheduler import JobInfo, parse_elapsed
 from remote_exec.config import Site
 
 TITLE = "Fujitsu HPC"
@@ -62,8 +62,8 @@ def job_info(detail: dict[str, Any]) -> JobInfo:
 
 def describe(info: JobInfo) -> str:
     """``Fujitsu HPC job 12: RUN; queued 1 s, running 5 s`` (PJM's states and reasons)."""
-    from remote_exec.backends.pjm import PjmScheduler
     from remote_exec.backends.batch import describe_job
+    from remote_exec.backends.pjm import PjmScheduler
 
     return describe_job(PjmScheduler(), info).replace("PJM job", f"{TITLE} job", 1)
 

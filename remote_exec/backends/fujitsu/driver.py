@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from remote_exec import localfs
 from remote_exec import returns as return_filter
-from remote_exec.backends.scheduler import COMPLETED, FAILED, JobInfo, Resources
+from remote_exec.backends.batch import job_name, render_job_script
 from remote_exec.backends.fujitsu.api import (
     CREDENTIALS_HINT,
     ApiError,
@@ -25,7 +25,7 @@ from remote_exec.backends.fujitsu.api import (
 )
 from remote_exec.backends.fujitsu.client import TITLE, FujitsuBackend, job_info
 from remote_exec.backends.pjm import PjmScheduler
-from remote_exec.backends.batch import job_name, render_job_script
+from remote_exec.backends.scheduler import COMPLETED, FAILED, JobInfo, Resources
 from remote_exec.backoff import REMOTE_POLL
 from remote_exec.engine import _Driver
 from remote_exec.errors import ConnectError, LinkLostError, RemoteExecError
