@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -157,10 +157,12 @@ class Run:
     """One run as its steps see it: the request, where the run is, and the record.
 
     Steps read and set ``rundir``, ``job_id``, ``exit_code`` and ``job_info``; what
-    must survive a crash they record with :meth:`record` (the journal row).
+    must survive a crash they record with ``await run.record(field=value)`` (the
+    journal row, written off the event loop).
     """
 
-    def __init__(self, request: RunRequest, ui: Reporter, record: Callable[..., None], *,
+    def __init__(self, request: RunRequest, ui: Reporter,
+                 record: Callable[..., Awaitable[None]], *,
                  rundir: str = "", job_id: str | None = None, exit_code: int | None = None,
                  job_info: JobInfo | None = None, retrying: bool = False,
                  result: RunResult | None = None) -> None:
@@ -183,18 +185,18 @@ class Run:
     def run_id(self) -> str:
         return self.request.run_id
 
-    def set_rundir(self, rundir: str) -> None:
+    async def set_rundir(self, rundir: str) -> None:
         """The run place, recorded before it is made (so cleanup and resume find it)."""
         self.rundir = rundir
-        self.record(rundir=rundir)
+        await self.record(rundir=rundir)
 
-    def note_job(self, info: JobInfo, text: str, stuck: str = "") -> None:
+    async def note_job(self, info: JobInfo, text: str, stuck: str = "") -> None:
         """Record what the scheduler or service says of the job; an event (a warning when
         ``stuck`` says why it will not start) each time its state, reason or nodes change."""
         import json
 
         last, self.job_info = self.job_info, info
-        self.record(job_info=json.dumps(info.to_dict()))
+        await self.record(job_info=json.dumps(info.to_dict()))
         if last is not None and (last.native, last.reason, last.nodes) == \
                 (info.native, info.reason, info.nodes):
             return
