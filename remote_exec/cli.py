@@ -612,7 +612,7 @@ _config_option = click.option("--config", "config_path", metavar="FILE",
 
 
 def _fujitsu_api(site_name: str | None, config_path: str | None) -> Any:
-    from remote_exec.backends.fujitsu.client import FujitsuBackend
+    from remote_exec.backends.fujitsu.client import FujitsuService
     from remote_exec.config import load_config
 
     config = load_config(config_path)
@@ -623,7 +623,7 @@ def _fujitsu_api(site_name: str | None, config_path: str | None) -> Any:
                               f"{len(names) or 'no'} fujitsu sites" +
                               (f" ({', '.join(names)})" if names else ""))
         site_name = names[0]
-    return FujitsuBackend(config.site(site_name)).api
+    return FujitsuService(config.site(site_name)).api
 
 
 def _fujitsu_call(fn: Any) -> None:

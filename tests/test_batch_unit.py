@@ -7,6 +7,7 @@ import shlex
 import subprocess
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -100,10 +101,10 @@ def test_every_scheduler_renders_and_backends_build() -> None:
             nodes=1, walltime_s=60, queue="q", project="p", memory_mb=100, tasks=1,
             cpus_per_task=1))
         assert text.startswith("#!/bin/sh") and ".remote-exec/run.sh" in text
-        backend = make_backend(name, run_id="r", resources={"nodes": 1})
-        assert backend.resources.nodes == 1
-    with pytest.raises(ValueError):
-        make_backend("lsf")
+        backend = make_backend(name, SimpleNamespace(name="s"), "r", {"nodes": 1})
+        assert backend.job.nodes == 1 and backend.name == name
+    with pytest.raises(ConfigError, match="(?s)unknown backend 'lsf'.*known backends: direct"):
+        make_backend("lsf", SimpleNamespace(name="s"))
 
 
 # -- the submit guard (batch.sh), run by a local sh ------------------------------------------
@@ -311,7 +312,7 @@ def test_query_tells_unknown_from_unavailable() -> None:
 
     from remote_exec.backends.batch import BatchBackend, SchedulerUnavailable
 
-    backend = BatchBackend(SlurmScheduler(), Resources(), "run")
+    backend = BatchBackend(SimpleNamespace(name="s"), "run", scheduler="slurm")
     down = "slurm_load_jobs error: Unable to contact slurm controller (connect failure)"
     unavailable = _Conn({"squeue": _Answer(1, stderr=down),
                          "sacct": _Answer(1, stderr="sacct: error: Problem talking to the "
@@ -345,17 +346,14 @@ def test_an_ended_job_without_exit_file(state: str, native: str, code: int | Non
                                         expected: int) -> None:
     """The wrapper left no exit code: the scheduler's, but never 0 for a failed job."""
     import asyncio
-    from types import SimpleNamespace
 
-    from remote_exec.engine import _Driver
+    from remote_exec.backends.batch import BatchBackend
 
     async def nothing(*_: object) -> None:
         return None
 
-    async def sftp() -> None:
-        return None
-
-    stub = SimpleNamespace(link=SimpleNamespace(sftp=sftp), rundir="/r", job_id="7")
-    batch = SimpleNamespace(poll=nothing)
+    backend = BatchBackend(SimpleNamespace(name="s"), "run", scheduler="slurm")
+    backend.poll = nothing  # type: ignore[method-assign]  # the wrapper wrote nothing
     info = JobInfo(job_id="7", native=native, state=state, exit_code=code)  # never started
-    assert asyncio.run(_Driver._exit_of_ended_job(stub, batch, info)) == expected
+    run = SimpleNamespace(rundir="/r", job_id="7")
+    assert asyncio.run(backend.exit_of_ended_job(run, info)) == expected  # type: ignore[arg-type]

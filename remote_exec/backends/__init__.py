@@ -173,22 +173,3 @@ def make_backend(name: str, site: Site, run_id: str = "",
 __all__ = ["BUILT_IN", "DEFAULT", "ENTRY_POINT_GROUP", "RESTRICTED", "Registered", "choosable",
            "for_site", "get", "make_backend", "names", "register", "sections"]
 
-
-def old_make_backend(name: str, *, run_id: str = "",  # TODO(issue 12): goes with the engine
-                     resources: dict[str, Any] | None = None, site: Any = None) -> Any:
-    if name == "fujitsu":
-        from remote_exec.backends.fujitsu.client import FujitsuBackend
-
-        return FujitsuBackend(site, run_id)
-    if name == "direct":
-        from remote_exec.backends.direct import DirectBackend
-
-        return DirectBackend()
-    if name == "agent":
-        from remote_exec.backends.agent import AgentBackend
-
-        return AgentBackend()
-    from remote_exec.backends.batch import BatchBackend, scheduler_named
-    from remote_exec.backends.scheduler import Resources
-
-    return BatchBackend(scheduler_named(name), Resources(**(resources or {})), run_id)

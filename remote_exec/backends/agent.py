@@ -1,20 +1,11 @@
 """The ``agent`` backend: a restricted site, where the key runs only the remote-exec agent.
 
 The site administrator installed ``remote-side_scripts/remote_exec_agent.py`` as the
-forced command of the key (``remote-exec site install``), so every exec request on
-the connection is a request to the agent, which checks it against the allowlist
-file the administrator owns. Here is the client of that protocol:
-
-  ``create RUN_ID``            make ``<root>/RUN_ID`` (and the agent's own state for it);
-  ``rsync --server ... RUN_ID/``  stage into / fetch from that one directory (the agent
-                               confines rsync and serves a fetch from an outbox that
-                               holds only the files the site lets go);
-  ``launch RUN_ID NAME``       run approved entrypoint NAME (pinned by sha256), the
-                               parameters as JSON on stdin; answers ``started PGID``
-                               and ends with the entrypoint's exit code;
-  ``wait`` / ``status`` / ``log`` / ``cancel`` / ``remove`` / ``list`` / ``hello``.
-
-No SFTP (the agent refuses it: it could not be confined), no shell.
+forced command of the key (``remote-exec site install``); every step of a run is a
+request to it (:mod:`.agent_protocol`), which it checks against the allowlist file
+the administrator owns: no SFTP, no shell. Files move with rsync, which the agent
+confines to the run's directory; a fetch is served from an outbox that holds only
+what the site lets go.
 """
 
 from __future__ import annotations
@@ -22,229 +13,174 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
-import json
-import os
 import posixpath
-import shlex
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import asyncssh
 
-from remote_exec.backends.direct import Launched
-from remote_exec.entrypoint import ALREADY_LAUNCHED
-from remote_exec.errors import (
-    AuthError,
-    ConfigError,
-    FetchError,
-    RemoteExecError,
-    RemoteLostError,
-    StageError,
+from remote_exec.backends.agent_protocol import (
+    MARK_WORD,
+    REFUSED,
+    AgentClient,
+    AgentRefused,
+    agent_request,
+    agent_rsync,
 )
-from remote_exec.inputs import Input
-from remote_exec.ssh import rsync as rsync_mod
-from remote_exec.ssh import shell
-from remote_exec.ssh.transfer import RSYNC_FETCH_OPTIONS, FetchReport, rsync_hint
+from remote_exec.backends.base import Backend, Launched, Leftover, Moved, RemoteState, Run
+from remote_exec.backends.site_check import ssh_site_rows
+from remote_exec.backends.ssh import local_log_rest
+from remote_exec.errors import ConfigError, RemoteExecError, StageError
+from remote_exec.journal import RunRecord
+from remote_exec.localfs import tree_size
+from remote_exec.site.rows import Row
+from remote_exec.ssh.link import Link, open_throttled
 from remote_exec.ui import Reporter
 
-#: the agent's exit status for a refused request (a run launched before answers
-#: ALREADY_LAUNCHED, as launch.sh does)
-REFUSED = 2
-PREFIX = "remote-exec agent: "
+__all__ = ["MARK_WORD", "REFUSED", "AgentBackend", "AgentClient", "AgentRefused",
+           "agent_request", "agent_rsync"]
 
 
-class AgentRefused(AuthError):
-    """The site's agent refused the request (its policy, not a fault: final, exit 77)."""
-
-
-#: the agent's framing word (see ``strip_mark`` in the agent): it prints the mark first
-MARK_WORD = "mark"
-
-
-def agent_request(*words: str) -> shell.Request:
-    """The exec request for one agent command, framed past the login shell's output."""
-    return lambda mark: shlex.join([MARK_WORD, mark.text, *words])
-
-
-def agent_rsync(command: str) -> shell.Request:
-    """The exec request for rsync's remote command, which the agent confines."""
-    return lambda mark: f"{MARK_WORD} {mark.text} {command}"
-
-
-def _first_line(text: str) -> str:
-    for line in text.splitlines():
-        if line.strip():
-            return line.strip()
-    return ""
-
-
-def _raise_for(status: int | None, stderr: str, what: str, site: str) -> None:
-    line = _first_line(stderr)
-    if status == REFUSED and line.startswith(PREFIX):
-        raise AgentRefused(f"{site} refused to {what}: {line[len(PREFIX):]}",
-                           hint="the site's allowlist decides; ask its administrator")
-    if MARK_WORD in line and "is not an agent command" in line:
-        raise ConfigError(
-            f"{site}'s remote-exec agent is older than this remote-exec ({line})",
-            hint="install the current agent: `remote-exec site install SITE --apply`")
-    if line.startswith(PREFIX):
-        raise RemoteExecError(f"{site}: the agent could not {what}: {line[len(PREFIX):]}")
-    if status == 127 or "not found" in line:
-        raise ConfigError(
-            f"{site} is marked `restricted` but no remote-exec agent answered ({line})",
-            hint="install the agent with `remote-exec site install SITE --apply`, or drop "
-            "`restricted: true` from the site",
-        )
-    raise RemoteExecError(f"{site}: the agent could not {what} (exit {status}): {line}")
-
-
-class AgentBackend:
+class AgentBackend(Backend):
     """Every remote step of a run on a restricted site, through the agent."""
 
     name = "agent"
+    link: Link
 
-    def __init__(self, site_name: str = "the site") -> None:
-        self.site = site_name
+    def __init__(self, site: Any, run_id: str = "", resources: dict[str, Any] | None = None,
+                 **options: Any) -> None:
+        super().__init__(site, run_id, resources, **options)
+        self.agent = AgentClient(site.name)
 
-    async def call(self, conn: asyncssh.SSHClientConnection, *words: str,
-                   stdin: str | None = None, what: str = "") -> dict[str, Any]:
-        """Run one agent command; its JSON answer, or an error that says who refused."""
-        result = await shell.run_request(conn, agent_request(*words), input=stdin)
-        if result.exit_status != 0:
-            _raise_for(result.exit_status, result.stderr or result.banner_err,
-                       what or " ".join(words[:1]), self.site)
+    async def open(self, ui: Reporter, **how: Any) -> Link:
+        self.link = Link(self.site, ui, run_id=self.run_id, **how)
+        return self.link
+
+    # -- a run's steps -----------------------------------------------------------------------
+    async def create(self, run: Run) -> str:
+        rundir = await self.agent.create(await self.link.conn(), run.run_id, run.retrying)
+        await run.set_rundir(rundir)
+        return rundir
+
+    async def stage(self, run: Run) -> Moved:
+        inputs = run.request.inputs
         try:
-            return cast(dict[str, Any], json.loads(result.stdout))
-        except ValueError:
-            raise RemoteExecError(f"{self.site}: the agent's answer to {words[0]} is not "
-                                  f"JSON: {_first_line(result.stdout)[:200]}") from None
+            await self.agent.stage(await self.link.rsh(agent_rsync), inputs, run.run_id,
+                                   run.ui.show_progress)
+        except StageError as exc:
+            if not run.retrying and not self.link.is_loss(exc):
+                with contextlib.suppress(Exception):
+                    await self.agent.remove(await self.link.conn(), run.run_id)
+            raise
+        return Moved("rsync", "by rsync (confined by the site's agent)",
+                     size=sum(i.size for i in inputs))
 
-    async def hello(self, conn: asyncssh.SSHClientConnection) -> dict[str, Any]:
-        return await self.call(conn, "hello", what="say hello")
+    async def launch(self, run: Run) -> Launched:
+        entry = run.request.entrypoint
+        return await self.agent.launch(await self.link.conn(), run.run_id, entry.text,
+                                       entry.params)
 
-    async def create(self, conn: asyncssh.SSHClientConnection, run_id: str,
-                     retrying: bool) -> str:
-        answer = await self.call(conn, "create", run_id, what="create the run directory")
-        if answer.get("existed") and not retrying:
-            raise StageError(f"the run directory {answer.get('rundir')} already exists "
-                             "(refusing to reuse it)")
-        return str(answer["rundir"])
+    async def wait(self, run: Run, launched: Launched | None) -> int:
+        if launched is not None and launched.channel is not None:
+            channel, launched.channel = launched.channel, None  # after a reconnect: `wait`
+            try:
+                await channel.wait_closed()
+            finally:
+                channel.close()
+            status = channel.exit_status
+            if status is not None and status >= 0:
+                return int(status)  # the agent's launch ends with the entrypoint's code
+            if (await self.link.conn()).is_closed():
+                raise asyncssh.ConnectionLost("the connection closed while waiting")
+        return await self.agent.wait(await self.link.conn(), run.run_id)
 
-    async def stage(self, rsh: str, inputs: Sequence[Input], run_id: str,
-                    progress: bool) -> None:
-        if not inputs:
-            return
-        if rsync_mod.local_rsync() is None:
-            raise StageError("a restricted site moves files with rsync, and rsync is not "
-                             "installed here", hint="install rsync (apt-get install rsync)")
-        sources = [os.path.abspath(i.source) for i in inputs]
-        code, err = await rsync_mod.run_rsync(
-            rsh, ["-a", "-L", "--partial", *sources, rsync_mod.rsync_remote(run_id + "/")],
-            progress=progress)
-        if code != 0:
-            self._rsync_failed(err, code, StageError, "copy the inputs")
+    async def follow_log(self, run: Run, stop: asyncio.Event) -> None:
+        await follow_agent_log(self.agent, self.link.conn, run.run_id, run.ui, stop)
 
-    async def fetch(self, rsh: str, run_id: str, dest: Path, progress: bool) -> FetchReport:
-        if rsync_mod.local_rsync() is None:
-            raise FetchError("a restricted site moves files with rsync, and rsync is not "
-                             "installed here", hint="install rsync, then `remote-exec resume`")
-        code, err = await rsync_mod.run_rsync(
-            rsh, [*RSYNC_FETCH_OPTIONS, "-r", "--safe-links",
-                  rsync_mod.rsync_remote(run_id + "/"), str(dest) + "/"], progress=progress)
-        if code != 0:
-            self._rsync_failed(err, code, FetchError, "send the results back")
-        return FetchReport(method="rsync")
+    async def cancelled_remotely(self, run: Run) -> bool:
+        if run.exit_code not in (137, 143):  # what a cancel leaves: spare an exec
+            return False
+        status = await self.agent.status(await self.link.conn(), run.run_id)
+        return bool(status.get("cancelled"))
 
-    def _rsync_failed(self, err: str, code: int, error: type[RemoteExecError],
-                      what: str) -> None:
-        for line in err.splitlines():
-            if line.startswith(PREFIX):
-                _raise_for(REFUSED if "refused" in line else 1, line, what, self.site)
-        raise error(f"rsync could not {what} on {self.site} (rsync exit {code}): "
-                    f"{err[-2000:]}",
-                    hint=rsync_hint(err, "free space on the remote host if it is full; "
-                                    "otherwise see rsync's message"))
+    async def fetch(self, run: Run, partial: Path) -> Moved:
+        """The agent applies the site's return filter itself."""
+        report = await self.agent.fetch(await self.link.rsh(agent_rsync), run.run_id, partial,
+                                        run.ui.show_progress)
+        return Moved(report.method, size=tree_size(partial))
 
-    async def launch(self, conn: asyncssh.SSHClientConnection, run_id: str, entry: str,
-                     params: dict[str, Any]) -> Launched:
-        started = await shell.start_request(conn, agent_request("launch", run_id, entry),
-                                            stdin=asyncssh.PIPE)
-        process = started.process
-        process.stdin.write(json.dumps(params))
-        process.stdin.write_eof()
-        line = cast(str, await process.stdout.readline()) if started.framed else ""
-        if line.startswith("started "):
-            return Launched(job_id=line.split()[1], channel=process)
-        await process.wait_closed()
-        if process.exit_status == ALREADY_LAUNCHED:
-            status = await self.status(conn, run_id)
-            pgid = status.get("pgid")
-            return Launched(job_id=str(pgid) if pgid else None, before=True)
-        if process.exit_status is None and conn.is_closed():
-            raise asyncssh.ConnectionLost("the connection closed while launching")
-        err = cast(str, await process.stderr.read()) if started.framed \
-            else str(started.banner_err)
-        _raise_for(process.exit_status, err, f"launch {entry}", self.site)
-        raise AssertionError("unreachable")
+    async def remove(self, run: Run) -> bool:
+        await self.agent.remove(await self.link.conn(), run.run_id)
+        return True
 
-    async def status(self, conn: asyncssh.SSHClientConnection, run_id: str) -> dict[str, Any]:
-        return await self.call(conn, "status", run_id, what="report the run's status")
+    async def stop(self, run: Run) -> str:
+        conn = await asyncio.wait_for(self.link.conn(), self.site.connect_timeout)
+        return await self.agent.cancel(conn, run.run_id, self.site.cancel_grace)
 
-    async def wait(self, conn: asyncssh.SSHClientConnection, run_id: str) -> int:
-        """Block until the entrypoint ends (on the host); its exit code."""
-        result = await shell.run_request(conn, agent_request("wait", run_id))
-        if result.exit_status is None and conn.is_closed():
-            raise asyncssh.ConnectionLost("the connection closed while waiting")
-        if result.exit_status == 3:
-            raise RemoteLostError(
-                f"the entrypoint of run {run_id} is gone and left no exit code (was the "
-                "remote host rebooted, or the process killed with KILL?)",
-                hint="`remote-exec logs` shows what it wrote")
-        if result.exit_status != 0:
-            _raise_for(result.exit_status, result.stderr or result.banner_err,
-                       "wait for the run", self.site)
-        return int(json.loads(result.stdout)["exit_code"])
-
-    async def cancel(self, conn: asyncssh.SSHClientConnection, rundir: str,
-                     grace: float) -> str:
-        answer = await self.call(conn, "cancel", posixpath.basename(rundir.rstrip("/")),
-                                 str(int(grace)), what="cancel the run")
-        return str(answer.get("result", "cancelled"))
-
-    async def remove(self, conn: asyncssh.SSHClientConnection, run_id: str) -> bool:
-        answer = await self.call(conn, "remove", run_id, what="remove the run directory")
-        return bool(answer.get("removed"))
-
-    async def runs(self, conn: asyncssh.SSHClientConnection) -> list[dict[str, Any]]:
-        answer = await self.call(conn, "list", what="list its runs")
-        return list(answer.get("runs", []))
-
-    async def read_log(self, conn: asyncssh.SSHClientConnection, run_id: str, offset: int,
-                       follow: bool, sink: Callable[[bytes], Awaitable[None]]) -> None:
-        """Stream the run's log from ``offset`` into ``sink`` (to the run's end with
-        ``follow``)."""
-        words = ["log", run_id, "--offset", str(offset)] + (["--follow"] if follow else [])
-        started = await shell.start_request(conn, agent_request(*words), encoding=None,
-                                            stdin=asyncssh.DEVNULL)
-        process = started.process
+    # -- commands about recorded runs --------------------------------------------------------
+    async def probe(self, record: RunRecord) -> RemoteState:
         try:
-            while True:
-                data = cast(bytes, await process.stdout.read(65536))
+            conn = await asyncio.wait_for(open_throttled(self.site),
+                                          self.site.connect_timeout + 5)
+        except (RemoteExecError, asyncio.TimeoutError) as exc:
+            return RemoteState(reachable=False, error=str(exc).splitlines()[0])
+        async with conn:
+            answer = await self.agent.status(conn, record.id)
+        return RemoteState(reachable=True, exists=bool(answer.get("exists")),
+                           exit_code=answer.get("exit_code"), alive=answer.get("alive"))
+
+    async def read_log(self, record: RunRecord, ui: Reporter, follow: bool) -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        async with await open_throttled(self.site) as conn:
+            if not (await self.agent.status(conn, record.id)).get("exists"):
+                data = local_log_rest(record, 0)
                 if not data:
-                    break
-                await sink(data)  # (back-pressure: the sink waits for its reader)
-            await process.wait_closed()
-        finally:
-            process.close()
-        if process.exit_status not in (0, None):
-            err = cast(bytes, await process.stderr.read()) if started.framed \
-                else cast(bytes, started.banner_err)
-            _raise_for(process.exit_status, err.decode("utf-8", "replace"), "show the log",
-                       self.site)
+                    raise ConfigError(f"the run directory {self.site.name}:{record.rundir} "
+                                      "is gone", hint="it was cleaned up and no fetched copy "
+                                      "is left")
+                ui.log_text(decoder.decode(data, True))
+                return
+
+            async def sink(data: bytes) -> None:
+                ui.log_text(decoder.decode(data))
+
+            await self.agent.read_log(conn, record.id, 0, follow, sink)
+            ui.log_text(decoder.decode(b"", True))
+
+    async def cancel_recorded(self, record: RunRecord) -> tuple[str, int | None]:
+        async with await open_throttled(self.site) as conn:
+            if not (await self.agent.status(conn, record.id)).get("exists"):
+                return "the run directory is gone (nothing to stop)", None
+            return await self.agent.cancel(conn, record.id, self.site.cancel_grace), None
+
+    async def cleanup_runs(self, decide: Callable[[Leftover], bool],
+                           ui: Reporter) -> list[Leftover]:
+        """The agent lists and removes its runs."""
+        found: list[Leftover] = []
+        async with await open_throttled(self.site) as conn:
+            for run in sorted(await self.agent.runs(conn), key=lambda r: str(r.get("id"))):
+                name = str(run.get("id"))
+                age = float(run.get("age_seconds") or 0)
+                item = Leftover(path=posixpath.join(self.site.root, name), name=name,
+                                age_days=age / 86400, state=str(run.get("state")))
+                found.append(item)
+                if decide(item):
+                    try:
+                        await self.agent.remove(conn, name)
+                        item.verdict = "removed"
+                    except RemoteExecError as err:
+                        item.verdict = "failed"
+                        ui.warn(f"could not remove {item.path}: {err.message}")
+        return found
+
+    async def check(self) -> list[Row]:
+        async def nothing(conn: asyncssh.SSHClientConnection) -> list[Row]:
+            return []
+        return await ssh_site_rows(self.site, nothing)
 
 
-async def follow_log(backend: AgentBackend,
+async def follow_agent_log(backend: AgentClient,
                      get_conn: Callable[[], Awaitable[asyncssh.SSHClientConnection]],
                      run_id: str, ui: Reporter, stop: asyncio.Event,
                      interval: float = 0.5) -> None:

@@ -66,8 +66,9 @@ class NoSession:
 
     tries = 0
 
-    def __init__(self, is_loss: Callable[[BaseException], bool]) -> None:
+    def __init__(self, is_loss: Callable[[BaseException], bool], hint: str = "") -> None:
         self._is_loss = is_loss
+        self.hint = hint
 
     def is_loss(self, exc: BaseException) -> bool:
         return self._is_loss(exc)
@@ -79,7 +80,7 @@ class NoSession:
         from remote_exec.errors import LinkLostError
 
         text = getattr(cause, "message", None) or str(cause) or type(cause).__name__
-        raise LinkLostError(f"{during}: {text}") from None
+        raise LinkLostError(f"{during}: {text}", hint=self.hint or None) from None
 
     async def close(self) -> None:
         return None
@@ -221,6 +222,11 @@ class Backend(ABC):
         self.site = site
         self.run_id = run_id
         self.resources = dict(resources or {})
+
+    def validate(self) -> None:
+        """Check what can be checked before a new run is recorded (settings,
+        credentials); a ConfigError says what to fix."""
+        return None
 
     # -- the session -----------------------------------------------------------------------
     @abstractmethod

@@ -21,19 +21,33 @@ from typing import Any, cast
 
 import asyncssh
 
-from remote_exec.backends.direct import Launched, read_control, read_exit_code
+from remote_exec.backends.base import Launched, RemoteState, Run
 from remote_exec.backends.scheduler import (
+    CANCELLED,
+    COMPLETED,
     RUN_SCRIPT,
     SCHEDULER_OUTPUT,
+    TIMED_OUT,
     JobInfo,
     Resources,
     Scheduler,
     slurm_time,
 )
-from remote_exec.backoff import POLL
+from remote_exec.backends.ssh import SshBackend, read_control
+from remote_exec.backoff import POLL, QUERY
 from remote_exec.entrypoint import ALREADY_LAUNCHED
-from remote_exec.errors import EXIT_REMOTE_LOST, EXIT_STAGE, TRANSIENT, RemoteExecError, StageError
+from remote_exec.errors import (
+    EXIT_REMOTE_LOST,
+    EXIT_SIGNAL_BASE,
+    EXIT_STAGE,
+    TRANSIENT,
+    RemoteExecError,
+    RemoteLostError,
+    StageError,
+)
 from remote_exec.inputs import CONTROL_DIR
+from remote_exec.journal import RunRecord
+from remote_exec.site.rows import FAIL, OK, Row
 from remote_exec.ssh import shell
 
 JOB_SCRIPT = f"{CONTROL_DIR}/job.sh"
@@ -115,21 +129,21 @@ def job_name(run_id: str) -> str:
     return "re-" + run_id.replace("-", "")[:8]
 
 
-class BatchBackend:
-    """Run the entrypoint as a batch job of ``scheduler``."""
+class BatchBackend(SshBackend):
+    """Run the entrypoint as a batch job of the site's scheduler (``scheduler``: the
+    registry's name for it: slurm, pbs, torque, pjm)."""
 
-    def __init__(self, scheduler: Scheduler, resources: Resources | None = None,
-                 run_id: str = "") -> None:
-        self.scheduler = scheduler
-        self.name = scheduler.name
-        self.resources = resources or Resources()
-        self.run_id = run_id
+    def __init__(self, site: Any, run_id: str = "", resources: dict[str, Any] | None = None,
+                 *, scheduler: str = "slurm", **options: Any) -> None:
+        super().__init__(site, run_id, resources, **options)
+        self.scheduler = scheduler_named(scheduler)
+        self.name = self.scheduler.name
+        self.job = Resources(**self.resources)
 
-    # -- submit ---------------------------------------------------------------------------
-    async def launch(self, conn: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient,
-                     rundir: str) -> Launched:
-        files = {JOB_SCRIPT: render_job_script(self.scheduler, self.run_id or
-                                               posixpath.basename(rundir), self.resources),
+    # -- submit -----------------------------------------------------------------------------
+    async def launch(self, run: Run) -> Launched:
+        conn, sftp, rundir = await self.link.conn(), await self.link.sftp(), run.rundir
+        files = {JOB_SCRIPT: render_job_script(self.scheduler, run.run_id, self.job),
                  BATCH_SCRIPT: SUBMITTER}
         if not await sftp.exists(posixpath.join(rundir, CONTROL_DIR, "launched")):
             for rel, text in files.items():
@@ -155,6 +169,11 @@ class BatchBackend:
                               hint=f"look at {rundir}/{CONTROL_DIR}/submit.* on the host"
                               ) from None
         return Launched(job_id=job_id, before=before)
+
+    def launch_text(self, run: Run, launched: Launched) -> str:
+        again = " (it had been launched before)" if launched.before else ""
+        return (f"submitted {self.scheduler.title} job {launched.job_id}{again}: "
+                f"{run.request.entrypoint.label} ({self.job.describe()})")
 
     async def _earlier_submission(self, sftp: asyncssh.SFTPClient, rundir: str,
                                   wait: float = 120.0) -> tuple[str, str, int | None]:
@@ -188,15 +207,108 @@ class BatchBackend:
                 "of a non-interactive login? Or use another `backend` for the site")
         return SubmitError(
             f"{self.scheduler.title} refused the job ({tool} exit {status}): {text}",
-            hint=f"check the resources asked ({self.resources.describe()}) against the "
+            hint=f"check the resources asked ({self.job.describe()}) against the "
             "site's queues and limits")
 
-    # -- ask --------------------------------------------------------------------------------
-    async def poll(self, sftp: asyncssh.SFTPClient, rundir: str,
-                   job_id: str | None) -> int | None:
-        """The exit code the wrapper recorded, or None (the scheduler is asked apart)."""
-        return await read_exit_code(sftp, rundir)
+    # -- wait -------------------------------------------------------------------------------
+    async def wait(self, run: Run, launched: Launched | None) -> int:
+        """The job's exit code file every poll, the scheduler less often."""
+        assert run.job_id is not None
+        loop = asyncio.get_running_loop()
+        asks = QUERY.delays()
+        next_ask, unknown = 0.0, 0
+        silent_since = 0.0  # when the scheduler stopped answering
+        for delay in POLL.delays():
+            code = await self.poll(run)
+            if code is not None:
+                await self._settle(run, code)
+                return code
+            if loop.time() >= next_ask:
+                try:
+                    info = await self.query(await self.link.conn(), run.job_id)
+                except SchedulerUnavailable as exc:  # no answer is not "gone": wait on
+                    if not silent_since:
+                        run.ui.warn(f"{exc.message}; still waiting")
+                    silent_since = silent_since or loop.time()
+                    next_ask = loop.time() + next(asks)
+                    await asyncio.sleep(delay)
+                    continue
+                silent_since = 0.0
+                await self._note(run, info)
+                unknown = unknown + 1 if info is None else 0
+                if info is not None and info.terminal:
+                    return await self.exit_of_ended_job(run, info)
+                if unknown >= 3:
+                    code = await self.poll(run)
+                    if code is not None:
+                        return code
+                    raise RemoteLostError(
+                        f"{self.scheduler.title} no longer knows job {run.job_id} and the "
+                        "job left no exit code (purged from the scheduler's memory, or the "
+                        "wrapper never ran)",
+                        hint=f"look at {run.rundir}/{CONTROL_DIR}/scheduler.out on the host")
+                next_ask = loop.time() + next(asks)
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
 
+    async def exit_of_ended_job(self, run: Run, info: JobInfo) -> int:
+        """The exit code of a job the scheduler says ended: the wrapper's if it wrote one
+        (a shared file system may show it a little late), else the scheduler's."""
+        tries = 4 if info.started is not None else 1
+        for attempt in range(tries):
+            code = await self.poll(run)
+            if code is not None:
+                return code
+            if attempt + 1 < tries:
+                await asyncio.sleep(1.0)
+        if info.state == CANCELLED:
+            return info.exit_code or EXIT_SIGNAL_BASE + 15
+        if info.state == COMPLETED and info.exit_code is not None:
+            return info.exit_code
+        # failed / timed out without the wrapper's word: never a success, even when the
+        # scheduler says 0 (Slurm's NODE_FAIL, BOOT_FAIL, PREEMPTED are 0:0)
+        if info.state == TIMED_OUT:
+            return info.exit_code or EXIT_SIGNAL_BASE + 9
+        return info.exit_code or 1
+
+    async def _settle(self, run: Run, code: int) -> None:
+        """The wrapper recorded ``code``: learn how the scheduler saw the job end (why it
+        failed: walltime, cancel, memory). Bounded; a success asks once."""
+        assert run.job_id is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (0 if code == 0 else 10.0)
+        while True:
+            try:
+                info = await self.query(await self.link.conn(), run.job_id)
+            except SchedulerUnavailable:
+                return  # the exit code is what counts; the why is a nicety
+            await self._note(run, info)
+            if info is None or info.terminal or loop.time() >= deadline:
+                return
+            await asyncio.sleep(0.5)
+
+    async def _note(self, run: Run, info: JobInfo | None) -> None:
+        if info is not None:
+            await run.note_job(info, self.describe_job(info), self.scheduler.explain(info))
+
+    async def cancelled_remotely(self, run: Run) -> bool:
+        if run.job_info is not None and run.job_info.state == CANCELLED:
+            return True  # scancel / qdel / pjdel from elsewhere
+        return await super().cancelled_remotely(run)
+
+    def failure_text(self, run: Run) -> str:
+        info = run.job_info
+        if info is None or not info.terminal or info.state == COMPLETED:
+            return super().failure_text(run)
+        text = f"{self.scheduler.title} job {info.job_id} ended {info.native}"
+        if info.reason and info.reason.lower() not in ("none", info.native.lower()):
+            text += f" ({info.reason})"
+        if info.state == TIMED_OUT:
+            limit = f" ({info.time_limit})" if info.time_limit else ""
+            text += f": killed at its walltime limit{limit}"
+        return f"{text}; exit code {run.exit_code}"
+
+    # -- ask --------------------------------------------------------------------------------
     async def query(self, conn: asyncssh.SSHClientConnection, job_id: str) -> JobInfo | None:
         """What the scheduler says about ``job_id``; None if its commands answer that they
         do not know it (any more). Raises :class:`SchedulerUnavailable` when every
@@ -225,9 +337,21 @@ class BatchBackend:
         raise SchedulerUnavailable(f"{self.scheduler.title} did not answer about job "
                                    f"{job_id}: " + "; ".join(failures))
 
+    def describe_job(self, info: JobInfo) -> str:
+        return describe_job(self.scheduler, info)
+
+    async def probe_more(self, conn: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient,
+                         record: RunRecord, state: RemoteState) -> None:
+        if not record.job_id:
+            state.job = f"no {self.scheduler.title} job submitted yet"
+            return
+        info = await self.query(conn, record.job_id)
+        state.job = (self.describe_job(info) if info is not None
+                     else f"{self.scheduler.title} no longer knows the job")
+
     # -- cancel -----------------------------------------------------------------------------
-    async def cancel(self, conn: asyncssh.SSHClientConnection, rundir: str, grace: float,
-                     job_id: str | None = None) -> str:
+    async def stop_at(self, conn: asyncssh.SSHClientConnection, rundir: str,
+                      job_id: str | None) -> str:
         """Mark an unsubmitted run so it never is; cancel a submitted job."""
         mark = await shell.run_argv(conn, ["/bin/sh", posixpath.join(rundir, BATCH_SCRIPT),
                                            "cancel"])
@@ -261,11 +385,29 @@ class BatchBackend:
         except ValueError:
             return None
 
-    def describe(self, info: JobInfo | None) -> str:
-        """One line for ``status`` and events."""
-        if info is None:
-            return f"{self.scheduler.title} no longer knows the job"
-        return describe_job(self.scheduler, info)
+    # -- site check -------------------------------------------------------------------------
+    async def check_more(self, conn: asyncssh.SSHClientConnection) -> list[Row]:
+        """Whether the site's scheduler takes jobs from this login: its submit command is
+        on the PATH, and what its queues say."""
+        scheduler = self.scheduler
+        tool = scheduler.submit_argv("job.sh")[0]
+        found = await shell.run(conn, 'command -v "$1"', tool)
+        if not found.ok:
+            return [Row("scheduler", FAIL, f"{tool} not found ({scheduler.title})",
+                        f"install {scheduler.title}'s client on the host and put it on the "
+                        "PATH of a non-interactive login, or change the site's `backend`")]
+        detail = f"{scheduler.title}: {found.stdout.strip()}"
+        argv = scheduler.probe_argv()
+        if argv:
+            probe = await shell.run_argv(conn, argv)
+            lines = (probe.stdout or probe.stderr).strip().splitlines()
+            if probe.exit_status != 0:
+                return [Row("scheduler", FAIL, f"{detail}; {' '.join(argv)}: "
+                            f"{' '.join(lines[-2:]) or f'exit {probe.exit_status}'}",
+                            f"is {scheduler.title} running and reachable from the host?")]
+            if lines:
+                detail += "; " + "; ".join(lines[:4]) + (" …" if len(lines) > 4 else "")
+        return [Row("scheduler", OK, detail)]
 
 
 def describe_job(scheduler: Scheduler, info: JobInfo) -> str:

@@ -4,44 +4,36 @@
 session and process group, so it survives a dropped connection, and then waits
 for it on the exec channel: a short run needs no polling at all. After a
 reconnect the exit code is polled from ``.remote-exec/exit_code`` over SFTP.
+``cancel.sh`` stops the process group (TERM, then KILL after the site's grace).
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
-import contextlib
-import posixpath
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import cast
 
 import asyncssh
 
+from remote_exec.backends.base import Launched, RemoteState, Run
+from remote_exec.backends.ssh import SshBackend, read_control, read_exit_code
+from remote_exec.backoff import POLL
 from remote_exec.entrypoint import ALREADY_LAUNCHED, control_argv
 from remote_exec.errors import RemoteLostError, StageError
 from remote_exec.inputs import CONTROL_DIR, LOG_NAME
+from remote_exec.journal import RunRecord
 from remote_exec.ssh import shell
-from remote_exec.ui import Reporter
+
+#: what cancel.sh answers when the entrypoint had ended on its own before it could stop it
+ENDED_ON_ITS_OWN = ("already finished", "already gone")
 
 
-@dataclass
-class Launched:
-    """A started entrypoint: its job id (the process group) and, if this process
-    started it, the channel that ends when it does."""
-
-    job_id: str | None
-    channel: asyncssh.SSHClientProcess | None = None
-    before: bool = False  # it had been launched by an earlier attempt
-
-
-class DirectBackend:
+class DirectBackend(SshBackend):
     """Run the entrypoint on the SSH host itself."""
 
     name = "direct"
 
-    async def launch(self, conn: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient,
-                     rundir: str) -> Launched:
+    async def launch(self, run: Run) -> Launched:
+        conn, rundir = await self.link.conn(), run.rundir
         started = await shell.start(conn, shell.EXEC_ARGS, *control_argv(rundir, "launch.sh"),
                                     stdin=asyncssh.DEVNULL)
         process = started.process
@@ -51,7 +43,7 @@ class DirectBackend:
         await process.wait_closed()
         if process.exit_status is None and conn.is_closed():
             raise asyncssh.ConnectionLost("the connection closed while launching")
-        pgid = await read_control(sftp, rundir, "pgid")
+        pgid = await read_control(await self.link.sftp(), rundir, "pgid")
         if process.exit_status == ALREADY_LAUNCHED or pgid:
             # launched, by an earlier attempt or by this one whose answer got lost: wait
             # for that process; never start the entrypoint a second time
@@ -63,72 +55,69 @@ class DirectBackend:
             hint=f"look at {rundir}/{CONTROL_DIR} on the remote host; /bin/sh must exist there",
         )
 
-    async def poll(self, sftp: asyncssh.SFTPClient, rundir: str,
-                   job_id: str | None) -> int | None:
+    async def wait(self, run: Run, launched: Launched | None) -> int:
+        if launched is not None and launched.channel is not None:
+            channel, launched.channel = launched.channel, None  # after a reconnect: poll
+            try:
+                await channel.wait_closed()
+            finally:
+                channel.close()  # (if abandoned, launch.sh may go on waiting; harmless)
+            status = channel.exit_status
+            attached = status if status is not None and status >= 0 else None
+            if attached is None and (await self.link.conn()).is_closed():
+                raise asyncssh.ConnectionLost("the connection closed while waiting")
+            recorded = await read_exit_code(await self.link.sftp(), run.rundir)
+            if recorded is not None:
+                return recorded
+            if attached is not None:
+                return attached
+        for delay in POLL.delays():
+            code = await self.poll(run)
+            if code is not None:
+                return code
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def poll(self, run: Run) -> int | None:
+        sftp, rundir, pgid = await self.link.sftp(), run.rundir, run.job_id
         code = await read_exit_code(sftp, rundir)
-        if code is not None or not job_id:
+        if code is not None or not pgid:
             return code
-        if await sftp.exists("/proc/self") and not await sftp.exists(f"/proc/{job_id}"):
+        if await sftp.exists("/proc/self") and not await sftp.exists(f"/proc/{pgid}"):
             code = await read_exit_code(sftp, rundir)  # it may have ended just now
             if code is None:
                 raise RemoteLostError(
-                    f"the entrypoint's process group {job_id} is gone and left no exit code "
+                    f"the entrypoint's process group {pgid} is gone and left no exit code "
                     "(was the remote host rebooted, or the process killed with KILL?)",
                     hint=f"look at {rundir}/{LOG_NAME} on the remote host",
                 )
         return code
 
-    async def cancel(self, conn: asyncssh.SSHClientConnection, rundir: str,
-                     grace: float) -> str:
-        result = await shell.run_argv(conn, control_argv(rundir, "cancel.sh", int(grace)))
+    async def stop_at(self, conn: asyncssh.SSHClientConnection, rundir: str,
+                      job_id: str | None) -> str:
+        result = await shell.run_argv(conn, control_argv(rundir, "cancel.sh",
+                                                         int(self.site.cancel_grace)))
         return result.stdout.strip() or f"cancel.sh exit {result.exit_status}"
 
+    async def ended_before(self, sftp: asyncssh.SFTPClient, rundir: str,
+                           what: str) -> int | None:
+        """An entrypoint that ended on its own before the cancel reached it counts as
+        finished (with its exit code): its results are kept for ``resume``."""
+        if what not in ENDED_ON_ITS_OWN:
+            return None
+        return await read_exit_code(sftp, rundir)
 
-async def read_control(sftp: asyncssh.SFTPClient, rundir: str, name: str) -> str | None:
-    """The stripped content of ``.remote-exec/NAME``, or None if absent."""
-    try:
-        async with sftp.open(posixpath.join(rundir, CONTROL_DIR, name), "rb") as f:
-            return cast(bytes, await f.read()).decode("utf-8", "replace").strip()
-    except asyncssh.SFTPNoSuchFile:
-        return None
+    async def probe_more(self, conn: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient,
+                         record: RunRecord, state: RemoteState) -> None:
+        pgid = await read_control(sftp, record.rundir or "", "pgid")
+        if state.exit_code is None and pgid and await sftp.exists("/proc/self"):
+            state.alive = await sftp.exists(f"/proc/{pgid}")
 
-
-async def read_exit_code(sftp: asyncssh.SFTPClient, rundir: str) -> int | None:
-    """The exit code the wrapper recorded, or None if it has not finished."""
-    text = await read_control(sftp, rundir, "exit_code")
-    try:
-        return int(text) if text else None
-    except ValueError:
-        return None
-
-
-
-#: how much of a followed log is read (and held) at once
-LOG_CHUNK = 256 * 1024
-
-
-async def follow_log(get_sftp: Callable[[], Awaitable[asyncssh.SFTPClient]], rundir: str,
-                     ui: Reporter, stop: asyncio.Event, interval: float = 0.25) -> None:
-    """Stream ``remote_program_exec.log`` as it grows until ``stop`` is set (then drain).
-
-    Errors (a dropped connection) are ignored: the next tick asks for the SFTP
-    client again, which the run's link reopens.
-    """
-    path = posixpath.join(rundir, LOG_NAME)
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    offset = 0
-    while True:
-        finishing = stop.is_set()
-        with contextlib.suppress(OSError, asyncssh.Error):  # (no log yet, a dropped link)
-            sftp = await get_sftp()
-            async with sftp.open(path, "rb") as f:
-                await f.seek(offset)
-                while chunk := cast(bytes, await f.read(LOG_CHUNK)):
-                    offset += len(chunk)
-                    ui.log_text(decoder.decode(chunk))
-                    await ui.drain()  # a reader that lags slows this loop
-        if finishing:
-            ui.log_text(decoder.decode(b"", True))
-            return
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), interval)
+    async def leftover_state(self, sftp: asyncssh.SFTPClient, path: str, proc: bool) -> str:
+        state = await super().leftover_state(sftp, path, proc)
+        if state != "running":
+            return state
+        pgid = await read_control(sftp, path, "pgid")
+        if pgid and proc:
+            return "running" if await sftp.exists(f"/proc/{pgid}") else "dead"
+        return state

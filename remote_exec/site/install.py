@@ -195,11 +195,11 @@ async def _apply(sftp: asyncssh.SFTPClient, path: str, public_key: str, line: st
 
 async def verify(site: Site) -> dict[str, Any]:
     """Connect with the site's (now locked) key and ask the agent who it is."""
-    from remote_exec.backends.agent import AgentBackend
+    from remote_exec.backends.agent_protocol import AgentClient
 
     conn = await open_connection(dataclasses.replace(site, restricted=True))
     async with conn:
-        return await AgentBackend(site.name).hello(conn)
+        return await AgentClient(site.name).hello(conn)
 
 
 def agent_version() -> str:

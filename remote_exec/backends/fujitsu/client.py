@@ -14,10 +14,8 @@ from remote_exec.config import Site
 TITLE = "Fujitsu HPC"
 
 
-class FujitsuBackend:
+class FujitsuService:
     """The site's settings, its WebAPI client and (per run) its bucket prefix."""
-
-    name = "fujitsu"
 
     def __init__(self, site: Site, run_id: str = "") -> None:
         self.site = site
@@ -58,14 +56,6 @@ def job_info(detail: dict[str, Any]) -> JobInfo:
                    time_limit=str(detail.get("Fugaku:elapse_limit", "")).strip(),
                    used=parse_elapsed(str(detail.get("elapse_time", ""))),
                    extra=extra)
-
-
-def describe(info: JobInfo) -> str:
-    """``Fujitsu HPC job 12: RUN; queued 1 s, running 5 s`` (PJM's states and reasons)."""
-    from remote_exec.backends.batch import describe_job
-    from remote_exec.backends.pjm import PjmScheduler
-
-    return describe_job(PjmScheduler(), info).replace("PJM job", f"{TITLE} job", 1)
 
 
 def _time(value: Any) -> datetime | None:

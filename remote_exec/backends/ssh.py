@@ -1,0 +1,370 @@
+"""What every backend that reaches the site by SSH and shares its file system does the
+same way: the run directory under the site's ``root``, staging and fetching over SFTP
+or rsync, removal, the log read over SFTP, and ``cleanup`` of leftovers.
+
+:class:`SshBackend` leaves to its subclasses how the entrypoint is started, waited for
+and stopped: :mod:`.direct` (a detached process group on the host) and :mod:`.batch`
+(a job of the site's scheduler).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import posixpath
+import re
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, cast
+
+import asyncssh
+
+from remote_exec import returns as return_filter
+from remote_exec.backends.base import Backend, Leftover, Moved, RemoteState, Run
+from remote_exec.backends.site_check import ssh_site_rows
+from remote_exec.errors import ConfigError, RemoteExecError, StageError
+from remote_exec.inputs import CONTROL_DIR, LOG_NAME
+from remote_exec.journal import RunRecord, opened
+from remote_exec.site.rows import Row
+from remote_exec.ssh import shell, transfer
+from remote_exec.ssh.link import Link, open_throttled
+from remote_exec.ui import Reporter
+
+#: a run directory's name: the run id
+UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+#: how much of a followed log is read (and held) at once
+LOG_CHUNK = 256 * 1024
+
+
+async def read_control(sftp: asyncssh.SFTPClient, rundir: str, name: str) -> str | None:
+    """The stripped content of ``.remote-exec/NAME``, or None if absent."""
+    try:
+        async with sftp.open(posixpath.join(rundir, CONTROL_DIR, name), "rb") as f:
+            return cast(bytes, await f.read()).decode("utf-8", "replace").strip()
+    except asyncssh.SFTPNoSuchFile:
+        return None
+
+
+async def read_exit_code(sftp: asyncssh.SFTPClient, rundir: str) -> int | None:
+    """The exit code the wrapper recorded, or None if it has not finished."""
+    text = await read_control(sftp, rundir, "exit_code")
+    try:
+        return int(text) if text else None
+    except ValueError:
+        return None
+
+
+async def resolve_root(sftp: asyncssh.SFTPClient, root: str) -> str:
+    """The site's ``root`` with a leading ``~`` made absolute."""
+    if root == "~" or root.startswith("~/"):
+        return posixpath.join(await sftp.realpath("."), root[2:])
+    return root
+
+
+class SshBackend(Backend):
+    """A run directory on the SSH host's file system; how the entrypoint runs is the
+    subclass's (:meth:`launch`, :meth:`wait`, :meth:`stop`)."""
+
+    link: Link
+
+    def __init__(self, site: Any, run_id: str = "", resources: dict[str, Any] | None = None,
+                 **options: Any) -> None:
+        super().__init__(site, run_id, resources, **options)
+        self._rsync_cache: dict[str, bool] = {}
+
+    async def open(self, ui: Reporter, **how: Any) -> Link:
+        self.link = Link(self.site, ui, run_id=self.run_id, **how)
+        return self.link
+
+    # -- the run directory -------------------------------------------------------------------
+    async def create(self, run: Run) -> str:
+        sftp = await self.link.sftp()
+        if not run.rundir:
+            root = await resolve_root(sftp, self.site.root)
+            await run.set_rundir(posixpath.join(root, run.run_id))  # before it exists
+        try:
+            await sftp.mkdir(run.rundir, asyncssh.SFTPAttrs(permissions=0o700))
+        except asyncssh.SFTPNoSuchFile:
+            raise StageError(
+                f"the site's root {posixpath.dirname(run.rundir)} does not exist on "
+                f"{self.site.display}",
+                hint="create it on the remote host or set another `root` for the site",
+            ) from None
+        except asyncssh.SFTPError as exc:
+            try:
+                exists = await sftp.lexists(run.rundir)
+            except asyncssh.SFTPError:
+                exists = False
+            if not (exists and run.retrying):  # a retried mkdir may have landed before
+                raise StageError(
+                    f"cannot create the run directory {run.rundir}: "
+                    + ("it already exists (refusing to reuse it)" if exists else exc.reason),
+                    hint=None if exists else "check that the site's root is writable",
+                ) from None
+        with contextlib.suppress(asyncssh.SFTPFailure):
+            await sftp.mkdir(posixpath.join(run.rundir, CONTROL_DIR),
+                             asyncssh.SFTPAttrs(permissions=0o700))
+        return run.rundir
+
+    async def write_control(self, run: Run, files: dict[str, bytes]) -> None:
+        """Write ``.remote-exec/NAME`` files of the run directory."""
+        sftp = await self.link.sftp()
+
+        async def write(name: str, data: bytes) -> None:
+            async with sftp.open(posixpath.join(run.rundir, CONTROL_DIR, name), "wb") as f:
+                await f.write(data)
+
+        await asyncio.gather(*(write(name, data) for name, data in files.items()))
+
+    async def stage(self, run: Run) -> Moved:
+        await self.write_control(run, run.request.entrypoint.control_files())
+        sftp = await self.link.sftp()
+        inputs = run.request.inputs
+        size = sum(i.size for i in inputs)
+        method = await self._method(size)
+        run.ui.progress_start("staging", size)
+        try:
+            if not inputs:
+                pass
+            elif method == "rsync":
+                await transfer.stage_rsync(await self.link.rsh(), inputs, run.rundir,
+                                           run.ui.show_progress)
+            else:
+                await transfer.stage_sftp(sftp, inputs, run.rundir, run.ui.progress_fn,
+                                          resume=run.retrying)
+        except StageError as exc:
+            if not run.retrying and not self.link.is_loss(exc):
+                with contextlib.suppress(Exception):
+                    await transfer.remove_tree(sftp, run.rundir)
+            raise
+        finally:
+            run.ui.progress_stop()
+        return Moved(method, size=size)
+
+    async def fetch(self, run: Run, partial: Path) -> Moved:
+        """Fetch over SFTP or rsync what the template and the site return, but the
+        inputs the entrypoint left unchanged."""
+        sftp = await self.link.sftp()
+        site, returns = self.site, run.request.returns
+        keep = None
+        if not return_filter.is_trivial(returns, site.never_return, site.only_return):
+            keep = return_filter.predicate(returns, site.never_return, site.only_return)
+        plan = transfer.plan_fetch(await transfer.walk_remote(sftp, run.rundir), keep,
+                                   run.request.inputs)
+        if plan.unchanged:
+            run.ui.event("unchanged", f"{plan.unchanged} input file(s) came back unchanged: "
+                         "not transferred", unchanged=plan.unchanged)
+        method = await self._method(plan.size)
+        run.ui.progress_start("fetching", plan.size)
+        try:
+            if method == "rsync":
+                await transfer.fetch_rsync(await self.link.rsh(), run.rundir, partial,
+                                           run.ui.show_progress, plan)
+            else:
+                await transfer.fetch_sftp(sftp, run.rundir, partial, run.ui.progress_fn, plan)
+        finally:
+            run.ui.progress_stop()
+        return Moved(method, size=plan.size, skipped=list(plan.skipped))
+
+    async def remove(self, run: Run) -> bool:
+        try:
+            await transfer.remove_tree(await self.link.sftp(), run.rundir)
+        except asyncssh.SFTPNoSuchFile:
+            return True
+        except asyncssh.SFTPError as exc:
+            run.ui.warn(f"could not remove {run.rundir} on {self.site.name}: {exc}")
+            return False
+        return True
+
+    async def _method(self, size: int) -> str:
+        return await transfer.choose_method(
+            await self.link.conn(), self.site.transfer, size, self.site.rsync_threshold,
+            self._rsync_cache)
+
+    # -- while it runs -----------------------------------------------------------------------
+    async def follow_log(self, run: Run, stop: asyncio.Event) -> None:
+        await follow_sftp_log(self.link.open_sftp, run.rundir, run.ui, stop)
+
+    async def cancelled_remotely(self, run: Run) -> bool:
+        return await read_control(await self.link.sftp(), run.rundir, "cancelled") is not None
+
+    async def poll(self, run: Run) -> int | None:
+        """The exit code the wrapper recorded, or None (raises RemoteLostError when the
+        entrypoint vanished without one, where that can be told)."""
+        return await read_exit_code(await self.link.sftp(), run.rundir)
+
+    # -- commands about recorded runs --------------------------------------------------------
+    async def _connect(self) -> asyncssh.SSHClientConnection:
+        return await open_throttled(self.site)
+
+    async def probe(self, record: RunRecord) -> RemoteState:
+        try:
+            conn = await asyncio.wait_for(self._connect(), self.site.connect_timeout + 5)
+        except (RemoteExecError, asyncio.TimeoutError) as exc:
+            return RemoteState(reachable=False, error=str(exc).splitlines()[0])
+        async with conn, await shell.open_sftp(conn) as sftp:
+            rundir = record.rundir or ""
+            if not await sftp.exists(rundir):
+                return RemoteState(reachable=True)
+            state = RemoteState(reachable=True, exists=True,
+                                exit_code=await read_exit_code(sftp, rundir))
+            await self.probe_more(conn, sftp, record, state)
+            return state
+
+    async def probe_more(self, conn: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient,
+                         record: RunRecord, state: RemoteState) -> None:
+        """What the subclass adds to ``status``'s remote line (the process, the job)."""
+
+    async def read_log(self, record: RunRecord, ui: Reporter, follow: bool) -> None:
+        rundir = record.rundir or ""
+        path = posixpath.join(rundir, LOG_NAME)
+        offset = 0
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        conn = await self._connect()
+        async with conn, await shell.open_sftp(conn) as sftp:
+            if not await sftp.exists(rundir):
+                raise ConfigError(f"the run directory {self.site.name}:{rundir} is gone",
+                                  hint="it was cleaned up; a fetched copy may be in "
+                                  f"{record.into_dir}/{LOG_NAME}")
+            while True:
+                ended = await read_exit_code(sftp, rundir) is not None
+                try:
+                    async with sftp.open(path, "rb") as f:
+                        await f.seek(offset)
+                        data = await f.read()
+                except asyncssh.SFTPNoSuchFile:
+                    data = b""
+                    if not await sftp.exists(rundir):  # came back and cleaned up
+                        data = local_log_rest(record, offset)
+                        ended = True
+                if data:
+                    offset += len(data)
+                    ui.log_text(decoder.decode(data))
+                if ended or not follow:
+                    ui.log_text(decoder.decode(b"", True))
+                    return
+                await asyncio.sleep(0.5)
+
+    async def cancel_recorded(self, record: RunRecord) -> tuple[str, int | None]:
+        rundir = record.rundir or ""
+        conn = await self._connect()
+        async with conn:
+            async with await shell.open_sftp(conn) as sftp:
+                if not await sftp.exists(posixpath.join(rundir, CONTROL_DIR, "cancel.sh")):
+                    return "the run directory holds no entrypoint (nothing to stop)", None
+            what = await self.stop_at(conn, rundir, record.job_id)
+            async with await shell.open_sftp(conn) as sftp:
+                return what, await self.ended_before(sftp, rundir, what)
+
+    async def stop(self, run: Run) -> str:
+        conn = await asyncio.wait_for(self.link.conn(), self.site.connect_timeout)
+        return await self.stop_at(conn, run.rundir, run.job_id)
+
+    async def stop_at(self, conn: asyncssh.SSHClientConnection, rundir: str,
+                      job_id: str | None) -> str:
+        """Stop the entrypoint of ``rundir`` on ``conn``; what was done, in words."""
+        raise NotImplementedError
+
+    async def ended_before(self, sftp: asyncssh.SFTPClient, rundir: str,
+                           what: str) -> int | None:
+        """The exit code of an entrypoint that had ended before the stop reached it."""
+        return None
+
+    async def exit_before_cancel(self, run: Run, what: str) -> int | None:
+        sftp = await asyncio.wait_for(self.link.sftp(), self.site.connect_timeout)
+        return await self.ended_before(sftp, run.rundir, what)
+
+    async def cleanup_runs(self, decide: Callable[[Leftover], bool],
+                           ui: Reporter) -> list[Leftover]:
+        found: list[Leftover] = []
+        conn = await self._connect()
+        async with conn, await shell.open_sftp(conn) as sftp:
+            root = await resolve_root(sftp, self.site.root)
+            now = time.time()
+            try:
+                entries = [e async for e in sftp.scandir(root)]
+            except asyncssh.SFTPError as exc:
+                raise ConfigError(f"cannot list the site's root {root}: {exc.reason}") from None
+            proc = await sftp.exists("/proc/self")
+            for entry in sorted(entries, key=lambda e: str(e.filename)):
+                name = str(entry.filename)
+                if not re.match(UUID_PATTERN, name) \
+                        or entry.attrs.type != asyncssh.FILEXFER_TYPE_DIRECTORY:
+                    continue
+                path = posixpath.join(root, name)
+                if not await sftp.isdir(posixpath.join(path, CONTROL_DIR)):
+                    continue  # not ours
+                age = (now - (entry.attrs.mtime or now)) / 86400
+                item = Leftover(path=path, age_days=age,
+                                state=await self.leftover_state(sftp, path, proc))
+                found.append(item)
+                if decide(item):
+                    try:
+                        await transfer.remove_tree(sftp, path)
+                        item.verdict = "removed"
+                    except asyncssh.SFTPError as exc:
+                        item.verdict = "failed"
+                        ui.warn(f"could not remove {path}: {exc.reason}")
+        return found
+
+    async def leftover_state(self, sftp: asyncssh.SFTPClient, path: str, proc: bool) -> str:
+        """finished | not launched | running | dead (when it can be told)."""
+        if await read_exit_code(sftp, path) is not None:
+            return "finished"
+        if not await sftp.isdir(posixpath.join(path, CONTROL_DIR, "launched")):
+            return "not launched"
+        return "running"  # cannot tell: leave it
+
+    async def check(self) -> list[Row]:
+        return await ssh_site_rows(self.site, self.check_more)
+
+    async def check_more(self, conn: asyncssh.SSHClientConnection) -> list[Row]:
+        """Rows the subclass adds to ``site check`` (its scheduler)."""
+        return []
+
+
+async def follow_sftp_log(get_sftp: Callable[[], Awaitable[asyncssh.SFTPClient]], rundir: str,
+                          ui: Reporter, stop: asyncio.Event, interval: float = 0.25) -> None:
+    """Stream ``remote_program_exec.log`` as it grows until ``stop`` is set (then drain).
+
+    Errors (a dropped connection) are ignored: the next tick asks for the SFTP
+    client again, which the run's link reopens.
+    """
+    path = posixpath.join(rundir, LOG_NAME)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    offset = 0
+    while True:
+        finishing = stop.is_set()
+        with contextlib.suppress(OSError, asyncssh.Error):  # (no log yet, a dropped link)
+            sftp = await get_sftp()
+            async with sftp.open(path, "rb") as f:
+                await f.seek(offset)
+                while chunk := cast(bytes, await f.read(LOG_CHUNK)):
+                    offset += len(chunk)
+                    ui.log_text(decoder.decode(chunk))
+                    await ui.drain()  # a reader that lags slows this loop
+        if finishing:
+            ui.log_text(decoder.decode(b"", True))
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+
+
+def local_log_rest(record: RunRecord, offset: int) -> bytes:
+    """What the fetched copy of the log holds beyond ``offset`` (waits briefly for it:
+    the run may be placing its results right now)."""
+    local = Path(record.into_dir) / LOG_NAME
+    for _ in range(40):
+        with opened() as journal:
+            fresh = journal.get(record.id)
+        if fresh is None or fresh.reached("fetched") or fresh.ended:
+            break
+        time.sleep(0.25)
+    try:
+        with open(local, "rb") as f:
+            f.seek(offset)
+            return f.read()
+    except OSError:
+        return b""
