@@ -108,7 +108,7 @@ class AgentBackend(Backend):
         """The agent applies the site's return filter itself."""
         report = await self.agent.fetch(await self.link.rsh(agent_rsync), run.run_id, partial,
                                         run.ui.show_progress)
-        return Moved(report.method, size=tree_size(partial))
+        return Moved(report.method, size=await asyncio.to_thread(tree_size, partial))
 
     async def remove(self, run: Run) -> bool:
         await self.agent.remove(await self.link.conn(), run.run_id)

@@ -72,8 +72,10 @@ async def stage_sftp(sftp: asyncssh.SFTPClient, inputs: Sequence[Input], rundir:
             if not item.is_dir:
                 jobs.append((source, target))
                 continue
-            # our own walk: asyncssh's recursive copy refuses names with a backslash
-            for dirpath, _dirnames, filenames in os.walk(source, followlinks=True):
+            # our own walk: asyncssh's recursive copy refuses names with a backslash; in
+            # a thread, so a large local tree does not stall other runs' traffic
+            tree = await asyncio.to_thread(lambda s=source: list(os.walk(s, followlinks=True)))
+            for dirpath, _dirnames, filenames in tree:
                 remote_dir = posixpath.join(target, os.path.relpath(dirpath, source))
                 if not (resume and await sftp.isdir(posixpath.normpath(remote_dir))):
                     await sftp.mkdir(posixpath.normpath(remote_dir))
