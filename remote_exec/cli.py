@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 import click
 
-from remote_exec import __version__
+from remote_exec import __version__, backends
 from remote_exec.errors import ConfigError, RemoteExecError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -594,97 +594,6 @@ def legacy(ctx: click.Context, args: tuple[str, ...]) -> None:
 
 
 @main.group(context_settings=CONTEXT)
-def fujitsu() -> None:
-    """Talk to a `fujitsu` site's HPC WebAPI by hand (for debugging).
-
-    \b
-    Credentials: REMOTE_EXEC_FUJITSU_TOKEN (auth: bearer), or
-    REMOTE_EXEC_FUJITSU_ACCESS_KEY and REMOTE_EXEC_FUJITSU_SECRET_KEY (auth: hmac),
-    or the site's credentials_file (mode 0600). --site may be left out when the
-    configuration has exactly one fujitsu site.
-    """
-
-
-_site_option = click.option("--site", "-s", "site_name", metavar="SITE",
-                            help="The fujitsu site (default: the only one configured).")
-_config_option = click.option("--config", "config_path", metavar="FILE",
-                              help="Configuration file.")
-
-
-def _fujitsu_api(site_name: str | None, config_path: str | None) -> Any:
-    from remote_exec.backends.fujitsu.client import FujitsuBackend
-    from remote_exec.config import load_config
-
-    config = load_config(config_path)
-    if site_name is None:
-        names = [n for n, v in config.sites.items() if v.get("backend") == "fujitsu"]
-        if len(names) != 1:
-            raise ConfigError("give --site: the configuration has "
-                              f"{len(names) or 'no'} fujitsu sites" +
-                              (f" ({', '.join(names)})" if names else ""))
-        site_name = names[0]
-    return FujitsuBackend(config.site(site_name)).api
-
-
-def _fujitsu_call(fn: Any) -> None:
-    import json
-
-    try:
-        click.echo(json.dumps(fn(), indent=2, ensure_ascii=False))
-    except RemoteExecError as err:
-        _fail(err)
-
-
-@fujitsu.command("jobs", context_settings=CONTEXT)
-@_site_option
-@_config_option
-def fujitsu_jobs(site_name: str | None, config_path: str | None) -> None:
-    """Get Job List: the queued and running jobs."""
-    _fujitsu_call(lambda: _fujitsu_api(site_name, config_path).jobs())
-
-
-@fujitsu.command("job", context_settings=CONTEXT)
-@click.argument("job_id")
-@_site_option
-@_config_option
-def fujitsu_job(job_id: str, site_name: str | None, config_path: str | None) -> None:
-    """Get Job Detail of JOB_ID (exit 1 once it is no longer queued or running)."""
-    detail = None
-
-    def get() -> Any:
-        nonlocal detail
-        detail = _fujitsu_api(site_name, config_path).job(job_id)
-        return detail if detail is not None else {"job_id": job_id,
-                                                   "status": "not queued or running (404)"}
-    _fujitsu_call(get)
-    if detail is None:
-        sys.exit(1)
-
-
-@fujitsu.command("cancel", context_settings=CONTEXT)
-@click.argument("job_id")
-@_site_option
-@_config_option
-def fujitsu_cancel(job_id: str, site_name: str | None, config_path: str | None) -> None:
-    """Cancel a Job: JOB_ID (exit 1 if it had already ended: 404)."""
-    try:
-        done = _fujitsu_api(site_name, config_path).cancel(job_id)
-    except RemoteExecError as err:
-        _fail(err)
-    click.echo(f"job {job_id} cancelled" if done else f"job {job_id} had already ended")
-    sys.exit(0 if done else 1)
-
-
-@fujitsu.command("sync-status", context_settings=CONTEXT)
-@click.argument("requestid")
-@_site_option
-@_config_option
-def fujitsu_sync_status(requestid: str, site_name: str | None, config_path: str | None) -> None:
-    """Get Synchronization Status of REQUESTID."""
-    _fujitsu_call(lambda: _fujitsu_api(site_name, config_path).sync_status(requestid))
-
-
-@main.group(context_settings=CONTEXT)
 def sandbox() -> None:
     """A throwaway OpenSSH server on 127.0.0.1 to try real runs without a remote host.
 
@@ -906,3 +815,18 @@ def site_check(site_name: str, as_json: bool, config_path: str | None) -> None:
             table.add_row(row.check, f"[{style}]{row.status}[/]", row.detail, row.fix)
         Console().print(table)
     sys.exit(1 if check.failed(rows) else 0)
+
+
+# -- each backend's own commands (e.g. `remote-exec fujitsu ...`), from the registry ----------
+
+def _attach_backend_commands() -> None:
+    import importlib
+
+    for name in backends.names():
+        target = backends.get(name).commands
+        if target:
+            module, _, attr = target.partition(":")
+            main.add_command(getattr(importlib.import_module(module), attr))
+
+
+_attach_backend_commands()
