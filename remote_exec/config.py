@@ -132,9 +132,12 @@ def schema() -> dict[str, Any]:
     }
 
 
-@dataclass
+@dataclass(frozen=True)
 class Site:
-    """Everything needed to reach one remote site and run there."""
+    """Everything needed to reach one remote site and run there.
+
+    Immutable: a run's own settings (``--retry``, ``--transfer``, ...) make a copy with
+    :func:`dataclasses.replace` (see :func:`remote_exec.request.build_request`)."""
 
     name: str
     host: str
