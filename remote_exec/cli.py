@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 import click
 
-from remote_exec import __version__
+from remote_exec import __version__, backends
 from remote_exec.errors import ConfigError, RemoteExecError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -30,7 +30,9 @@ def _fail(err: RemoteExecError, as_json: bool = False) -> NoReturn:
     sys.exit(err.exit_code)
 
 
-def _resolve_site(config_path: str | None, name: str, transfer: str | None = None) -> Any:
+def _resolve_site(config_path: str | None, name: str) -> Any:
+    """The site ``name`` as configured (the sandbox's when it is not in the file), and
+    the configuration."""
     from remote_exec.config import load_config
     from remote_exec.sandbox import SITE_NAME, Sandbox
 
@@ -42,10 +44,7 @@ def _resolve_site(config_path: str | None, name: str, transfer: str | None = Non
                 "the sandbox site is not set up", hint="start it with `remote-exec sandbox up`"
             )
         config.sites[SITE_NAME] = sandbox.site_definition()
-    site = config.site(name)
-    if transfer:
-        site.transfer = transfer
-    return site, config
+    return config.site(name), config
 
 
 @click.group(context_settings=CONTEXT)
@@ -96,11 +95,10 @@ def main() -> None:
 @click.option("--no-holder", is_flag=True,
               help="Connect from this process instead of the per-user connection holder "
               "(also: REMOTE_EXEC_HOLDER=0).")
-@click.option("--backend", "-b",
-              type=click.Choice(["direct", "slurm", "pbs", "torque", "pjm", "fujitsu"]),
-              help="Run directly on the host, submit a batch job to the site's scheduler, "
-              "or forward it to the Fujitsu HPC WebAPI (fujitsu: needs the site's `fujitsu:` "
-              "section) (default: the site's `backend`, else direct).")
+@click.option("--backend", "-b", type=click.Choice(backends.choosable()),
+              help="How the run is carried out: " + "; ".join(
+                  f"{n}: {backends.get(n).summary}" for n in backends.choosable()) +
+              f" (default: the site's `backend`, else {backends.DEFAULT}).")
 @click.option("--resource", "-R", "resources", multiple=True, metavar="KEY=VALUE",
               help="A batch job's resource, over the site's `resources`: nodes, tasks, "
               "cpus_per_task, memory (4G), walltime (1:00:00, 30m), queue (partition / "
@@ -153,14 +151,16 @@ def run(site_name: str, command: str | None, template: str | None, params: tuple
       remote-exec run --site lab -t generic -p program=~/bin/solver -p args=in.dat in.dat
       remote-exec run --site cluster -b slurm -R nodes=2 -R walltime=2h --cmd ./solve in.dat
     """
+    from remote_exec.request import build_request
     from remote_exec.ui import Reporter
 
     ui = Reporter(quiet=quiet, as_json=as_json)
     try:
-        request = _build_request(site_name, command, template, params, into, keep, follow,
-                                 transfer, config_path, inputs)
-        _apply_backend(request, backend, resources)
-        _apply_limits(request, timeout, retry, stall_timeout)
+        site, _ = _resolve_site(config_path, site_name)
+        request = build_request(site, command=command, template=template, params=params,
+                                inputs=inputs, into=into, keep=keep, follow=follow,
+                                transfer=transfer, backend=backend, resources=resources,
+                                timeout=timeout, retry=retry, stall_timeout=stall_timeout)
         result = _execute(request, ui, use_holder=not no_holder)
     except RemoteExecError as err:
         _fail(err, as_json)
@@ -185,120 +185,6 @@ def _report_result(result: Any, site_name: str, into: Path, as_json: bool) -> No
                 click.echo(tail, err=True)
                 click.echo("---------------------------------------------------", err=True)
     sys.exit(result.exit_code)
-
-
-def _apply_backend(request: Any, backend: str | None, resources: tuple[str, ...]) -> None:
-    """Choose the run's backend (--backend over the site's) and its batch resources
-    (-R over the site's `resources`), validated before connecting."""
-    from dataclasses import asdict
-
-    from remote_exec.backends.scheduler import Resources
-
-    site = request.site
-    name = backend or site.backend
-    if request.backend == "agent":
-        if name != "direct":
-            raise ConfigError(f"site {site.name!r} is restricted: its agent runs approved "
-                              "entrypoints itself; batch backends are not supported there yet")
-        return
-    given: dict[str, str] = {}
-    for pair in resources:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"invalid --resource {pair!r}", hint="give KEY=VALUE, e.g. "
-                              "-R walltime=1:00:00")
-        given[key.strip()] = value.strip()
-    if given and name == "direct":
-        raise ConfigError("--resource is for batch jobs",
-                          hint="choose a scheduler with --backend (or the site's `backend`)")
-    request.backend = name
-    if name != "direct":
-        merged = Resources.parse(site.resources, f"site {site.name!r} resources").merged(
-            Resources.parse(given, "--resource"))
-        request.resources = asdict(merged)
-
-
-def _apply_limits(request: Any, timeout: str | None, retry: str | None,
-                  stall_timeout: str | None) -> None:
-    """Put --timeout, --retry and --stall-timeout on the request (and its site copy)."""
-    from remote_exec.config import parse_duration
-
-    if timeout:
-        request.timeout = parse_duration(timeout)
-    if stall_timeout:
-        request.site.stall_timeout = max(parse_duration(stall_timeout), 1.0)
-    if retry:
-        tries, _, interval = retry.partition(",")
-        if not tries.strip().isdigit():
-            raise ConfigError(f"invalid --retry {retry!r}",
-                              hint="give TRIES or TRIES,MAX_INTERVAL, e.g. --retry 5,60s")
-        request.site.retry_tries = int(tries)
-        if interval.strip():
-            request.site.retry_max_interval = max(parse_duration(interval), 0.1)
-
-
-def _build_request(site_name: str, command: str | None, template: str | None,
-                   params: tuple[str, ...], into: Path, keep: bool, follow: bool,
-                   transfer: str | None, config_path: str | None,
-                   inputs: tuple[str, ...]) -> Any:
-    from remote_exec.entrypoint import Entrypoint
-    from remote_exec.inputs import check_inputs
-    from remote_exec.request import RunRequest
-
-    if command is not None and template is not None:
-        raise ConfigError("give either --cmd or --template, not both")
-    if params and template is None:
-        raise ConfigError("--param needs --template")
-    site, _ = _resolve_site(config_path, site_name, transfer)
-    returns = ["**"]
-    if template is not None:
-        from remote_exec import templates
-
-        if template not in site.templates:
-            allowed = ", ".join(site.templates) or "none"
-            raise ConfigError(
-                f"template {template!r} is not allowed on site {site.name!r}",
-                hint=f"allowed templates: {allowed} (the site's `templates` list)",
-            )
-        tpl = templates.load_template(template)
-        values = tpl.bind(list(params))  # refuses bad values before connecting
-        returns = tpl.returns
-        if site.restricted:
-            entry = Entrypoint("approved", f"template {template} (approved by the site)",
-                               template, params=_raw_params(tpl, params))
-        else:
-            entry = Entrypoint("template", f"template {template}", tpl.render(values))
-    elif site.restricted:
-        if command is not None:
-            raise ConfigError(
-                f"site {site.name!r} is restricted: it runs only entrypoints it approved, "
-                "not command lines",
-                hint=f"use --template NAME (allowed: {', '.join(site.templates) or 'none'}) "
-                "or no --cmd for the site's own program",
-            )
-        entry = Entrypoint("approved", "the site's approved entrypoint", "site")
-    elif command is not None:
-        if not command.strip():
-            raise ConfigError("--cmd is empty")
-        entry = Entrypoint("command", f"command {command!r}", command)
-    else:
-        entry = Entrypoint("site", f"site entrypoint {site.entrypoint}", site.entrypoint)
-    checked = check_inputs(list(inputs))
-    return RunRequest(site=site, inputs=checked, entrypoint=entry, into=into.absolute(),
-                      keep=keep, follow=follow, returns=list(returns),
-                      backend="agent" if site.restricted else "direct")
-
-
-def _raw_params(tpl: Any, pairs: tuple[str, ...]) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs as the agent takes them: text, or a list for list parameters."""
-    raw: dict[str, Any] = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        if tpl.parameters[key].type == "list":
-            raw.setdefault(key, []).append(value)
-        else:
-            raw[key] = value
-    return raw
 
 
 def _execute(request: Any, ui: Any, use_holder: bool = True, resume: bool = False) -> Any:
@@ -409,7 +295,7 @@ def status_cmd(run_id: str, local: bool, as_json: bool) -> None:
     click.echo(f"into      {record.into_dir}")
     click.echo(f"created   {_when(record.created_at)}   launched {_when(record.launched_at)}"
                f"   ended {_when(record.ended_at)}")
-    if record.backend not in ("direct", "agent"):
+    if record.job_id or record.backend not in (backends.DEFAULT, backends.RESTRICTED):
         job = manage.job_line(record)
         click.echo(f"backend   {record.backend}, job {record.job_id or '-'}")
         if job:
@@ -559,19 +445,9 @@ def legacy(ctx: click.Context, args: tuple[str, ...]) -> None:
     ui = Reporter(quiet=bool(os.environ.get("REMOTE_EXEC_QUIET")))
     solver_log = None
     try:
-        from remote_exec.entrypoint import Entrypoint
-        from remote_exec.inputs import check_inputs
-        from remote_exec.request import RunRequest
-
         site, config = _resolve_site(None, parsed.client_name)
         solver_log = lg.SolverLog(config.solver_log_base, parsed.solver)
-        lg.refuse_restricted(site)
-        request = RunRequest(
-            site=site, inputs=check_inputs(parsed.client_files),
-            entrypoint=Entrypoint("command", f"command {parsed.client_cmd!r}", parsed.client_cmd),
-            into=Path.cwd(),
-        )
-        _apply_backend(request, None, ())  # the site's `backend` and `resources`
+        request = lg.build(parsed, site, Path.cwd())
         solver_log.write("start")
         result = _execute(request, ui)
     except RemoteExecError as err:
@@ -591,97 +467,6 @@ def legacy(ctx: click.Context, args: tuple[str, ...]) -> None:
     solver_log.write("abnormal end")
     lg.print_remote_log(read_log_tail(Path.cwd(), lines=10**6))
     sys.exit(1)
-
-
-@main.group(context_settings=CONTEXT)
-def fujitsu() -> None:
-    """Talk to a `fujitsu` site's HPC WebAPI by hand (for debugging).
-
-    \b
-    Credentials: REMOTE_EXEC_FUJITSU_TOKEN (auth: bearer), or
-    REMOTE_EXEC_FUJITSU_ACCESS_KEY and REMOTE_EXEC_FUJITSU_SECRET_KEY (auth: hmac),
-    or the site's credentials_file (mode 0600). --site may be left out when the
-    configuration has exactly one fujitsu site.
-    """
-
-
-_site_option = click.option("--site", "-s", "site_name", metavar="SITE",
-                            help="The fujitsu site (default: the only one configured).")
-_config_option = click.option("--config", "config_path", metavar="FILE",
-                              help="Configuration file.")
-
-
-def _fujitsu_api(site_name: str | None, config_path: str | None) -> Any:
-    from remote_exec.backends.fujitsu.client import FujitsuService
-    from remote_exec.config import load_config
-
-    config = load_config(config_path)
-    if site_name is None:
-        names = [n for n, v in config.sites.items() if v.get("backend") == "fujitsu"]
-        if len(names) != 1:
-            raise ConfigError("give --site: the configuration has "
-                              f"{len(names) or 'no'} fujitsu sites" +
-                              (f" ({', '.join(names)})" if names else ""))
-        site_name = names[0]
-    return FujitsuService(config.site(site_name)).api
-
-
-def _fujitsu_call(fn: Any) -> None:
-    import json
-
-    try:
-        click.echo(json.dumps(fn(), indent=2, ensure_ascii=False))
-    except RemoteExecError as err:
-        _fail(err)
-
-
-@fujitsu.command("jobs", context_settings=CONTEXT)
-@_site_option
-@_config_option
-def fujitsu_jobs(site_name: str | None, config_path: str | None) -> None:
-    """Get Job List: the queued and running jobs."""
-    _fujitsu_call(lambda: _fujitsu_api(site_name, config_path).jobs())
-
-
-@fujitsu.command("job", context_settings=CONTEXT)
-@click.argument("job_id")
-@_site_option
-@_config_option
-def fujitsu_job(job_id: str, site_name: str | None, config_path: str | None) -> None:
-    """Get Job Detail of JOB_ID (exit 1 once it is no longer queued or running)."""
-    detail = None
-
-    def get() -> Any:
-        nonlocal detail
-        detail = _fujitsu_api(site_name, config_path).job(job_id)
-        return detail if detail is not None else {"job_id": job_id,
-                                                   "status": "not queued or running (404)"}
-    _fujitsu_call(get)
-    if detail is None:
-        sys.exit(1)
-
-
-@fujitsu.command("cancel", context_settings=CONTEXT)
-@click.argument("job_id")
-@_site_option
-@_config_option
-def fujitsu_cancel(job_id: str, site_name: str | None, config_path: str | None) -> None:
-    """Cancel a Job: JOB_ID (exit 1 if it had already ended: 404)."""
-    try:
-        done = _fujitsu_api(site_name, config_path).cancel(job_id)
-    except RemoteExecError as err:
-        _fail(err)
-    click.echo(f"job {job_id} cancelled" if done else f"job {job_id} had already ended")
-    sys.exit(0 if done else 1)
-
-
-@fujitsu.command("sync-status", context_settings=CONTEXT)
-@click.argument("requestid")
-@_site_option
-@_config_option
-def fujitsu_sync_status(requestid: str, site_name: str | None, config_path: str | None) -> None:
-    """Get Synchronization Status of REQUESTID."""
-    _fujitsu_call(lambda: _fujitsu_api(site_name, config_path).sync_status(requestid))
 
 
 @main.group(context_settings=CONTEXT)
@@ -906,3 +691,18 @@ def site_check(site_name: str, as_json: bool, config_path: str | None) -> None:
             table.add_row(row.check, f"[{style}]{row.status}[/]", row.detail, row.fix)
         Console().print(table)
     sys.exit(1 if check.failed(rows) else 0)
+
+
+# -- each backend's own commands (e.g. `remote-exec fujitsu ...`), from the registry ----------
+
+def _attach_backend_commands() -> None:
+    import importlib
+
+    for name in backends.names():
+        target = backends.get(name).commands
+        if target:
+            module, _, attr = target.partition(":")
+            main.add_command(getattr(importlib.import_module(module), attr))
+
+
+_attach_backend_commands()

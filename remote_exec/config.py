@@ -38,13 +38,14 @@ exactly as ``ssh NAME`` would.
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from remote_exec.backends.fujitsu.settings import SCHEMA as FUJITSU_SCHEMA
+from remote_exec import backends
 from remote_exec.errors import ConfigError
 from remote_exec.paths import user_config_file
 from remote_exec.sizes import SIZE_HINT, SIZE_SCHEMA, parse_size
@@ -57,6 +58,8 @@ DEFAULT_AGENT_DIR = "~/.remote-exec-agent"
 CLEANUP_POLICIES = ("on-success", "always", "never")
 TRANSFER_METHODS = ("auto", "rsync", "sftp")
 
+#: a site's keys; ``backend`` and the backends' settings sections come from the registry
+#: (:func:`site_properties`)
 _SITE_PROPERTIES: dict[str, Any] = {
     "host": {"type": "string", "minLength": 1},
     "port": {"type": "integer", "minimum": 1, "maximum": 65535},
@@ -79,8 +82,6 @@ _SITE_PROPERTIES: dict[str, Any] = {
     "agent_dir": {"type": "string", "minLength": 1},
     "never_return": {"type": "array", "items": {"type": "string", "minLength": 1}},
     "only_return": {"type": "array", "items": {"type": "string", "minLength": 1}},
-    "backend": {"enum": ["direct", "slurm", "pbs", "torque", "pjm", "fujitsu"]},
-    "fujitsu": FUJITSU_SCHEMA,
     "resources": {
         "type": "object",
         "additionalProperties": False,
@@ -92,38 +93,51 @@ _SITE_PROPERTIES: dict[str, Any] = {
     },
 }
 
-SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "properties": {
-        "defaults": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": _SITE_PROPERTIES,
-        },
-        "sites": {
-            "type": "object",
-            "additionalProperties": {
+
+def _attr(target: str) -> Any:
+    """The object named by "module:ATTR" (a registry reference)."""
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def site_properties() -> dict[str, Any]:
+    """A site's schema properties: the fixed keys, ``backend`` (the registry's choosable
+    names) and each backend's settings section (e.g. ``fujitsu:``) with its schema."""
+    return {
+        **_SITE_PROPERTIES,
+        "backend": {"enum": backends.choosable()},
+        **{section: _attr(target) for section, target in backends.sections().items()},
+    }
+
+
+def schema() -> dict[str, Any]:
+    """The configuration file's JSON schema (built from the backend registry)."""
+    properties = site_properties()
+    site = {"type": "object", "additionalProperties": False, "properties": properties}
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "defaults": site,
+            "sites": {"type": "object", "additionalProperties": site},
+            "legacy": {
                 "type": "object",
                 "additionalProperties": False,
-                "properties": _SITE_PROPERTIES,
+                "properties": {
+                    "solver_log_base": {"type": "string", "minLength": 1},
+                    "site": {"type": "string", "minLength": 1},
+                },
             },
         },
-        "legacy": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "solver_log_base": {"type": "string", "minLength": 1},
-                "site": {"type": "string", "minLength": 1},
-            },
-        },
-    },
-}
+    }
 
 
-@dataclass
+@dataclass(frozen=True)
 class Site:
-    """Everything needed to reach one remote site and run there."""
+    """Everything needed to reach one remote site and run there.
+
+    Immutable: a run's own settings (``--retry``, ``--transfer``, ...) make a copy with
+    :func:`dataclasses.replace` (see :func:`remote_exec.request.build_request`)."""
 
     name: str
     host: str
@@ -147,9 +161,9 @@ class Site:
     agent_dir: str = DEFAULT_AGENT_DIR
     never_return: list[str] = field(default_factory=list)
     only_return: list[str] = field(default_factory=list)
-    backend: str = "direct"
+    backend: str = backends.DEFAULT
     resources: dict[str, Any] = field(default_factory=dict)
-    fujitsu: dict[str, Any] = field(default_factory=dict)  # backend: fujitsu (WebAPI, bucket)
+    fujitsu: dict[str, Any] = field(default_factory=dict)  # its backend's settings section
     defined_in: str | None = None  # the file that defined it, None for a bare host alias
 
     @property
@@ -197,21 +211,30 @@ class Config:
             from remote_exec.backends.scheduler import Resources
 
             Resources.parse(values["resources"], f"{self.path}: sites.{name}.resources")
-        if values.get("backend") == "fujitsu" or values.get("fujitsu"):
-            from remote_exec.backends.fujitsu.settings import FujitsuSettings
-
-            FujitsuSettings.from_site(values.get("fujitsu"), f"{self.path}: sites.{name}")
-        if values.get("restricted") and values.get("backend", "direct") != "direct":
-            raise ConfigError(
-                f"{self.path}: site {name!r} is restricted and has backend "
-                f"{values['backend']!r}: a restricted site's agent runs entrypoints "
-                "itself, batch backends are not supported there yet",
-                hint="remove `backend` or `restricted` from the site")
-        return Site(name=name, defined_in=defined_in, **values)
+        _check_sections(values, f"{self.path}: sites.{name}")
+        site = Site(name=name, defined_in=defined_in, **values)
+        try:
+            backends.for_site(site)  # e.g. a restricted site with a batch backend
+        except ConfigError as err:
+            hint = "remove `backend` or `restricted` from the site" if site.restricted \
+                else err.hint
+            raise ConfigError(f"{self.path}: {err.message}", hint=hint) from None
+        return site
 
     @property
     def solver_log_base(self) -> str:
         return str(self.legacy.get("solver_log_base", DEFAULT_SOLVER_LOG_BASE))
+
+
+def _check_sections(values: dict[str, Any], where: str) -> None:
+    """Each backend's own check of its settings section (the registry's
+    ``section_check``), for a site that uses that backend or has the section."""
+    backend = values.get("backend") or backends.DEFAULT
+    for name in backends.names():
+        entry = backends.get(name)
+        if entry.section and entry.section_check and (
+                backend == entry.name or values.get(entry.section)):
+            _attr(entry.section_check)(values.get(entry.section), where)
 
 
 def parse_duration(text: str) -> float:
@@ -346,12 +369,12 @@ def _validator() -> Any:
     if _VALIDATOR is None:
         import fastjsonschema
 
-        _VALIDATOR = fastjsonschema.compile(SCHEMA)
+        _VALIDATOR = fastjsonschema.compile(schema())
     return _VALIDATOR
 
 
 def _schema_problems(data: dict[str, Any], node: Any) -> list[Problem]:
-    """Every place where ``data`` breaks :data:`SCHEMA`.
+    """Every place where ``data`` breaks :func:`schema`.
 
     fastjsonschema checks a sound file quickly (it runs on every command) but stops
     at the first error; only then is jsonschema imported to list them all.
@@ -366,7 +389,7 @@ def _schema_problems(data: dict[str, Any], node: Any) -> list[Problem]:
     import jsonschema
 
     problems: list[Problem] = []
-    for error in jsonschema.Draft7Validator(SCHEMA).iter_errors(data):
+    for error in jsonschema.Draft7Validator(schema()).iter_errors(data):
         problems += _problems_of(error, node)
     return problems
 

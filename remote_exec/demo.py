@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from remote_exec.paths import state_dir
+
+if TYPE_CHECKING:
+    from remote_exec.config import Site
+    from remote_exec.request import RunRequest
 
 SAMPLE_INPUTS = {
     "yield_strength.dat": "345.0\n",
@@ -14,15 +19,21 @@ SAMPLE_INPUTS = {
 }
 
 
+def demo_request(site: Site, inputs_dir: Path, into: Path) -> RunRequest:
+    """The demo's run: the site's entrypoint with the sample inputs, built like any
+    other run (:func:`remote_exec.request.build_request`)."""
+    from remote_exec.request import build_request
+
+    return build_request(site, inputs=[str(inputs_dir / n) for n in SAMPLE_INPUTS], into=into)
+
+
 def run_demo(into: Path | None) -> int:
     """Start the sandbox, run the sample solver with sample inputs, show the results."""
     from rich.console import Console
     from rich.table import Table
 
     from remote_exec.config import Config
-    from remote_exec.entrypoint import Entrypoint
-    from remote_exec.inputs import check_inputs
-    from remote_exec.run import RunRequest, execute, read_log_tail
+    from remote_exec.run import execute, read_log_tail
     from remote_exec.sandbox import SITE_NAME, Sandbox
     from remote_exec.ui import Reporter
 
@@ -38,12 +49,7 @@ def run_demo(into: Path | None) -> int:
         (inputs_dir / name).write_text(text)
     console.print(f"[bold]2.[/] sample inputs written to {inputs_dir}")
     site = Config(path=None, sites={SITE_NAME: definition}, defaults={}, legacy={}).site(SITE_NAME)
-    request = RunRequest(
-        site=site,
-        inputs=check_inputs([str(inputs_dir / n) for n in SAMPLE_INPUTS]),
-        entrypoint=Entrypoint("site", f"site entrypoint {site.entrypoint}", site.entrypoint),
-        into=work / "results",
-    )
+    request = demo_request(site, inputs_dir, work / "results")
     console.print("[bold]3.[/] remote-exec run --site sandbox " + " ".join(SAMPLE_INPUTS))
     started = time.monotonic()
     result = execute(request, Reporter())

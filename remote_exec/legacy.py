@@ -24,7 +24,11 @@ import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from remote_exec.config import Site
+    from remote_exec.request import RunRequest
 
 LOG_MARKER = "---------- remote side log ----------------"
 USAGE = """\
@@ -64,19 +68,16 @@ def parse(argv: list[str]) -> LegacyArgs | None:
     return LegacyArgs(values["client_name"], values["client_cmd"], files, solver)
 
 
-def refuse_restricted(site: Any) -> None:
-    """A restricted site runs only the entrypoints it approved, never a command line such
-    as ``client_cmd``: refused before connecting (exit 1), with what to run instead."""
-    if not site.restricted:
-        return
-    from remote_exec.errors import ConfigError
+def build(args: LegacyArgs, site: Site, into: Path) -> RunRequest:
+    """The run request for ``args`` on ``site``, built like ``run``'s
+    (:func:`remote_exec.request.build_request`: the site's `backend` and `resources`,
+    every check before connecting). A restricted site runs only what its agent approved:
+    ``client_cmd`` naming exactly the site's entrypoint runs that approved entrypoint;
+    any other command line is refused (exit 1) with what to run instead."""
+    from remote_exec.request import build_request
 
-    allowed = ", ".join(site.templates) or "none"
-    raise ConfigError(
-        f"site {site.name!r} is restricted: its agent runs only the entrypoints it approved, "
-        "not client_cmd (nothing was contacted)",
-        hint=f"call `remote-exec run --site {site.name} INPUT…` for the site's approved "
-        f"entrypoint, or `--template NAME` (allowed: {allowed}), instead of `legacy`")
+    return build_request(site, command=args.client_cmd, inputs=args.client_files, into=into,
+                         command_option="client_cmd")
 
 
 def _solver_name(cmd: str) -> str:

@@ -48,11 +48,11 @@ class Interrupted(BaseException):
 def execute(request: RunRequest, ui: Reporter, *, use_holder: bool = True,
             resume: bool = False) -> RunResult:
     """Run (or resume) ``request`` to the end, through the holder when possible."""
-    from remote_exec import holder
+    from remote_exec import backends, holder
 
-    if use_holder and holder.enabled() and request.backend != "fujitsu":
-        # (a fujitsu run has no SSH connection to keep warm, and its credentials are in
-        # this process's environment)
+    if use_holder and holder.enabled() and backends.get(request.backend).over_ssh:
+        # (a run that does not travel over SSH has no connection to keep warm, and may
+        # need this process's environment, e.g. a WebAPI's credentials)
         result = holder.run_via_holder(request, ui, resume=resume)
         if result is not None:
             return result

@@ -63,6 +63,13 @@ class Registered:
     #: ("module:ATTR"), validated with the configuration
     section: str = ""
     section_schema: str = ""
+    #: that section's own check ("module:function"), called as ``function(values, where)``
+    #: with the section's values (None when absent) when the site uses this backend or
+    #: has the section; raises a ConfigError
+    section_check: str = ""
+    #: extra commands of this backend ("module:attr" of a click group), attached to
+    #: ``remote-exec`` by the CLI under the group's name
+    commands: str = ""
 
     def load(self) -> type[Backend]:
         module, _, attr = self.target.partition(":")
@@ -89,7 +96,9 @@ BUILT_IN: tuple[Registered, ...] = (
     Registered("fujitsu", "remote_exec.backends.fujitsu.backend:FujitsuBackend",
                "the Fujitsu HPC WebAPI and its object storage", takes_resources=True,
                over_ssh=False, section="fujitsu",
-               section_schema="remote_exec.backends.fujitsu.settings:SCHEMA"),
+               section_schema="remote_exec.backends.fujitsu.settings:SCHEMA",
+               section_check="remote_exec.backends.fujitsu.settings:check_section",
+               commands="remote_exec.backends.fujitsu.commands:group"),
 )
 
 _REGISTRY: dict[str, Registered] = {r.name: r for r in BUILT_IN}

@@ -95,3 +95,9 @@ class FujitsuSettings:
                 raise ConfigError(f"{where}: paths.{name} {path!r} may only use "
                                   "{requestid} and {job_id}") from None
         return settings
+
+
+def check_section(values: dict[str, Any] | None, where: str) -> None:
+    """The configuration's check of a site's ``fujitsu:`` section (the registry's
+    ``section_check``): a ConfigError naming ``where`` if it is missing or wrong."""
+    FujitsuSettings.from_site(values, where)
