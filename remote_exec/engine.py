@@ -303,7 +303,8 @@ class _Driver:
         """Record the run's end by ``err`` (see :func:`record_error`); the error to raise,
         saying how ``resume`` fetches results that are waiting."""
         err = record_error(self.journal, self.run_id, err)
-        if err.disposition == FINAL and self._awaits_fetch():
+        if err.disposition == FINAL and self._awaits_fetch() \
+                and "remote-exec resume" not in (err.hint or ""):
             later = self._resume_fetch_text()
             err.hint = f"{err.hint}; once that is fixed, {later}" if err.hint else later
         return err
@@ -435,7 +436,7 @@ class _Driver:
         except (FetchError, OSError) as exc:
             if localfs.out_of_space(exc):  # kept: `resume` continues into the partial dir
                 raise localfs.out_of_space_error(partial, self.run_id, where,
-                                                 None) from None
+                                                 self.run.fetch_total) from None
             raise
         dropped = [f"not fetched: {item}" for item in moved.skipped]
         for message in dropped:

@@ -177,6 +177,8 @@ class Run:
         #: a step runs a second time (after a reconnect or a resume): be idempotent
         self.retrying = retrying
         self.result = result
+        #: the bytes a fetch will bring, once the backend knows (for a full local disk)
+        self.fetch_total: int | None = None
 
     @property
     def site(self) -> Site:

@@ -157,6 +157,7 @@ class SshBackend(Backend):
             run.ui.event("unchanged", f"{plan.unchanged} input file(s) came back unchanged: "
                          "not transferred", unchanged=plan.unchanged)
         method = await self._method(plan.size)
+        run.fetch_total = plan.size
         run.ui.progress_start("fetching", plan.size)
         try:
             if method == "rsync":

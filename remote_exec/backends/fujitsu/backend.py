@@ -195,6 +195,7 @@ class FujitsuBackend(Backend):
         bucket = self.service.bucket
         size = sum(s for rel, s in await self._blocking(lambda: list(bucket.objects()))
                    if not rel.startswith(CONTROL_DIR + "/"))
+        run.fetch_total = size
         run.ui.progress_start("downloading", size)
         try:
             skipped = await self._blocking(bucket.download, partial, keep,
