@@ -47,6 +47,26 @@ def _resolve_site(config_path: str | None, name: str) -> Any:
     return config.site(name), config
 
 
+
+class _BackendName(click.ParamType):
+    """A backend the registry knows (built in, or an installed plugin's, looked up only
+    when named: listing plugins up front would cost every start-up)."""
+
+    name = "backend"
+
+    def get_metavar(self, param: click.Parameter, *args: Any, **kwargs: Any) -> str:
+        return "[" + "|".join(backends.choosable()) + "|PLUGIN]"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> str:
+        try:
+            entry = backends.get(str(value))
+        except ConfigError as err:
+            self.fail(f"{err.message} ({err.hint})", param, ctx)
+        if not entry.choosable:
+            self.fail(f"{entry.name!r} cannot be chosen: {entry.summary}", param, ctx)
+        return entry.name
+
 @click.group(context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="remote-exec")
 def main() -> None:
@@ -95,10 +115,11 @@ def main() -> None:
 @click.option("--no-holder", is_flag=True,
               help="Connect from this process instead of the per-user connection holder "
               "(also: REMOTE_EXEC_HOLDER=0).")
-@click.option("--backend", "-b", type=click.Choice(backends.choosable()),
+@click.option("--backend", "-b", type=_BackendName(),
               help="How the run is carried out: " + "; ".join(
                   f"{n}: {backends.get(n).summary}" for n in backends.choosable()) +
-              f" (default: the site's `backend`, else {backends.DEFAULT}).")
+              f"; or an installed plugin's (default: the site's `backend`, else "
+              f"{backends.DEFAULT}).")
 @click.option("--resource", "-R", "resources", multiple=True, metavar="KEY=VALUE",
               help="A batch job's resource, over the site's `resources`: nodes, tasks, "
               "cpus_per_task, memory (4G), walltime (1:00:00, 30m), queue (partition / "

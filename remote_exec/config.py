@@ -101,11 +101,12 @@ def _attr(target: str) -> Any:
 
 
 def site_properties() -> dict[str, Any]:
-    """A site's schema properties: the fixed keys, ``backend`` (the registry's choosable
-    names) and each backend's settings section (e.g. ``fujitsu:``) with its schema."""
+    """A site's schema properties: the fixed keys, ``backend`` (a name the registry
+    knows: checked by :func:`remote_exec.backends.for_site`, which also finds plugins)
+    and each backend's settings section (e.g. ``fujitsu:``) with its schema."""
     return {
         **_SITE_PROPERTIES,
-        "backend": {"enum": backends.choosable()},
+        "backend": {"type": "string", "minLength": 1},
         **{section: _attr(target) for section, target in backends.sections().items()},
     }
 
