@@ -33,10 +33,10 @@ from typing import Any
 import asyncssh
 
 from remote_exec import templates
+from remote_exec.agent_file import AGENT_FILE, agent_module
 from remote_exec.config import Site
 from remote_exec.errors import ConfigError, RemoteExecError
 from remote_exec.paths import shipped_dir
-from remote_exec.returns import AGENT_FILE, agent_module
 from remote_exec.ssh import shell
 from remote_exec.ssh.connect import open_connection
 
