@@ -69,6 +69,20 @@ EXIT_FAILURE = 1
 EXIT_REFUSED = 2
 EXIT_LOST = 3
 EXIT_ALREADY_LAUNCHED = 96
+#: the exit code recorded for a run stopped by TERM or cancelled before it started
+#: (128 + SIGTERM), and for one that had to be KILLed (128 + SIGKILL)
+EXIT_TERMINATED = 143
+EXIT_KILLED = 137
+
+#: a run's control files (remote-exec's own control scripts name them the same):
+#: ``launched`` is the launch-once guard, a directory (``mkdir`` succeeds only once,
+#: and a cancel takes it too so that a run not launched yet never will be);
+#: ``cancelled`` the cancel mark; ``pgid`` the run's process group; ``exit_code`` the
+#: entrypoint's exit code, written atomically (a temporary file renamed into place)
+LAUNCHED = "launched"
+CANCELLED = "cancelled"
+PGID_FILE = "pgid"
+EXIT_CODE_FILE = "exit_code"
 
 #: the entrypoint's output, inside the run directory (as remote-exec's own flow names it)
 LOG_NAME = "remote_program_exec.log"
@@ -81,7 +95,13 @@ COMMAND_LIST = ("hello, create, status, launch, wait, log, cancel, remove, list,
 ONLY_AGENT = "this key runs only the remote-exec agent (commands: %s)" % COMMAND_LIST
 SFTP_REFUSAL = ("SFTP is not available through the remote-exec agent; files move with "
                 "rsync confined to one run directory")
+#: how every line the agent writes to stderr begins (the client recognises its refusals
+#: by it)
+SAY_PREFIX = "remote-exec agent: "
 RSYNC_MISSING = "rsync is not installed on this host; ask the site administrator to install it"
+
+#: what comes back of a run by default: everything in its run directory
+RETURN_ALL = ["**"]
 
 #: parameter declarations, as remote-exec templates have them
 TYPES = ("string", "int", "float", "bool", "choice", "path", "file", "list")
@@ -548,7 +568,7 @@ class Entrypoint:
         self.parameters = {}
         for pname, pspec in params.items():
             self.parameters[pname] = Parameter(pname, pspec, where)
-        self.returns = _patterns(spec.get("returns", ["**"]), "%s: returns" % where,
+        self.returns = _patterns(spec.get("returns", RETURN_ALL), "%s: returns" % where,
                                  allow_empty=False)
 
     def read(self):
@@ -837,16 +857,16 @@ class Run:
         return _isdir_nofollow(self.dir) and _isdir_nofollow(self.state)
 
     def launched(self):
-        return _isdir_nofollow(self.ctl("launched"))
+        return _isdir_nofollow(self.ctl(LAUNCHED))
 
     def cancelled(self):
-        return os.path.lexists(self.ctl("cancelled"))
+        return os.path.lexists(self.ctl(CANCELLED))
 
     def exit_code(self):
-        return _read_int(self.ctl("exit_code"))
+        return _read_int(self.ctl(EXIT_CODE_FILE))
 
     def pgid(self):
-        pgid = _read_int(self.ctl("pgid"))
+        pgid = _read_int(self.ctl(PGID_FILE))
         return pgid if pgid is not None and pgid > 1 else None
 
     def alive(self):
@@ -856,7 +876,7 @@ class Run:
 
     def launched_age(self):
         try:
-            return time.time() - os.lstat(self.ctl("launched")).st_mtime
+            return time.time() - os.lstat(self.ctl(LAUNCHED)).st_mtime
         except OSError:
             return None
 
@@ -952,7 +972,7 @@ def cmd_create(cfg, args, journal):
     if has_state and _isdir_nofollow(run.dir):
         _print_json({"rundir": run.dir, "existed": True})
         return EXIT_OK
-    if has_state and os.path.lexists(run.ctl("launched")):
+    if has_state and os.path.lexists(run.ctl(LAUNCHED)):
         raise Refused("run %s was launched but its run directory is gone; remove it "
                       "(remove RUN_ID) and create it again" % run.id)
     try:
@@ -1048,7 +1068,7 @@ def _wrapper(run, entrypoint, argv, env, log_fd, ready_fd):
         os.setsid()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, _noop_handler)
-        _write_atomic(run.ctl("pgid"), "%d\n" % os.getpid())
+        _write_atomic(run.ctl(PGID_FILE), "%d\n" % os.getpid())
         os.write(ready_fd, b"1")
         os.close(ready_fd)
         devnull = os.open(os.devnull, os.O_RDWR)
@@ -1066,7 +1086,7 @@ def _wrapper(run, entrypoint, argv, env, log_fd, ready_fd):
             _write_all(log_fd, ("remote-exec agent: entrypoint %s (%s) changed after it was "
                                 "checked; not run\n" % (entrypoint.name, entrypoint.path)
                                 ).encode("utf-8", "replace"))
-            _write_atomic(run.ctl("exit_code"), "126\n")
+            _write_atomic(run.ctl(EXIT_CODE_FILE), "126\n")
             return
         try:
             proc = subprocess.Popen(argv, cwd=run.dir, stdin=subprocess.DEVNULL,
@@ -1082,7 +1102,7 @@ def _wrapper(run, entrypoint, argv, env, log_fd, ready_fd):
             code = proc.wait()
             if code < 0:
                 code = 128 - code
-        _write_atomic(run.ctl("exit_code"), "%d\n" % code)
+        _write_atomic(run.ctl(EXIT_CODE_FILE), "%d\n" % code)
     except BaseException:  # noqa: B036 - the wrapper must never return into the agent
         try:
             _write_all(log_fd, ("remote-exec agent: the run's wrapper failed:\n%s"
@@ -1131,12 +1151,12 @@ def cmd_launch(cfg, args, journal):
                       "the run directory" % log_path)
 
     try:
-        os.mkdir(run.ctl("launched"), 0o700)
+        os.mkdir(run.ctl(LAUNCHED), 0o700)
     except FileExistsError:
         raise AlreadyLaunched() from None
     if run.cancelled():  # a cancel got in between: the run never starts
         if run.exit_code() is None:
-            _write_atomic(run.ctl("exit_code"), "143\n")
+            _write_atomic(run.ctl(EXIT_CODE_FILE), "%d\n" % EXIT_TERMINATED)
         raise Refused("the run was cancelled; create a new run")
     # the approved bytes, kept as the record of what this run was allowed to start
     _write_new(run.ctl("entrypoint"), code, 0o500)
@@ -1167,7 +1187,7 @@ def cmd_launch(cfg, args, journal):
         os.waitpid(pid, 0)
         raise Failure("the run's wrapper process could not start")
     if run.pgid() != pid:
-        _write_atomic(run.ctl("pgid"), "%d\n" % pid)
+        _write_atomic(run.ctl(PGID_FILE), "%d\n" % pid)
     try:
         sys.stdout.write("started %d\n" % pid)
         sys.stdout.flush()
@@ -1284,14 +1304,14 @@ def cmd_cancel(cfg, args, journal):
         _print_json({"result": text})
         return code
 
-    fd = os.open(run.ctl("cancelled"), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    fd = os.open(run.ctl(CANCELLED), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     os.close(fd)
     try:
-        os.mkdir(run.ctl("launched"), 0o700)
+        os.mkdir(run.ctl(LAUNCHED), 0o700)
     except FileExistsError:
         pass
     else:
-        _write_atomic(run.ctl("exit_code"), "143\n")
+        _write_atomic(run.ctl(EXIT_CODE_FILE), "%d\n" % EXIT_TERMINATED)
         return result("not started")
     deadline = time.monotonic() + PGID_WAIT_SECONDS
     while run.pgid() is None and run.exit_code() is None and time.monotonic() < deadline:
@@ -1313,7 +1333,7 @@ def cmd_cancel(cfg, args, journal):
             if run.exit_code() is None:
                 time.sleep(POLL_SECONDS)
                 if run.exit_code() is None:
-                    _write_atomic(run.ctl("exit_code"), "143\n")
+                    _write_atomic(run.ctl(EXIT_CODE_FILE), "%d\n" % EXIT_TERMINATED)
             return result("stopped by TERM")
         if time.monotonic() >= deadline:
             break
@@ -1326,7 +1346,7 @@ def cmd_cancel(cfg, args, journal):
     while run.exit_code() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     if run.exit_code() is None:
-        _write_atomic(run.ctl("exit_code"), "137\n")
+        _write_atomic(run.ctl(EXIT_CODE_FILE), "%d\n" % EXIT_KILLED)
     return result("killed")
 
 
@@ -1500,7 +1520,7 @@ def cmd_rsync(cfg, args, journal):
             if run.id not in built:
                 _fetch_lock(run)
                 entry = cfg.entrypoints.get(_read_text(run.ctl("entrypoint_name")) or "")
-                returns = entry.returns if entry is not None else ["**"]
+                returns = entry.returns if entry is not None else list(RETURN_ALL)
                 try:
                     built[run.id] = build_outbox(run.dir, outbox, returns, cfg.never, cfg.only)
                 except OSError as exc:
@@ -1598,7 +1618,7 @@ class Journal:
 
 def _say(text):
     try:
-        sys.stderr.write("remote-exec agent: %s\n" % text.replace("\n", " "))
+        sys.stderr.write(SAY_PREFIX + text.replace("\n", " ") + "\n")
         sys.stderr.flush()
     except OSError:
         pass
