@@ -150,6 +150,26 @@ class Refused(Exception):
         self.logged = logged if logged is not None else message
 
 
+class BadValue(Refused):
+    """A parameter value its rules refuse. ``reason`` says why without naming the
+    parameter; unlike ``logged``, it may quote the value."""
+
+    def __init__(self, parameter, reason, logged_reason=None):
+        where = "parameter %r: " % (parameter,)
+        Refused.__init__(self, where + reason,
+                         where + (reason if logged_reason is None else logged_reason))
+        self.parameter = parameter
+        self.reason = reason
+
+
+class MissingParameter(Refused):
+    """A required parameter was not given (``parameter`` names it)."""
+
+    def __init__(self, message, parameter):
+        Refused.__init__(self, message)
+        self.parameter = parameter
+
+
 class Failure(Exception):
     """Something broke (exit status 1)."""
 
@@ -370,10 +390,12 @@ def build_outbox(rundir, outbox, returns, never, only):
 
 
 # --------------------------------------------------------------------------------------
-# Parameters
+# Parameters (also used by the orchestrator: its templates declare parameters the same
+# way, and these are the one definition of the rules both sides apply)
 # --------------------------------------------------------------------------------------
 
-def _as_text(value):
+def as_text(value):
+    """A declared default as the text a user would type (``true`` for a boolean)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
@@ -384,7 +406,11 @@ def _number_text(value):
 
 
 class Parameter:
-    """One declared parameter of an entrypoint (the rules of remote-exec templates)."""
+    """One declared parameter and its rules: ``type`` (``items`` for a list's elements),
+    ``required``, ``default``, ``pattern``, ``choices``, ``min`` / ``max``.
+
+    A bad declaration is a ValueError (naming ``where``); a bad value is BadValue.
+    """
 
     def __init__(self, name, spec, where):
         self.name = name
@@ -395,7 +421,8 @@ class Parameter:
         if spec is None:
             spec = {}
         if not isinstance(spec, dict):
-            raise ValueError("%s: expected an object with type, default, pattern, ..." % where)
+            raise ValueError("%s: expected a mapping (an object) with type, default, "
+                             "pattern, ..." % where)
         self.spec = spec
         unknown = set(spec) - PARAMETER_KEYS
         if unknown:
@@ -441,26 +468,26 @@ class Parameter:
             except re.error as exc:
                 raise ValueError("%s: pattern %r is not valid: %s"
                                  % (where, self.pattern, exc)) from None
-        try:
-            self.default = self._checked_default(spec.get("default"))
-        except Refused as exc:
-            raise ValueError("%s: the default is not valid: %s" % (where, exc)) from None
+        self.default = self._checked_default(spec.get("default"), where)
 
-    def _checked_default(self, default):
+    def _checked_default(self, default, where):
+        """The default, converted and checked like a given value."""
         if default is None:
             return [] if self.type == "list" else None
-        if self.type == "list":
-            if not isinstance(default, list):
-                raise Refused("the default of a list must be a list")
-            return [self.convert(_as_text(v)) for v in default]
-        return self.convert(_as_text(default))
+        if self.type == "list" and not isinstance(default, list):
+            raise ValueError("%s: the default of a list must be a list" % where)
+        try:
+            if self.type == "list":
+                return [self.convert(as_text(v)) for v in default]
+            return self.convert(as_text(default))
+        except BadValue as exc:
+            raise ValueError("%s: the default is not valid: %s" % (where, exc.reason)) from None
 
     def _bad(self, shown, logged):
-        where = "parameter %r: " % self.name
-        return Refused(where + shown, where + logged)
+        return BadValue(self.name, shown, logged)
 
     def convert(self, raw):
-        """One value (one element, for a list) as its type, or Refused."""
+        """One value (one element, for a list) as its type, or BadValue."""
         if "\n" in raw or "\r" in raw or "\x00" in raw:
             return self._raise("newlines and NUL bytes are not allowed in values")
         if self.type == "list" and not raw:
@@ -534,6 +561,43 @@ class Parameter:
         return str(value)
 
 
+def bind_parameters(parameters, given, owner):
+    """Check the values ``given`` (``{name: text | [texts]}``, the text as typed; a list
+    parameter also takes one text) against ``parameters`` (``{name: Parameter}``): their
+    converted values, with the defaults of those not given, or Refused. ``owner`` names
+    what declares the parameters in messages (``entrypoint NAME``)."""
+    if not isinstance(given, dict):
+        raise Refused("the parameters must be a JSON object {\"NAME\": \"value\", ...}")
+    known = ", ".join(sorted(parameters)) or "none"
+    values = {}
+    for name, raw in given.items():
+        param = parameters.get(name)
+        if param is None:
+            shown = name if len(name) <= 100 else name[:100] + "..."
+            raise Refused("%s has no parameter %r (parameters: %s)" % (owner, shown, known))
+        if param.type == "list":
+            if isinstance(raw, str):
+                raw = [raw]
+            if not isinstance(raw, list) or not all(isinstance(r, str) for r in raw):
+                raise Refused("parameter %r: a list parameter takes a JSON list of strings"
+                              % name)
+            values[name] = [param.convert(r) for r in raw]
+        else:
+            if not isinstance(raw, str):
+                raise Refused("parameter %r: give the value as a JSON string (the text "
+                              "as typed)" % name)
+            values[name] = param.convert(raw)
+    for name, param in parameters.items():
+        if name in values:
+            continue
+        if param.required:
+            raise MissingParameter("%s needs parameter %r (parameters: %s)"
+                                   % (owner, name, known), name)
+        default = param.default
+        values[name] = list(default) if isinstance(default, list) else default
+    return values
+
+
 class Entrypoint:
     """One allowlisted entrypoint: its file, pinned digest, interpreter, parameters."""
 
@@ -568,7 +632,7 @@ class Entrypoint:
         self.parameters = {}
         for pname, pspec in params.items():
             self.parameters[pname] = Parameter(pname, pspec, where)
-        self.returns = _patterns(spec.get("returns", RETURN_ALL), "%s: returns" % where,
+        self.returns = check_patterns(spec.get("returns", RETURN_ALL), "%s: returns" % where,
                                  allow_empty=False)
 
     def read(self):
@@ -599,53 +663,29 @@ class Entrypoint:
 
     def bind(self, given):
         """Validate the client's ``{name: raw | [raws]}`` into converted values (Refused)."""
-        if not isinstance(given, dict):
-            raise Refused("the parameters must be a JSON object {\"NAME\": \"value\", ...}")
-        known = ", ".join(sorted(self.parameters)) or "none"
-        values = {}
-        for name, raw in given.items():
-            param = self.parameters.get(name)
-            if param is None:
-                shown = name if len(name) <= 100 else name[:100] + "..."
-                raise Refused("entrypoint %s has no parameter %r (parameters: %s)"
-                              % (self.name, shown, known))
-            if param.type == "list":
-                if isinstance(raw, str):
-                    raw = [raw]
-                if not isinstance(raw, list) or not all(isinstance(r, str) for r in raw):
-                    raise Refused("parameter %r: a list parameter takes a JSON list of strings"
-                                  % name)
-                values[name] = [param.convert(r) for r in raw]
-            else:
-                if not isinstance(raw, str):
-                    raise Refused("parameter %r: give the value as a JSON string (the text "
-                                  "as typed)" % name)
-                values[name] = param.convert(raw)
-        for name, param in self.parameters.items():
-            if name in values:
-                continue
-            if param.required:
-                raise Refused("entrypoint %s needs parameter %r (parameters: %s)"
-                              % (self.name, name, known))
-            default = param.default
-            values[name] = list(default) if isinstance(default, list) else default
-        return values
+        return bind_parameters(self.parameters, given, "entrypoint %s" % self.name)
 
 
-def _patterns(value, where, allow_empty):
+def check_pattern(pattern, where):
+    """A return-filter glob pattern, or ValueError: one line, relative, no ``..``."""
+    if not isinstance(pattern, str) or not pattern:
+        raise ValueError("%s: every pattern must be a non-empty string, not %r"
+                         % (where, pattern))
+    if any(c in pattern for c in "\n\r\x00"):
+        raise ValueError("%s: %r: newlines and NUL bytes are not allowed" % (where, pattern))
+    if pattern.startswith(("/", "~")):
+        raise ValueError("%s: %r must be relative to the run directory" % (where, pattern))
+    if ".." in pattern.split("/"):
+        raise ValueError("%s: %r: '..' is not allowed" % (where, pattern))
+    return pattern
+
+
+def check_patterns(value, where, allow_empty):
+    """A list of return-filter glob patterns (see :func:`check_pattern`), or ValueError."""
     if not isinstance(value, list) or (not value and not allow_empty):
         raise ValueError("%s: must be a%s list of glob patterns"
                          % (where, "" if allow_empty else " non-empty"))
-    for p in value:
-        if not isinstance(p, str) or not p:
-            raise ValueError("%s: every pattern must be a non-empty string, not %r" % (where, p))
-        if any(c in p for c in "\n\r\x00"):
-            raise ValueError("%s: %r: newlines and NUL bytes are not allowed" % (where, p))
-        if p.startswith(("/", "~")):
-            raise ValueError("%s: %r must be relative to the run directory" % (where, p))
-        if ".." in p.split("/"):
-            raise ValueError("%s: %r: '..' is not allowed" % (where, p))
-    return list(value)
+    return [check_pattern(p, where) for p in value]
 
 
 # --------------------------------------------------------------------------------------
@@ -729,8 +769,8 @@ class Config:
         returns = data.get("returns", {})
         if not isinstance(returns, dict) or set(returns) - {"never", "only"}:
             raise ValueError("%s: 'returns' must be an object with 'never' and 'only'" % where)
-        self.never = _patterns(returns.get("never", []), "%s: returns.never" % where, True)
-        self.only = _patterns(returns.get("only", []), "%s: returns.only" % where, True)
+        self.never = check_patterns(returns.get("never", []), "%s: returns.never" % where, True)
+        self.only = check_patterns(returns.get("only", []), "%s: returns.only" % where, True)
         for what, path in (("root", self.root), ("state", self.state)):
             try:
                 os.makedirs(path, 0o700, exist_ok=True)

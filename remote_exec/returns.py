@@ -20,12 +20,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from remote_exec.agent_file import agent_module
-from remote_exec.templates import RETURN_ALL
+from remote_exec.templates import return_all
 
 
 def is_trivial(returns: Sequence[str], never: Sequence[str], only: Sequence[str]) -> bool:
     """Whether the filter lets everything through."""
-    return list(returns) == RETURN_ALL and not never and not only
+    return list(returns) == return_all() and not never and not only
 
 
 def predicate(returns: Sequence[str], never: Sequence[str],

@@ -152,7 +152,7 @@ async def install(site: Site, *, apply: bool, admin_identity: str | None = None,
             async with sftp.open(program, "rb") as f:
                 digest = hashlib.sha256(await f.read()).hexdigest()
             entries[SITE_ENTRY] = {"path": program, "sha256": digest, "interpreter": [],
-                                   "parameters": {}, "returns": templates.RETURN_ALL}
+                                   "parameters": {}, "returns": templates.return_all()}
         else:
             report.warnings.append(
                 f"the site's entrypoint {program} is not on the host: runs without "
