@@ -133,7 +133,10 @@ RSYNC_CAPABILITIES_RE = re.compile(r"[.A-Za-z0-9]*")
 
 POLL_SECONDS = 0.2
 LOG_POLL_SECONDS = 0.25
+#: how long a cancel waits for a launch under way to record its process group
 PGID_WAIT_SECONDS = 5.0
+#: seconds between TERM and KILL when a cancel does not say
+DEFAULT_CANCEL_GRACE = 10
 FETCH_LOCK_SECONDS = 30.0
 MAX_PARAMETERS_BYTES = 1024 * 1024
 
@@ -1332,7 +1335,7 @@ def cmd_cancel(cfg, args, journal):
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     _arguments(args, "cancel RUN_ID [GRACE_SECONDS]", 1, 2)
-    grace = 10
+    grace = DEFAULT_CANCEL_GRACE
     if len(args) == 2:
         if not re.fullmatch(r"[0-9]{1,9}", args[1]):
             raise Refused("GRACE_SECONDS must be a whole number of seconds >= 0")

@@ -140,9 +140,9 @@ CANCELLER = f"""#!/bin/sh
 # It finishes even if its SSH channel goes away (the caller may exit at once).
 trap '' HUP PIPE
 {ENTER_RUN_DIR}
-grace=$(( ${{1:-10}} * 5 ))
+grace=$(( ${{1:-{_AGENT.DEFAULT_CANCEL_GRACE}}} * 5 ))
 {cancel_unlaunched("not started")}n=0
-while [ ! -s {_PGID} ] && [ "$n" -lt 50 ]; do
+while [ ! -s {_PGID} ] && [ "$n" -lt {round(_AGENT.PGID_WAIT_SECONDS * 10)} ]; do
   sleep 0.1 2>/dev/null || sleep 1
   n=$((n + 1))
 done

@@ -48,7 +48,6 @@ ConfigErrors.
 from __future__ import annotations
 
 import os
-import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -364,7 +363,8 @@ def load_template(name: str) -> Template:
     """Load and check ``templates/NAME``."""
     import yaml
 
-    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+    # a template becomes an approved entrypoint of that name on a restricted site
+    if not agent_module().ENTRYPOINT_NAME_RE.fullmatch(name):
         raise ConfigError(f"invalid template name {name!r}")
     directory = templates_dir() / name
     spec_file = directory / "template.yaml"
