@@ -39,8 +39,12 @@ with the run in ``<state>/<RUN_ID>/entrypoint``.
 Exit status: 0 ok, 1 failure, 2 refused, 3 a run was lost (``wait``), 96 the run was
 already launched; ``launch`` itself exits with the entrypoint's exit code.
 
-The return-filter functions (``match_pattern``, ``is_returned``, ``build_outbox``) are
-importable: importing this module has no side effects.
+Importing this module has no side effects, and remote-exec itself imports it: this file
+is the one definition of what both sides must decide alike. The return filter
+(``match_pattern``, ``is_returned``, ``build_outbox``, ``check_pattern``), the rules of
+typed parameters (``Parameter``, ``bind_parameters``) and the protocol's constants (the
+exit codes, the control files ``launched`` / ``cancelled`` / ``pgid`` / ``exit_code``,
+``LOG_NAME``, ``MARK_WORD``) are used by the orchestrator as they are written here.
 """
 
 import errno
