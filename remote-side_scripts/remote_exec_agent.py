@@ -39,8 +39,12 @@ with the run in ``<state>/<RUN_ID>/entrypoint``.
 Exit status: 0 ok, 1 failure, 2 refused, 3 a run was lost (``wait``), 96 the run was
 already launched; ``launch`` itself exits with the entrypoint's exit code.
 
-The return-filter functions (``match_pattern``, ``is_returned``, ``build_outbox``) are
-importable: importing this module has no side effects.
+Importing this module has no side effects, and remote-exec itself imports it: this file
+is the one definition of what both sides must decide alike. The return filter
+(``match_pattern``, ``is_returned``, ``build_outbox``, ``check_pattern``), the rules of
+typed parameters (``Parameter``, ``bind_parameters``) and the protocol's constants (the
+exit codes, the control files ``launched`` / ``cancelled`` / ``pgid`` / ``exit_code``,
+``LOG_NAME``, ``MARK_WORD``) are used by the orchestrator as they are written here.
 """
 
 import errno
@@ -69,6 +73,20 @@ EXIT_FAILURE = 1
 EXIT_REFUSED = 2
 EXIT_LOST = 3
 EXIT_ALREADY_LAUNCHED = 96
+#: the exit code recorded for a run stopped by TERM or cancelled before it started
+#: (128 + SIGTERM), and for one that had to be KILLed (128 + SIGKILL)
+EXIT_TERMINATED = 143
+EXIT_KILLED = 137
+
+#: a run's control files (remote-exec's own control scripts name them the same):
+#: ``launched`` is the launch-once guard, a directory (``mkdir`` succeeds only once,
+#: and a cancel takes it too so that a run not launched yet never will be);
+#: ``cancelled`` the cancel mark; ``pgid`` the run's process group; ``exit_code`` the
+#: entrypoint's exit code, written atomically (a temporary file renamed into place)
+LAUNCHED = "launched"
+CANCELLED = "cancelled"
+PGID_FILE = "pgid"
+EXIT_CODE_FILE = "exit_code"
 
 #: the entrypoint's output, inside the run directory (as remote-exec's own flow names it)
 LOG_NAME = "remote_program_exec.log"
@@ -81,7 +99,13 @@ COMMAND_LIST = ("hello, create, status, launch, wait, log, cancel, remove, list,
 ONLY_AGENT = "this key runs only the remote-exec agent (commands: %s)" % COMMAND_LIST
 SFTP_REFUSAL = ("SFTP is not available through the remote-exec agent; files move with "
                 "rsync confined to one run directory")
+#: how every line the agent writes to stderr begins (the client recognises its refusals
+#: by it)
+SAY_PREFIX = "remote-exec agent: "
 RSYNC_MISSING = "rsync is not installed on this host; ask the site administrator to install it"
+
+#: what comes back of a run by default: everything in its run directory
+RETURN_ALL = ["**"]
 
 #: parameter declarations, as remote-exec templates have them
 TYPES = ("string", "int", "float", "bool", "choice", "path", "file", "list")
@@ -113,7 +137,10 @@ RSYNC_CAPABILITIES_RE = re.compile(r"[.A-Za-z0-9]*")
 
 POLL_SECONDS = 0.2
 LOG_POLL_SECONDS = 0.25
+#: how long a cancel waits for a launch under way to record its process group
 PGID_WAIT_SECONDS = 5.0
+#: seconds between TERM and KILL when a cancel does not say
+DEFAULT_CANCEL_GRACE = 10
 FETCH_LOCK_SECONDS = 30.0
 MAX_PARAMETERS_BYTES = 1024 * 1024
 
@@ -128,6 +155,26 @@ class Refused(Exception):
     def __init__(self, message, logged=None):
         Exception.__init__(self, message)
         self.logged = logged if logged is not None else message
+
+
+class BadValue(Refused):
+    """A parameter value its rules refuse. ``reason`` says why without naming the
+    parameter; unlike ``logged``, it may quote the value."""
+
+    def __init__(self, parameter, reason, logged_reason=None):
+        where = "parameter %r: " % (parameter,)
+        Refused.__init__(self, where + reason,
+                         where + (reason if logged_reason is None else logged_reason))
+        self.parameter = parameter
+        self.reason = reason
+
+
+class MissingParameter(Refused):
+    """A required parameter was not given (``parameter`` names it)."""
+
+    def __init__(self, message, parameter):
+        Refused.__init__(self, message)
+        self.parameter = parameter
 
 
 class Failure(Exception):
@@ -350,10 +397,12 @@ def build_outbox(rundir, outbox, returns, never, only):
 
 
 # --------------------------------------------------------------------------------------
-# Parameters
+# Parameters (also used by the orchestrator: its templates declare parameters the same
+# way, and these are the one definition of the rules both sides apply)
 # --------------------------------------------------------------------------------------
 
-def _as_text(value):
+def as_text(value):
+    """A declared default as the text a user would type (``true`` for a boolean)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
@@ -364,7 +413,11 @@ def _number_text(value):
 
 
 class Parameter:
-    """One declared parameter of an entrypoint (the rules of remote-exec templates)."""
+    """One declared parameter and its rules: ``type`` (``items`` for a list's elements),
+    ``required``, ``default``, ``pattern``, ``choices``, ``min`` / ``max``.
+
+    A bad declaration is a ValueError (naming ``where``); a bad value is BadValue.
+    """
 
     def __init__(self, name, spec, where):
         self.name = name
@@ -375,7 +428,8 @@ class Parameter:
         if spec is None:
             spec = {}
         if not isinstance(spec, dict):
-            raise ValueError("%s: expected an object with type, default, pattern, ..." % where)
+            raise ValueError("%s: expected a mapping (an object) with type, default, "
+                             "pattern, ..." % where)
         self.spec = spec
         unknown = set(spec) - PARAMETER_KEYS
         if unknown:
@@ -421,26 +475,26 @@ class Parameter:
             except re.error as exc:
                 raise ValueError("%s: pattern %r is not valid: %s"
                                  % (where, self.pattern, exc)) from None
-        try:
-            self.default = self._checked_default(spec.get("default"))
-        except Refused as exc:
-            raise ValueError("%s: the default is not valid: %s" % (where, exc)) from None
+        self.default = self._checked_default(spec.get("default"), where)
 
-    def _checked_default(self, default):
+    def _checked_default(self, default, where):
+        """The default, converted and checked like a given value."""
         if default is None:
             return [] if self.type == "list" else None
-        if self.type == "list":
-            if not isinstance(default, list):
-                raise Refused("the default of a list must be a list")
-            return [self.convert(_as_text(v)) for v in default]
-        return self.convert(_as_text(default))
+        if self.type == "list" and not isinstance(default, list):
+            raise ValueError("%s: the default of a list must be a list" % where)
+        try:
+            if self.type == "list":
+                return [self.convert(as_text(v)) for v in default]
+            return self.convert(as_text(default))
+        except BadValue as exc:
+            raise ValueError("%s: the default is not valid: %s" % (where, exc.reason)) from None
 
     def _bad(self, shown, logged):
-        where = "parameter %r: " % self.name
-        return Refused(where + shown, where + logged)
+        return BadValue(self.name, shown, logged)
 
     def convert(self, raw):
-        """One value (one element, for a list) as its type, or Refused."""
+        """One value (one element, for a list) as its type, or BadValue."""
         if "\n" in raw or "\r" in raw or "\x00" in raw:
             return self._raise("newlines and NUL bytes are not allowed in values")
         if self.type == "list" and not raw:
@@ -514,6 +568,43 @@ class Parameter:
         return str(value)
 
 
+def bind_parameters(parameters, given, owner):
+    """Check the values ``given`` (``{name: text | [texts]}``, the text as typed; a list
+    parameter also takes one text) against ``parameters`` (``{name: Parameter}``): their
+    converted values, with the defaults of those not given, or Refused. ``owner`` names
+    what declares the parameters in messages (``entrypoint NAME``)."""
+    if not isinstance(given, dict):
+        raise Refused("the parameters must be a JSON object {\"NAME\": \"value\", ...}")
+    known = ", ".join(sorted(parameters)) or "none"
+    values = {}
+    for name, raw in given.items():
+        param = parameters.get(name)
+        if param is None:
+            shown = name if len(name) <= 100 else name[:100] + "..."
+            raise Refused("%s has no parameter %r (parameters: %s)" % (owner, shown, known))
+        if param.type == "list":
+            if isinstance(raw, str):
+                raw = [raw]
+            if not isinstance(raw, list) or not all(isinstance(r, str) for r in raw):
+                raise Refused("parameter %r: a list parameter takes a JSON list of strings"
+                              % name)
+            values[name] = [param.convert(r) for r in raw]
+        else:
+            if not isinstance(raw, str):
+                raise Refused("parameter %r: give the value as a JSON string (the text "
+                              "as typed)" % name)
+            values[name] = param.convert(raw)
+    for name, param in parameters.items():
+        if name in values:
+            continue
+        if param.required:
+            raise MissingParameter("%s needs parameter %r (parameters: %s)"
+                                   % (owner, name, known), name)
+        default = param.default
+        values[name] = list(default) if isinstance(default, list) else default
+    return values
+
+
 class Entrypoint:
     """One allowlisted entrypoint: its file, pinned digest, interpreter, parameters."""
 
@@ -548,7 +639,7 @@ class Entrypoint:
         self.parameters = {}
         for pname, pspec in params.items():
             self.parameters[pname] = Parameter(pname, pspec, where)
-        self.returns = _patterns(spec.get("returns", ["**"]), "%s: returns" % where,
+        self.returns = check_patterns(spec.get("returns", RETURN_ALL), "%s: returns" % where,
                                  allow_empty=False)
 
     def read(self):
@@ -579,53 +670,29 @@ class Entrypoint:
 
     def bind(self, given):
         """Validate the client's ``{name: raw | [raws]}`` into converted values (Refused)."""
-        if not isinstance(given, dict):
-            raise Refused("the parameters must be a JSON object {\"NAME\": \"value\", ...}")
-        known = ", ".join(sorted(self.parameters)) or "none"
-        values = {}
-        for name, raw in given.items():
-            param = self.parameters.get(name)
-            if param is None:
-                shown = name if len(name) <= 100 else name[:100] + "..."
-                raise Refused("entrypoint %s has no parameter %r (parameters: %s)"
-                              % (self.name, shown, known))
-            if param.type == "list":
-                if isinstance(raw, str):
-                    raw = [raw]
-                if not isinstance(raw, list) or not all(isinstance(r, str) for r in raw):
-                    raise Refused("parameter %r: a list parameter takes a JSON list of strings"
-                                  % name)
-                values[name] = [param.convert(r) for r in raw]
-            else:
-                if not isinstance(raw, str):
-                    raise Refused("parameter %r: give the value as a JSON string (the text "
-                                  "as typed)" % name)
-                values[name] = param.convert(raw)
-        for name, param in self.parameters.items():
-            if name in values:
-                continue
-            if param.required:
-                raise Refused("entrypoint %s needs parameter %r (parameters: %s)"
-                              % (self.name, name, known))
-            default = param.default
-            values[name] = list(default) if isinstance(default, list) else default
-        return values
+        return bind_parameters(self.parameters, given, "entrypoint %s" % self.name)
 
 
-def _patterns(value, where, allow_empty):
+def check_pattern(pattern, where):
+    """A return-filter glob pattern, or ValueError: one line, relative, no ``..``."""
+    if not isinstance(pattern, str) or not pattern:
+        raise ValueError("%s: every pattern must be a non-empty string, not %r"
+                         % (where, pattern))
+    if any(c in pattern for c in "\n\r\x00"):
+        raise ValueError("%s: %r: newlines and NUL bytes are not allowed" % (where, pattern))
+    if pattern.startswith(("/", "~")):
+        raise ValueError("%s: %r must be relative to the run directory" % (where, pattern))
+    if ".." in pattern.split("/"):
+        raise ValueError("%s: %r: '..' is not allowed" % (where, pattern))
+    return pattern
+
+
+def check_patterns(value, where, allow_empty):
+    """A list of return-filter glob patterns (see :func:`check_pattern`), or ValueError."""
     if not isinstance(value, list) or (not value and not allow_empty):
         raise ValueError("%s: must be a%s list of glob patterns"
                          % (where, "" if allow_empty else " non-empty"))
-    for p in value:
-        if not isinstance(p, str) or not p:
-            raise ValueError("%s: every pattern must be a non-empty string, not %r" % (where, p))
-        if any(c in p for c in "\n\r\x00"):
-            raise ValueError("%s: %r: newlines and NUL bytes are not allowed" % (where, p))
-        if p.startswith(("/", "~")):
-            raise ValueError("%s: %r must be relative to the run directory" % (where, p))
-        if ".." in p.split("/"):
-            raise ValueError("%s: %r: '..' is not allowed" % (where, p))
-    return list(value)
+    return [check_pattern(p, where) for p in value]
 
 
 # --------------------------------------------------------------------------------------
@@ -709,8 +776,8 @@ class Config:
         returns = data.get("returns", {})
         if not isinstance(returns, dict) or set(returns) - {"never", "only"}:
             raise ValueError("%s: 'returns' must be an object with 'never' and 'only'" % where)
-        self.never = _patterns(returns.get("never", []), "%s: returns.never" % where, True)
-        self.only = _patterns(returns.get("only", []), "%s: returns.only" % where, True)
+        self.never = check_patterns(returns.get("never", []), "%s: returns.never" % where, True)
+        self.only = check_patterns(returns.get("only", []), "%s: returns.only" % where, True)
         for what, path in (("root", self.root), ("state", self.state)):
             try:
                 os.makedirs(path, 0o700, exist_ok=True)
@@ -837,16 +904,16 @@ class Run:
         return _isdir_nofollow(self.dir) and _isdir_nofollow(self.state)
 
     def launched(self):
-        return _isdir_nofollow(self.ctl("launched"))
+        return _isdir_nofollow(self.ctl(LAUNCHED))
 
     def cancelled(self):
-        return os.path.lexists(self.ctl("cancelled"))
+        return os.path.lexists(self.ctl(CANCELLED))
 
     def exit_code(self):
-        return _read_int(self.ctl("exit_code"))
+        return _read_int(self.ctl(EXIT_CODE_FILE))
 
     def pgid(self):
-        pgid = _read_int(self.ctl("pgid"))
+        pgid = _read_int(self.ctl(PGID_FILE))
         return pgid if pgid is not None and pgid > 1 else None
 
     def alive(self):
@@ -856,7 +923,7 @@ class Run:
 
     def launched_age(self):
         try:
-            return time.time() - os.lstat(self.ctl("launched")).st_mtime
+            return time.time() - os.lstat(self.ctl(LAUNCHED)).st_mtime
         except OSError:
             return None
 
@@ -952,7 +1019,7 @@ def cmd_create(cfg, args, journal):
     if has_state and _isdir_nofollow(run.dir):
         _print_json({"rundir": run.dir, "existed": True})
         return EXIT_OK
-    if has_state and os.path.lexists(run.ctl("launched")):
+    if has_state and os.path.lexists(run.ctl(LAUNCHED)):
         raise Refused("run %s was launched but its run directory is gone; remove it "
                       "(remove RUN_ID) and create it again" % run.id)
     try:
@@ -1048,7 +1115,7 @@ def _wrapper(run, entrypoint, argv, env, log_fd, ready_fd):
         os.setsid()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, _noop_handler)
-        _write_atomic(run.ctl("pgid"), "%d\n" % os.getpid())
+        _write_atomic(run.ctl(PGID_FILE), "%d\n" % os.getpid())
         os.write(ready_fd, b"1")
         os.close(ready_fd)
         devnull = os.open(os.devnull, os.O_RDWR)
@@ -1066,7 +1133,7 @@ def _wrapper(run, entrypoint, argv, env, log_fd, ready_fd):
             _write_all(log_fd, ("remote-exec agent: entrypoint %s (%s) changed after it was "
                                 "checked; not run\n" % (entrypoint.name, entrypoint.path)
                                 ).encode("utf-8", "replace"))
-            _write_atomic(run.ctl("exit_code"), "126\n")
+            _write_atomic(run.ctl(EXIT_CODE_FILE), "126\n")
             return
         try:
             proc = subprocess.Popen(argv, cwd=run.dir, stdin=subprocess.DEVNULL,
@@ -1082,7 +1149,7 @@ def _wrapper(run, entrypoint, argv, env, log_fd, ready_fd):
             code = proc.wait()
             if code < 0:
                 code = 128 - code
-        _write_atomic(run.ctl("exit_code"), "%d\n" % code)
+        _write_atomic(run.ctl(EXIT_CODE_FILE), "%d\n" % code)
     except BaseException:  # noqa: B036 - the wrapper must never return into the agent
         try:
             _write_all(log_fd, ("remote-exec agent: the run's wrapper failed:\n%s"
@@ -1131,12 +1198,12 @@ def cmd_launch(cfg, args, journal):
                       "the run directory" % log_path)
 
     try:
-        os.mkdir(run.ctl("launched"), 0o700)
+        os.mkdir(run.ctl(LAUNCHED), 0o700)
     except FileExistsError:
         raise AlreadyLaunched() from None
     if run.cancelled():  # a cancel got in between: the run never starts
         if run.exit_code() is None:
-            _write_atomic(run.ctl("exit_code"), "143\n")
+            _write_atomic(run.ctl(EXIT_CODE_FILE), "%d\n" % EXIT_TERMINATED)
         raise Refused("the run was cancelled; create a new run")
     # the approved bytes, kept as the record of what this run was allowed to start
     _write_new(run.ctl("entrypoint"), code, 0o500)
@@ -1167,7 +1234,7 @@ def cmd_launch(cfg, args, journal):
         os.waitpid(pid, 0)
         raise Failure("the run's wrapper process could not start")
     if run.pgid() != pid:
-        _write_atomic(run.ctl("pgid"), "%d\n" % pid)
+        _write_atomic(run.ctl(PGID_FILE), "%d\n" % pid)
     try:
         sys.stdout.write("started %d\n" % pid)
         sys.stdout.flush()
@@ -1272,7 +1339,7 @@ def cmd_cancel(cfg, args, journal):
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     _arguments(args, "cancel RUN_ID [GRACE_SECONDS]", 1, 2)
-    grace = 10
+    grace = DEFAULT_CANCEL_GRACE
     if len(args) == 2:
         if not re.fullmatch(r"[0-9]{1,9}", args[1]):
             raise Refused("GRACE_SECONDS must be a whole number of seconds >= 0")
@@ -1284,14 +1351,14 @@ def cmd_cancel(cfg, args, journal):
         _print_json({"result": text})
         return code
 
-    fd = os.open(run.ctl("cancelled"), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    fd = os.open(run.ctl(CANCELLED), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     os.close(fd)
     try:
-        os.mkdir(run.ctl("launched"), 0o700)
+        os.mkdir(run.ctl(LAUNCHED), 0o700)
     except FileExistsError:
         pass
     else:
-        _write_atomic(run.ctl("exit_code"), "143\n")
+        _write_atomic(run.ctl(EXIT_CODE_FILE), "%d\n" % EXIT_TERMINATED)
         return result("not started")
     deadline = time.monotonic() + PGID_WAIT_SECONDS
     while run.pgid() is None and run.exit_code() is None and time.monotonic() < deadline:
@@ -1313,7 +1380,7 @@ def cmd_cancel(cfg, args, journal):
             if run.exit_code() is None:
                 time.sleep(POLL_SECONDS)
                 if run.exit_code() is None:
-                    _write_atomic(run.ctl("exit_code"), "143\n")
+                    _write_atomic(run.ctl(EXIT_CODE_FILE), "%d\n" % EXIT_TERMINATED)
             return result("stopped by TERM")
         if time.monotonic() >= deadline:
             break
@@ -1326,7 +1393,7 @@ def cmd_cancel(cfg, args, journal):
     while run.exit_code() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     if run.exit_code() is None:
-        _write_atomic(run.ctl("exit_code"), "137\n")
+        _write_atomic(run.ctl(EXIT_CODE_FILE), "%d\n" % EXIT_KILLED)
     return result("killed")
 
 
@@ -1500,7 +1567,7 @@ def cmd_rsync(cfg, args, journal):
             if run.id not in built:
                 _fetch_lock(run)
                 entry = cfg.entrypoints.get(_read_text(run.ctl("entrypoint_name")) or "")
-                returns = entry.returns if entry is not None else ["**"]
+                returns = entry.returns if entry is not None else list(RETURN_ALL)
                 try:
                     built[run.id] = build_outbox(run.dir, outbox, returns, cfg.never, cfg.only)
                 except OSError as exc:
@@ -1598,7 +1665,7 @@ class Journal:
 
 def _say(text):
     try:
-        sys.stderr.write("remote-exec agent: %s\n" % text.replace("\n", " "))
+        sys.stderr.write(SAY_PREFIX + text.replace("\n", " ") + "\n")
         sys.stderr.flush()
     except OSError:
         pass

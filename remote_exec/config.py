@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from remote_exec import backends
+from remote_exec.backends.scheduler import RESOURCES_SCHEMA
 from remote_exec.errors import ConfigError
 from remote_exec.paths import user_config_file
 from remote_exec.sizes import SIZE_HINT, SIZE_SCHEMA, parse_size
@@ -82,15 +83,7 @@ _SITE_PROPERTIES: dict[str, Any] = {
     "agent_dir": {"type": "string", "minLength": 1},
     "never_return": {"type": "array", "items": {"type": "string", "minLength": 1}},
     "only_return": {"type": "array", "items": {"type": "string", "minLength": 1}},
-    "resources": {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {
-            **{key: {"type": ["string", "integer"]} for key in (
-                "nodes", "tasks", "cpus_per_task", "walltime", "queue", "project")},
-            "memory": SIZE_SCHEMA,  # a bare number is MiB
-        },
-    },
+    "resources": RESOURCES_SCHEMA,
 }
 
 

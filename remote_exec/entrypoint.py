@@ -10,6 +10,11 @@ Three small POSIX sh scripts go into ``.remote-exec/`` of every run directory:
                    exit code atomically to ``exit_code``;
   * ``cancel.sh``  TERM to the process group, KILL after a grace period.
 
+The batch backend's ``batch.sh`` and the restricted site's agent keep the same launch-once
+guard, cancel mark and exit-code file; the shell fragments below (:func:`launch_once`,
+:func:`cancel_unlaunched`, :func:`write_atomically`) and the protocol constants are
+the one definition the scripts are built from, the constants taken from the agent.
+
 Whether a run finished is therefore a fact on the remote side, never a guess from
 a connection, and a dropped connection does not stop the entrypoint.
 
@@ -27,26 +32,87 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from remote_exec.agent_file import agent_module
 from remote_exec.inputs import CONTROL_DIR, LOG_NAME
 from remote_exec.templates import RemotePath
 
-#: launch.sh's exit status when the run directory was launched before
-ALREADY_LAUNCHED = 96
+# The protocol's facts, shared with the restricted site's agent (which defines them:
+# it must stay one file) and the batch backend's submitter.
+_AGENT = agent_module()
+#: a control script's (and the agent's) exit status when the run was launched before
+ALREADY_LAUNCHED: int = _AGENT.EXIT_ALREADY_LAUNCHED
+#: the agent's exit status for a refused request
+REFUSED: int = _AGENT.EXIT_REFUSED
+#: how the agent's lines on stderr begin
+AGENT_PREFIX: str = _AGENT.SAY_PREFIX
+#: the agent's framing word (see ``strip_mark`` in the agent)
+MARK_WORD: str = _AGENT.MARK_WORD
+#: the exit code a cancel records: TERM (or never started), KILL
+TERMINATED: int = _AGENT.EXIT_TERMINATED
+KILLED: int = _AGENT.EXIT_KILLED
+#: a control script's exit status when it cannot enter its run directory
+NO_RUN_DIR = 97
+
+#: the control files in ``.remote-exec/`` (the agent keeps the same in its state
+#: directory): the launch-once guard (a directory), the cancel mark, the exit code, the
+#: run's process group
+LAUNCHED_MARK: str = _AGENT.LAUNCHED
+CANCELLED_MARK: str = _AGENT.CANCELLED
+EXIT_CODE_FILE: str = _AGENT.EXIT_CODE_FILE
+PGID_FILE: str = _AGENT.PGID_FILE
+
+# The shell fragments every control script shares (all paths relative to the run
+# directory, which the script enters first).
+_LAUNCHED = f"{CONTROL_DIR}/{LAUNCHED_MARK}"
+_CANCELLED = f"{CONTROL_DIR}/{CANCELLED_MARK}"
+_EXIT_CODE = f"{CONTROL_DIR}/{EXIT_CODE_FILE}"
+_PGID = f"{CONTROL_DIR}/{PGID_FILE}"
+
+#: enter the run directory (the script lives in its control directory)
+ENTER_RUN_DIR = f'cd "$(dirname "$0")/.." || exit {NO_RUN_DIR}'
+
+
+def write_atomically(path: str, value: str, indent: str = "") -> str:
+    """Shell lines writing ``value`` (shell text: ``"$rc"``, ``143``) and a newline to
+    ``path`` so that a reader sees the whole value or no file: a temporary file, renamed."""
+    return (f"{indent}printf '%s\\n' {value} > {path}.tmp &&\n"
+            f"{indent}  mv -f {path}.tmp {path}\n")
+
+
+def launch_once(what: str) -> str:
+    """Shell lines taking the launch-once guard (``mkdir`` is atomic, so a launch repeated
+    after a dropped connection, or after a cancel took the guard, stops here with
+    :data:`ALREADY_LAUNCHED`); ``what`` is the verb for the message."""
+    return (f"if ! mkdir {_LAUNCHED} 2>/dev/null; then\n"
+            f'  echo "remote-exec: this run was already {what}" >&2\n'
+            f"  exit {ALREADY_LAUNCHED}\n"
+            "fi\n")
+
+
+def cancel_unlaunched(said: str, indent: str = "") -> str:
+    """Shell lines marking the run cancelled and, if it was not launched yet, taking the
+    launch guard so that it never will be: then its exit code is :data:`TERMINATED`, the
+    script says ``said`` and exits 0. Otherwise it goes on (the run was launched)."""
+    return (f"{indent}: > {_CANCELLED}\n"
+            f"{indent}if mkdir {_LAUNCHED} 2>/dev/null; then\n"
+            + write_atomically(_EXIT_CODE, str(TERMINATED), indent + "  ")
+            + f'{indent}  echo "{said}"\n'
+            f"{indent}  exit 0\n"
+            f"{indent}fi\n")
+
 
 # The wrapper: the run's process group leader. It records its pid, runs the
 # entrypoint with its output in the log, and writes the exit code atomically. Its
 # traps only make it outlive a TERM long enough to record the entrypoint's code.
 WRAPPER = f"""#!/bin/sh
 # Written by remote-exec. Runs this run's entrypoint and records its exit code.
-cd "$(dirname "$0")/.." || exit 97
+{ENTER_RUN_DIR}
 printf '%s\\n' "$$" > {CONTROL_DIR}/pid
 date -u '+%Y-%m-%dT%H:%M:%SZ' > {CONTROL_DIR}/started_at 2>/dev/null
 trap : TERM INT HUP
 %ENTRY% > {LOG_NAME} 2>&1 < /dev/null
 rc=$?
-printf '%s\\n' "$rc" > {CONTROL_DIR}/exit_code.tmp &&
-  mv -f {CONTROL_DIR}/exit_code.tmp {CONTROL_DIR}/exit_code
-exit "$rc"
+{write_atomically(_EXIT_CODE, '"$rc"')}exit "$rc"
 """
 
 # The launcher: starts the wrapper at most once per run directory (``mkdir`` is the
@@ -55,20 +121,15 @@ exit "$rc"
 # for it while the SSH channel lasts, so a short run costs one exec request.
 LAUNCHER = f"""#!/bin/sh
 # Written by remote-exec. Starts run.sh once, detached; waits for it if it can.
-cd "$(dirname "$0")/.." || exit 97
-if ! mkdir {CONTROL_DIR}/launched 2>/dev/null; then
-  echo "remote-exec: this run was already launched" >&2
-  exit {ALREADY_LAUNCHED}
-fi
-if command -v setsid >/dev/null 2>&1; then
+{ENTER_RUN_DIR}
+{launch_once("launched")}if command -v setsid >/dev/null 2>&1; then
   setsid /bin/sh {CONTROL_DIR}/run.sh < /dev/null > /dev/null 2>&1 &
 else
   set -m
   /bin/sh {CONTROL_DIR}/run.sh < /dev/null > /dev/null 2>&1 &
 fi
 child=$!
-printf '%s\\n' "$child" > {CONTROL_DIR}/pgid.tmp && mv -f {CONTROL_DIR}/pgid.tmp {CONTROL_DIR}/pgid
-echo "started $child"
+{write_atomically(_PGID, '"$child"')}echo "started $child"
 wait "$child"
 """
 
@@ -78,23 +139,16 @@ CANCELLER = f"""#!/bin/sh
 # Written by remote-exec. Usage: cancel.sh GRACE_SECONDS
 # It finishes even if its SSH channel goes away (the caller may exit at once).
 trap '' HUP PIPE
-cd "$(dirname "$0")/.." || exit 97
-grace=$(( ${{1:-10}} * 5 ))
-: > {CONTROL_DIR}/cancelled
-if mkdir {CONTROL_DIR}/launched 2>/dev/null; then
-  printf '143\\n' > {CONTROL_DIR}/exit_code.tmp &&
-    mv -f {CONTROL_DIR}/exit_code.tmp {CONTROL_DIR}/exit_code
-  echo "not started"
-  exit 0
-fi
-n=0
-while [ ! -s {CONTROL_DIR}/pgid ] && [ "$n" -lt 50 ]; do
+{ENTER_RUN_DIR}
+grace=$(( ${{1:-{_AGENT.DEFAULT_CANCEL_GRACE}}} * 5 ))
+{cancel_unlaunched("not started")}n=0
+while [ ! -s {_PGID} ] && [ "$n" -lt {round(_AGENT.PGID_WAIT_SECONDS * 10)} ]; do
   sleep 0.1 2>/dev/null || sleep 1
   n=$((n + 1))
 done
-pgid=$(cat {CONTROL_DIR}/pgid 2>/dev/null)
+pgid=$(cat {_PGID} 2>/dev/null)
 case "$pgid" in ''|*[!0-9]*) echo "no process group recorded"; exit 3 ;; esac
-if [ -f {CONTROL_DIR}/exit_code ]; then echo "already finished"; exit 0; fi
+if [ -f {_EXIT_CODE} ]; then echo "already finished"; exit 0; fi
 kill -TERM "-$pgid" 2>/dev/null || {{ echo "already gone"; exit 0; }}
 n=0
 while [ "$n" -lt "$grace" ]; do
@@ -103,10 +157,8 @@ while [ "$n" -lt "$grace" ]; do
   n=$((n + 1))
 done
 kill -KILL "-$pgid" 2>/dev/null && echo "killed"
-if [ ! -f {CONTROL_DIR}/exit_code ]; then
-  printf '137\\n' > {CONTROL_DIR}/exit_code.tmp &&
-    mv -f {CONTROL_DIR}/exit_code.tmp {CONTROL_DIR}/exit_code
-fi
+if [ ! -f {_EXIT_CODE} ]; then
+{write_atomically(_EXIT_CODE, str(KILLED), "  ")}fi
 exit 0
 """
 

@@ -102,13 +102,6 @@ class ChannelRefusedError(ConnectError):
         super().__init__(message, hint=hint, retryable=True)
 
 
-class StaleConnectionError(ConnectError):
-    """A reused connection turned out dead before the run changed anything remotely."""
-
-    def __init__(self, message: str, *, hint: str | None = None) -> None:
-        super().__init__(message, hint=hint, retryable=True)
-
-
 class AuthError(RemoteExecError):
     """Authentication failed or the host key could not be verified."""
 

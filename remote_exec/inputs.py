@@ -7,11 +7,14 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from remote_exec.agent_file import agent_module
 from remote_exec.errors import InputError
 
 #: Names inside the run directory that belong to remote-exec itself.
 CONTROL_DIR = ".remote-exec"
-LOG_NAME = "remote_program_exec.log"
+#: the entrypoint's output, in the run directory (the agent, which must stay one file,
+#: defines it)
+LOG_NAME: str = agent_module().LOG_NAME
 
 
 @dataclass(frozen=True)

@@ -35,32 +35,29 @@ Each may have ``default``, ``required``, ``pattern`` (a regular expression the w
 value, or each element of a list, must match), ``description``, and for ``int`` and
 ``float`` (or lists of them) ``min`` / ``max``. Defaults are checked like given values
 when the template is loaded.
+
+A restricted site's agent checks the parameters of the entrypoints it runs by the same
+rules, and those rules are written once, in the agent (a standard-library file that
+must stay one file): the declarations (:class:`remote_exec_agent.Parameter`), the
+values (its ``convert``), the binding of given values and defaults
+(``bind_parameters``) and the ``returns`` patterns (``check_pattern``). This module
+loads them from there (:mod:`remote_exec.agent_file`) and turns their verdicts into
+ConfigErrors.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from remote_exec.agent_file import agent_module
 from remote_exec.errors import ConfigError
 from remote_exec.paths import shipped_dir
 
-TYPES = ("string", "int", "float", "bool", "choice", "path", "file", "list")
-#: what a list's elements may be
-ITEM_TYPES = tuple(t for t in TYPES if t != "list")
-PARAMETER_KEYS = frozenset({
-    "type", "items", "required", "default", "pattern", "choices", "min", "max", "description",
-})
 TEMPLATE_KEYS = frozenset({"description", "parameters", "returns"})
-#: everything in the run directory
-RETURN_ALL = ["**"]
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class Raw(str):
@@ -96,34 +93,24 @@ def shell_quote(value: Any) -> str:
     return shlex.quote(str(value))
 
 
-def check_run_file(raw: str, where: str) -> str:
-    """A path inside the run directory, or ConfigError: relative, no ``..``, no leading ``-``."""
-    if not raw:
-        raise ConfigError(f"{where}: a file name must not be empty")
-    if raw.startswith("/"):
-        raise ConfigError(f"{where}: {raw!r} is absolute; give a path inside the run directory")
-    if ".." in raw.split("/"):
-        raise ConfigError(f"{where}: {raw!r}: '..' is not allowed in file names")
-    if raw.startswith("-"):
-        raise ConfigError(f"{where}: {raw!r} starts with '-' and would be read as an option")
-    return raw
-
-
 def check_return_pattern(pattern: Any, where: str) -> str:
-    """A ``returns:`` glob pattern, or ConfigError: relative, no ``..`` component."""
-    if not isinstance(pattern, str) or not pattern:
-        raise ConfigError(f"{where}: every pattern must be a non-empty string, not {pattern!r}")
-    if any(c in pattern for c in "\n\r\x00"):
-        raise ConfigError(f"{where}: {pattern!r}: newlines and NUL bytes are not allowed")
-    if pattern.startswith(("/", "~")):
-        raise ConfigError(f"{where}: {pattern!r} must be relative to the run directory")
-    if ".." in pattern.split("/"):
-        raise ConfigError(f"{where}: {pattern!r}: '..' is not allowed")
-    return pattern
+    """A ``returns:`` glob pattern, or ConfigError: one line, relative, no ``..`` component
+    (the agent's ``check_pattern``)."""
+    try:
+        return str(agent_module().check_pattern(pattern, where))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def return_all() -> list[str]:
+    """The default ``returns``: everything in the run directory (``["**"]``)."""
+    return list(agent_module().RETURN_ALL)
 
 
 @dataclass
 class Parameter:
+    """A template's parameter: its declaration, checked by the agent's rules."""
+
     name: str
     type: str = "string"
     required: bool = False
@@ -134,6 +121,8 @@ class Parameter:
     items: str = "string"
     min: float | None = None
     max: float | None = None
+    #: the agent's Parameter for this declaration (made on first use)
+    _rules: Any = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def kind(self) -> str:
@@ -145,60 +134,50 @@ class Parameter:
         """The type as shown to people: ``list[file]`` for a list of files."""
         return f"list[{self.items}]" if self.type == "list" else self.type
 
+    def spec(self) -> dict[str, Any]:
+        """The declaration as plain data, as an agent's allowlist has it (the default as
+        the text a user would type)."""
+        spec: dict[str, Any] = {"type": self.type, "required": self.required}
+        if self.type == "list":
+            spec["items"] = self.items
+        for key in ("pattern", "min", "max"):
+            if getattr(self, key) is not None:
+                spec[key] = getattr(self, key)
+        if self.choices:
+            spec["choices"] = list(self.choices)
+        if self.default is not None and self.default != []:
+            spec["default"] = _wire(self.default)
+        elif self.type == "list":
+            spec["default"] = []
+        return spec
+
+    def rules(self) -> Any:
+        """The agent's ``Parameter`` for this declaration: the one definition of the rules
+        (ConfigError if the declaration breaks them)."""
+        if self._rules is None:
+            try:
+                self._rules = agent_module().Parameter(self.name, self.spec(), "template")
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        return self._rules
+
     def convert(self, raw: str) -> Any:
         """Turn one command-line value (one element, for a list) into its type, or raise."""
-        where = f"parameter {self.name!r}"
-        if "\n" in raw or "\r" in raw or "\x00" in raw:
-            raise ConfigError(f"{where}: newlines and NUL bytes are not allowed in values")
-        if self.type == "list" and not raw:
-            raise ConfigError(f"{where}: an empty element is not allowed in a list "
-                              "(the entrypoint gets a list one element per line)")
-        if self.pattern and not re.fullmatch(self.pattern, raw):
-            raise ConfigError(f"{where}: {raw!r} does not match the pattern {self.pattern!r}")
-        kind = self.kind
-        if kind in ("int", "float"):
-            try:
-                number: float = int(raw) if kind == "int" else float(raw)
-            except ValueError:
-                raise ConfigError(f"{where}: {raw!r} is not a valid {kind}") from None
-            if number != number or number in (float("inf"), float("-inf")):
-                raise ConfigError(f"{where}: {raw!r} is not a finite number")
-            if self.min is not None and number < self.min:
-                raise ConfigError(f"{where}: {raw} is less than the minimum {self.min:g}")
-            if self.max is not None and number > self.max:
-                raise ConfigError(f"{where}: {raw} is more than the maximum {self.max:g}")
-            return number
-        if kind == "bool":
-            if raw.lower() in _TRUE:
-                return True
-            if raw.lower() in _FALSE:
-                return False
-            raise ConfigError(f"{where}: {raw!r} is not a boolean (use true or false)")
-        if kind == "choice" and raw not in self.choices:
-            raise ConfigError(f"{where}: {raw!r} is not one of {', '.join(self.choices)}")
-        if kind == "path":
-            if ".." in raw.split("/"):
-                raise ConfigError(f"{where}: '..' is not allowed in paths")
-            return RemotePath(raw)
-        if kind == "file":
-            return check_run_file(raw, where)
-        return raw
+        agent = agent_module()
+        try:
+            value = self.rules().convert(raw)
+        except agent.Refused as exc:
+            raise ConfigError(str(exc)) from None
+        return self.typed(value)
 
-    def checked_default(self, where: str) -> Any:
-        """The default, converted and validated like a given value (None: no default)."""
-        if self.default is None:
-            return [] if self.type == "list" else None
-        if self.type == "list":
-            if not isinstance(self.default, list):
-                raise ConfigError(f"{where}: the default of a list must be a list")
-            return [self.convert(_as_text(v)) for v in self.default]
-        return self.convert(_as_text(self.default))
-
-
-def _as_text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
+    def typed(self, value: Any) -> Any:
+        """A value the agent's rules converted, as the client keeps it: a site path (or a
+        list of them) as :class:`RemotePath`, so that ``~/`` means the remote home."""
+        if self.kind != "path" or value is None:
+            return value
+        if isinstance(value, list):
+            return [RemotePath(v) for v in value]
+        return RemotePath(value)
 
 
 @dataclass
@@ -208,38 +187,35 @@ class Template:
     description: str
     parameters: dict[str, Parameter]
     source: str
-    returns: list[str] = field(default_factory=lambda: list(RETURN_ALL))
+    returns: list[str] = field(default_factory=return_all)
 
     def bind(self, pairs: list[str]) -> dict[str, Any]:
-        """Validate ``KEY=VALUE`` pairs against the declared parameters."""
-        values: dict[str, Any] = {}
+        """Validate ``KEY=VALUE`` pairs against the declared parameters (a list parameter
+        is repeated), by the agent's rules; the defaults of those not given."""
+        given: dict[str, Any] = {}
         for pair in pairs:
             key, sep, raw = pair.partition("=")
             if not sep:
                 raise ConfigError(f"--param {pair!r}: expected KEY=VALUE")
             param = self.parameters.get(key)
-            if param is None:
-                known = ", ".join(sorted(self.parameters)) or "none"
-                raise ConfigError(
-                    f"template {self.name!r} has no parameter {key!r} (parameters: {known})"
-                )
-            value = param.convert(raw)
-            if param.type == "list":
-                values.setdefault(key, []).append(value)
-            elif key in values:
+            if param is not None and param.type == "list":
+                given.setdefault(key, []).append(raw)
+            elif key in given:
                 raise ConfigError(f"parameter {key!r} given twice")
             else:
-                values[key] = value
-        for name, param in self.parameters.items():
-            if name in values:
-                continue
-            if param.required:
-                raise ConfigError(
-                    f"template {self.name!r} needs --param {name}=... ({param.description})"
-                )
-            default = param.default  # already converted by load_template
-            values[name] = list(default) if isinstance(default, list) else default
-        return values
+                given[key] = raw
+        agent = agent_module()
+        rules = {name: param.rules() for name, param in self.parameters.items()}
+        try:
+            values = agent.bind_parameters(rules, given, f"template {self.name!r}")
+        except agent.MissingParameter as exc:
+            param = self.parameters[exc.parameter]
+            raise ConfigError(
+                f"template {self.name!r} needs --param {param.name}=... ({param.description})"
+            ) from None
+        except agent.Refused as exc:
+            raise ConfigError(str(exc)) from None
+        return {name: self.parameters[name].typed(value) for name, value in values.items()}
 
     def render(self, values: dict[str, Any]) -> str:
         """The entrypoint script for these (already validated) values: the body, with
@@ -286,22 +262,7 @@ class Template:
 
     def declarations(self) -> dict[str, dict[str, Any]]:
         """The parameters as plain data (the agent's allowlist validates runs with it)."""
-        out: dict[str, dict[str, Any]] = {}
-        for p in self.parameters.values():
-            spec: dict[str, Any] = {"type": p.type, "required": p.required}
-            if p.type == "list":
-                spec["items"] = p.items
-            for key in ("pattern", "min", "max"):
-                if getattr(p, key) is not None:
-                    spec[key] = getattr(p, key)
-            if p.choices:
-                spec["choices"] = list(p.choices)
-            if p.default is not None and p.default != []:
-                spec["default"] = _wire(p.default)
-            elif p.type == "list":
-                spec["default"] = []
-            out[p.name] = spec
-        return out
+        return {p.name: p.spec() for p in self.parameters.values()}
 
     def describe(self) -> str:
         """What ``remote-exec templates NAME`` shows: parameters, types, defaults, returns."""
@@ -312,7 +273,7 @@ class Template:
             elif p.default is None or p.default == []:
                 extra = " (optional)"
             else:
-                extra = f" (default: {_as_text(_plain(p.default))})"
+                extra = f" (default: {_plain(p.default)})"
             lines.append(f"  {p.name:12} {p.label:12}{extra}  {p.description}")
             details = []
             if p.choices:
@@ -358,13 +319,14 @@ def _wire(value: Any) -> Any:
     """A converted value as the text (or list of texts) the user would have typed."""
     if isinstance(value, list):
         return [_wire(v) for v in value]
-    return _as_text(value)
+    return str(agent_module().as_text(value))
 
 
-def _plain(value: Any) -> Any:
+def _plain(value: Any) -> str:
+    """A default as ``describe`` shows it: the text typed, a list's elements by spaces."""
     if isinstance(value, list):
         return " ".join(str(v) for v in value)
-    return value
+    return str(agent_module().as_text(value))
 
 
 def templates_dir() -> Path:
@@ -380,48 +342,20 @@ def available() -> list[str]:
 
 
 def _parameter(spec_file: Path, pname: Any, pspec: Any) -> Parameter:
-    where = f"{spec_file}: parameter {pname!r}"
-    if not isinstance(pname, str) or not _IDENTIFIER.fullmatch(pname):
+    """Parameter ``pname`` as ``spec_file`` declares it, checked by the agent's rules."""
+    try:
+        rules = agent_module().Parameter(pname, pspec, str(spec_file))
+    except ValueError as exc:
         hint = " (YAML reads a bare on/off/yes/no as a boolean: quote it)" if isinstance(
             pname, bool) else ""
-        raise ConfigError(f"{where}: a parameter name must be a letter or _ then letters, "
-                          f"digits or _{hint}")
-    if pspec is None:
-        pspec = {}
-    if not isinstance(pspec, dict):
-        raise ConfigError(f"{where}: expected a mapping of type, default, pattern, ...")
-    unknown = set(pspec) - PARAMETER_KEYS
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {sorted(unknown)} "
-                          f"(known: {', '.join(sorted(PARAMETER_KEYS))})")
-    ptype = pspec.get("type", "string")
-    if ptype not in TYPES:
-        raise ConfigError(f"{where}: type must be one of {', '.join(TYPES)}")
-    if "items" in pspec:
-        if ptype != "list":
-            raise ConfigError(f"{where}: 'items' is only for type list")
-        if pspec["items"] not in ITEM_TYPES:
-            raise ConfigError(f"{where}: items must be one of {', '.join(ITEM_TYPES)}")
-    param = Parameter(name=pname, **pspec)
-    if param.kind == "choice":
-        if not param.choices or not all(isinstance(c, str) for c in param.choices):
-            raise ConfigError(f"{where}: a choice needs a non-empty list of strings in 'choices'")
-    elif "choices" in pspec:
-        raise ConfigError(f"{where}: 'choices' is only for type choice")
-    for bound in ("min", "max"):
-        value = pspec.get(bound)
-        if value is None:
-            continue
-        if param.kind not in ("int", "float"):
-            raise ConfigError(f"{where}: {bound!r} is only for int and float")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: {bound!r} must be a number")
-    if param.pattern is not None:
-        try:
-            re.compile(str(param.pattern))
-        except re.error as exc:
-            raise ConfigError(f"{where}: pattern {param.pattern!r} is not valid: {exc}") from None
-    param.default = param.checked_default(where)
+        raise ConfigError(f"{exc}{hint}") from None
+    param = Parameter(
+        name=pname, type=rules.type, required=rules.required, pattern=rules.pattern,
+        choices=list(rules.choices), description=str((pspec or {}).get("description", "")),
+        items=rules.items, min=rules.min, max=rules.max,
+    )
+    param.default = param.typed(rules.default)
+    param._rules = rules
     return param
 
 
@@ -429,7 +363,8 @@ def load_template(name: str) -> Template:
     """Load and check ``templates/NAME``."""
     import yaml
 
-    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+    # a template becomes an approved entrypoint of that name on a restricted site
+    if not agent_module().ENTRYPOINT_NAME_RE.fullmatch(name):
         raise ConfigError(f"invalid template name {name!r}")
     directory = templates_dir() / name
     spec_file = directory / "template.yaml"
@@ -454,10 +389,11 @@ def load_template(name: str) -> Template:
     if not isinstance(pspecs, dict):
         raise ConfigError(f"{spec_file}: 'parameters' must be a mapping")
     params = {str(p): _parameter(spec_file, p, s) for p, s in pspecs.items()}
-    returns = spec.get("returns", RETURN_ALL)
-    if not isinstance(returns, list) or not returns:
-        raise ConfigError(f"{spec_file}: 'returns' must be a non-empty list of glob patterns")
-    returns = [check_return_pattern(p, f"{spec_file}: returns") for p in returns]
+    try:
+        returns = agent_module().check_patterns(spec.get("returns", return_all()),
+                                                f"{spec_file}: returns", False)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return Template(
         name=name, directory=directory, description=str(spec.get("description", "")),
         parameters=params, source=script_file.read_text(encoding="utf-8"), returns=returns,

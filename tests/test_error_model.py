@@ -273,7 +273,7 @@ def _readme_exit_rows() -> dict[int, str]:
 CLASSES: dict[type, str] = {
     errors.ConfigError: "planned", errors.InputError: "planned",
     errors.ConnectError: "planned", errors.ChannelRefusedError: "created",
-    errors.StaleConnectionError: "created", errors.AuthError: "planned",
+    errors.AuthError: "planned",
     errors.SftpRefusedError: "planned", AgentRefused: "launched",
     errors.StageError: "created", errors.NoisyShellError: "created", SubmitError: "staged",
     SyncError: "created", errors.FetchError: "finished", localfs.PlacingError: "finished",

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from remote_exec import templates
+from remote_exec.agent_file import agent_module
 from remote_exec.errors import ConfigError
 from remote_exec.templates import Parameter, RemotePath
 
@@ -151,7 +152,7 @@ def test_every_shipped_template_loads(name):
     assert tpl.source.startswith("#!/bin/sh\n")
     assert tpl.returns and all(isinstance(p, str) for p in tpl.returns)
     for param in tpl.parameters.values():
-        assert param.type in templates.TYPES
+        assert param.type in agent_module().TYPES
         assert param.description
     text = tpl.describe()
     assert "returns: " + " ".join(tpl.returns) in text

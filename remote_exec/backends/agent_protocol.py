@@ -30,7 +30,8 @@ from typing import Any, cast
 import asyncssh
 
 from remote_exec.backends.base import Launched
-from remote_exec.entrypoint import ALREADY_LAUNCHED
+from remote_exec.entrypoint import AGENT_PREFIX as PREFIX
+from remote_exec.entrypoint import ALREADY_LAUNCHED, MARK_WORD, REFUSED
 from remote_exec.errors import (
     AuthError,
     ConfigError,
@@ -44,18 +45,11 @@ from remote_exec.ssh import rsync as rsync_mod
 from remote_exec.ssh import shell
 from remote_exec.ssh.transfer import RSYNC_FETCH_OPTIONS, FetchReport, rsync_hint
 
-#: the agent's exit status for a refused request (a run launched before answers
-#: ALREADY_LAUNCHED, as launch.sh does)
-REFUSED = 2
-PREFIX = "remote-exec agent: "
-
 
 class AgentRefused(AuthError):
     """The site's agent refused the request (its policy, not a fault: final, exit 77)."""
 
 
-#: the agent's framing word (see ``strip_mark`` in the agent): it prints the mark first
-MARK_WORD = "mark"
 
 
 def agent_request(*words: str) -> shell.Request:

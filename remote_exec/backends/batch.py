@@ -35,7 +35,7 @@ from remote_exec.backends.scheduler import (
 )
 from remote_exec.backends.ssh import SshBackend, read_control
 from remote_exec.backoff import POLL, QUERY
-from remote_exec.entrypoint import ALREADY_LAUNCHED
+from remote_exec.entrypoint import ALREADY_LAUNCHED, ENTER_RUN_DIR, cancel_unlaunched, launch_once
 from remote_exec.errors import (
     EXIT_REMOTE_LOST,
     EXIT_SIGNAL_BASE,
@@ -60,26 +60,15 @@ BATCH_SCRIPT = f"{CONTROL_DIR}/batch.sh"
 SUBMITTER = f"""#!/bin/sh
 # Written by remote-exec. Usage: batch.sh submit COMMAND [ARG...] | batch.sh cancel
 trap '' HUP PIPE
-cd "$(dirname "$0")/.." || exit 97
+{ENTER_RUN_DIR}
 case "$1" in
 cancel)
-  : > {CONTROL_DIR}/cancelled
-  if mkdir {CONTROL_DIR}/launched 2>/dev/null; then
-    printf '143\\n' > {CONTROL_DIR}/exit_code.tmp &&
-      mv -f {CONTROL_DIR}/exit_code.tmp {CONTROL_DIR}/exit_code
-    echo "not submitted"
-  else
-    echo "submitted"
-  fi
+{cancel_unlaunched("not submitted", "  ")}  echo "submitted"
   exit 0 ;;
 submit) shift ;;
 *) echo "usage: batch.sh submit COMMAND [ARG...] | batch.sh cancel" >&2; exit 2 ;;
 esac
-if ! mkdir {CONTROL_DIR}/launched 2>/dev/null; then
-  echo "remote-exec: this run was already submitted" >&2
-  exit {ALREADY_LAUNCHED}
-fi
-"$@" > {CONTROL_DIR}/submit.tmp 2> {CONTROL_DIR}/submit.err
+{launch_once("submitted")}"$@" > {CONTROL_DIR}/submit.tmp 2> {CONTROL_DIR}/submit.err
 rc=$?
 printf '%s\\n' "$rc" > {CONTROL_DIR}/submit.rc
 mv -f {CONTROL_DIR}/submit.tmp {CONTROL_DIR}/submit.out

@@ -30,7 +30,7 @@ from datetime import datetime
 from typing import Any, ClassVar
 
 from remote_exec.errors import ConfigError
-from remote_exec.sizes import SIZE_HINT, parse_size
+from remote_exec.sizes import SIZE_HINT, SIZE_SCHEMA, parse_size
 
 #: the one small set every scheduler's states map to
 QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED, TIMED_OUT = (
@@ -176,6 +176,18 @@ class Resources:
                  "memory": f"{self.memory_mb}M" if self.memory_mb else None}
         parts = [f"{k}={v}" for k, v in shown.items() if v is not None]
         return ", ".join(parts) or "the scheduler's defaults"
+
+
+#: the configuration schema of a site's ``resources:`` (the keys of :attr:`Resources.KEYS`;
+#: their values are checked by :meth:`Resources.parse`)
+RESOURCES_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        key: SIZE_SCHEMA if key == "memory" else {"type": ["string", "integer"]}
+        for key in Resources.KEYS  # a bare memory number is MiB
+    },
+}
 
 
 def _positive_int(value: Any, what: str) -> int:

@@ -33,10 +33,10 @@ from typing import Any
 import asyncssh
 
 from remote_exec import templates
+from remote_exec.agent_file import AGENT_FILE, agent_module
 from remote_exec.config import Site
 from remote_exec.errors import ConfigError, RemoteExecError
 from remote_exec.paths import shipped_dir
-from remote_exec.returns import AGENT_FILE, agent_module
 from remote_exec.ssh import shell
 from remote_exec.ssh.connect import open_connection
 
@@ -152,7 +152,7 @@ async def install(site: Site, *, apply: bool, admin_identity: str | None = None,
             async with sftp.open(program, "rb") as f:
                 digest = hashlib.sha256(await f.read()).hexdigest()
             entries[SITE_ENTRY] = {"path": program, "sha256": digest, "interpreter": [],
-                                   "parameters": {}, "returns": templates.RETURN_ALL}
+                                   "parameters": {}, "returns": templates.return_all()}
         else:
             report.warnings.append(
                 f"the site's entrypoint {program} is not on the host: runs without "
