@@ -60,6 +60,8 @@ LAUNCHED_MARK: str = _AGENT.LAUNCHED
 CANCELLED_MARK: str = _AGENT.CANCELLED
 EXIT_CODE_FILE: str = _AGENT.EXIT_CODE_FILE
 PGID_FILE: str = _AGENT.PGID_FILE
+#: a run id (the name of its run directory)
+RUN_ID_RE = _AGENT.RUN_ID_RE
 
 # The shell fragments every control script shares (all paths relative to the run
 # directory, which the script enters first).

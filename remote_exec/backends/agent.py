@@ -31,6 +31,7 @@ from remote_exec.backends.agent_protocol import (
 from remote_exec.backends.base import Backend, Launched, Leftover, Moved, RemoteState, Run
 from remote_exec.backends.site_check import ssh_site_rows
 from remote_exec.backends.ssh import local_log_rest
+from remote_exec.entrypoint import KILLED, TERMINATED
 from remote_exec.errors import ConfigError, RemoteExecError, StageError
 from remote_exec.journal import RunRecord
 from remote_exec.localfs import tree_size
@@ -99,7 +100,7 @@ class AgentBackend(Backend):
         await follow_agent_log(self.agent, self.link.conn, run.run_id, run.ui, stop)
 
     async def cancelled_remotely(self, run: Run) -> bool:
-        if run.exit_code not in (137, 143):  # what a cancel leaves: spare an exec
+        if run.exit_code not in (KILLED, TERMINATED):  # what a cancel leaves: spare an exec
             return False
         status = await self.agent.status(await self.link.conn(), run.run_id)
         return bool(status.get("cancelled"))

@@ -35,7 +35,14 @@ from remote_exec.backends.scheduler import (
 )
 from remote_exec.backends.ssh import SshBackend, read_control
 from remote_exec.backoff import POLL, QUERY
-from remote_exec.entrypoint import ALREADY_LAUNCHED, ENTER_RUN_DIR, cancel_unlaunched, launch_once
+from remote_exec.entrypoint import (
+    ALREADY_LAUNCHED,
+    CANCELLED_MARK,
+    ENTER_RUN_DIR,
+    LAUNCHED_MARK,
+    cancel_unlaunched,
+    launch_once,
+)
 from remote_exec.errors import (
     EXIT_REMOTE_LOST,
     EXIT_SIGNAL_BASE,
@@ -134,7 +141,7 @@ class BatchBackend(SshBackend):
         conn, sftp, rundir = await self.link.conn(), await self.link.sftp(), run.rundir
         files = {JOB_SCRIPT: render_job_script(self.scheduler, run.run_id, self.job),
                  BATCH_SCRIPT: SUBMITTER}
-        if not await sftp.exists(posixpath.join(rundir, CONTROL_DIR, "launched")):
+        if not await sftp.exists(posixpath.join(rundir, CONTROL_DIR, LAUNCHED_MARK)):
             for rel, text in files.items():
                 async with sftp.open(posixpath.join(rundir, rel), "wb") as f:
                     await f.write(text.encode("utf-8"))
@@ -175,7 +182,7 @@ class BatchBackend(SshBackend):
                 out = await read_control(sftp, rundir, "submit.out") or ""
                 err = await read_control(sftp, rundir, "submit.err") or ""
                 return out, err, int(rc) if rc.lstrip("-").isdigit() else None
-            if await read_control(sftp, rundir, "cancelled") is not None:
+            if await read_control(sftp, rundir, CANCELLED_MARK) is not None:
                 raise SubmitError("the run was cancelled before its job was submitted")
             if loop.time() > deadline:
                 raise SubmitError(

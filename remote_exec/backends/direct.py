@@ -17,7 +17,7 @@ import asyncssh
 from remote_exec.backends.base import Launched, RemoteState, Run
 from remote_exec.backends.ssh import SshBackend, read_control, read_exit_code
 from remote_exec.backoff import POLL
-from remote_exec.entrypoint import ALREADY_LAUNCHED, control_argv
+from remote_exec.entrypoint import ALREADY_LAUNCHED, PGID_FILE, control_argv
 from remote_exec.errors import RemoteLostError, StageError
 from remote_exec.inputs import CONTROL_DIR, LOG_NAME
 from remote_exec.journal import RunRecord
@@ -43,7 +43,7 @@ class DirectBackend(SshBackend):
         await process.wait_closed()
         if process.exit_status is None and conn.is_closed():
             raise asyncssh.ConnectionLost("the connection closed while launching")
-        pgid = await read_control(await self.link.sftp(), rundir, "pgid")
+        pgid = await read_control(await self.link.sftp(), rundir, PGID_FILE)
         if process.exit_status == ALREADY_LAUNCHED or pgid:
             # launched, by an earlier attempt or by this one whose answer got lost: wait
             # for that process; never start the entrypoint a second time
@@ -109,7 +109,7 @@ class DirectBackend(SshBackend):
 
     async def probe_more(self, conn: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient,
                          record: RunRecord, state: RemoteState) -> None:
-        pgid = await read_control(sftp, record.rundir or "", "pgid")
+        pgid = await read_control(sftp, record.rundir or "", PGID_FILE)
         if state.exit_code is None and pgid and await sftp.exists("/proc/self"):
             state.alive = await sftp.exists(f"/proc/{pgid}")
 
@@ -117,7 +117,7 @@ class DirectBackend(SshBackend):
         state = await super().leftover_state(sftp, path, proc)
         if state != "running":
             return state
-        pgid = await read_control(sftp, path, "pgid")
+        pgid = await read_control(sftp, path, PGID_FILE)
         if pgid and proc:
             return "running" if await sftp.exists(f"/proc/{pgid}") else "dead"
         return state

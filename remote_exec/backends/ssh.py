@@ -13,7 +13,6 @@ import asyncio
 import codecs
 import contextlib
 import posixpath
-import re
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -24,6 +23,7 @@ import asyncssh
 from remote_exec import returns as return_filter
 from remote_exec.backends.base import Backend, Leftover, Moved, RemoteState, Run
 from remote_exec.backends.site_check import ssh_site_rows
+from remote_exec.entrypoint import CANCELLED_MARK, EXIT_CODE_FILE, LAUNCHED_MARK, RUN_ID_RE
 from remote_exec.errors import ConfigError, RemoteExecError, StageError
 from remote_exec.inputs import CONTROL_DIR, LOG_NAME
 from remote_exec.journal import RunRecord, opened
@@ -32,8 +32,6 @@ from remote_exec.ssh import shell, transfer
 from remote_exec.ssh.link import Link, open_throttled
 from remote_exec.ui import Reporter
 
-#: a run directory's name: the run id
-UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 #: how much of a followed log is read (and held) at once
 LOG_CHUNK = 256 * 1024
 
@@ -49,7 +47,7 @@ async def read_control(sftp: asyncssh.SFTPClient, rundir: str, name: str) -> str
 
 async def read_exit_code(sftp: asyncssh.SFTPClient, rundir: str) -> int | None:
     """The exit code the wrapper recorded, or None if it has not finished."""
-    text = await read_control(sftp, rundir, "exit_code")
+    text = await read_control(sftp, rundir, EXIT_CODE_FILE)
     try:
         return int(text) if text else None
     except ValueError:
@@ -189,7 +187,7 @@ class SshBackend(Backend):
         await follow_sftp_log(self.link.open_sftp, run.rundir, run.ui, stop)
 
     async def cancelled_remotely(self, run: Run) -> bool:
-        return await read_control(await self.link.sftp(), run.rundir, "cancelled") is not None
+        return await read_control(await self.link.sftp(), run.rundir, CANCELLED_MARK) is not None
 
     async def poll(self, run: Run) -> int | None:
         """The exit code the wrapper recorded, or None (raises RemoteLostError when the
@@ -291,7 +289,7 @@ class SshBackend(Backend):
             proc = await sftp.exists("/proc/self")
             for entry in sorted(entries, key=lambda e: str(e.filename)):
                 name = str(entry.filename)
-                if not re.match(UUID_PATTERN, name) \
+                if not RUN_ID_RE.fullmatch(name) \
                         or entry.attrs.type != asyncssh.FILEXFER_TYPE_DIRECTORY:
                     continue
                 path = posixpath.join(root, name)
@@ -314,7 +312,7 @@ class SshBackend(Backend):
         """finished | not launched | running | dead (when it can be told)."""
         if await read_exit_code(sftp, path) is not None:
             return "finished"
-        if not await sftp.isdir(posixpath.join(path, CONTROL_DIR, "launched")):
+        if not await sftp.isdir(posixpath.join(path, CONTROL_DIR, LAUNCHED_MARK)):
             return "not launched"
         return "running"  # cannot tell: leave it
 
