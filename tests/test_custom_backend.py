@@ -89,7 +89,7 @@ def test_a_run_status_and_cleanup_through_the_plugin(local, tmp_path: Path) -> N
     assert (record.backend, record.state, record.phase) == ("localdir", "succeeded", "cleaned")
     status = local("status", record.id[:8])
     assert status.returncode == 0, status.stderr
-    assert "entrypoint finished with exit code 0" in status.stdout, status.stdout
+    assert "backend   localdir" in status.stdout, status.stdout
     check = local("site", "check", "here")
     assert check.returncode == 0 and "writable" in check.stdout, check.stdout + check.stderr
     cleanup = local("cleanup", "here", "--older-than", "0")
@@ -102,6 +102,8 @@ def test_cancel_through_the_plugin(local, tmp_path: Path) -> None:
                       "--cmd", "sleep 60")
     record = local.wait_phase("launched")
     pgid = (local.runs / record.id / ".remote-exec" / "pgid").read_text().strip()
+    status = local("status", record.id[:8])  # a run being driven: the backend is asked
+    assert "entrypoint running" in status.stdout, status.stdout + status.stderr
     cancel = local("cancel", record.id[:8])
     assert cancel.returncode == 0, cancel.stderr
     assert run.wait(60) == 128 + signal.SIGTERM, run.stderr
