@@ -23,6 +23,7 @@ stall the SSH traffic of the other runs on the loop:
     await journal.aevent(run_id, "staged", "3 files")
     journal.event_soon(run_id, "progress", "...")   # queued; the loop goes on at once
     journal.close()                                  # waits for what is queued
+                                                     # (await journal.aclose() on a loop)
 
 Reads run in the calling thread, under the same lock as the writer's statements
 (one SQLite connection, never used by two threads at once); a read after
@@ -188,11 +189,21 @@ class Journal:
                 with contextlib.suppress(sqlite3.OperationalError):  # a racing process did
                     self.db.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
 
+    @classmethod
+    async def aopen(cls, path: Path | None = None) -> Journal:
+        """A journal opened in a thread (opening may wait on a busy database, and a new
+        one creates its schema): for an event loop."""
+        return await asyncio.to_thread(cls, path)
+
     def close(self) -> None:
         """Wait for the queued writes, then close the database."""
         self._writer.shutdown(wait=True)
         with self._lock:
             self.db.close()
+
+    async def aclose(self) -> None:
+        """:meth:`close` without blocking the event loop."""
+        await asyncio.to_thread(self.close)
 
     # -- the writer thread ----------------------------------------------------------------
     def _writer_started(self) -> None:

@@ -133,3 +133,15 @@ def test_a_failed_queued_event_is_logged_not_raised(journal: Journal, monkeypatc
     journal.event_soon(RUN, "x", "y")
     journal.flush()
     assert "disk full" in caplog.text
+
+
+def test_open_and_close_from_a_loop(tmp_path: Path, monkeypatch):
+    async def main() -> list:
+        journal = await Journal.aopen(tmp_path / "journal.sqlite")
+        slow_writes(monkeypatch, journal, 0.2)
+        journal.event_soon(RUN, "last", "words")
+        await journal.aclose()  # waits for the queued event, in a thread
+        with opened(tmp_path / "journal.sqlite") as again:
+            return again.events(RUN)
+
+    assert [kind for _at, kind, _m in asyncio.run(main())] == ["last"]
