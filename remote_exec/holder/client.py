@@ -3,7 +3,8 @@
 Connect to the per-user Unix socket (starting the holder if none answers), send the
 request, show the replies, pass SIGINT/SIGTERM/SIGHUP on as a cancel. Start-up time
 matters here (a run is a fresh process): this module imports the standard library,
-:mod:`remote_exec.paths` and the wire format only, never asyncssh or the engine.
+:mod:`remote_exec.paths`, :mod:`remote_exec.errors` and the wire format only, never
+asyncssh or the engine (``tests/test_layout.py`` checks it).
 """
 
 from __future__ import annotations
