@@ -13,6 +13,23 @@ still going (``running``: some process drives it, or did until it died),
 continues it) or ended. The full request is stored too, so ``resume`` needs
 nothing but the run id. Nothing secret goes in: keys are recorded as file paths.
 
+Writing: one thread per :class:`Journal` writes, in the order the writes were
+asked for. The synchronous methods (the CLI's) hand their write to it and wait;
+an event loop that drives runs (the engine, the holder) uses the async ones
+instead, so that SQLite's waits (a busy database, an fsync on a slow disk) never
+stall the SSH traffic of the other runs on the loop:
+
+    await journal.aupdate(run_id, phase="staged")   # waits for the write, not the loop
+    await journal.aevent(run_id, "staged", "3 files")
+    journal.event_soon(run_id, "progress", "...")   # queued; the loop goes on at once
+    journal.close()                                  # waits for what is queued
+                                                     # (await journal.aclose() on a loop)
+
+Reads run in the calling thread, under the same lock as the writer's statements
+(one SQLite connection, never used by two threads at once); a read after
+:meth:`Journal.event_soon` sees the event only once it is written
+(:meth:`Journal.flush` / :meth:`Journal.aflush` wait for that).
+
 Which process drives a run is decided by an exclusive lock on
 ``<state dir>/runs/<id>.lock``, not by the journal, so a driver that died
 (SIGKILL, reboot) never blocks a ``resume``.
@@ -20,12 +37,16 @@ Which process drives a run is decided by an exclusive lock on
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
 import os
 import sqlite3
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,11 +150,20 @@ def lock_path(run_id: str) -> Path:
     return state_dir() / "runs" / f"{run_id}.lock"
 
 
+_log = logging.getLogger(__name__)
+
+
 class Journal:
-    """The journal of this user's state directory (one connection per instance)."""
+    """The journal of this user's state directory (one connection per instance, and
+    one writer thread, started on the first write)."""
 
     def __init__(self, path: Path | None = None) -> None:
         self.path = path or journal_path()
+        #: held by whoever uses ``db``: the writer thread or a reading caller
+        self._lock = threading.RLock()
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-writer",
+                                          initializer=self._writer_started)
+        self._writer_ident: int | None = None
         try:
             self._open()
         except (OSError, sqlite3.OperationalError) as exc:
@@ -141,7 +171,8 @@ class Journal:
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None)
+        self.db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None,
+                                  check_same_thread=False)  # (the writer thread writes)
         self.db.row_factory = sqlite3.Row
         with contextlib.suppress(OSError):
             os.chmod(self.path, 0o600)
@@ -158,13 +189,61 @@ class Journal:
                 with contextlib.suppress(sqlite3.OperationalError):  # a racing process did
                     self.db.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
 
+    @classmethod
+    async def aopen(cls, path: Path | None = None) -> Journal:
+        """A journal opened in a thread (opening may wait on a busy database, and a new
+        one creates its schema): for an event loop."""
+        return await asyncio.to_thread(cls, path)
+
     def close(self) -> None:
-        self.db.close()
+        """Wait for the queued writes, then close the database."""
+        self._writer.shutdown(wait=True)
+        with self._lock:
+            self.db.close()
+
+    async def aclose(self) -> None:
+        """:meth:`close` without blocking the event loop."""
+        await asyncio.to_thread(self.close)
+
+    # -- the writer thread ----------------------------------------------------------------
+    def _writer_started(self) -> None:
+        self._writer_ident = threading.get_ident()
+
+    def _locked(self, write: Callable[..., Any], *args: Any) -> Any:
+        with self._lock:
+            return write(*args)
+
+    def _submit(self, write: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Queue ``write(*args)`` for the writer thread (in order, after what is queued)."""
+        return self._writer.submit(self._locked, write, *args)
+
+    def _write(self, write: Callable[..., Any], *args: Any) -> Any:
+        """Do ``write(*args)`` on the writer thread and wait for it (in this thread if it
+        is the writer: a write that writes more)."""
+        if threading.get_ident() == self._writer_ident:
+            return self._locked(write, *args)
+        return self._submit(write, *args).result()
+
+    async def _awrite(self, write: Callable[..., Any], *args: Any) -> Any:
+        # shielded: once asked for, a write happens even if the awaiting task is cancelled
+        return await asyncio.shield(asyncio.wrap_future(self._submit(write, *args)))
+
+    def flush(self) -> None:
+        """Wait until every write asked for so far is done."""
+        self._write(lambda: None)
+
+    async def aflush(self) -> None:
+        """:meth:`flush` without blocking the event loop."""
+        await self._awrite(lambda: None)
 
     # -- writing --------------------------------------------------------------------------
     def create(self, *, run_id: str, site: str, host: str, label: str, backend: str,
                into_dir: str, request: dict[str, Any], driver_pid: int) -> None:
-        now = time.time()
+        self._write(self._create, run_id, site, host, label, backend, into_dir, request,
+                    driver_pid, time.time())
+
+    def _create(self, run_id: str, site: str, host: str, label: str, backend: str,
+                into_dir: str, request: dict[str, Any], driver_pid: int, now: float) -> None:
         self.db.execute(
             "INSERT INTO runs (id, site, host, label, backend, into_dir, phase, state, "
             "driver_pid, request, created_at, updated_at) "
@@ -175,21 +254,35 @@ class Journal:
 
     def update(self, run_id: str, **fields: Any) -> None:
         """Set ``fields`` (columns of ``runs``) and ``updated_at``."""
-        unknown = set(fields) - set(RunRecord.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown journal columns: {sorted(unknown)}")
-        if fields.get("phase") == "launched":
-            fields.setdefault("launched_at", time.time())
-        if fields.get("state") in END_STATES:
-            fields.setdefault("ended_at", time.time())
-        fields["updated_at"] = time.time()
+        self._write(self._update, run_id, _stamped(fields))
+
+    async def aupdate(self, run_id: str, **fields: Any) -> None:
+        """:meth:`update` on the writer thread, awaited: the event loop goes on meanwhile.
+        The times it records (``updated_at``, ...) are those of the call."""
+        await self._awrite(self._update, run_id, _stamped(fields))
+
+    def _update(self, run_id: str, fields: dict[str, Any]) -> None:
         columns = ", ".join(f"{k} = ?" for k in fields)
         self.db.execute(f"UPDATE runs SET {columns} WHERE id = ?",  # noqa: S608 - names checked
                         (*fields.values(), run_id))
 
     def event(self, run_id: str, kind: str, message: str) -> None:
+        self._write(self._event, run_id, time.time(), kind, message)
+
+    async def aevent(self, run_id: str, kind: str, message: str) -> None:
+        """:meth:`event` on the writer thread, awaited (recorded at the time of the call)."""
+        await self._awrite(self._event, run_id, time.time(), kind, message)
+
+    def event_soon(self, run_id: str, kind: str, message: str) -> None:
+        """Queue :meth:`event` and return at once (from a loop or any thread). It is
+        written after every write asked for before, at the time of this call; a
+        failure to write it is logged, not raised. :meth:`close` waits for it."""
+        future = self._submit(self._event, run_id, time.time(), kind, message)
+        future.add_done_callback(_log_failure)
+
+    def _event(self, run_id: str, at: float, kind: str, message: str) -> None:
         self.db.execute("INSERT INTO events (run_id, at, kind, message) VALUES (?, ?, ?, ?)",
-                        (run_id, time.time(), kind, message))
+                        (run_id, at, kind, message))
 
     def mark_destroyed(self, run_id: str, message: str) -> None:
         """Record that the run's remote directory, results unfetched, was removed on
@@ -199,13 +292,15 @@ class Journal:
 
     def destroyed(self, run_id: str) -> str | None:
         """Why the run's unfetched results are gone (see :meth:`mark_destroyed`), or None."""
-        row = self.db.execute("SELECT message FROM events WHERE run_id = ? AND kind = ? "
-                              "ORDER BY at DESC LIMIT 1", (run_id, DESTROYED)).fetchone()
+        with self._lock:
+            row = self.db.execute("SELECT message FROM events WHERE run_id = ? AND kind = ? "
+                                  "ORDER BY at DESC LIMIT 1", (run_id, DESTROYED)).fetchone()
         return str(row["message"]) if row else None
 
     # -- reading --------------------------------------------------------------------------
     def get(self, run_id: str) -> RunRecord | None:
-        row = self.db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        with self._lock:
+            row = self.db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
         return RunRecord(**dict(row)) if row else None
 
     def find(self, prefix: str) -> RunRecord:
@@ -214,10 +309,11 @@ class Journal:
         if len(prefix) < 4:
             raise ConfigError(f"run id {prefix!r} is too short",
                               hint="give at least 4 characters of the id (see `remote-exec list`)")
-        rows = self.db.execute(
-            "SELECT * FROM runs WHERE id >= ? AND id < ? ORDER BY created_at DESC LIMIT 3",
-            (prefix, prefix + "\uffff"),
-        ).fetchall()
+        with self._lock:
+            rows = self.db.execute(
+                "SELECT * FROM runs WHERE id >= ? AND id < ? ORDER BY created_at DESC LIMIT 3",
+                (prefix, prefix + "\uffff"),
+            ).fetchall()
         if not rows:
             raise ConfigError(f"no run {prefix!r} in the journal {self.path}",
                               hint="`remote-exec list` shows the recorded runs")
@@ -242,12 +338,35 @@ class Journal:
         sql += " ORDER BY created_at DESC"
         if limit:
             sql += f" LIMIT {int(limit)}"
-        return [RunRecord(**dict(r)) for r in self.db.execute(sql, args).fetchall()]
+        with self._lock:
+            rows = self.db.execute(sql, args).fetchall()
+        return [RunRecord(**dict(r)) for r in rows]
 
     def events(self, run_id: str) -> list[tuple[float, str, str]]:
-        return [(r["at"], r["kind"], r["message"]) for r in self.db.execute(
-            "SELECT at, kind, message FROM events WHERE run_id = ? ORDER BY at, rowid",
-            (run_id,))]
+        with self._lock:
+            rows = self.db.execute("SELECT at, kind, message FROM events WHERE run_id = ? "
+                                   "ORDER BY at, rowid", (run_id,)).fetchall()
+        return [(r["at"], r["kind"], r["message"]) for r in rows]
+
+
+def _stamped(fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` for :meth:`Journal.update`, checked, with the times they imply (now)."""
+    unknown = set(fields) - set(RunRecord.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown journal columns: {sorted(unknown)}")
+    now = time.time()
+    if fields.get("phase") == "launched":
+        fields.setdefault("launched_at", now)
+    if fields.get("state") in END_STATES:
+        fields.setdefault("ended_at", now)
+    fields["updated_at"] = now
+    return fields
+
+
+def _log_failure(future: Future[Any]) -> None:
+    """Log the failure of a write nobody waits for (:meth:`Journal.event_soon`)."""
+    if not future.cancelled() and future.exception() is not None:
+        _log.warning("a journal event was not recorded: %s", future.exception())
 
 
 class RunLock:

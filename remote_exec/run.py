@@ -20,35 +20,18 @@ import signal
 from pathlib import Path
 
 from remote_exec.errors import EXIT_SIGNAL_BASE
+from remote_exec.holder.client import CANCEL_SIGNALS, Interrupted  # noqa: F401 - re-exported
 from remote_exec.inputs import LOG_NAME
 from remote_exec.request import RunRequest, RunResult, request_from_wire
 from remote_exec.ui import Reporter
 
-CANCEL_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
 # -- carrying it out ----------------------------------------------------------------------------
-
-class Interrupted(BaseException):
-    """A cancel signal reached this process (raised from the signal handler)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum).name
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_SIGNAL_BASE + self.signum
-
 
 def execute(request: RunRequest, ui: Reporter, *, use_holder: bool = True,
             resume: bool = False) -> RunResult:
     """Run (or resume) ``request`` to the end, through the holder when possible."""
-    from remote_exec import backends, holder
+    from remote_exec import backends
+    from remote_exec.holder import client as holder
 
     if use_holder and holder.enabled() and backends.get(request.backend).over_ssh:
         # (a run that does not travel over SSH has no connection to keep warm, and may

@@ -115,3 +115,85 @@ def test_a_client_that_stops_reading_holds_the_log_back_in_the_holder(cli, workd
     finally:
         client.kill()
         client.wait()
+
+
+# -- the parts, without an sshd ----------------------------------------------------------
+
+def test_wire_messages_round_trip():
+    from remote_exec import errors
+    from remote_exec.holder import wire
+    from remote_exec.request import RunResult
+
+    result = RunResult(run_id="r", rundir="/d", exit_code=3, fetched=["a"], remote_kept=True,
+                       skipped=["b"], failure="why")
+    assert wire.result_from(wire.decode(wire.encode(wire.result_message(result)))) == result
+
+    err = errors.ConfigError("bad site", hint="fix it")
+    back = wire.error_from(wire.decode(wire.encode(wire.error_message(err))))
+    assert type(back) is errors.ConfigError
+    assert (back.message, back.hint, back.exit_code) == ("bad site", "fix it", err.exit_code)
+    for name in ("NoSuchError", "EXIT_INTERNAL", "Path"):  # never anything but an error class
+        msg = {"t": "error", "class": name, "message": "m", "exit_code": 70}
+        assert type(wire.error_from(msg)) is errors.RemoteExecError
+
+    internal = wire.internal_error_message(RuntimeError("boom"))
+    assert internal["exit_code"] == errors.EXIT_INTERNAL and "boom" in internal["message"]
+    assert wire.decode(wire.cancel_message("SIGTERM", 143)) == {"cancel": "SIGTERM",
+                                                                "exit_code": 143}
+    for line in (b"[1, 2]\n", b"not json\n"):
+        try:
+            wire.decode(line)
+        except ValueError:
+            continue
+        raise AssertionError(f"{line!r} was taken for a message")
+
+
+def test_the_reporter_waits_for_a_client_that_stops_reading(tmp_path):
+    """Back-pressure in the holder's writer itself: while its client does not read, a
+    followed log stops after a few chunks instead of piling up in the holder."""
+    import asyncio
+
+    from remote_exec.holder import wire
+    from remote_exec.holder.server import _WireReporter
+
+    chunk = "x" * 256 * 1024  # what the log follower sends at once
+    chunks = 100
+    path = str(tmp_path / "s.sock")
+
+    async def main() -> tuple[int, int, int]:
+        sent = 0
+        writers: list = []
+
+        async def serve(_reader, writer) -> None:
+            nonlocal sent
+            writers.append(writer)
+            ui = _WireReporter(writer, progress=False)
+            for _ in range(chunks):
+                ui.log_text(chunk)
+                await ui.drain()
+                sent += 1
+            ui.warn("done")
+            await ui.drain()
+            writer.close()
+
+        server = await asyncio.start_unix_server(serve, path=path)
+        async with server:
+            reader, client = await asyncio.open_unix_connection(path, limit=1 << 20)
+            await asyncio.sleep(1.0)  # the client reads nothing meanwhile
+            stalled_at = sent
+            buffered = writers[0].transport.get_write_buffer_size()
+            logs = 0
+            while line := await reader.readline():
+                msg = wire.decode(line)
+                if msg["t"] == "log":
+                    assert msg["text"] == chunk
+                    logs += 1
+                else:
+                    assert msg == {"t": "warn", "message": "done"} and logs == chunks
+            client.close()
+        return stalled_at, buffered, logs
+
+    stalled_at, buffered, logs = asyncio.run(main())
+    assert stalled_at * len(chunk) < 8 * 1024 * 1024, f"{stalled_at} chunks went out unread"
+    assert buffered < 1024 * 1024, f"the holder buffered {buffered} bytes"
+    assert logs == chunks  # and once the client reads, everything arrives, in order
