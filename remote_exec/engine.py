@@ -130,11 +130,11 @@ class _JournalReporter(Reporter):
         self.show_progress = ui.show_progress
 
     def event(self, kind: str, message: str, **fields: Any) -> None:
-        self.journal.event(self.run_id, kind, message)
+        self.journal.event_soon(self.run_id, kind, message)  # (in order, off the loop)
         self.ui.event(kind, message, **fields)
 
     def warn(self, message: str) -> None:
-        self.journal.event(self.run_id, "warning", message)
+        self.journal.event_soon(self.run_id, "warning", message)
         self.ui.warn(message)
 
     def log_text(self, data: str) -> None:
@@ -169,28 +169,28 @@ async def execute_async(request: RunRequest, ui: Reporter, *, resume: bool = Fal
         raise RunBusyError(f"run {request.run_id} is being driven by another remote-exec "
                            "process", hint="watch it with `remote-exec logs -f`, or stop it "
                            "with `remote-exec cancel`")
-    journal = Journal()
+    journal = await Journal.aopen()  # (its writes go through its own thread)
     try:
         backend = backends.make_backend(request.backend, request.site, request.run_id,
                                         request.resources)
-        record = journal.get(request.run_id)
+        record = await asyncio.to_thread(journal.get, request.run_id)
         if record is None:
             if resume:
                 raise ConfigError(f"run {request.run_id} is not in the journal")
-            backend.validate()  # (settings and credentials, before a record exists)
-            journal.create(run_id=request.run_id, site=request.site.name,
-                           host=request.site.host, label=request.entrypoint.label,
-                           backend=request.backend, into_dir=str(request.into),
-                           request=request_to_wire(request),
-                           driver_pid=driver_pid or os.getpid())
-            record = journal.get(request.run_id)
+            await asyncio.to_thread(backend.validate)  # settings, credentials: before a record
+            await asyncio.to_thread(
+                journal.create, run_id=request.run_id, site=request.site.name,
+                host=request.site.host, label=request.entrypoint.label,
+                backend=request.backend, into_dir=str(request.into),
+                request=request_to_wire(request), driver_pid=driver_pid or os.getpid())
+            record = await asyncio.to_thread(journal.get, request.run_id)
             assert record is not None
         else:
             if not resume:
                 raise ConfigError(f"run {request.run_id} already exists in the journal")
-            _check_resumable(record, journal)
-            journal.update(request.run_id, state="running", error=None,
-                           driver_pid=driver_pid or os.getpid())
+            await asyncio.to_thread(_check_resumable, record, journal)
+            await journal.aupdate(request.run_id, state="running", error=None,
+                                  driver_pid=driver_pid or os.getpid())
         how = {"acquire": acquire, **({"release": release} if release else {})}
         session = await backend.open(ui, **how)
         try:
@@ -200,7 +200,7 @@ async def execute_async(request: RunRequest, ui: Reporter, *, resume: bool = Fal
         finally:
             await session.close()
     finally:
-        journal.close()
+        await journal.aclose()
         lock.release()
 
 
@@ -280,29 +280,29 @@ class _Driver:
                     await self._step(name, step)
         except asyncio.CancelledError:
             if self.control.reason is None:  # abandoned: the remote side carries on
-                self.journal.update(self.run_id, driver_pid=None)
+                await self.journal.aupdate(self.run_id, driver_pid=None)
                 raise
             await self._cancel_remote()
             raise self._cancelled_error() from None
         except RemoteExecError as err:
-            raise self._record_error(err) from err.__cause__
+            raise await self._record_error(err) from err.__cause__
         finally:
             if deadline is not None:
                 deadline.cancel()
         code = self.run.exit_code
         assert code is not None
         failure = self.backend.failure_text(self.run)
-        self.journal.update(self.run_id, state="succeeded" if code == 0 else "failed",
-                            error=failure or None)
+        await self.journal.aupdate(self.run_id, state="succeeded" if code == 0 else "failed",
+                                   error=failure or None)
         self.result.failure = failure
         self.result.exit_code = code
         self.result.rundir = self.run.rundir
         return self.result
 
-    def _record_error(self, err: RemoteExecError) -> RemoteExecError:
+    async def _record_error(self, err: RemoteExecError) -> RemoteExecError:
         """Record the run's end by ``err`` (see :func:`record_error`); the error to raise,
         saying how ``resume`` fetches results that are waiting."""
-        err = record_error(self.journal, self.run_id, err)
+        err = await asyncio.to_thread(record_error, self.journal, self.run_id, err)
         if err.disposition == FINAL and self._awaits_fetch() \
                 and "remote-exec resume" not in (err.hint or ""):
             later = self._resume_fetch_text()
@@ -324,7 +324,7 @@ class _Driver:
         return PHASES.index(self.phase) >= PHASES.index(phase)
 
     async def _record(self, **fields: Any) -> None:
-        self.journal.update(self.run_id, **fields)
+        await self.journal.aupdate(self.run_id, **fields)
 
     async def _advance(self, phase: str, **fields: Any) -> None:
         self.phase = phase
@@ -499,7 +499,8 @@ class _Driver:
             what = f"the entrypoint was stopped (exit code {self.run.exit_code})"
         elif self._done("finished"):
             what = "the entrypoint had already finished"
-        self.journal.update(self.run_id, state=state, error=f"{self._reason_text()}: {what}")
+        await self.journal.aupdate(self.run_id, state=state,
+                                   error=f"{self._reason_text()}: {what}")
         self.ui.event(state, f"run {self.run_id} {state.replace('_', ' ')} "
                       f"({self._reason_text()}); remote: {what}", run_id=self.run_id)
 
