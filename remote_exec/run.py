@@ -1,5 +1,4 @@
-"""A run: what is asked (:class:`RunRequest`), what happened (:class:`RunResult`), and
-how it is carried out.
+"""How a run is carried out (what is asked and what happened: :mod:`remote_exec.request`).
 
     planned -> created -> staged -> launched -> finished(exit code) -> fetched -> cleaned
                                   ↘ cancelled / timed_out / failed(reason) / interrupted
