@@ -212,7 +212,7 @@ class Config:
         except ConfigError as err:
             hint = "remove `backend` or `restricted` from the site" if site.restricted \
                 else err.hint
-            raise ConfigError(f"{self.path}: {err.message}", hint=hint) from None
+            raise ConfigError(f"{self.path}: sites.{name}: {err.message}", hint=hint) from None
         return site
 
     @property
