@@ -207,7 +207,7 @@ def test_the_client_has_no_rules_of_its_own() -> None:
 # -- the launch-once guard, the cancel mark, the protocol constants ----------------------
 
 def test_protocol_constants_come_from_the_agent() -> None:
-    from remote_exec.backends import agent as agent_backend
+    from remote_exec.backends import agent_protocol as agent_backend
     from remote_exec.inputs import LOG_NAME
 
     agent = agent_module()
@@ -319,9 +319,9 @@ def test_the_run_directory_must_exist_for_a_control_script(tmp_path: Path) -> No
 
 def test_the_resources_schema_is_built_from_the_resource_keys() -> None:
     from remote_exec.backends.scheduler import Resources
-    from remote_exec.config import SCHEMA
+    from remote_exec.config import schema
 
-    site = SCHEMA["properties"]["sites"]["additionalProperties"]["properties"]
+    site = schema()["properties"]["sites"]["additionalProperties"]["properties"]
     assert list(site["resources"]["properties"]) == list(Resources.KEYS)
     assert site["resources"]["additionalProperties"] is False
 

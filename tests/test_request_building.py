@@ -9,6 +9,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 
 from remote_exec import backends, demo, legacy
@@ -232,8 +233,13 @@ def test_the_cli_backend_choices_are_the_registry_s():
     from remote_exec import cli
 
     option = next(p for p in cli.run.params if p.name == "backend")
-    assert list(option.type.choices) == backends.choosable()
     assert backends.RESTRICTED not in backends.choosable()
+    for name in backends.choosable():  # each one is taken, and named in --help
+        assert option.type.convert(name, option, None) == name
+        assert f"{name}: {backends.get(name).summary}" in option.help
+    for name in ("lsf", backends.RESTRICTED):  # unknown, or not to be chosen by name
+        with pytest.raises(click.BadParameter):
+            option.type.convert(name, option, None)
 
 
 def test_every_backend_s_commands_are_attached():
@@ -256,8 +262,12 @@ def test_every_backend_s_commands_are_attached():
 def test_the_configuration_schema_takes_its_backends_from_the_registry(tmp_path):
     path = tmp_path / "c.yaml"
     parse_config("sites:\n  c:\n    backend: torque\n", path)
-    with pytest.raises(ConfigError, match="backend"):
-        parse_config(f"sites:\n  c:\n    backend: {backends.RESTRICTED}\n", path)
+    config = parse_config(f"sites:\n  c:\n    backend: {backends.RESTRICTED}\n", path)
+    with pytest.raises(ConfigError, match="sites.c: backend 'agent' cannot be chosen"):
+        config.site("c")
+    config = parse_config("sites:\n  c:\n    backend: lsf\n", path)
+    with pytest.raises(ConfigError, match="sites.c: unknown backend 'lsf'"):
+        config.site("c")
     config = parse_config("sites:\n  f:\n    backend: fujitsu\n", path)
     with pytest.raises(ConfigError, match="needs a `fujitsu:` section"):
         config.site("f")
