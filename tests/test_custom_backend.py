@@ -66,12 +66,15 @@ def local(tmp_path: Path):
             finally:
                 journal.close()
 
-        def wait_phase(self, phase: str, timeout: float = 30):
-            deadline = time.monotonic() + timeout
+        def wait_phase(self, phase: str, run: subprocess.Popen, timeout: float = 90):
+            deadline = time.monotonic() + timeout  # (generous: CI machines are loaded)
             while time.monotonic() < deadline:
                 record = self.record()
                 if record is not None and record.reached(phase):
                     return record
+                if run.poll() is not None:
+                    raise AssertionError(f"the run ended (exit {run.returncode}) before "
+                                         f"{phase}: {run.communicate()}")
                 time.sleep(0.1)
             raise AssertionError(f"the run never reached {phase}: {self.record()}")
 
@@ -100,7 +103,7 @@ def test_a_run_status_and_cleanup_through_the_plugin(local, tmp_path: Path) -> N
 def test_cancel_through_the_plugin(local, tmp_path: Path) -> None:
     run = local.start("run", "--site", "here", "--into", str(tmp_path / "into"),
                       "--cmd", "sleep 60")
-    record = local.wait_phase("launched")
+    record = local.wait_phase("launched", run)
     pgid = (local.runs / record.id / ".remote-exec" / "pgid").read_text().strip()
     status = local("status", record.id[:8])  # a run being driven: the backend is asked
     assert "entrypoint running" in status.stdout, status.stdout + status.stderr
@@ -118,7 +121,7 @@ def test_resume_through_the_plugin(local, tmp_path: Path) -> None:
     into = tmp_path / "into"
     run = local.start("run", "--site", "here", "--into", str(into), "--json",
                       "--cmd", "sleep 2; echo done > out.txt")
-    record = local.wait_phase("launched")
+    record = local.wait_phase("launched", run)
     run.kill()  # the driver dies; the entrypoint goes on
     run.wait()
     assert local.record().state == "running"
