@@ -89,14 +89,28 @@ def _solver_name(cmd: str) -> str:
 
 
 class SolverLog:
-    """Appends MInt's solver_execute.log lines, when ``$MISYSTEM_SITEID`` is set."""
+    """Appends MInt's solver_execute.log lines, when ``$MISYSTEM_SITEID`` is set.
+
+    Lines pair up as MInt reads them: every ``normal end`` or ``abnormal end`` follows a
+    ``start`` (:meth:`end` writes the start line first when the run failed before it
+    began, as the original wrote ``start`` before its first step)."""
 
     def __init__(self, base: str, solver: str) -> None:
         self.solver = solver
+        self.started = False
         site_id = os.environ.get("MISYSTEM_SITEID")
         base = os.environ.get("REMOTE_EXEC_SOLVER_LOG_BASE", base)
         self.path = (Path(base) / site_id / "solver_logs" / "solver_execute.log"
                      if site_id else None)
+
+    def start(self) -> None:
+        if not self.started:
+            self.write("start")
+            self.started = True
+
+    def end(self, ok: bool) -> None:
+        self.start()
+        self.write("normal end" if ok else "abnormal end")
 
     def write(self, what: str) -> None:
         if self.path is None:
