@@ -425,7 +425,7 @@ def test_point5_an_error_before_the_run_still_pairs_the_log_lines(cli, workdir, 
 
 
 def test_point6_failure_brings_back_the_outputs_and_drops_escaping_symlinks(
-        cli, workdir, tmp_path):
+        cli, workdir, tmp_path, remote_root):
     """Deliberate differences (README): the original left only the inputs after a failure
     and brought an outside-pointing symlink back; remote-exec brings the outputs back so
     the failure can be read, and never places a link that leaves the directory."""
@@ -441,3 +441,5 @@ def test_point6_failure_brings_back_the_outputs_and_drops_escaping_symlinks(
     assert (workdir / "out.txt").read_text() == "partial\n"
     assert not os.path.lexists(workdir / "link")
     assert os.readlink(workdir / "ok") == "out.txt"  # a link inside the directory stays
+    assert "not fetched: link ->" in proc.stderr  # the skipped link is reported
+    assert len(run_dirs(remote_root)) == 1  # and the failed run's directory is kept
