@@ -424,6 +424,22 @@ def test_point5_an_error_before_the_run_still_pairs_the_log_lines(cli, workdir, 
     assert run_dirs(remote_root) == []  # the failed one created nothing; the good one cleaned
 
 
+def test_point5_even_an_unreadable_configuration_pairs_the_log_lines(cli, workdir, tmp_path):
+    """Before the configuration is read, the log goes where it would by default (or
+    $REMOTE_EXEC_SOLVER_LOG_BASE): a start line, then the abnormal end."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("sites: [unclosed\n")
+    base = tmp_path / "assets"
+    write(workdir, "a.dat")
+    proc = cli("legacy", "client_name:loop", "client_cmd:./solve", "client_files:a.dat",
+               cwd=workdir, extra_env={"REMOTE_EXEC_CONFIG": str(broken),
+                                       "MISYSTEM_SITEID": "s7",
+                                       "REMOTE_EXEC_SOLVER_LOG_BASE": str(base)})
+    assert proc.returncode == 1 and "broken.yaml" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert solver_lines(base, "s7") == [("start", "solve"), ("abnormal end", "solve")]
+
+
 def test_point6_failure_brings_back_the_outputs_and_drops_escaping_symlinks(
         cli, workdir, tmp_path, remote_root):
     """Deliberate differences (README): the original left only the inputs after a failure
