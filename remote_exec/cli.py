@@ -461,31 +461,30 @@ def legacy(ctx: click.Context, args: tuple[str, ...]) -> None:
     if parsed is None:
         click.echo(lg.USAGE)
         sys.exit(1)
+    from remote_exec.config import DEFAULT_SOLVER_LOG_BASE
     from remote_exec.ui import Reporter
 
     ui = Reporter(quiet=bool(os.environ.get("REMOTE_EXEC_QUIET")))
-    solver_log = None
+    # until the configuration is read (and when it cannot be), the default base
+    solver_log = lg.SolverLog(DEFAULT_SOLVER_LOG_BASE, parsed.solver)
     try:
         site, config = _resolve_site(None, parsed.client_name)
         solver_log = lg.SolverLog(config.solver_log_base, parsed.solver)
         request = lg.build(parsed, site, Path.cwd())
-        solver_log.write("start")
+        solver_log.start()
         result = _execute(request, ui)
     except RemoteExecError as err:
         click.echo(f"remote-exec: error: {err}", err=True)
-        if solver_log is not None:
-            solver_log.write("abnormal end")
+        solver_log.end(ok=False)  # after a start line, written now if it was not yet
         sys.exit(1)
     except KeyboardInterrupt:
-        if solver_log is not None:
-            solver_log.write("abnormal end")
+        solver_log.end(ok=False)
         sys.exit(1)
+    solver_log.end(ok=result.ok)
     if result.ok:
-        solver_log.write("normal end")
         sys.exit(0)
     from remote_exec.run import read_log_tail
 
-    solver_log.write("abnormal end")
     lg.print_remote_log(read_log_tail(Path.cwd(), lines=10**6))
     sys.exit(1)
 
