@@ -197,3 +197,41 @@ def test_legacy_through_the_wrapper_without_python(node, no_python_bin, tmp_path
     finally:
         subprocess.run([*env, str(node["binary"]), "holder", "stop"], capture_output=True,
                        timeout=60, cwd=tmp_path)
+
+
+def test_sigterm_cancels_the_remote_job(node, no_python_bin, tmp_path):
+    """MInt stops a module with SIGTERM: the file's launcher passes it on to remote-exec,
+    which stops the remote process group; the wrapper exits 1 as the original did."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "a.dat").write_text("1\n")
+    started = tmp_path / "started"
+    env = _node_env(node, no_python_bin, tmp_path)
+    proc = subprocess.Popen(
+        [*env, str(node["wrapper"]), "client_name:loop",
+         f"client_cmd:touch {started}; sleep 4321", "client_files:a.dat"],
+        cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert started.exists(), proc.communicate(timeout=30)
+        proc.terminate()
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 1, out + err
+        assert "SIGTERM" in err
+        deadline = time.monotonic() + 15
+        while _sleeping() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _sleeping(), "the remote job still runs"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        subprocess.run([*env, str(node["binary"]), "holder", "stop"], capture_output=True,
+                       timeout=60, cwd=tmp_path)
+
+
+def _sleeping() -> bool:
+    """Whether the remote job's `sleep 4321` (on this same machine) is still running."""
+    return subprocess.run(["pgrep", "-f", "sleep 4321"], capture_output=True).returncode == 0
