@@ -235,3 +235,29 @@ def test_sigterm_cancels_the_remote_job(node, no_python_bin, tmp_path):
 def _sleeping() -> bool:
     """Whether the remote job's `sleep 4321` (on this same machine) is still running."""
     return subprocess.run(["pgrep", "-f", "sleep 4321"], capture_output=True).returncode == 0
+
+
+def test_py_wrapper_on_python_3_6_runs_the_single_file_beside_it(node, no_python_bin,
+                                                                  tmp_path):
+    """The node of issue 18: only /usr/bin/python3.6, and the single file beside the
+    .py wrapper."""
+    from test_agent_unit import _python36
+
+    python = _python36()
+    if python is None:
+        pytest.skip("no Python 3.6 on this machine")
+    wrapper = node["binary"].parent / "execute_remote_command.sample.py"
+    shutil.copy2(REPO / "scripts" / wrapper.name, wrapper)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "a.dat").write_text("1\n")
+    env = _node_env(node, no_python_bin, tmp_path)
+    try:
+        proc = subprocess.run([*env, python, str(wrapper), "client_name:loop",
+                               "client_cmd:cat a.dat a.dat > out.dat", "client_files:a.dat"],
+                              cwd=work, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert (work / "out.dat").read_text() == "1\n1\n"
+    finally:
+        subprocess.run([*env, str(node["binary"]), "holder", "stop"], capture_output=True,
+                       timeout=60, cwd=tmp_path)
