@@ -15,8 +15,9 @@ other command line is the CLI's. Each helper is an independent instance of the f
 so it must not share that command's unpacked copy, which is removed when it exits.
 
 The holder recognises the code it runs by the names, sizes and modification times of
-the package's files (:func:`remote_exec.holder.client.code_fingerprint`); the single
-file unpacks them afresh at every start, so their times are set to the file's own
+the package's files (:func:`remote_exec.holder.client.code_fingerprint`; in the single
+file only the job script templates are files, the code is in its archive). The file
+unpacks them afresh at every start, so their times are set to the file's own
 modification time first: two starts of one file agree, and a replaced file (an
 upgrade) replaces the holder.
 """
@@ -31,7 +32,7 @@ from pathlib import Path
 #: the package whose modules the interpreter forms may run
 PACKAGE = "remote_exec"
 #: interpreter flags remote-exec passes before a script path (they change nothing here)
-SCRIPT_FLAGS = frozenset({"-S", "-E", "-s", "-B", "-u", "-I"})
+SCRIPT_FLAGS = frozenset({"-S", "-E"})
 
 
 def bundle_dir() -> Path:
