@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,11 @@ class Bucket:
             import boto3
             from boto3.s3.transfer import TransferConfig
         except ImportError:
+            frozen = getattr(sys, "frozen", False)  # the single-file build
             raise ConfigError("the fujitsu backend needs boto3 for the object storage",
-                              hint="pip install 'remote-exec[fujitsu]' (or boto3)") from None
+                              hint="this single file was built without it: build it with "
+                              "`python3 scripts/build_single_file.py --with-fujitsu`" if frozen
+                              else "pip install 'remote-exec[fujitsu]' (or boto3)") from None
 
         session = boto3.session.Session(profile_name=settings.s3_profile) \
             if settings.s3_profile else boto3.session.Session()
