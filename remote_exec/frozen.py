@@ -10,9 +10,11 @@ remote-exec starts helpers of its own the way a Python program does:
 
 This entry point understands exactly those two interpreter forms, for modules of
 ``remote_exec`` only, so the same calls work unchanged in the single file; every
-other command line is the CLI's. Each helper is an independent instance of the file
-(``PYINSTALLER_RESET_ENVIRONMENT``): the holder outlives the command that started it,
-so it must not share that command's unpacked copy, which is removed when it exits.
+other command line is the CLI's. The holder is an independent instance of the file
+(started with ``PYINSTALLER_RESET_ENVIRONMENT``): it outlives the command that started
+it, so it must not share that command's unpacked copy, which is removed when it exits.
+rsync's remote shell, which ends before the process that started it, reuses that
+process's copy and starts faster.
 
 The holder recognises the code it runs by the names, sizes and modification times of
 the package's files (:func:`remote_exec.holder.client.code_fingerprint`; in the single
@@ -93,7 +95,7 @@ def main() -> None:
     root = bundle_dir()
     if getattr(sys, "frozen", False):
         _pin_file_times(root)
-        os.environ["PYINSTALLER_RESET_ENVIRONMENT"] = "1"
+        os.environ.pop("PYINSTALLER_RESET_ENVIRONMENT", None)  # (read at start-up only)
     found = interpreter_module(sys.argv[1:])
     if found is not None:
         module, args = found

@@ -183,6 +183,7 @@ def _connect(start: bool) -> socket.socket | None:
         subprocess.Popen(
             [sys.executable, *SERVER_COMMAND], stdin=subprocess.DEVNULL,
             stdout=log, stderr=log, start_new_session=True, close_fds=True,
+            env=_holder_env(),
         )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -201,6 +202,16 @@ def _try_connect(path: Path) -> socket.socket | None:
     except OSError:
         sock.close()
         return None
+
+
+def _holder_env() -> dict[str, str] | None:
+    """The holder's environment: this one; in the single-file build, one that makes the
+    holder unpack its own copy (by default it would use this process's, which is removed
+    when this process exits, while the holder lives on). Other children (rsync's remote
+    shell) end before this process and may use its copy: they start faster."""
+    if not getattr(sys, "frozen", False):
+        return None
+    return {**os.environ, "PYINSTALLER_RESET_ENVIRONMENT": "1"}
 
 
 def status() -> dict[str, Any] | None:
