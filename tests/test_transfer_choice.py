@@ -4,6 +4,7 @@ and SFTP is what remains when either end has no rsync."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,46 @@ def test_counting_stops_past_the_limit(tmp_path: Path) -> None:
     assert transfer.count_entries(inputs, 10_000) == 111
     counted = transfer.count_entries(inputs, 20)
     assert 20 < counted < 111
+
+
+def methods(stderr: str) -> dict[str, str]:
+    """The method of the ``staged`` and ``fetched`` events of a ``--json`` run."""
+    found = {}
+    for line in stderr.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("event") in ("staged", "fetched"):
+            found[record["event"]] = record["method"]
+    return found
+
+
+def test_a_run_stages_and_fetches_by_the_count(cli, workdir: Path) -> None:
+    many = AUTO_RSYNC_FILES + 10
+    tree = workdir / "tree"
+    tree.mkdir()
+    for i in range(many):
+        (tree / f"f{i}").write_text(f"{i}\n")
+    # many in (unchanged: not brought back), one out: rsync in, SFTP out
+    proc = cli("run", "--site", "loop", "--json", "--cmd", "ls tree | wc -l > count", "tree",
+               cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    assert methods(proc.stderr) == {"staged": "rsync", "fetched": "sftp"}
+    assert (workdir / "count").read_text().strip() == str(many)
+    # one in, many out: SFTP in, rsync out
+    (workdir / "n").write_text(f"{many}\n")
+    into = workdir / "back"
+    proc = cli("run", "--site", "loop", "--json", "--into", str(into), "--cmd",
+               'mkdir out; i=0; while [ $i -lt $(cat n) ]; do echo $i > out/f$i; '
+               'i=$((i+1)); done', "n", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    assert methods(proc.stderr) == {"staged": "sftp", "fetched": "rsync"}
+    assert len(list((into / "out").iterdir())) == many
+    assert (into / "out" / "f7").read_text() == "7\n"
+    # an explicit --transfer sftp is honoured however many files
+    proc = cli("run", "--site", "loop", "--json", "--transfer", "sftp", "--into",
+               str(workdir / "again"), "--cmd", "cp -r tree copy", "tree", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    assert methods(proc.stderr) == {"staged": "sftp", "fetched": "sftp"}
+    assert len(list((workdir / "again" / "copy").iterdir())) == many
