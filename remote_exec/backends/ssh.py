@@ -121,7 +121,10 @@ class SshBackend(Backend):
         sftp = await self.link.sftp()
         inputs = run.request.inputs
         size = sum(i.size for i in inputs)
-        method = await self._method(size)
+        # (a local tree is walked in a thread, and only as far as the choice needs)
+        files = await asyncio.to_thread(transfer.count_entries, inputs,
+                                        transfer.AUTO_RSYNC_FILES)
+        method = await self._method(size, files)
         run.ui.progress_start("staging", size)
         try:
             if not inputs:
@@ -154,7 +157,7 @@ class SshBackend(Backend):
         if plan.unchanged:
             run.ui.event("unchanged", f"{plan.unchanged} input file(s) came back unchanged: "
                          "not transferred", unchanged=plan.unchanged)
-        method = await self._method(plan.size)
+        method = await self._method(plan.size, len(plan.entries))
         run.fetch_total = plan.size
         run.ui.progress_start("fetching", plan.size)
         try:
@@ -177,10 +180,11 @@ class SshBackend(Backend):
             return False
         return True
 
-    async def _method(self, size: int) -> str:
+    async def _method(self, size: int, files: int) -> str:
+        """The method for ``files`` entries of ``size`` bytes (see transfer.choose_method)."""
         return await transfer.choose_method(
             await self.link.conn(), self.site.transfer, size, self.site.rsync_threshold,
-            self._rsync_cache)
+            self._rsync_cache, files=files)
 
     # -- while it runs -----------------------------------------------------------------------
     async def follow_log(self, run: Run, stop: asyncio.Event) -> None:
