@@ -4,6 +4,7 @@ the isolated environment and configuration a benchmark runs remote-exec with."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
@@ -87,6 +88,25 @@ def legacy_steps(ssh: list[str], rsh: str, target: str, rundir: str, inputs: tup
     steps.append([*ssh, target, f"cd {rundir}; {{ {command}; }} > {rundir}/{log_name} 2>&1"])
     steps.append(["rsync", "-av", "-e", rsh, f"{target}:{rundir}/", "./"])
     return steps
+
+
+def run_events(stderr: str, argv: list[str],
+                needed: tuple[str, ...] = ("created", "staged", "finished", "fetched"),
+                ) -> dict[str, dict]:
+    """The last event of each kind in a ``remote-exec run --json`` stderr; ValueError
+    naming the command when one of ``needed`` is missing."""
+    events: dict[str, dict] = {}
+    for line in stderr.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "event" in record:
+            events[record["event"]] = record
+    missing = set(needed) - events.keys()
+    if missing:
+        raise ValueError(f"{shlex.join(argv)}: no {sorted(missing)} event in --json output")
+    return events
 
 
 def add_remote_exec_option(parser: argparse.ArgumentParser) -> None:

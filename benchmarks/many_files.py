@@ -48,7 +48,6 @@ Run:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import shutil
@@ -68,6 +67,7 @@ from common import (
     legacy_steps,
     nproc,
     remote_exec_command,
+    run_events,
     ssh_options,
 )
 
@@ -187,17 +187,10 @@ class Bench:
         if proc.returncode != 0:
             raise Failed(f"{shlex.join(argv)} exited {proc.returncode}: "
                          f"{proc.stderr.strip()[-800:]}")
-        events: dict[str, dict] = {}
-        for line in proc.stderr.splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and "event" in record:
-                events[record["event"]] = record
-        missing = {"created", "staged", "finished", "fetched"} - events.keys()
-        if missing:
-            raise Failed(f"{shlex.join(argv)}: no {sorted(missing)} event in --json output")
+        try:
+            events = run_events(proc.stderr, argv)
+        except ValueError as exc:
+            raise Failed(str(exc)) from None
         stage = events["staged"]["elapsed"] - events["created"]["elapsed"]
         fetch = events["fetched"]["elapsed"] - events["finished"]["elapsed"]
         run = events["finished"]["elapsed"] - events["staged"]["elapsed"]

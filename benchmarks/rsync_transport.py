@@ -66,7 +66,14 @@ import time
 import uuid
 from pathlib import Path
 
-from common import isolated_setup, nproc, parse_args, remote_exec_command, ssh_options
+from common import (
+    isolated_setup,
+    nproc,
+    parse_args,
+    remote_exec_command,
+    run_events,
+    ssh_options,
+)
 
 from remote_exec.sandbox import Sandbox
 
@@ -216,17 +223,10 @@ class Bench:
             if proc.returncode != 0:
                 raise Failed(f"{shlex.join(argv)} exited {proc.returncode}: "
                              f"{summarize(proc.stderr)}")
-            events: dict[str, dict] = {}
-            for line in proc.stderr.splitlines():
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict) and "event" in record:
-                    events[record["event"]] = record
-            missing = {"created", "staged", "finished", "fetched"} - events.keys()
-            if missing:
-                raise Failed(f"{shlex.join(argv)}: no {sorted(missing)} event in --json output")
+            try:
+                events = run_events(proc.stderr, argv)
+            except ValueError as exc:
+                raise Failed(str(exc)) from None
             for step in ("staged", "fetched"):
                 if events[step].get("method") != method:
                     raise Failed(f"{shlex.join(argv)}: {step} by {events[step].get('method')!r}, "
