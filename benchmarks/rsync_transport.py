@@ -75,6 +75,7 @@ from common import (
     ssh_options,
 )
 
+from remote_exec.config import Site
 from remote_exec.sandbox import Sandbox
 
 KiB = 1024
@@ -87,7 +88,7 @@ PAYLOADS = [
     ("1 x 128 MiB", [("big.bin", 128 * MiB)]),
 ]
 METHODS = ("re-sftp", "re-rsync", "cm-rsync")
-DEFAULT_THRESHOLD = 4 * MiB  # remote_exec.config.Site.rsync_threshold, for the verdict
+DEFAULT_THRESHOLD = Site.rsync_threshold  # the default, for the verdict
 TIMEOUT = 300
 
 
@@ -215,7 +216,10 @@ class Bench:
         out = self.fresh_out()
         names = [n for n, _ in dict(PAYLOADS)[label]]
         argv = [*self.remote_exec, "run", "--config", str(self.config), "--site", "bench",
-                "--json", "--cmd", "true", "--transfer", method, "--into", str(out), *names]
+                # an input the entrypoint leaves unchanged does not travel back: it moves
+                # them (a rename, no copy) so that the same bytes come back as results
+                "--json", "--cmd", "mkdir r && " + shlex.join(["mv", *names, "r/"]),
+                "--transfer", method, "--into", str(out), *names]
         try:
             start = time.perf_counter()
             proc = self.run(argv, cwd=self.payload_dirs[label])
@@ -233,7 +237,7 @@ class Bench:
                                  f"not {method!r}")
             transfer = ((events["staged"]["elapsed"] - events["created"]["elapsed"])
                         + (events["fetched"]["elapsed"] - events["finished"]["elapsed"]))
-            self.verify(label, out)
+            self.verify(label, out / "r")
             return whole, transfer
         finally:
             shutil.rmtree(out, ignore_errors=True)
