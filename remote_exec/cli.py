@@ -716,13 +716,11 @@ def site_check(site_name: str, as_json: bool, config_path: str | None) -> None:
 # -- each backend's own commands (e.g. `remote-exec fujitsu ...`), from the registry ----------
 
 def _attach_backend_commands() -> None:
-    import importlib
 
     for name in backends.names():
         target = backends.get(name).commands
         if target:
-            module, _, attr = target.partition(":")
-            main.add_command(getattr(importlib.import_module(module), attr))
+            main.add_command(backends.resolve(target))
 
 
 _attach_backend_commands()

@@ -38,7 +38,6 @@ exactly as ``ssh NAME`` would.
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -87,12 +86,6 @@ _SITE_PROPERTIES: dict[str, Any] = {
 }
 
 
-def _attr(target: str) -> Any:
-    """The object named by "module:ATTR" (a registry reference)."""
-    module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)
-
-
 def site_properties() -> dict[str, Any]:
     """A site's schema properties: the fixed keys, ``backend`` (a name the registry
     knows: checked by :func:`remote_exec.backends.for_site`, which also finds plugins)
@@ -100,7 +93,7 @@ def site_properties() -> dict[str, Any]:
     return {
         **_SITE_PROPERTIES,
         "backend": {"type": "string", "minLength": 1},
-        **{section: _attr(target) for section, target in backends.sections().items()},
+        **{section: backends.resolve(target) for section, target in backends.sections().items()},
     }
 
 
@@ -228,7 +221,7 @@ def _check_sections(values: dict[str, Any], where: str) -> None:
         entry = backends.get(name)
         if entry.section and entry.section_check and (
                 backend == entry.name or values.get(entry.section)):
-            _attr(entry.section_check)(values.get(entry.section), where)
+            backends.resolve(entry.section_check)(values.get(entry.section), where)
 
 
 def parse_duration(text: str) -> float:

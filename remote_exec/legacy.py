@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from remote_exec.errors import ConfigError, InputError
+from remote_exec.ssh.words import quote
 
 if TYPE_CHECKING:
     from remote_exec.config import Site
@@ -205,7 +206,7 @@ def _quote(value: str, where: str) -> str:
         raise ConfigError(f"{where}: an expanded value holds a line break, which the remote "
                           f"login shell cannot be given inside a word: {value!r}",
                           hint="pass a value without line breaks")
-    return shlex.quote(value).replace("!", "'\\!'")
+    return quote(value)
 
 
 def expand_command(cmd: str, env: Mapping[str, str] | None = None,

@@ -72,9 +72,14 @@ class Registered:
     commands: str = ""
 
     def load(self) -> type[Backend]:
-        module, _, attr = self.target.partition(":")
-        cls: type[Backend] = getattr(importlib.import_module(module), attr)
+        cls: type[Backend] = resolve(self.target)
         return cls
+
+
+def resolve(target: str) -> Any:
+    """The object a registry line names as "module:ATTR" (imported on first use)."""
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def _scheduler(name: str, title: str) -> Registered:
@@ -180,5 +185,5 @@ def make_backend(name: str, site: Site, run_id: str = "",
 
 
 __all__ = ["BUILT_IN", "DEFAULT", "ENTRY_POINT_GROUP", "RESTRICTED", "Registered", "choosable",
-           "for_site", "get", "make_backend", "names", "register", "sections"]
+           "for_site", "get", "make_backend", "names", "register", "resolve", "sections"]
 

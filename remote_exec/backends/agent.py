@@ -28,35 +28,29 @@ from remote_exec.backends.agent_protocol import (
     agent_request,
     agent_rsync,
 )
-from remote_exec.backends.base import Backend, Launched, Leftover, Moved, RemoteState, Run
+from remote_exec.backends.base import Launched, Leftover, Moved, RemoteState, Run
 from remote_exec.backends.site_check import ssh_site_rows
-from remote_exec.backends.ssh import local_log_rest
+from remote_exec.backends.ssh import OverSsh, local_log_rest
 from remote_exec.entrypoint import KILLED, TERMINATED
 from remote_exec.errors import ConfigError, RemoteExecError, StageError
 from remote_exec.journal import RunRecord
 from remote_exec.localfs import tree_size
 from remote_exec.site.rows import Row
-from remote_exec.ssh.link import Link, open_throttled
 from remote_exec.ui import Reporter
 
 __all__ = ["MARK_WORD", "REFUSED", "AgentBackend", "AgentClient", "AgentRefused",
            "agent_request", "agent_rsync"]
 
 
-class AgentBackend(Backend):
+class AgentBackend(OverSsh):
     """Every remote step of a run on a restricted site, through the agent."""
 
     name = "agent"
-    link: Link
 
     def __init__(self, site: Any, run_id: str = "", resources: dict[str, Any] | None = None,
                  **options: Any) -> None:
         super().__init__(site, run_id, resources, **options)
         self.agent = AgentClient(site.name)
-
-    async def open(self, ui: Reporter, **how: Any) -> Link:
-        self.link = Link(self.site, ui, run_id=self.run_id, **how)
-        return self.link
 
     # -- a run's steps -----------------------------------------------------------------------
     async def create(self, run: Run) -> str:
@@ -121,11 +115,9 @@ class AgentBackend(Backend):
 
     # -- commands about recorded runs --------------------------------------------------------
     async def probe(self, record: RunRecord) -> RemoteState:
-        try:
-            conn = await asyncio.wait_for(open_throttled(self.site),
-                                          self.site.connect_timeout + 5)
-        except (RemoteExecError, asyncio.TimeoutError) as exc:
-            return RemoteState(reachable=False, error=str(exc).splitlines()[0])
+        conn = await self._reach()
+        if isinstance(conn, RemoteState):
+            return conn
         async with conn:
             answer = await self.agent.status(conn, record.id)
         return RemoteState(reachable=True, exists=bool(answer.get("exists")),
@@ -133,7 +125,7 @@ class AgentBackend(Backend):
 
     async def read_log(self, record: RunRecord, ui: Reporter, follow: bool) -> None:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        async with await open_throttled(self.site) as conn:
+        async with await self._connect() as conn:
             if not (await self.agent.status(conn, record.id)).get("exists"):
                 data = local_log_rest(record, 0)
                 if not data:
@@ -150,7 +142,7 @@ class AgentBackend(Backend):
             ui.log_text(decoder.decode(b"", True))
 
     async def cancel_recorded(self, record: RunRecord) -> tuple[str, int | None]:
-        async with await open_throttled(self.site) as conn:
+        async with await self._connect() as conn:
             if not (await self.agent.status(conn, record.id)).get("exists"):
                 return "the run directory is gone (nothing to stop)", None
             return await self.agent.cancel(conn, record.id, self.site.cancel_grace), None
@@ -159,7 +151,7 @@ class AgentBackend(Backend):
                            ui: Reporter) -> list[Leftover]:
         """The agent lists and removes its runs."""
         found: list[Leftover] = []
-        async with await open_throttled(self.site) as conn:
+        async with await self._connect() as conn:
             for run in sorted(await self.agent.runs(conn), key=lambda r: str(r.get("id"))):
                 name = str(run.get("id"))
                 age = float(run.get("age_seconds") or 0)

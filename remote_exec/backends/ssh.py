@@ -61,20 +61,36 @@ async def resolve_root(sftp: asyncssh.SFTPClient, root: str) -> str:
     return root
 
 
-class SshBackend(Backend):
-    """A run directory on the SSH host's file system; how the entrypoint runs is the
-    subclass's (:meth:`launch`, :meth:`wait`, :meth:`stop`)."""
+class OverSsh(Backend):
+    """A backend that reaches the site by SSH: a run's steps travel over a
+    :class:`~remote_exec.ssh.link.Link`; the commands about recorded runs connect on
+    their own (``cleanup``, ``status``…)."""
 
     link: Link
+
+    async def open(self, ui: Reporter, **how: Any) -> Link:
+        self.link = Link(self.site, ui, run_id=self.run_id, **how)
+        return self.link
+
+    async def _connect(self) -> asyncssh.SSHClientConnection:
+        return await open_throttled(self.site)
+
+    async def _reach(self) -> asyncssh.SSHClientConnection | RemoteState:
+        """A connection for ``status``, or the state that says why there is none."""
+        try:
+            return await asyncio.wait_for(self._connect(), self.site.connect_timeout + 5)
+        except (RemoteExecError, asyncio.TimeoutError) as exc:
+            return RemoteState(reachable=False, error=str(exc).splitlines()[0])
+
+
+class SshBackend(OverSsh):
+    """A run directory on the SSH host's file system; how the entrypoint runs is the
+    subclass's (:meth:`launch`, :meth:`wait`, :meth:`stop`)."""
 
     def __init__(self, site: Any, run_id: str = "", resources: dict[str, Any] | None = None,
                  **options: Any) -> None:
         super().__init__(site, run_id, resources, **options)
         self._rsync_cache: dict[str, bool] = {}
-
-    async def open(self, ui: Reporter, **how: Any) -> Link:
-        self.link = Link(self.site, ui, run_id=self.run_id, **how)
-        return self.link
 
     # -- the run directory -------------------------------------------------------------------
     async def create(self, run: Run) -> str:
@@ -199,14 +215,10 @@ class SshBackend(Backend):
         return await read_exit_code(await self.link.sftp(), run.rundir)
 
     # -- commands about recorded runs --------------------------------------------------------
-    async def _connect(self) -> asyncssh.SSHClientConnection:
-        return await open_throttled(self.site)
-
     async def probe(self, record: RunRecord) -> RemoteState:
-        try:
-            conn = await asyncio.wait_for(self._connect(), self.site.connect_timeout + 5)
-        except (RemoteExecError, asyncio.TimeoutError) as exc:
-            return RemoteState(reachable=False, error=str(exc).splitlines()[0])
+        conn = await self._reach()
+        if isinstance(conn, RemoteState):
+            return conn
         async with conn, await shell.open_sftp(conn) as sftp:
             rundir = record.rundir or ""
             if not await sftp.exists(rundir):

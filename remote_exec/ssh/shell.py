@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import secrets
-import shlex
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,7 +30,8 @@ from typing import Any, cast
 
 import asyncssh
 
-from remote_exec.errors import ConfigError, NoisyShellError
+from remote_exec.errors import NoisyShellError
+from remote_exec.ssh.words import quote
 
 #: where OpenSSH's sftp-server lives on Debian/Ubuntu, RHEL/Fedora, Arch/SUSE, BSDs
 SFTP_SERVERS = (
@@ -53,21 +53,6 @@ QUIET_SHELL_FIX = (
 
 #: how long a banner may take before the framed command's mark shows up
 MARK_TIMEOUT = 60.0
-
-
-def quote(word: str) -> str:
-    """``word`` as one word for sh, bash, dash, zsh, csh and tcsh alike.
-
-    POSIX single quotes, with ``!`` written ``'\\!'`` outside them (csh expands
-    ``!`` inside single quotes; every shell reads ``\\!`` as ``!``). A newline has
-    no spelling that csh and sh share, so it is refused.
-    """
-    if "\n" in word or "\r" in word:
-        raise ConfigError(
-            f"cannot pass {word!r} to a remote login shell: it holds a line break",
-            hint="remove line breaks from the site's paths and parameters",
-        )
-    return shlex.quote(word).replace("!", "'\\!'")
 
 
 def sh_line(script: str, *args: str) -> str:
