@@ -76,8 +76,8 @@ def job(script: str, **fields: Any) -> dict[str, Any]:
     return {"partition": "norm", "script-body": script, **fields}
 
 
-def submitted(sim: FrceSim, body: dict[str, Any]) -> int:
-    r = submit(sim, body)
+def submitted(sim: FrceSim, body: dict[str, Any], **kw: Any) -> int:
+    r = submit(sim, body, **kw)
     assert r.status == 200, r
     answer = r.json
     assert answer["status"] == "call_success", answer
@@ -463,3 +463,24 @@ def test_unknown_path_and_wrong_method(sim: FrceSim) -> None:
     assert call(sim, "GET", "/nothing").status == 404
     assert call(sim, "GET", "/submit_job").status == 405
     assert call(sim, "POST", "/query_status", {}).status == 405
+
+
+def test_scancel_several_ids_api_url_and_no_auth(tmp_path: Path) -> None:
+    with FrceSim(tmp_path, auth="negotiate", queue_delay=30) as sim:
+        a = submitted(sim, job("#!/bin/sh\n"), headers={"Authorization": TOKEN})
+        b = submitted(sim, job("#!/bin/sh\n"), headers={"Authorization": TOKEN})
+        env = {**os.environ, "FRCE_SIM_URL": sim.url + "/"}  # the API url is tolerated
+        p = subprocess.run(
+            [str(SCANCEL), str(a), "99999999", str(b)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert p.returncode == 1
+        assert p.stderr == (
+            "scancel: error: Kill job error on job id 99999999: Invalid job id specified\n"
+        )
+        assert sim.wait_job(a, timeout=2).state == sim.wait_job(b, timeout=2).state
+        assert sim.jobs[a].state == "CANCELLED"
+        assert sim.challenges == 0  # the control endpoint asks for nothing
