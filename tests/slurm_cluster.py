@@ -30,6 +30,9 @@ Debian packages ``slurmrestd slurm-wlm-jwt-plugin`` (``SlurmCluster.rest_availab
 carry ``X-SLURM-USER-NAME`` and ``X-SLURM-USER-TOKEN`` (``cluster.token(user)``, a JWT from
 ``scontrol token``); ``cluster.request(method, path, body)`` does that with urllib. SLURM_JWT is
 never put into ``cluster.env``: Slurm client commands would then try JWT instead of munge.
+As nobody, slurmrestd must be able to read slurm.conf: when a parent directory is closed to
+others (pytest's ``/tmp/pytest-of-root`` is 0700), it reads a copy in a 0755 temporary directory
+(removed by ``down()``); the real ``slurm.conf`` is made 0644 either way.
 Real answers captured with it: tests/data/slurmrest/README.md.
 """
 
