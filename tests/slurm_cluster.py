@@ -21,24 +21,48 @@ Jobs are tracked by process group (``proctrack/pgid``: a job's leftover children
 with cgroups on real clusters) and slurmd runs under a tiny subreaper so orphans are reaped even
 when PID 1 does not reap (containers). ``down()`` cancels all jobs and kills leftover steps.
 Real outputs captured with this cluster, and what they taught: tests/data/slurm/README.md.
+
+REST (``rest=True``): slurmctld also accepts JWTs (``AuthAltTypes=auth/jwt``, a 32-byte HS256 key
+``jwt_hs256.key`` in the directory) and ``slurmrestd`` (openapi v0.0.36-38, ``rest_auth/jwt``)
+listens on ``cluster.rest_url`` (``http://127.0.0.1:<free port>``). slurmrestd refuses to run as
+root, so it is started with ``-u nobody`` (it drops to nobody after binding); it needs the
+Debian packages ``slurmrestd slurm-wlm-jwt-plugin`` (``SlurmCluster.rest_available()``). Requests
+carry ``X-SLURM-USER-NAME`` and ``X-SLURM-USER-TOKEN`` (``cluster.token(user)``, a JWT from
+``scontrol token``); ``cluster.request(method, path, body)`` does that with urllib. SLURM_JWT is
+never put into ``cluster.env``: Slurm client commands would then try JWT instead of munge.
+As nobody, slurmrestd must be able to read slurm.conf: when a parent directory is closed to
+others (pytest's ``/tmp/pytest-of-root`` is 0700), it reads a copy in a 0755 temporary directory
+(removed by ``down()``); the real ``slurm.conf`` is made 0644 either way.
+Real answers captured with it: tests/data/slurmrest/README.md.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 DAEMONS = ("slurmctld", "slurmd")
 CLIENTS = ("sbatch", "squeue", "scontrol", "sinfo", "scancel")
 MUNGE_KEY = Path("/etc/munge/munge.key")
 MUNGE_RUN = Path("/run/munge")
+REST_USER = "nobody"  # slurmrestd refuses root; it setuid()s to this user after binding
+REST_PLUGINS = "openapi/v0.0.36,openapi/v0.0.37,openapi/v0.0.38"  # the dbv* ones need slurmdbd
+REST_VERSION = "v0.0.38"
+REST_INSTALL = "apt-get install -y slurmrestd slurm-wlm-jwt-plugin"
+JWT_PLUGIN_GLOBS = ("/usr/lib/*/slurm-wlm/auth_jwt.so", "/usr/lib/slurm-wlm/auth_jwt.so",
+                    "/usr/lib*/slurm/auth_jwt.so", "/usr/local/lib*/slurm/auth_jwt.so")
 
 
 # Runs slurmd as its child while being a "child subreaper" (prctl PR_SET_CHILD_SUBREAPER), so
@@ -218,7 +242,7 @@ class SlurmCluster:
     partition = "debug"
 
     def __init__(self, directory: Path, *, cluster_name: str = "retest",
-                 proctrack: str = "pgid") -> None:
+                 proctrack: str = "pgid", rest: bool = False) -> None:
         self.dir = Path(directory)
         self.cluster_name = cluster_name
         # pgid: everything in the batch shell's process group is TERMed/KILLed with the job,
@@ -230,6 +254,9 @@ class SlurmCluster:
         self.cpus = os.cpu_count() or 1
         self.ctld_port = 0
         self.slurmd_port = 0
+        self.rest = rest
+        self.rest_port = 0
+        self._rest_conf_dir: Path | None = None  # a world-readable copy of slurm.conf, if needed
         self._procs: dict[str, subprocess.Popen] = {}
 
     # -- files --------------------------------------------------------------------------
@@ -250,6 +277,17 @@ class SlurmCluster:
     def log_file(self, daemon: str) -> Path:
         return self.dir / f"{daemon}.log"
 
+    @property
+    def jwt_key(self) -> Path:
+        return self.dir / "jwt_hs256.key"
+
+    @property
+    def rest_url(self) -> str:
+        """``http://127.0.0.1:PORT`` of slurmrestd (``rest=True`` only)."""
+        if not self.rest:
+            raise SlurmClusterError("this cluster was made without rest=True")
+        return f"http://127.0.0.1:{self.rest_port}"
+
     # -- checks -------------------------------------------------------------------------
     @staticmethod
     def available() -> str | None:
@@ -262,13 +300,35 @@ class SlurmCluster:
                     + "): apt-get install -y slurm-wlm munge")
         return None
 
+    @staticmethod
+    def rest_available() -> str | None:
+        """None if a cluster with ``rest=True`` can be started here, else the reason."""
+        reason = SlurmCluster.available()
+        if reason:
+            return reason
+        missing = []
+        if not _which("slurmrestd"):
+            missing.append("slurmrestd")
+        if not any(glob.glob(pattern) for pattern in JWT_PLUGIN_GLOBS):
+            missing.append("auth_jwt.so (slurm-wlm-jwt-plugin)")
+        import pwd
+
+        try:
+            pwd.getpwnam(REST_USER)
+        except KeyError:
+            missing.append(f"user {REST_USER}")
+        if missing:
+            return ("Slurm REST not installed (missing " + ", ".join(missing) + "): "
+                    + REST_INSTALL)
+        return None
+
     # -- life ---------------------------------------------------------------------------
     def up(self, timeout: float = 60) -> SlurmCluster:
         """Start munge (if needed), slurmctld and slurmd; return when the node is idle.
 
         Raises SlurmClusterError (with the daemons' log tails) if that takes over ``timeout``.
         Daemons of an earlier run in the same directory are stopped first; ports are fresh."""
-        reason = self.available()
+        reason = self.rest_available() if self.rest else self.available()
         if reason:
             raise SlurmClusterError(reason)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -292,24 +352,178 @@ class SlurmCluster:
         for sub in ("state", "spool"):
             shutil.rmtree(self.dir / sub, ignore_errors=True)
             (self.dir / sub).mkdir(mode=0o755)
-        self.ctld_port, self.slurmd_port = _free_ports(2)
+        self.ctld_port, self.slurmd_port, rest_port = _free_ports(3)
+        if self.rest:
+            self.rest_port = rest_port
+            with contextlib.suppress(OSError):
+                self.jwt_key.unlink()
+            fd = os.open(self.jwt_key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(os.urandom(32))
+            os.chown(self.jwt_key, 0, 0)  # owner = SlurmUser (root)
         self.conf.write_text(self.conf_text())
+        if self.rest:
+            self.conf.chmod(0o644)  # slurmrestd reads it as nobody
         self._start("slurmctld", [_which("slurmctld"), "-D", "-c", "-f", str(self.conf)])
+        self._wait_ctld(deadline)
+        self._start("slurmd", [sys.executable, "-c", _REAPER, _which("slurmd"), "-D",
+                               "-f", str(self.conf), "-N", self.node])
+        self.wait_idle(max(1.0, deadline - time.monotonic()))
+        if self.rest:
+            self.start_rest(max(1.0, deadline - time.monotonic()))
+
+    def _wait_ctld(self, deadline: float) -> None:
         # slurmd registers with slurmctld: let slurmctld answer first
         while not self._ping_ctld():
             self._check_alive("slurmctld")
             if time.monotonic() > deadline:
                 raise SlurmClusterError(self._failure("slurmctld does not answer"))
             time.sleep(0.2)
-        self._start("slurmd", [sys.executable, "-c", _REAPER, _which("slurmd"), "-D",
-                               "-f", str(self.conf), "-N", self.node])
-        self.wait_idle(max(1.0, deadline - time.monotonic()))
+
+    # -- slurmctld restart, slurmrestd --------------------------------------------------
+    def stop_ctld(self) -> None:
+        """Stop slurmctld (TERM: it saves its state); slurmd and slurmrestd keep running."""
+        proc = self._procs.pop("slurmctld", None)
+        for pid in dict.fromkeys([self._daemon_pid("slurmctld"), proc and proc.pid]):
+            if pid:
+                _stop_pid(pid)
+        if proc is not None:
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=1)
+        with contextlib.suppress(OSError):
+            self.pid_file("slurmctld").unlink()
+
+    def start_ctld(self, timeout: float = 30) -> None:
+        """Start slurmctld again WITHOUT ``-c``: it recovers its saved state (jobs survive).
+
+        Returns when it answers ``scontrol ping``."""
+        if self._daemon_pid("slurmctld") is not None:
+            raise SlurmClusterError("slurmctld is already running")
+        self._start("slurmctld", [_which("slurmctld"), "-D", "-f", str(self.conf)])
+        self._wait_ctld(time.monotonic() + timeout)
+
+    def token(self, user: str = "root", lifespan: int = 1800) -> str:
+        """A JWT for ``user`` (``scontrol token``), valid for ``lifespan`` seconds."""
+        out = self.run("scontrol", "token", f"username={user}", f"lifespan={lifespan}",
+                       check=False, timeout=30)
+        for line in out.stdout.splitlines():
+            if line.startswith("SLURM_JWT="):
+                return line.split("=", 1)[1].strip()
+        raise SlurmClusterError(self._failure(
+            f"scontrol token username={user} failed (exit {out.returncode}): "
+            f"{out.stdout.strip()} {out.stderr.strip()}"))
+
+    def request(self, method: str, path: str, body: object = None, *, user: str = "root",
+             token: str | None = None, headers: dict[str, str] | None = None,
+             timeout: float = 60) -> tuple[int, str, object]:
+        """One request to slurmrestd: ``(status, content type, parsed JSON or text)``.
+
+        ``path`` starts with ``/`` (``/slurm/v0.0.38/ping``); ``body`` is sent as JSON. The
+        auth headers carry ``user`` and ``token`` (a fresh ``self.token(user)`` if None);
+        ``headers`` are added last (a value of None drops that header)."""
+        all_headers = {"X-SLURM-USER-NAME": user,
+                       "X-SLURM-USER-TOKEN": token if token is not None else self.token()}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            all_headers["Content-Type"] = "application/json"
+        all_headers.update(headers or {})
+        request = urllib.request.Request(
+            self.rest_url + path, data=data, method=method,
+            headers={k: v for k, v in all_headers.items() if v is not None})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as answer:
+                status, ctype, raw = answer.status, answer.headers.get("Content-Type", ""), \
+                    answer.read()
+        except urllib.error.HTTPError as exc:
+            status, ctype, raw = exc.code, exc.headers.get("Content-Type", ""), exc.read()
+        text = raw.decode(errors="replace")
+        try:
+            parsed: object = json.loads(text) if text.strip() else text
+        except ValueError:
+            parsed = text
+        return status, ctype or "", parsed
+
+    def start_rest(self, timeout: float = 30) -> None:
+        """Start slurmrestd (as nobody) on ``rest_url``; return when ``/ping`` answers 200."""
+        if not self.rest:
+            raise SlurmClusterError("this cluster was made without rest=True")
+        if "slurmrestd" in self._procs and self._procs["slurmrestd"].poll() is None:
+            raise SlurmClusterError("slurmrestd is already running")
+        if not self.rest_port:
+            self.rest_port = _free_ports(1)[0]
+        conf = self._rest_conf()
+        env = dict(os.environ)
+        env.pop("SLURM_CONF", None)
+        env["SLURM_JWT"] = "daemon"  # only slurmrestd's environment, never self.env
+        self._start("slurmrestd", [_which("slurmrestd"), "-f", str(conf), "-a", "rest_auth/jwt",
+                                   "-s", REST_PLUGINS, "-u", REST_USER,
+                                   f"127.0.0.1:{self.rest_port}"],
+                    env=env, log=self.log_file("slurmrestd"))
+        deadline = time.monotonic() + timeout
+        token = self.token(lifespan=max(60, int(timeout) + 60))
+        last = ""
+        while True:
+            self._check_alive("slurmrestd")
+            try:
+                status, _, body = self.request("GET", f"/slurm/{REST_VERSION}/ping", token=token,
+                                            timeout=10)
+                if status == 200:
+                    return
+                last = f"HTTP {status}: {body}"
+            except OSError as exc:
+                last = str(exc)
+            if time.monotonic() > deadline:
+                raise SlurmClusterError(self._failure(f"slurmrestd does not answer: {last}"))
+            time.sleep(0.2)
+
+    def stop_rest(self) -> None:
+        """Stop slurmrestd (TERM, wait, KILL)."""
+        proc = self._procs.pop("slurmrestd", None)
+        pids = [proc and proc.pid, self._rest_pid()]
+        for pid in dict.fromkeys(pids):
+            if pid:
+                _stop_pid(pid)
+        if proc is not None:
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=1)
+        with contextlib.suppress(OSError):
+            self.pid_file("slurmrestd").unlink()
+
+    def _rest_conf(self) -> Path:
+        """slurm.conf as slurmrestd (nobody) can read it: the real one if every parent directory
+        lets others through, else a copy in a world-readable temporary directory."""
+        if all(p.stat().st_mode & 0o001 for p in self.conf.resolve().parents):
+            return self.conf
+        if self._rest_conf_dir is None:
+            self._rest_conf_dir = Path(tempfile.mkdtemp(prefix="slurmrestd-"))
+            self._rest_conf_dir.chmod(0o755)
+        copy = self._rest_conf_dir / "slurm.conf"
+        copy.write_text(self.conf.read_text())
+        copy.chmod(0o644)
+        return copy
+
+    def _rest_pid(self) -> int | None:
+        """The slurmrestd of this cluster (pid file written by us) if it is still alive."""
+        try:
+            pid = int(self.pid_file("slurmrestd").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        cmdline = _cmdline(pid)
+        if _pid_alive(pid) and "slurmrestd" in cmdline and f"127.0.0.1:{self.rest_port}" in cmdline:
+            return pid
+        return None
 
     def down(self) -> None:
-        """Cancel all jobs, stop slurmd then slurmctld (TERM, wait, KILL); munged is left alone.
+        """Cancel all jobs, stop slurmrestd, slurmd then slurmctld (TERM, wait, KILL); munged is
+        left alone.
 
         Job steps (``slurmstepd``) of this cluster that are still there afterwards are killed
         with their process groups, so no job outlives the cluster."""
+        self.stop_rest()
+        if self._rest_conf_dir is not None:
+            shutil.rmtree(self._rest_conf_dir, ignore_errors=True)
+            self._rest_conf_dir = None
         if self._daemon_pid("slurmctld") is not None:
             self.run("scancel", f"--partition={self.partition}", check=False, timeout=15)
             deadline = time.monotonic() + 10
@@ -418,6 +632,8 @@ class SlurmCluster:
             "SlurmctldTimeout=30",
             "SlurmdTimeout=60",
             "Waittime=0",
+            *(["AuthAltTypes=auth/jwt", f"AuthAltParameters=jwt_key={self.jwt_key}"]
+              if self.rest else []),
             f"NodeName={name} NodeAddr=127.0.0.1 NodeHostname={name} CPUs={self.cpus} "
             "RealMemory=2000 State=UNKNOWN",
             f"PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
@@ -425,15 +641,18 @@ class SlurmCluster:
         return "\n".join(lines) + "\n"
 
     # -- internals ----------------------------------------------------------------------
-    def _start(self, daemon: str, argv: list) -> None:
-        out = open(self.dir / f"{daemon}.stdout", "wb")  # noqa: SIM115 - handed to the child
+    def _start(self, daemon: str, argv: list, env: dict[str, str] | None = None,
+               log: Path | None = None) -> None:
+        out = open(log or self.dir / f"{daemon}.stdout", "ab" if log else "wb")  # noqa: SIM115
         try:
             proc = subprocess.Popen([str(a) for a in argv], stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=subprocess.STDOUT, cwd=self.dir,
-                                    start_new_session=True)
+                                    start_new_session=True, env=env)
         finally:
             out.close()
         self._procs[daemon] = proc
+        if daemon == "slurmrestd":  # it writes no pid file itself
+            self.pid_file(daemon).write_text(f"{proc.pid}\n")
 
     def _check_alive(self, daemon: str) -> None:
         proc = self._procs.get(daemon)
@@ -463,7 +682,22 @@ class SlurmCluster:
                 _stop_pid(pid)
             with contextlib.suppress(OSError):
                 self.pid_file(daemon).unlink()
+        self._kill_stale_rest()
         self._kill_stepds()
+
+    def _kill_stale_rest(self) -> None:
+        """A slurmrestd of an earlier run in this directory (its pid file, checked: alive, a
+        slurmrestd, cwd = this directory)."""
+        try:
+            pid = int(self.pid_file("slurmrestd").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return
+        with contextlib.suppress(OSError):
+            if ("slurmrestd" in _cmdline(pid) and _pid_alive(pid)
+                    and Path(os.readlink(f"/proc/{pid}/cwd")) == self.dir.resolve()):
+                _stop_pid(pid)
+        with contextlib.suppress(OSError):
+            self.pid_file("slurmrestd").unlink()
 
     def _stepds(self) -> list[int]:
         """Live slurmstepd processes of this cluster: slurmd starts them in its cwd (our dir)."""
@@ -503,7 +737,7 @@ class SlurmCluster:
 
     def _failure(self, what: str) -> str:
         parts = [f"test Slurm cluster in {self.dir}: {what}"]
-        for daemon in DAEMONS:
+        for daemon in (*DAEMONS, "slurmrestd"):
             for path in (self.log_file(daemon), self.dir / f"{daemon}.stdout"):
                 if path.exists():
                     parts.append(f"--- {path} (tail) ---\n{_tail(path)}")
