@@ -10,10 +10,14 @@ both started here and stopped at the end, three kinds are interleaved per repeti
                      rsync back), its run step submitting the command with
                      ``sbatch --wait --wrap 'cat a b c > out'`` in the run directory;
   b  direct          ``remote-exec run --backend direct --cmd 'cat a b c > out' a b c``;
-  c  slurm           ``remote-exec run --backend slurm --cmd 'cat a b c > out' a b c``.
+  c  slurm           ``remote-exec run --backend slurm --cmd 'cat a b c > out' a b c``;
+  d  slurmrest       the same through slurmrestd (JWT from ``scontrol token`` over the
+                     site's SSH), when ``slurmrestd`` and ``slurm-wlm-jwt-plugin`` are
+                     installed: submit, ask and cancel over HTTP, files over SSH.
 
 Printed: median, min, max per kind; a/c (what remote-exec saves over doing the same by
-hand) and c/b (what going through the scheduler costs over a direct run). Needs root
+hand), c/b (what going through the scheduler costs over a direct run) and d/c (the REST
+path against sbatch over SSH). Needs root
 and ``slurm-wlm`` + ``munge``; says why and exits 0 if they are missing.
 
 Run:
@@ -60,23 +64,30 @@ def main() -> int:
         return 0
     with tempfile.TemporaryDirectory(prefix="re-bench-batch-") as name:
         tmp = Path(name)
-        cluster = SlurmCluster(tmp / "slurm")
+        rest = SlurmCluster.rest_available() is None
+        if not rest:
+            print(f"(no REST path: {SlurmCluster.rest_available()})")
+        cluster = SlurmCluster(tmp / "slurm", rest=rest)
         cluster.up()
         box = Sandbox(tmp / "sshd", extra_config=[f"SetEnv SLURM_CONF={cluster.conf}"])
         box.up()
         try:
-            return Bench(tmp, box, args).main()
+            return Bench(tmp, box, args, cluster.rest_url if rest else "").main()
         finally:
             box.down()
             cluster.down()
 
 
 class Bench:
-    def __init__(self, tmp: Path, box: Sandbox, args: object) -> None:
+    def __init__(self, tmp: Path, box: Sandbox, args: object, rest_url: str) -> None:
         self.tmp, self.repeat = tmp, int(args.repeat)
         root = tmp / "runs"
         root.mkdir()
         self.site = dict(box.site_definition(), root=str(root))
+        self.rest = bool(rest_url)
+        if rest_url:
+            self.site["slurmrest"] = {"url": rest_url,
+                                      "token_command": ["scontrol", "token", "lifespan=3600"]}
         self.config, self.env = isolated_setup(tmp, self.site)
         self.remote_exec = remote_exec_command(args.remote_exec)
         self.ssh = ssh_options(self.site)
@@ -125,6 +136,8 @@ class Bench:
         kinds = {"a legacy+sbatch": self.legacy,
                  "b direct": lambda: self.remote_exec_run("direct"),
                  "c slurm": lambda: self.remote_exec_run("slurm")}
+        if self.rest:
+            kinds["d slurmrest"] = lambda: self.remote_exec_run("slurmrest")
         times: dict[str, list[float]] = {k: [] for k in kinds}
         for rep in range(-1, self.repeat):
             for kind, fn in kinds.items():
@@ -140,10 +153,13 @@ class Bench:
             if values:
                 med[kind] = statistics.median(values)
                 print(f"{kind:18} {med[kind]:8.3f} {min(values):8.3f} {max(values):8.3f}")
-        if len(med) == 3:
+        if len(med) >= 3:
             speedup = med["a legacy+sbatch"] / med["c slurm"]
             print(f"a/c legacy+sbatch / remote-exec slurm: {speedup:.2f}x")
             print(f"c/b remote-exec slurm / direct:        {med['c slurm'] / med['b direct']:.2f}x")
+        if "d slurmrest" in med and "c slurm" in med:
+            print(f"d/c slurmrest / slurm (sbatch over SSH): "
+                  f"{med['d slurmrest'] / med['c slurm']:.2f}x")
         for failure in self.failures:
             print(f"FAILED {failure}")
         return 1 if self.failures else 0

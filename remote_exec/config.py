@@ -150,8 +150,20 @@ class Site:
     only_return: list[str] = field(default_factory=list)
     backend: str = backends.DEFAULT
     resources: dict[str, Any] = field(default_factory=dict)
-    fujitsu: dict[str, Any] = field(default_factory=dict)  # its backend's settings section
+    #: the backends' settings sections the site has (``fujitsu:``, ``slurmrest:``), by name
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     defined_in: str | None = None  # the file that defined it, None for a bare host alias
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> Site:
+        """A site as :func:`dataclasses.asdict` wrote it (a journal record, the holder's
+        wire); a record of an older version kept a backend's section as its own key."""
+        values = dict(data)
+        settings = dict(values.pop("settings", None) or {})
+        for section in backends.sections():
+            if section in values:
+                settings[section] = values.pop(section) or {}
+        return cls(settings=settings, **values)
 
     @property
     def display(self) -> str:
@@ -199,7 +211,9 @@ class Config:
 
             Resources.parse(values["resources"], f"{self.path}: sites.{name}.resources")
         _check_sections(values, f"{self.path}: sites.{name}")
-        site = Site(name=name, defined_in=defined_in, **values)
+        settings = {section: values.pop(section) or {} for section in backends.sections()
+                    if section in values}
+        site = Site(name=name, defined_in=defined_in, settings=settings, **values)
         try:
             backends.for_site(site)  # e.g. a restricted site with a batch backend
         except ConfigError as err:

@@ -28,7 +28,7 @@ from remote_exec.ui import Reporter
 
 
 def record_site(record: RunRecord) -> Site:
-    return Site(**record.request_data()["site"])
+    return Site.from_wire(record.request_data()["site"])
 
 
 def driven(record: RunRecord) -> bool:

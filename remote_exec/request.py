@@ -210,7 +210,7 @@ def request_to_wire(request: RunRequest) -> dict[str, Any]:
 
 def request_from_wire(data: dict[str, Any]) -> RunRequest:
     return RunRequest(
-        site=Site(**data["site"]),
+        site=Site.from_wire(data["site"]),
         inputs=[Input(source=Path(i["source"]), name=i["name"], is_dir=i["is_dir"],
                       size=i["size"]) for i in data["inputs"]],
         entrypoint=Entrypoint(**data["entrypoint"]),

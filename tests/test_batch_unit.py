@@ -279,7 +279,7 @@ def test_readme_configuration_example_loads(tmp_path: Path) -> None:
     for name in config.sites:
         site = config.site(name)
         if site.backend == "fujitsu":
-            settings = FujitsuSettings.from_site(site.fujitsu, name)
+            settings = FujitsuSettings.from_site(site.settings.get("fujitsu"), name)
             assert settings.paths["job"] == "/jobs/{job_id}"
         else:
             Resources.parse(site.resources, name)

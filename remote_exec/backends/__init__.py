@@ -19,6 +19,9 @@ Built in:
   ``slurm``, ``pbs``, ``torque``, ``pjm``  a batch job of the site's scheduler over SSH
                (:mod:`.batch`, one class parameterised by a :class:`.scheduler.Scheduler`;
                one module per scheduler for its commands and formats);
+  ``slurmrest`` a Slurm job submitted, asked about and cancelled through a REST API
+               (slurmrestd, or the FRCE kind), the run directory over SSH
+               (:mod:`.slurmrest`);
   ``agent``    a restricted site: every step is a request to the agent the site
                installed (:mod:`.agent`); chosen by the site's ``restricted: true``;
   ``fujitsu``  the Fujitsu Cloud Service HPC WebAPI: files through its object storage,
@@ -96,6 +99,11 @@ BUILT_IN: tuple[Registered, ...] = (
     _scheduler("pbs", "PBS Pro"),
     _scheduler("torque", "Torque"),
     _scheduler("pjm", "Fujitsu PJM"),
+    Registered("slurmrest", "remote_exec.backends.slurmrest.backend:SlurmRestBackend",
+               "a Slurm job through slurmrestd or an FRCE-style REST API (files over SSH)",
+               takes_resources=True, section="slurmrest",
+               section_schema="remote_exec.backends.slurmrest.settings:SCHEMA",
+               section_check="remote_exec.backends.slurmrest.settings:check_section"),
     Registered("agent", "remote_exec.backends.agent:AgentBackend",
                "a restricted site's agent (the site's `restricted: true`)", choosable=False),
     Registered("fujitsu", "remote_exec.backends.fujitsu.backend:FujitsuBackend",

@@ -20,7 +20,8 @@ class FujitsuService:
     def __init__(self, site: Site, run_id: str = "") -> None:
         self.site = site
         self.run_id = run_id
-        self.settings = FujitsuSettings.from_site(site.fujitsu, f"site {site.name!r}")
+        self.settings = FujitsuSettings.from_site(site.settings.get("fujitsu"),
+                                                  f"site {site.name!r}")
         self.api = WebApi(self.settings, load_auth(self.settings, site.name),
                           tries=site.retry_tries, max_interval=site.retry_max_interval)
         self._bucket: Any = None

@@ -1,0 +1,397 @@
+"""The ``slurmrest`` backend against a real slurmrestd: Debian's ``slurmrestd`` with
+``rest_auth/jwt`` in front of the loopback Slurm of tests/slurm_cluster.py, reached
+through a small HTTP relay that can lose an answer on cue. Files travel over a real
+loopback sshd; the token comes from ``scontrol token`` run over that SSH connection."""
+
+from __future__ import annotations
+
+import http.client
+import http.server
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from batch_site import BatchSite
+from slurm_cluster import SlurmCluster
+
+pytestmark = [pytest.mark.timeout(400), pytest.mark.xdist_group("slurm")]
+
+
+class Relay:
+    """An HTTP relay in front of slurmrestd: counts requests by method and path, and
+    can forward the next submission yet drop its answer (as when a link dies)."""
+
+    def __init__(self, target_port: int) -> None:
+        relay = self
+        self.target_port = target_port
+        self.seen: list[tuple[str, str, int]] = []
+        self.lose_next_submit = False
+        self.unavailable = 0  # answer this many requests 503 without forwarding
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _relay(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                if relay.unavailable > 0:
+                    relay.unavailable -= 1
+                    relay.seen.append((self.command, self.path, 503))
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                conn = http.client.HTTPConnection("127.0.0.1", relay.target_port, timeout=60)
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("host", "connection")}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                answer = conn.getresponse()
+                data = answer.read()
+                conn.close()
+                relay.seen.append((self.command, self.path, answer.status))
+                if self.command == "POST" and self.path.endswith("/job/submit") \
+                        and relay.lose_next_submit:
+                    relay.lose_next_submit = False
+                    self.close_connection = True
+                    self.connection.close()  # submitted, but the answer never arrives
+                    return
+                self.send_response(answer.status)
+                for key, value in answer.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection",
+                                           "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_DELETE = _relay
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def count(self, method: str, tail: str) -> int:
+        return sum(1 for m, p, _ in self.seen if m == method and p.endswith(tail))
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    why = SlurmCluster.available() or SlurmCluster.rest_available()
+    if why and os.environ.get("CI"):
+        pytest.fail(f"CI must run the real slurmrestd tests: {why} (see .ci/run)")
+    if why:
+        pytest.skip(why)
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurmrest"), rest=True)
+    cluster.up()
+    yield cluster
+    cluster.down()
+
+
+@pytest.fixture(scope="module")
+def relay(cluster: SlurmCluster):
+    relay = Relay(int(cluster.rest_url.rsplit(":", 1)[1]))
+    yield relay
+    relay.close()
+
+
+@pytest.fixture(scope="module")
+def site(cluster: SlurmCluster, relay: Relay, tmp_path_factory: pytest.TempPathFactory):
+    base = tmp_path_factory.mktemp("slurmrest-site")
+    log = base / "tokens.log"
+    # the token command runs over the site's SSH: log each call, then ask Slurm for one
+    command = ["/bin/sh", "-c", f'echo x >> "{log}"; exec scontrol token lifespan=${{1:-3600}}',
+               "token"]
+    site = BatchSite.start(base, "rest", "slurmrest", {"SLURM_CONF": str(cluster.conf)},
+                           resources={"walltime": "10m"},
+                           slurmrest={"url": relay.url, "token_command": command})
+    site.token_log = log  # type: ignore[attr-defined]
+    yield site
+    site.stop()
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    (tmp_path / "in.txt").write_text("hello rest\n")
+    return tmp_path
+
+
+def scontrol(cluster: SlurmCluster, job_id: str) -> dict[str, str]:
+    out = cluster.run("scontrol", "show", "job", "-o", job_id).stdout
+    return dict(p.partition("=")[::2] for p in out.split() if "=" in p)
+
+
+def newest(site: BatchSite) -> dict:
+    return site.runs()[0]
+
+
+def jobs_named(cluster: SlurmCluster, run_id: str) -> list[str]:
+    name = "re-" + run_id.replace("-", "")[:8]
+    return cluster.run("squeue", "-h", "-n", name, "-t", "all", "-o", "%i").stdout.split()
+
+
+def variant(site: BatchSite, work: Path, name: str, **changes: object) -> BatchSite:
+    """The same site under another configuration file, with ``changes`` to its entry
+    (``slurmrest`` changes are merged into its section)."""
+    data = yaml.safe_load(site.config.read_text())
+    entry = data["sites"][site.name]
+    rest = changes.pop("slurmrest", None)
+    entry.update(changes)
+    if rest:
+        entry["slurmrest"] = {**entry["slurmrest"], **rest}  # type: ignore[dict-item]
+    config = work / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(data))
+    return BatchSite(box=site.box, config=config, state=site.state, root=site.root,
+                     name=site.name)
+
+
+def _blocker(cluster: SlurmCluster) -> str:
+    out = cluster.run("sbatch", "--parsable", "--exclusive", "-o", "/dev/null",
+                      "--wrap", "sleep 120").stdout
+    job_id = out.strip().split(";")[0]
+    deadline = time.monotonic() + 30
+    while scontrol(cluster, job_id).get("JobState") != "RUNNING":
+        assert time.monotonic() < deadline, "the blocker job did not start"
+        time.sleep(0.3)
+    return job_id
+
+
+def _wait_state(cluster: SlurmCluster, job_id: str, state: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while scontrol(cluster, job_id).get("JobState") != state:
+        assert time.monotonic() < deadline, scontrol(cluster, job_id)
+        time.sleep(0.3)
+
+
+# -- the tests ----------------------------------------------------------------------------------
+
+def test_success_through_the_rest_api(site: BatchSite, cluster: SlurmCluster, relay: Relay,
+                                      work: Path) -> None:
+    submits = relay.count("POST", "/job/submit")
+    proc = site.cli("run", "--site", "rest", "-R", "cpus_per_task=1", "--cmd",
+                    'cat in.txt > out.txt; echo "job=$SLURM_JOB_ID" >> out.txt', "in.txt",
+                    "--into", "back", cwd=work, holder=True)
+    assert proc.returncode == 0, proc.stderr
+    out = (work / "back" / "out.txt").read_text()
+    assert out.startswith("hello rest\njob=")
+    job_id = out.split("job=")[1].strip()
+    assert f"submitted Slurm job {job_id} through slurmrestd v0.0.38" in proc.stderr
+    assert relay.count("POST", "/job/submit") == submits + 1
+    run = newest(site)
+    assert run["backend"] == "slurmrest" and run["job_id"] == job_id
+    job = run["job_info"]
+    assert job["native"] == "COMPLETED" and job["state"] == "completed"
+    assert job["queue_wait"] is not None and job["run_time"] is not None
+    fields = scontrol(cluster, job_id)
+    assert fields["JobState"] == "COMPLETED" and fields["Requeue"] == "0"  # no_requeue
+    assert fields["JobName"] == "re-" + run["id"].replace("-", "")[:8]
+    assert fields["TimeLimit"] == "00:10:00"
+    text = site.cli("status", run["id"], cwd=work).stdout
+    assert f"Slurm job {job_id}: COMPLETED" in text and "queued" in text
+
+
+def test_exit_code_three(site: BatchSite, cluster: SlurmCluster, work: Path) -> None:
+    proc = site.cli("run", "--site", "rest", "--cmd", "echo broken; exit 3", cwd=work)
+    assert proc.returncode == 3, proc.stderr
+    assert "broken" in proc.stderr
+    run = newest(site)
+    assert run["state"] == "failed" and run["exit_code"] == 3
+    assert run["job_info"]["native"] == "FAILED" and run["job_info"]["exit_code"] == 3
+    assert scontrol(cluster, run["job_id"])["ExitCode"] == "3:0"
+
+
+def test_bad_partition_is_refused_with_slurms_reason(site: BatchSite, work: Path) -> None:
+    proc = site.cli("run", "--site", "rest", "-R", "queue=nosuch", "--cmd", "true", cwd=work)
+    assert proc.returncode == 73, proc.stderr
+    assert "Slurm refused the job" in proc.stderr
+    assert "Invalid partition name specified" in proc.stderr
+    assert (work / "in.txt").read_text() == "hello rest\n"
+
+
+def test_cancel_while_pending(site: BatchSite, cluster: SlurmCluster, work: Path) -> None:
+    blocker = _blocker(cluster)
+    try:
+        proc = site.spawn_run("--site", "rest", "--cmd", "touch ran", cwd=work)
+        status = site.wait_job(("queued",))
+        assert status["job_info"]["native"] == "PENDING"
+        cancel = site.cli("cancel", status["id"], cwd=work)
+        assert cancel.returncode == 0, cancel.stderr
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 143, err
+        assert scontrol(cluster, status["job_id"])["JobState"] == "CANCELLED"
+        run = newest(site)
+        assert run["state"] == "cancelled" and "cancelled through slurmrestd" in run["error"]
+        assert not (Path(status["rundir"]) / "ran").exists()
+    finally:
+        cluster.run("scancel", blocker, check=False)
+
+
+def test_ctrl_c_while_running_cancels_the_job(site: BatchSite, cluster: SlurmCluster,
+                                              work: Path) -> None:
+    proc = site.spawn_run("--site", "rest", "--cmd", "echo started; sleep 120", cwd=work)
+    status = site.wait_job(("running",))
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    _wait_state(cluster, status["job_id"], "CANCELLED")
+    run = newest(site)
+    assert run["state"] == "cancelled" and "slurmrestd" in run["error"]
+
+
+def test_walltime_kill_is_reported_as_timed_out(site: BatchSite, cluster: SlurmCluster,
+                                                work: Path) -> None:
+    proc = site.spawn_run("--site", "rest", "-R", "walltime=1", "--cmd",
+                          "echo working; sleep 600", cwd=work)
+    status = site.wait_job(("running",))
+    assert scontrol(cluster, status["job_id"])["TimeLimit"] == "00:01:00"
+    # as in test_slurm: a limit lowered to 0 is enforced at the next check, not 60-90 s later
+    cluster.run("scontrol", "update", f"JobId={status['job_id']}", "TimeLimit=0")
+    try:
+        _, err = proc.communicate(timeout=200)
+    finally:
+        proc.kill()
+    assert proc.returncode not in (0, None), err
+    assert "TIMEOUT" in err and "walltime" in err
+    run = newest(site)
+    assert run["job_info"]["state"] == "timed_out" and run["state"] == "failed"
+
+
+def test_token_that_expires_mid_run_is_renewed(site: BatchSite, work: Path) -> None:
+    short = variant(site, work, "short", slurmrest={"token_command": [
+        *yaml.safe_load(site.config.read_text())["sites"]["rest"]["slurmrest"]
+        ["token_command"], "6"]})
+    before = len(site.token_log.read_text().splitlines())  # type: ignore[attr-defined]
+    proc = short.cli("run", "--site", "rest", "--cmd", "sleep 14; echo done > d.txt",
+                     "--into", "back", cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    assert (work / "back" / "d.txt").read_text() == "done\n"
+    calls = len(site.token_log.read_text().splitlines()) - before  # type: ignore[attr-defined]
+    assert calls >= 2, f"the token was fetched {calls} time(s) in a run longer than its life"
+
+
+def test_slurmctld_restarted_mid_run(site: BatchSite, cluster: SlurmCluster,
+                                     work: Path) -> None:
+    proc = site.spawn_run("--site", "rest", "--cmd", "sleep 8; echo ok > r.txt; exit 4",
+                          "--into", "back", cwd=work)
+    site.wait_job(("running",))
+    cluster.stop_ctld()
+    time.sleep(4)
+    cluster.start_ctld()
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 4, err
+    assert (work / "back" / "r.txt").read_text() == "ok\n"
+
+
+def test_lost_submit_answer_finds_the_job(site: BatchSite, cluster: SlurmCluster,
+                                          relay: Relay, work: Path) -> None:
+    submits = relay.count("POST", "/job/submit")
+    relay.lose_next_submit = True
+    proc = site.cli("run", "--site", "rest", "--cmd", "echo once >> count.txt",
+                    "--into", "back", cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    assert not relay.lose_next_submit
+    assert relay.count("POST", "/job/submit") == submits + 1  # never sent twice
+    assert "answer was lost: found job" in proc.stderr
+    run = newest(site)
+    assert jobs_named(cluster, run["id"]) == [run["job_id"]]
+    assert (work / "back" / "count.txt").read_text() == "once\n"
+
+
+def test_api_unavailable_for_a_while_is_waited_out(site: BatchSite, relay: Relay,
+                                                   work: Path) -> None:
+    relay.unavailable = 3
+    proc = site.cli("run", "--site", "rest", "--cmd", "echo fine > f.txt", "--into", "back",
+                    cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    assert relay.unavailable == 0
+    assert (work / "back" / "f.txt").read_text() == "fine\n"
+
+
+def test_ssh_link_cut_during_staging(site: BatchSite, cluster: SlurmCluster, work: Path) -> None:
+    from tcp_proxy import TcpProxy
+
+    payload = os.urandom(8_000_000)
+    (work / "big.bin").write_bytes(payload)
+    with TcpProxy(site.box.port) as tcp:
+        kind, blob = Path(f"{site.box.host_key}.pub").read_text().split()[:2]
+        known = work / "proxied.known_hosts"
+        known.write_text(f"[127.0.0.1]:{tcp.port} {kind} {blob}\n")
+        proxied = variant(site, work, "proxied", port=tcp.port, known_hosts=str(known),
+                          retry_max_interval=0.5)
+        tcp.cut_after(up=3_000_000)
+        proc = proxied.cli("run", "--site", "rest", "--transfer", "sftp", "--cmd",
+                           "sha256sum big.bin > sum; echo x >> ran", "big.bin",
+                           "--into", "back", cwd=work)
+        assert tcp.cuts >= 1
+    assert proc.returncode == 0, proc.stderr
+    assert "lost during staging" in proc.stderr
+    import hashlib
+
+    assert (work / "back" / "sum").read_text().split()[0] == hashlib.sha256(payload).hexdigest()
+    assert (work / "back" / "ran").read_text() == "x\n"
+    run = newest(site)
+    assert jobs_named(cluster, run["id"]) == [run["job_id"]]
+
+
+def test_site_check_shows_the_api(site: BatchSite, work: Path) -> None:
+    proc = site.cli("site", "check", "rest", "--json", cwd=work)
+    rows = {r["check"]: r for r in json.loads(proc.stdout)}
+    row = rows["slurmrestd"]
+    assert row["status"] == "ok", row
+    assert "v0.0.38" in row["detail"] and "22.05" in row["detail"]
+    assert "token expires" in row["detail"]
+
+
+def test_no_token_in_any_output(site: BatchSite, work: Path) -> None:
+    env_site = variant(site, work, "debug")
+    proc = env_site.cli("run", "--site", "rest", "--cmd", "true", cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    # the token is a JWT: three base64url parts, the first always starts eyJ
+    assert "eyJ" not in proc.stderr + proc.stdout
+    for path in site.state.rglob("*"):
+        if path.is_file():
+            assert b"eyJhbGciOi" not in path.read_bytes(), path
+
+
+def test_driver_killed_then_resume_submits_once(site: BatchSite, cluster: SlurmCluster,
+                                                 relay: Relay, work: Path) -> None:
+    submits = relay.count("POST", "/job/submit")
+    proc = site.spawn_run("--site", "rest", "--cmd", "sleep 5; echo done > result.txt; exit 5",
+                          "--into", "back", cwd=work)
+    status = site.wait_job(("running",))
+    proc.kill()
+    proc.wait()
+    resumed = site.cli("resume", status["id"], cwd=work)
+    assert resumed.returncode == 5, resumed.stderr
+    assert (work / "back" / "result.txt").read_text() == "done\n"
+    run = newest(site)
+    assert run["exit_code"] == 5 and run["job_info"]["native"] == "FAILED"
+    assert relay.count("POST", "/job/submit") == submits + 1
+    assert jobs_named(cluster, run["id"]) == [run["job_id"]]
+
+
+def test_cancel_command_reaches_slurm_without_a_driver(site: BatchSite, cluster: SlurmCluster,
+                                                       work: Path) -> None:
+    proc = site.spawn_run("--site", "rest", "--cmd", "sleep 120", cwd=work)
+    status = site.wait_job(("running",))
+    proc.kill()  # nobody drives it now: the cancel command asks slurmrestd itself
+    proc.wait()
+    cancel = site.cli("cancel", status["id"], cwd=work)
+    assert cancel.returncode == 0, cancel.stderr
+    assert "cancelled through slurmrestd" in cancel.stdout, cancel.stdout + cancel.stderr
+    _wait_state(cluster, status["job_id"], "CANCELLED")
