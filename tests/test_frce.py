@@ -252,3 +252,48 @@ def test_site_check(site: BatchSite, work: Path) -> None:
     proc = site.cli("site", "check", "frce", "--json", cwd=work)
     rows = {r["check"]: r for r in json.loads(proc.stdout)}
     assert rows["FRCE API"]["status"] == "ok", rows
+
+
+# Requests the backend never sends (it checks them first), sent by hand so that each
+# documented reason comes from the simulator and is read by the dialect's parser.
+_BAD_REQUESTS = {
+    "postdata_parse_error": b"{not json",
+    "postdata_too_big": json.dumps({"partition": "norm",
+                                    "script-body": "#!/bin/sh\n" + "#" * 5000}).encode(),
+    "no_partition_given": json.dumps({"script-body": "#!/bin/sh\n"}).encode(),
+    "bad_partition": json.dumps({"partition": "gpu", "script-body": "#!/bin/sh\n"}).encode(),
+    "bad_number_of_tasks": json.dumps({"partition": "norm", "ntasks": 0,
+                                       "script-body": "#!/bin/sh\n"}).encode(),
+    "conflicting_mem_specifications": json.dumps({
+        "partition": "norm", "mem-per-cpu": "1G", "mem-per-node": "4G",
+        "script-body": "#!/bin/sh\n"}).encode(),
+}
+
+
+@pytest.mark.parametrize("reason", [*_BAD_REQUESTS, "backend_query_malloc_failed",
+                                    "backend_query_job_submission_failed"])
+def test_each_documented_reason_is_read(sim: FrceSim, reason: str) -> None:
+    import urllib.error
+    import urllib.request
+
+    from frce_sim import DOCUMENTED_REASONS
+
+    from remote_exec.backends.slurmrest import dialects
+    from remote_exec.backends.slurmrest.client import _answer
+
+    assert set(DOCUMENTED_REASONS) == set(dialects.FRCE_REASONS)
+    body = _BAD_REQUESTS.get(reason)
+    if body is None:
+        setattr(sim.faults, {"backend_query_malloc_failed": "malloc_failed"}.get(
+            reason, "submission_failed"), 1)
+        body = json.dumps({"partition": "norm", "script-body": "#!/bin/sh\n"}).encode()
+    request = urllib.request.Request(sim.url + "/submit_job", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            answer = _answer(r.status, r.headers, r.read())
+    except urllib.error.HTTPError as exc:
+        answer = _answer(exc.code, exc.headers, exc.read())
+    job_id, why, _, later = dialects.frce_submitted(answer)
+    assert job_id is None and f"({reason})" in why
+    assert later == (reason == "backend_query_malloc_failed")
