@@ -152,9 +152,9 @@ def run(site_name: str, command: str | None, template: str | None, params: tuple
     a second Ctrl-C exits at once. Every run is listed by `remote-exec list`.
 
     \b
-    With a batch backend (--backend slurm|pbs|torque|pjm, or the site's
-    `backend`) the entrypoint runs as a batch job: resources come from the
-    site's `resources` and -R; the job's queue state and reason show in
+    With a batch backend (a scheduler over SSH or through its REST API, or
+    a WebAPI: see --backend) the entrypoint runs as a batch job: resources
+    come from the site's `resources` and -R; the job's queue state and reason show in
     `remote-exec status`; Ctrl-C and `remote-exec cancel` cancel the job.
 
     \b
