@@ -61,6 +61,10 @@ class BatchSite:
                                 env=self.env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
 
+    def newest(self) -> dict:
+        """The newest run's ``list --json`` record."""
+        return self.runs()[0]
+
     def runs(self) -> list[dict]:
         proc = self.cli("list", "--json", "-n", "50", cwd=self.root)
         return [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
@@ -94,3 +98,17 @@ class BatchSite:
     def stop(self) -> None:
         self.cli("holder", "stop", cwd=self.root)
         self.box.down()
+
+
+def slurm_cluster(tmp_path_factory: Any, name: str, *, rest: bool = False) -> Any:
+    """A started test Slurm (tests/slurm_cluster.py) for a module fixture, which stops it;
+    skipped with the install line where Slurm (or slurmrestd) is missing, a failure in CI."""
+    import pytest
+    from slurm_cluster import SlurmCluster
+
+    why = SlurmCluster.available() or (SlurmCluster.rest_available() if rest else None)
+    if why and os.environ.get("CI"):
+        pytest.fail(f"CI must run the real Slurm tests: {why} (see .ci/run)")
+    if why:
+        pytest.skip(why)
+    return SlurmCluster(tmp_path_factory.mktemp(name), rest=rest).up()

@@ -563,6 +563,26 @@ class SlurmCluster:
         out = self.run("sinfo", "-h", "-N", "-o", "%T", check=False)
         return out.stdout.strip()
 
+    def job(self, job_id: str) -> dict[str, str]:
+        """``scontrol show job -o ID`` as a dict (``JobState``, ``ExitCode``, ``Requeue``...)."""
+        out = self.run("scontrol", "show", "job", "-o", job_id).stdout
+        return dict(p.partition("=")[::2] for p in out.split() if "=" in p)
+
+    def wait_job_state(self, job_id: str, state: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while self.job(job_id).get("JobState") != state:
+            if time.monotonic() > deadline:
+                raise SlurmClusterError(f"job {job_id} is not {state}: {self.job(job_id)}")
+            time.sleep(0.3)
+
+    def hold_node(self) -> str:
+        """Start a job holding every CPU of the node (so that the next one pends); its id."""
+        out = self.run("sbatch", "--parsable", "--exclusive", "-o", "/dev/null",
+                       "--wrap", "sleep 120").stdout
+        job_id = out.strip().split(";")[0]
+        self.wait_job_state(job_id, "RUNNING")
+        return job_id
+
     def drain(self, reason: str = "test drain") -> None:
         self.run("scontrol", "update", f"NodeName={self.node}", "State=DRAIN",
                  f"Reason={reason}")

@@ -58,10 +58,6 @@ def submits(sim: FrceSim) -> list:
     return [r for r in sim.requests if r.method == "POST" and r.path.endswith("/submit_job")]
 
 
-def newest(site: BatchSite) -> dict:
-    return site.runs()[0]
-
-
 def test_success_and_the_request_fields(site: BatchSite, sim: FrceSim, work: Path) -> None:
     before = len(submits(sim))
     proc = site.cli("run", "--site", "frce", "-R", "tasks=2", "-R", "cpus_per_task=1",
@@ -82,7 +78,7 @@ def test_success_and_the_request_fields(site: BatchSite, sim: FrceSim, work: Pat
     assert sent[0].raw_size < 3000  # far under the API's 4 KB
     job = sim.wait_job(job_id)
     assert job.state == "COMPLETED" and job.exit_code == 0
-    run = newest(site)
+    run = site.newest()
     assert run["backend"] == "slurmrest" and run["job_id"] == job_id
     assert run["job_info"]["native"] == "COMPLETED"
     text = site.cli("status", run["id"], cwd=work).stdout
@@ -108,7 +104,7 @@ def test_exit_code_three(site: BatchSite, sim: FrceSim, work: Path) -> None:
                     holder=True)
     assert proc.returncode == 3, proc.stderr
     assert "broken" in proc.stderr
-    run = newest(site)
+    run = site.newest()
     assert run["state"] == "failed" and run["exit_code"] == 3
     assert sim.wait_job(run["job_id"]).state == "FAILED"
 
@@ -193,7 +189,7 @@ def test_cancel_running_through_scancel(site: BatchSite, sim: FrceSim, work: Pat
     assert proc.returncode == 130, err
     job = sim.wait_job(status["job_id"], timeout=30)
     assert job.state == "CANCELLED"
-    run = newest(site)
+    run = site.newest()
     assert run["state"] == "cancelled" and "scancel" in run["error"]
 
 

@@ -5,13 +5,12 @@ loopback sshd whose sessions see the cluster's ``SLURM_CONF``."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 from pathlib import Path
 
 import pytest
-from batch_site import BatchSite
+from batch_site import BatchSite, slurm_cluster
 from slurm_cluster import SlurmCluster
 
 # one Slurm at a time on this machine (slurmd takes the node's name): one xdist group
@@ -20,13 +19,7 @@ pytestmark = [pytest.mark.timeout(400), pytest.mark.xdist_group("slurm")]
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
-    why = SlurmCluster.available()
-    if why and os.environ.get("CI"):
-        pytest.fail(f"CI must run the real Slurm tests: {why} (see .ci/run)")
-    if why:
-        pytest.skip(why)
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
-    cluster.up()
+    cluster = slurm_cluster(tmp_path_factory, "slurm")
     yield cluster
     cluster.down()
 
@@ -46,15 +39,6 @@ def work(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def scontrol(cluster: SlurmCluster, job_id: str) -> dict[str, str]:
-    out = cluster.run("scontrol", "show", "job", "-o", job_id).stdout
-    return dict(p.partition("=")[::2] for p in out.split() if "=" in p)
-
-
-def newest(site: BatchSite) -> dict:
-    return site.runs()[0]
-
-
 def test_success_runs_as_a_slurm_job(site: BatchSite, cluster: SlurmCluster, work: Path) -> None:
     proc = site.cli("run", "--site", "hpc", "-R", "cpus_per_task=1", "--cmd",
                     'cat in.txt > out.txt; echo "job=$SLURM_JOB_ID" >> out.txt', "in.txt",
@@ -64,13 +48,13 @@ def test_success_runs_as_a_slurm_job(site: BatchSite, cluster: SlurmCluster, wor
     assert out.startswith("hello slurm\njob=")
     job_id = out.split("job=")[1].strip()
     assert f"submitted Slurm job {job_id}" in proc.stderr
-    run = newest(site)
+    run = site.newest()
     assert run["backend"] == "slurm" and run["job_id"] == job_id
     job = run["job_info"]
     assert job["native"] == "COMPLETED" and job["state"] == "completed"
     assert job["queue_wait"] is not None and job["run_time"] is not None
-    assert scontrol(cluster, job_id)["JobState"] == "COMPLETED"
-    assert scontrol(cluster, job_id)["JobName"] == "re-" + run["id"].replace("-", "")[:8]
+    assert cluster.job(job_id)["JobState"] == "COMPLETED"
+    assert cluster.job(job_id)["JobName"] == "re-" + run["id"].replace("-", "")[:8]
     text = site.cli("status", run["id"], cwd=work).stdout
     assert f"job       Slurm job {job_id}: COMPLETED" in text and "queued" in text
 
@@ -80,10 +64,10 @@ def test_failing_job_exit_code_is_the_runs(site: BatchSite, cluster: SlurmCluste
     proc = site.cli("run", "--site", "hpc", "--cmd", "echo broken; exit 3", cwd=work)
     assert proc.returncode == 3, proc.stderr
     assert "broken" in proc.stderr  # the remote log's tail
-    run = newest(site)
+    run = site.newest()
     assert run["state"] == "failed" and run["exit_code"] == 3
     assert run["job_info"]["native"] == "FAILED"
-    assert scontrol(cluster, run["job_id"])["ExitCode"] == "3:0"
+    assert cluster.job(run["job_id"])["ExitCode"] == "3:0"
     assert "Slurm job" in run["error"] and "FAILED" in run["error"]
 
 
@@ -99,20 +83,8 @@ def test_bad_resource_refused_before_connecting(site: BatchSite, work: Path) -> 
     assert proc.returncode == 78 and "walltime" in proc.stderr
 
 
-def _blocker(cluster: SlurmCluster) -> str:
-    """A job holding every CPU of the node, so that the next one pends (Resources)."""
-    out = cluster.run("sbatch", "--parsable", "--exclusive", "-o", "/dev/null",
-                      "--wrap", "sleep 120").stdout
-    job_id = out.strip().split(";")[0]
-    deadline = time.monotonic() + 30
-    while scontrol(cluster, job_id).get("JobState") != "RUNNING":
-        assert time.monotonic() < deadline, "the blocker job did not start"
-        time.sleep(0.3)
-    return job_id
-
-
 def test_cancel_while_pending(site: BatchSite, cluster: SlurmCluster, work: Path) -> None:
-    blocker = _blocker(cluster)
+    blocker = cluster.hold_node()
     try:
         proc = site.spawn_run("--site", "hpc", "--cmd", "touch ran", "--into", "back",
                           cwd=work)
@@ -126,8 +98,8 @@ def test_cancel_while_pending(site: BatchSite, cluster: SlurmCluster, work: Path
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 143, err
         job_id = status["job_id"]
-        assert scontrol(cluster, job_id)["JobState"] == "CANCELLED"
-        assert newest(site)["state"] == "cancelled"
+        assert cluster.job(job_id)["JobState"] == "CANCELLED"
+        assert site.newest()["state"] == "cancelled"
         assert not (Path(status["rundir"]) / "ran").exists()
     finally:
         cluster.run("scancel", blocker, check=False)
@@ -142,11 +114,11 @@ def test_ctrl_c_while_running_cancels_the_job(site: BatchSite, cluster: SlurmClu
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     deadline = time.monotonic() + 30
-    while scontrol(cluster, job_id)["JobState"] not in ("CANCELLED", "COMPLETED", "FAILED"):
+    while cluster.job(job_id)["JobState"] not in ("CANCELLED", "COMPLETED", "FAILED"):
         assert time.monotonic() < deadline
         time.sleep(0.3)
-    assert scontrol(cluster, job_id)["JobState"] == "CANCELLED"
-    run = newest(site)
+    assert cluster.job(job_id)["JobState"] == "CANCELLED"
+    run = site.newest()
     assert run["state"] == "cancelled" and "scancel" in run["error"]
 
 
@@ -159,7 +131,7 @@ def test_remote_exec_cancel_while_running(site: BatchSite, cluster: SlurmCluster
     cancel = site.cli("cancel", status["id"], cwd=work)
     assert cancel.returncode == 0 and "scancel" in cancel.stdout, cancel.stdout + cancel.stderr
     deadline = time.monotonic() + 30
-    while scontrol(cluster, status["job_id"])["JobState"] != "CANCELLED":
+    while cluster.job(status["job_id"])["JobState"] != "CANCELLED":
         assert time.monotonic() < deadline
         time.sleep(0.3)
 
@@ -174,7 +146,7 @@ def test_driver_killed_while_running_loses_nothing(site: BatchSite, cluster: Slu
     resumed = site.cli("resume", status["id"], cwd=work)
     assert resumed.returncode == 5, resumed.stderr
     assert (work / "back" / "result.txt").read_text() == "done\n"
-    run = newest(site)
+    run = site.newest()
     assert run["exit_code"] == 5 and run["job_info"]["native"] == "FAILED"
     assert "launched" in json.dumps(run) and run["job_id"] == status["job_id"]
     # the job was submitted once
@@ -191,9 +163,9 @@ def test_drained_node_gives_a_clear_message(site: BatchSite, cluster: SlurmClust
                         cwd=work, timeout=90)
         assert proc.returncode == 124, proc.stderr
         assert "drained" in proc.stderr and "sinfo -R" in proc.stderr
-        run = newest(site)
+        run = site.newest()
         assert run["state"] == "timed_out"
-        assert scontrol(cluster, run["job_id"])["JobState"] == "CANCELLED"
+        assert cluster.job(run["job_id"])["JobState"] == "CANCELLED"
     finally:
         cluster.resume()
         cluster.wait_idle(30)
@@ -203,7 +175,7 @@ def test_walltime_kill_is_reported(site: BatchSite, cluster: SlurmCluster, work:
     proc = site.spawn_run("--site", "hpc", "-R", "walltime=1", "--cmd",
                           "echo working; sleep 600", cwd=work)
     status = site.wait_job(("running",))
-    assert scontrol(cluster, status["job_id"])["TimeLimit"] == "00:01:00"
+    assert cluster.job(status["job_id"])["TimeLimit"] == "00:01:00"
     # Slurm's smallest limit is a minute, checked every 30 s: lowering it to 0 now makes
     # the same walltime kill come at the next check instead of 60-90 s later
     cluster.run("scontrol", "update", f"JobId={status['job_id']}", "TimeLimit=0")
@@ -213,9 +185,9 @@ def test_walltime_kill_is_reported(site: BatchSite, cluster: SlurmCluster, work:
         proc.kill()
     assert proc.returncode not in (0, None), err
     assert "TIMEOUT" in err and "walltime" in err
-    run = newest(site)
+    run = site.newest()
     assert run["job_info"]["state"] == "timed_out" and run["state"] == "failed"
-    assert scontrol(cluster, run["job_id"])["JobState"] == "TIMEOUT"
+    assert cluster.job(run["job_id"])["JobState"] == "TIMEOUT"
 
 
 def test_site_check_shows_the_scheduler(site: BatchSite, cluster: SlurmCluster,
@@ -235,7 +207,7 @@ def test_link_cut_while_queued_and_running_loses_nothing(site: BatchSite,
     import yaml
     from tcp_proxy import TcpProxy
 
-    blocker = _blocker(cluster)
+    blocker = cluster.hold_node()
     with TcpProxy(site.box.port) as tcp:
         data = yaml.safe_load(site.config.read_text())
         kind, blob = Path(f"{site.box.host_key}.pub").read_text().split()[:2]

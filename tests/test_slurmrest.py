@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from batch_site import BatchSite
+from batch_site import BatchSite, slurm_cluster
 from slurm_cluster import SlurmCluster
 
 pytestmark = [pytest.mark.timeout(400), pytest.mark.xdist_group("slurm")]
@@ -92,13 +92,7 @@ class Relay:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
-    why = SlurmCluster.available() or SlurmCluster.rest_available()
-    if why and os.environ.get("CI"):
-        pytest.fail(f"CI must run the real slurmrestd tests: {why} (see .ci/run)")
-    if why:
-        pytest.skip(why)
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurmrest"), rest=True)
-    cluster.up()
+    cluster = slurm_cluster(tmp_path_factory, "slurmrest", rest=True)
     yield cluster
     cluster.down()
 
@@ -131,15 +125,6 @@ def work(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def scontrol(cluster: SlurmCluster, job_id: str) -> dict[str, str]:
-    out = cluster.run("scontrol", "show", "job", "-o", job_id).stdout
-    return dict(p.partition("=")[::2] for p in out.split() if "=" in p)
-
-
-def newest(site: BatchSite) -> dict:
-    return site.runs()[0]
-
-
 def jobs_named(cluster: SlurmCluster, run_id: str) -> list[str]:
     name = "re-" + run_id.replace("-", "")[:8]
     return cluster.run("squeue", "-h", "-n", name, "-t", "all", "-o", "%i").stdout.split()
@@ -160,24 +145,6 @@ def variant(site: BatchSite, work: Path, name: str, **changes: object) -> BatchS
                      name=site.name)
 
 
-def _blocker(cluster: SlurmCluster) -> str:
-    out = cluster.run("sbatch", "--parsable", "--exclusive", "-o", "/dev/null",
-                      "--wrap", "sleep 120").stdout
-    job_id = out.strip().split(";")[0]
-    deadline = time.monotonic() + 30
-    while scontrol(cluster, job_id).get("JobState") != "RUNNING":
-        assert time.monotonic() < deadline, "the blocker job did not start"
-        time.sleep(0.3)
-    return job_id
-
-
-def _wait_state(cluster: SlurmCluster, job_id: str, state: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while scontrol(cluster, job_id).get("JobState") != state:
-        assert time.monotonic() < deadline, scontrol(cluster, job_id)
-        time.sleep(0.3)
-
-
 # -- the tests ----------------------------------------------------------------------------------
 
 def test_success_through_the_rest_api(site: BatchSite, cluster: SlurmCluster, relay: Relay,
@@ -192,12 +159,12 @@ def test_success_through_the_rest_api(site: BatchSite, cluster: SlurmCluster, re
     job_id = out.split("job=")[1].strip()
     assert f"submitted Slurm job {job_id} through slurmrestd v0.0.38" in proc.stderr
     assert relay.count("POST", "/job/submit") == submits + 1
-    run = newest(site)
+    run = site.newest()
     assert run["backend"] == "slurmrest" and run["job_id"] == job_id
     job = run["job_info"]
     assert job["native"] == "COMPLETED" and job["state"] == "completed"
     assert job["queue_wait"] is not None and job["run_time"] is not None
-    fields = scontrol(cluster, job_id)
+    fields = cluster.job(job_id)
     assert fields["JobState"] == "COMPLETED" and fields["Requeue"] == "0"  # no_requeue
     assert fields["JobName"] == "re-" + run["id"].replace("-", "")[:8]
     assert fields["TimeLimit"] == "00:10:00"
@@ -209,10 +176,10 @@ def test_exit_code_three(site: BatchSite, cluster: SlurmCluster, work: Path) -> 
     proc = site.cli("run", "--site", "rest", "--cmd", "echo broken; exit 3", cwd=work)
     assert proc.returncode == 3, proc.stderr
     assert "broken" in proc.stderr
-    run = newest(site)
+    run = site.newest()
     assert run["state"] == "failed" and run["exit_code"] == 3
     assert run["job_info"]["native"] == "FAILED" and run["job_info"]["exit_code"] == 3
-    assert scontrol(cluster, run["job_id"])["ExitCode"] == "3:0"
+    assert cluster.job(run["job_id"])["ExitCode"] == "3:0"
 
 
 def test_bad_partition_is_refused_with_slurms_reason(site: BatchSite, work: Path) -> None:
@@ -224,7 +191,7 @@ def test_bad_partition_is_refused_with_slurms_reason(site: BatchSite, work: Path
 
 
 def test_cancel_while_pending(site: BatchSite, cluster: SlurmCluster, work: Path) -> None:
-    blocker = _blocker(cluster)
+    blocker = cluster.hold_node()
     try:
         proc = site.spawn_run("--site", "rest", "--cmd", "touch ran", cwd=work)
         status = site.wait_job(("queued",))
@@ -233,8 +200,8 @@ def test_cancel_while_pending(site: BatchSite, cluster: SlurmCluster, work: Path
         assert cancel.returncode == 0, cancel.stderr
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 143, err
-        assert scontrol(cluster, status["job_id"])["JobState"] == "CANCELLED"
-        run = newest(site)
+        assert cluster.job(status["job_id"])["JobState"] == "CANCELLED"
+        run = site.newest()
         assert run["state"] == "cancelled" and "cancelled through slurmrestd" in run["error"]
         assert not (Path(status["rundir"]) / "ran").exists()
     finally:
@@ -248,8 +215,8 @@ def test_ctrl_c_while_running_cancels_the_job(site: BatchSite, cluster: SlurmClu
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    _wait_state(cluster, status["job_id"], "CANCELLED")
-    run = newest(site)
+    cluster.wait_job_state(status["job_id"], "CANCELLED")
+    run = site.newest()
     assert run["state"] == "cancelled" and "slurmrestd" in run["error"]
 
 
@@ -258,7 +225,7 @@ def test_walltime_kill_is_reported_as_timed_out(site: BatchSite, cluster: SlurmC
     proc = site.spawn_run("--site", "rest", "-R", "walltime=1", "--cmd",
                           "echo working; sleep 600", cwd=work)
     status = site.wait_job(("running",))
-    assert scontrol(cluster, status["job_id"])["TimeLimit"] == "00:01:00"
+    assert cluster.job(status["job_id"])["TimeLimit"] == "00:01:00"
     # as in test_slurm: a limit lowered to 0 is enforced at the next check, not 60-90 s later
     cluster.run("scontrol", "update", f"JobId={status['job_id']}", "TimeLimit=0")
     try:
@@ -267,7 +234,7 @@ def test_walltime_kill_is_reported_as_timed_out(site: BatchSite, cluster: SlurmC
         proc.kill()
     assert proc.returncode not in (0, None), err
     assert "TIMEOUT" in err and "walltime" in err
-    run = newest(site)
+    run = site.newest()
     assert run["job_info"]["state"] == "timed_out" and run["state"] == "failed"
 
 
@@ -307,7 +274,7 @@ def test_lost_submit_answer_finds_the_job(site: BatchSite, cluster: SlurmCluster
     assert not relay.lose_next_submit
     assert relay.count("POST", "/job/submit") == submits + 1  # never sent twice
     assert "answer was lost: found job" in proc.stderr
-    run = newest(site)
+    run = site.newest()
     assert jobs_named(cluster, run["id"]) == [run["job_id"]]
     assert (work / "back" / "count.txt").read_text() == "once\n"
 
@@ -344,7 +311,7 @@ def test_ssh_link_cut_during_staging(site: BatchSite, cluster: SlurmCluster, wor
 
     assert (work / "back" / "sum").read_text().split()[0] == hashlib.sha256(payload).hexdigest()
     assert (work / "back" / "ran").read_text() == "x\n"
-    run = newest(site)
+    run = site.newest()
     assert jobs_named(cluster, run["id"]) == [run["job_id"]]
 
 
@@ -379,7 +346,7 @@ def test_driver_killed_then_resume_submits_once(site: BatchSite, cluster: SlurmC
     resumed = site.cli("resume", status["id"], cwd=work)
     assert resumed.returncode == 5, resumed.stderr
     assert (work / "back" / "result.txt").read_text() == "done\n"
-    run = newest(site)
+    run = site.newest()
     assert run["exit_code"] == 5 and run["job_info"]["native"] == "FAILED"
     assert relay.count("POST", "/job/submit") == submits + 1
     assert jobs_named(cluster, run["id"]) == [run["job_id"]]
@@ -394,4 +361,4 @@ def test_cancel_command_reaches_slurm_without_a_driver(site: BatchSite, cluster:
     cancel = site.cli("cancel", status["id"], cwd=work)
     assert cancel.returncode == 0, cancel.stderr
     assert "cancelled through slurmrestd" in cancel.stdout, cancel.stdout + cancel.stderr
-    _wait_state(cluster, status["job_id"], "CANCELLED")
+    cluster.wait_job_state(status["job_id"], "CANCELLED")

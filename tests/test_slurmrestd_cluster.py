@@ -7,11 +7,11 @@ answers of this daemon are kept in tests/data/slurmrest/ (see its README).
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import pytest
+from batch_site import slurm_cluster
 from slurm_cluster import SlurmCluster
 
 # one Slurm at a time on this machine (slurmd takes the node's name): one xdist group
@@ -23,13 +23,7 @@ FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
-    why = SlurmCluster.rest_available()
-    if why and os.environ.get("CI"):
-        pytest.fail(f"CI must run the real Slurm REST tests: {why} (see .ci/run)")
-    if why:
-        pytest.skip(why)
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurmrest"), rest=True)
-    cluster.up()
+    cluster = slurm_cluster(tmp_path_factory, "slurmrest", rest=True)
     yield cluster
     cluster.down()
 
