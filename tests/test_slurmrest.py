@@ -362,3 +362,21 @@ def test_cancel_command_reaches_slurm_without_a_driver(site: BatchSite, cluster:
     assert cancel.returncode == 0, cancel.stderr
     assert "cancelled through slurmrestd" in cancel.stdout, cancel.stdout + cancel.stderr
     cluster.wait_job_state(status["job_id"], "CANCELLED")
+
+
+def test_api_down_longer_than_the_retries_interrupts_then_resume(
+        site: BatchSite, cluster: SlurmCluster, relay: Relay, work: Path) -> None:
+    impatient = variant(site, work, "impatient", retry_tries=1, retry_max_interval=0.2)
+    relay.unavailable = 4  # two tries of the submission, each asking the version twice
+    seen, submits = len(relay.seen), relay.count("POST", "/job/submit")
+    proc = impatient.cli("run", "--site", "rest", "--cmd", "echo later > l.txt",
+                         "--into", "back", cwd=work)
+    assert proc.returncode == 75, (proc.stderr, relay.seen[seen:])
+    assert relay.count("POST", "/job/submit") == submits
+    assert "lost" not in proc.stderr  # the API, not the SSH link
+    run = impatient.newest()
+    assert run["state"] == "interrupted" and "remote-exec resume" in proc.stderr
+    resumed = impatient.cli("resume", run["id"], cwd=work)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (work / "back" / "l.txt").read_text() == "later\n"
+    assert jobs_named(cluster, run["id"]) == [impatient.newest()["job_id"]]

@@ -45,7 +45,7 @@ from remote_exec.backends.slurmrest.settings import SlurmRestSettings
 from remote_exec.backends.ssh import read_control
 from remote_exec.backoff import POLL, REQUEST_RETRY
 from remote_exec.entrypoint import CANCELLED_MARK, EXIT_CODE_FILE, KILLED, LAUNCHED_MARK, TERMINATED
-from remote_exec.errors import AuthError, RemoteExecError
+from remote_exec.errors import AuthError, RemoteExecError, RemoteLostError
 from remote_exec.inputs import CONTROL_DIR
 from remote_exec.paths import local_user
 from remote_exec.site.rows import FAIL, OK, Row
@@ -153,6 +153,14 @@ class SlurmRestBackend(BatchBackend):
 
     # -- submit ------------------------------------------------------------------------------
     async def launch(self, run: Run) -> Launched:
+        try:
+            return await self._launch(run)
+        except SchedulerUnavailable as exc:  # the API, not the SSH link: no reconnect
+            raise RemoteLostError(
+                exc.message, hint=f"`remote-exec resume {run.run_id[:8]}` once the API "
+                "answers again (the job is never submitted twice)") from None
+
+    async def _launch(self, run: Run) -> Launched:
         sftp, rundir = await self.link.sftp(), run.rundir
         control = posixpath.join(rundir, CONTROL_DIR)
         if not await sftp.exists(posixpath.join(control, LAUNCHED_MARK)):
@@ -229,7 +237,7 @@ class SlurmRestBackend(BatchBackend):
                                   f"({self.job.describe()}) against the site's partitions "
                                   "and limits")
             uncertain = True
-        raise SchedulerUnavailable(f"{self.scheduler.title} did not take the job: {why}")
+        raise SchedulerUnavailable(f"could not submit the job to {self.scheduler.title}: {why}")
 
     async def _post(self, run: Run) -> tuple[str | None, str, str, bool]:
         """One submission: (job id, why not, hint, whether the refusal is definite)."""
@@ -244,6 +252,10 @@ class SlurmRestBackend(BatchBackend):
             answer = await self.client.call("POST", "/submit_job", body, retry=False)
             job_id, why, hint, later = dialects.frce_submitted(answer)
             return job_id, why, hint, not later
+        try:
+            await self.version()
+        except SchedulerUnavailable as exc:
+            raise _NotSent(exc.message) from None
         body = dialects.submit_body(script, name=job_name(run.run_id), rundir=run.rundir,
                                     output=posixpath.join(run.rundir, SCHEDULER_OUTPUT),
                                     r=self.job)
@@ -382,7 +394,11 @@ class SlurmRestBackend(BatchBackend):
                 return f"scancel {job_id}: done"
             return (f"scancel {job_id} exit {result.exit_status}: {said[-300:]} (the run is "
                     "marked cancelled: the job script stops the entrypoint)")
-        answer = await self._slurm("DELETE", f"job/{job_id}")
+        try:
+            answer = await self._slurm("DELETE", f"job/{job_id}")
+        except SchedulerUnavailable as exc:
+            return (f"WARNING: could not cancel Slurm job {job_id}: {exc.message}; the run "
+                    f"is marked cancelled (scancel {job_id} on the site stops the job)")
         if answer.ok:
             return f"Slurm job {job_id} cancelled through slurmrestd"
         if dialects.NO_SUCH_JOB in dialects.error_numbers(answer.body):
