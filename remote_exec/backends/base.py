@@ -179,6 +179,8 @@ class Run:
         self.result = result
         #: the bytes a fetch will bring, once the backend knows (for a full local disk)
         self.fetch_total: int | None = None
+        #: how many entries the run place held when it was last listed (None: unknown)
+        self.remote_entries: int | None = None
 
     @property
     def site(self) -> Site:

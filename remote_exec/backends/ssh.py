@@ -168,8 +168,9 @@ class SshBackend(OverSsh):
         keep = None
         if not return_filter.is_trivial(returns, site.never_return, site.only_return):
             keep = return_filter.predicate(returns, site.never_return, site.only_return)
-        plan = transfer.plan_fetch(await transfer.walk_remote(sftp, run.rundir), keep,
-                                   run.request.inputs)
+        entries = await self.list_rundir(run.rundir)
+        run.remote_entries = len(entries)
+        plan = transfer.plan_fetch(entries, keep, run.request.inputs)
         if plan.unchanged:
             run.ui.event("unchanged", f"{plan.unchanged} input file(s) came back unchanged: "
                          "not transferred", unchanged=plan.unchanged)
@@ -186,9 +187,24 @@ class SshBackend(OverSsh):
             run.ui.progress_stop()
         return Moved(method, size=plan.size, skipped=list(plan.skipped))
 
+    async def list_rundir(self, rundir: str) -> transfer.Entries:
+        """The run directory's entries: over SFTP, or by one remote ``find`` when it holds
+        many (see transfer.MANY_ENTRIES)."""
+        sftp = await self.link.sftp()
+        entries = await transfer.walk_remote(sftp, rundir, limit=transfer.MANY_ENTRIES)
+        if entries is None:
+            entries = await transfer.list_remote(await self.link.conn(), rundir)
+        if entries is None:
+            entries = await transfer.walk_remote(sftp, rundir)
+        assert entries is not None
+        return entries
+
     async def remove(self, run: Run) -> bool:
+        many = (run.remote_entries or 0) > transfer.MANY_ENTRIES
         try:
-            await transfer.remove_tree(await self.link.sftp(), run.rundir)
+            if not (many and await transfer.remove_by_command(await self.link.conn(),
+                                                              run.rundir)):
+                await transfer.remove_tree(await self.link.sftp(), run.rundir)
         except asyncssh.SFTPNoSuchFile:
             return True
         except asyncssh.SFTPError as exc:
@@ -316,8 +332,9 @@ class SshBackend(OverSsh):
                                 state=await self.leftover_state(sftp, path, proc))
                 found.append(item)
                 if decide(item):
-                    try:
-                        await transfer.remove_tree(sftp, path)
+                    try:  # a leftover may be large: one rm -rf, SFTP if that fails
+                        if not await transfer.remove_by_command(conn, path):
+                            await transfer.remove_tree(sftp, path)
                         item.verdict = "removed"
                     except asyncssh.SFTPError as exc:
                         item.verdict = "failed"
