@@ -98,6 +98,9 @@ def main() -> None:
               help="Stream remote_program_exec.log while the entrypoint runs.")
 @click.option("--transfer", type=click.Choice(["auto", "rsync", "sftp"]),
               help="How files move (default: the site's `transfer`, else auto).")
+@click.option("--no-cache", is_flag=True,
+              help="Send every input, even those the site's content cache holds (and add "
+              "none to it); default: the site's `cache`, on for open SSH sites.")
 @click.option("--config", "config_path", metavar="FILE", envvar=None,
               help="Configuration file (default: $REMOTE_EXEC_CONFIG, ./remote-exec.yaml, "
               "~/.config/remote-exec/sites.yaml).")
@@ -129,7 +132,7 @@ def run(site_name: str, command: str | None, template: str | None, params: tuple
         into: Path, keep: bool, follow: bool, transfer: str | None, config_path: str | None,
         as_json: bool, quiet: bool, timeout: str | None, retry: str | None,
         stall_timeout: str | None, no_holder: bool, backend: str | None,
-        resources: tuple[str, ...], inputs: tuple[str, ...]) -> None:
+        resources: tuple[str, ...], inputs: tuple[str, ...], no_cache: bool) -> None:
     """Stage INPUTs, run the entrypoint remotely, and fetch the run directory back.
 
     \b
@@ -181,7 +184,8 @@ def run(site_name: str, command: str | None, template: str | None, params: tuple
         request = build_request(site, command=command, template=template, params=params,
                                 inputs=inputs, into=into, keep=keep, follow=follow,
                                 transfer=transfer, backend=backend, resources=resources,
-                                timeout=timeout, retry=retry, stall_timeout=stall_timeout)
+                                timeout=timeout, retry=retry, stall_timeout=stall_timeout,
+                                no_cache=no_cache)
         result = _execute(request, ui, use_holder=not no_holder)
     except RemoteExecError as err:
         _fail(err, as_json)

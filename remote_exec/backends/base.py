@@ -105,6 +105,7 @@ class Moved:
     how: str = ""
     size: int = 0
     skipped: list[str] = field(default_factory=list)  # what was left behind, and why
+    cached: int = 0  # of ``size``, the bytes the site's content cache supplied (not sent)
 
     def __post_init__(self) -> None:
         self.how = self.how or f"by {self.method}"

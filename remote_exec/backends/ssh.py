@@ -20,6 +20,7 @@ from typing import Any, cast
 
 import asyncssh
 
+from remote_exec import digests
 from remote_exec import returns as return_filter
 from remote_exec.backends.base import Backend, Leftover, Moved, RemoteState, Run
 from remote_exec.backends.site_check import ssh_site_rows
@@ -28,6 +29,7 @@ from remote_exec.errors import ConfigError, RemoteExecError, StageError
 from remote_exec.inputs import CONTROL_DIR, LOG_NAME
 from remote_exec.journal import RunRecord, opened
 from remote_exec.site.rows import Row
+from remote_exec.ssh import cache as site_cache
 from remote_exec.ssh import shell, transfer
 from remote_exec.ssh.link import Link, open_throttled
 from remote_exec.ui import Reporter
@@ -137,20 +139,31 @@ class SshBackend(OverSsh):
         sftp = await self.link.sftp()
         inputs = run.request.inputs
         size = sum(i.size for i in inputs)
+        wanted: list[site_cache.Candidate] = []
+        if self.site.cache and inputs:  # (files too small for the cache: none of it)
+            wanted = await asyncio.to_thread(site_cache.candidates, inputs, run.rundir,
+                                             self.site.cache_min_size)
+        cache = await self._open_cache(run) if wanted else None
+        placed: list[site_cache.Candidate] = []
+        if cache is not None:
+            placed = await self._from_cache(run, cache, wanted)
+        cached = sum(c.size for c in placed)
         # (a local tree is walked in a thread, and only as far as the choice needs)
         files = await asyncio.to_thread(transfer.count_entries, inputs,
                                         transfer.AUTO_RSYNC_FILES)
-        method = await self._method(size, files)
-        run.ui.progress_start("staging", size)
+        method = await self._method(size - cached, files)
+        run.ui.progress_start("staging", size - cached)
         try:
             if not inputs:
                 pass
-            elif method == "rsync":
+            elif method == "rsync":  # (placed copies have the inputs' size and time:
+                #                       rsync's quick check leaves them)
                 await transfer.stage_rsync(await self.link.rsh(), inputs, run.rundir,
                                            run.ui.show_progress)
             else:
-                await transfer.stage_sftp(sftp, inputs, run.rundir, run.ui.progress_fn,
-                                          resume=run.retrying)
+                await transfer.stage_sftp(
+                    sftp, inputs, run.rundir, run.ui.progress_fn, resume=run.retrying,
+                    placed=None if cache is None else {c.target for c in placed})
         except StageError as exc:
             if not run.retrying and not self.link.is_loss(exc):
                 with contextlib.suppress(Exception):
@@ -158,7 +171,54 @@ class SshBackend(OverSsh):
             raise
         finally:
             run.ui.progress_stop()
-        return Moved(method, size=size)
+        if cache is not None:
+            await self._into_cache(run, cache, [c for c in wanted
+                                                if c.digest and c not in placed])
+        return Moved(method, size=size, cached=cached)
+
+    # -- the site's content cache (remote_exec/ssh/cache.py) ----------------------------------
+    async def _open_cache(self, run: Run) -> site_cache.SiteCache | None:
+        """The site's cache for this run, or None (with a warning saying why)."""
+        try:
+            sftp = await self.link.sftp()
+            cache = site_cache.SiteCache(await self.link.conn(), sftp,
+                                         posixpath.dirname(run.rundir), run.ui)
+            why = await cache.usable((await sftp.stat(run.rundir)).uid)
+        except (asyncssh.Error, OSError) as exc:
+            if self.link.is_loss(exc):
+                raise
+            why = str(exc)
+        if why:
+            run.ui.warn(f"the site's content cache is not used: {why}")
+            return None
+        return cache
+
+    async def _from_cache(self, run: Run, cache: site_cache.SiteCache,
+                          wanted: list[site_cache.Candidate]) -> list[site_cache.Candidate]:
+        """Place those of ``wanted`` the cache holds (their digests are set on the way):
+        the ones placed."""
+        try:
+            found = await asyncio.to_thread(digests.digests, [c.local for c in wanted])
+            for item in wanted:
+                item.digest = found[item.local]
+            return await cache.place(await cache.lookup(wanted), run.rundir)
+        except (asyncssh.Error, OSError, site_cache.CacheError) as exc:
+            if self.link.is_loss(exc):
+                raise
+            run.ui.warn(f"the site's content cache is not used: {exc}")
+            return []
+
+    async def _into_cache(self, run: Run, cache: site_cache.SiteCache,
+                          staged: list[site_cache.Candidate]) -> None:
+        """Add the cacheable inputs just sent to the cache, then trim it."""
+        try:
+            if staged:
+                await cache.insert(staged, run.rundir, run.run_id)
+            await cache.trim(self.site.cache_size, self.site.cache_max_age)
+        except (asyncssh.Error, OSError, site_cache.CacheError) as exc:
+            if self.link.is_loss(exc):
+                raise
+            run.ui.warn(f"could not update the site's content cache: {exc}")
 
     async def fetch(self, run: Run, partial: Path) -> Moved:
         """Fetch over SFTP or rsync what the template and the site return, but the
