@@ -422,12 +422,17 @@ def cleanup_cmd(site_name: str, older_than: str, dry_run: bool, force: bool,
 
     from remote_exec import manage
     from remote_exec.config import parse_duration
+    from remote_exec.sizes import size_text
     from remote_exec.ui import Reporter
 
+    explicit = click.get_current_context().get_parameter_source("older_than") \
+        == click.core.ParameterSource.COMMANDLINE
     try:
         site, _ = _resolve_site(config_path, site_name)
         found = asyncio.run(manage.cleanup(site, parse_duration(older_than), dry_run,
                                            Reporter(), manage.Guards.from_journal(), force))
+        trimmed = asyncio.run(manage.trim_cache(
+            site, parse_duration(older_than) if explicit else None, dry_run, Reporter()))
     except RemoteExecError as err:
         _fail(err)
     for item in found:
@@ -437,6 +442,13 @@ def cleanup_cmd(site_name: str, older_than: str, dry_run: bool, force: bool,
     removed = sum(1 for f in found if f.verdict == "removed")
     click.echo(f"{removed} of {len(found)} run director{'y' if len(found) == 1 else 'ies'} "
                f"removed on {site_name}")
+    for entry in trimmed:
+        click.echo(f"{entry.verdict:17} {entry.path}  ({entry.why}, {size_text(entry.size)})")
+    if trimmed:
+        gone = [t for t in trimmed if t.verdict == "removed"]
+        click.echo(f"{len(gone)} of {len(trimmed)} cache entr{'y' if len(trimmed) == 1 else 'ies'}"
+                   f" removed ({size_text(sum(t.size for t in gone))}) from the content "
+                   f"cache on {site_name}")
     unfetched = sum(1 for f in found if f.verdict == "kept (unfetched)")
     if unfetched:
         click.echo(f"{unfetched} kept: their results were never fetched; "

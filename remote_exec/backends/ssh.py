@@ -22,7 +22,7 @@ import asyncssh
 
 from remote_exec import digests
 from remote_exec import returns as return_filter
-from remote_exec.backends.base import Backend, Leftover, Moved, RemoteState, Run
+from remote_exec.backends.base import Backend, Leftover, Moved, RemoteState, Run, Trimmed
 from remote_exec.backends.site_check import ssh_site_rows
 from remote_exec.entrypoint import CANCELLED_MARK, EXIT_CODE_FILE, LAUNCHED_MARK, RUN_ID_RE
 from remote_exec.errors import ConfigError, RemoteExecError, StageError
@@ -383,6 +383,22 @@ class SshBackend(OverSsh):
                         item.verdict = "failed"
                         ui.warn(f"could not remove {path}: {exc.reason}")
         return found
+
+    async def trim_cache(self, older_than: float | None, dry_run: bool,
+                         ui: Reporter) -> list[Trimmed]:
+        conn = await self._connect()
+        async with conn, await shell.open_sftp(conn) as sftp:
+            cache = site_cache.SiteCache(conn, sftp, await resolve_root(sftp, self.site.root),
+                                         ui)
+            why = await cache.usable(None, create=False)
+            if why:
+                if not why.endswith("does not exist"):
+                    ui.warn(f"the site's content cache is left alone: {why}")
+                return []
+            max_age = self.site.cache_max_age
+            if older_than is not None:
+                max_age = min(max_age, older_than)
+            return await cache.trim(self.site.cache_size, max_age, dry_run=dry_run)
 
     async def leftover_state(self, sftp: asyncssh.SFTPClient, path: str, proc: bool) -> str:
         """finished | not launched | running | dead (when it can be told)."""

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import asyncssh
 
+from remote_exec.backends.base import Trimmed
 from remote_exec.inputs import CONTROL_DIR, Input
 from remote_exec.ssh import shell
 from remote_exec.ui import Reporter
@@ -117,16 +118,6 @@ def candidates(inputs: Sequence[Input], rundir: str, min_size: int) -> list[Cand
             for filename in filenames:
                 add(os.path.join(dirpath, filename), posixpath.join(top, rel, filename))
     return found
-
-
-@dataclass
-class Trimmed:
-    """An entry (or debris) the cache let go, and why."""
-
-    path: str
-    size: int
-    why: str  # "unused for N days", "over the size cap", "unfinished insertion"
-    verdict: str = "removed"  # removed | would remove | failed
 
 
 class SiteCache:

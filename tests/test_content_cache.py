@@ -1,0 +1,222 @@
+"""The site's content cache (issue 14) against a real loopback sshd: an input the site
+already holds is copied there, verified, instead of sent; a run can never change an
+entry or another run's input; a changed entry is never used; the switches; the limits;
+``cleanup``; hostile names."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import site_entry
+
+SIZE = 64 * 1024 + 7
+
+
+@pytest.fixture
+def cache_options() -> dict:
+    return {"cache_min_size": "1K"}
+
+
+@pytest.fixture
+def site_config(tmp_path: Path, sshd, remote_root: Path, cache_options: dict) -> Path:
+    path = tmp_path / "remote-exec.yaml"
+    path.write_text(yaml.safe_dump({"sites": {"loop": site_entry(sshd, remote_root,
+                                                                 **cache_options)}}))
+    return path
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def staged(stderr: str) -> dict:
+    for line in stderr.splitlines():
+        if line.startswith("{"):
+            record = json.loads(line)
+            if record.get("event") == "staged":
+                return record
+    raise AssertionError(f"no staged event in:\n{stderr}")
+
+
+def entry(remote_root: Path, digest: str) -> Path:
+    return remote_root / ".remote-exec-cache" / digest[:2] / digest
+
+
+def run(cli, workdir: Path, *args: str, cmd: str = "true", ok: bool = True):
+    proc = cli("run", "--site", "loop", "--json", "--cmd", cmd, *args, cwd=workdir)
+    if ok:
+        assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr
+    return proc
+
+
+def rundirs(remote_root: Path) -> list[Path]:
+    return [p for p in remote_root.iterdir() if not p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("transfer", ["sftp", "rsync"])
+def test_a_second_run_sends_nothing(cli, workdir, remote_root, transfer):
+    payload = os.urandom(SIZE)
+    (workdir / "big.bin").write_bytes(payload)
+    (workdir / "small.txt").write_text("under cache_min_size\n")
+    first = staged(run(cli, workdir, "--transfer", transfer, "big.bin", "small.txt").stderr)
+    assert (first["cached_bytes"], first["sent_bytes"]) == (0, SIZE + 21)
+    cached = entry(remote_root, sha(payload))
+    assert cached.read_bytes() == payload
+    assert cached.stat().st_mode & 0o777 == 0o444
+    assert (remote_root / ".remote-exec-cache").stat().st_mode & 0o777 == 0o700
+    os.utime(cached, (1, 1))  # so the use shows
+    proc = run(cli, workdir, "--transfer", transfer, "big.bin", "small.txt",
+               cmd="sha256sum big.bin > sum; test -w big.bin && stat -c %a big.bin > mode")
+    second = staged(proc.stderr)
+    assert (second["cached_bytes"], second["sent_bytes"]) == (SIZE, 21)
+    assert second["method"] == transfer
+    assert "from the site's cache, 21 B sent" in second["message"]
+    assert (workdir / "sum").read_text().split()[0] == sha(payload)
+    assert (workdir / "mode").read_text().strip() == oct(
+        (workdir / "big.bin").stat().st_mode & 0o777)[2:]
+    assert not (workdir / "big.bin.returned").exists()  # same size and time: unchanged
+    assert cached.stat().st_mtime > time.time() - 300  # touched: recently used
+    assert rundirs(remote_root) == []
+
+
+def test_a_run_writing_its_input_changes_neither_the_cache_nor_another_run(
+        cli, workdir, remote_root):
+    payload = os.urandom(SIZE)
+    (workdir / "big.bin").write_bytes(payload)
+    run(cli, workdir, "big.bin", cmd="printf x >> big.bin")  # inserts, then writes its copy
+    cached = entry(remote_root, sha(payload))
+    assert sha(cached.read_bytes()) == sha(payload)
+    keeper = run(cli, workdir, "--keep", "big.bin")  # another run's input, kept
+    assert staged(keeper.stderr)["sent_bytes"] == 0
+    (kept,) = rundirs(remote_root)
+    proc = run(cli, workdir, "big.bin",
+               cmd="dd if=/dev/zero of=big.bin bs=1k count=4 conv=notrunc 2>/dev/null; "
+               "printf y >> big.bin")
+    assert staged(proc.stderr)["sent_bytes"] == 0
+    assert sha(cached.read_bytes()) == sha(payload)
+    assert sha((kept / "big.bin").read_bytes()) == sha(payload)
+    assert (workdir / "big.bin").read_bytes() == payload
+    returned = (workdir / "big.bin.returned").read_bytes()
+    assert returned[:4096] == bytes(4096) and returned.endswith(b"y")
+
+
+def test_a_changed_entry_is_never_used(cli, workdir, remote_root):
+    payload = os.urandom(SIZE)
+    (workdir / "big.bin").write_bytes(payload)
+    run(cli, workdir, "big.bin")
+    cached = entry(remote_root, sha(payload))
+    cached.chmod(0o644)
+    cached.write_bytes(os.urandom(SIZE))  # same size, other bytes
+    proc = run(cli, workdir, "big.bin", cmd="sha256sum big.bin > sum")
+    assert staged(proc.stderr)["sent_bytes"] == SIZE
+    assert "no longer holds what its name says" in proc.stderr
+    assert (workdir / "sum").read_text().split()[0] == sha(payload)
+    assert cached.read_bytes() == payload  # evicted, then the sent file went in again
+    assert cached.stat().st_mode & 0o777 == 0o444
+    third = run(cli, workdir, "big.bin", cmd="sha256sum big.bin > sum")
+    assert staged(third.stderr)["sent_bytes"] == 0
+
+
+def test_no_cache_sends_everything_and_adds_nothing(cli, workdir, remote_root):
+    payload = os.urandom(SIZE)
+    (workdir / "big.bin").write_bytes(payload)
+    proc = run(cli, workdir, "--no-cache", "big.bin")
+    assert staged(proc.stderr)["cached_bytes"] == 0
+    assert not (remote_root / ".remote-exec-cache").exists()
+    run(cli, workdir, "big.bin")
+    proc = run(cli, workdir, "--no-cache", "big.bin")
+    assert (staged(proc.stderr)["sent_bytes"], staged(proc.stderr)["cached_bytes"]) == (SIZE, 0)
+
+
+@pytest.mark.parametrize("cache_options", [{"cache_min_size": "1K", "cache": False}])
+def test_cache_false_sends_everything(cli, workdir, remote_root):
+    payload = os.urandom(SIZE)
+    (workdir / "big.bin").write_bytes(payload)
+    for _ in range(2):
+        proc = run(cli, workdir, "big.bin")
+        assert staged(proc.stderr)["sent_bytes"] == SIZE
+    assert not (remote_root / ".remote-exec-cache").exists()
+
+
+@pytest.mark.parametrize("cache_options", [{"cache_min_size": "1K", "cache_size": "100K"}])
+def test_the_least_recently_used_entries_go_beyond_the_size_cap(cli, workdir, remote_root):
+    blobs = {name: os.urandom(40 * 1024) for name in ("a", "b", "c")}
+    for age, name in ((300, "a"), (200, "b")):
+        (workdir / name).write_bytes(blobs[name])
+        run(cli, workdir, name)
+        os.utime(entry(remote_root, sha(blobs[name])), (time.time() - age,) * 2)
+    (workdir / "again").mkdir()
+    (workdir / "again" / "a").write_bytes(blobs["a"])
+    proc = run(cli, workdir, "again/a")  # a is used: now the most recent
+    assert staged(proc.stderr)["sent_bytes"] == 0
+    (workdir / "c").write_bytes(blobs["c"])
+    run(cli, workdir, "c")  # 120K over a 100K cap: b, the least recently used, goes
+    assert entry(remote_root, sha(blobs["a"])).exists()
+    assert not entry(remote_root, sha(blobs["b"])).exists()
+    assert entry(remote_root, sha(blobs["c"])).exists()
+    total = sum(p.stat().st_size for p in (remote_root / ".remote-exec-cache").rglob("*")
+                if p.is_file())
+    assert total <= 100 * 1024
+
+
+def test_cleanup_trims_the_cache(cli, workdir, remote_root):
+    old, fresh = os.urandom(SIZE), os.urandom(SIZE)
+    for name, data in (("old.bin", old), ("fresh.bin", fresh)):
+        (workdir / name).write_bytes(data)
+        run(cli, workdir, name)
+    forty_days = time.time() - 40 * 86400
+    os.utime(entry(remote_root, sha(old)), (forty_days, forty_days))
+    debris = entry(remote_root, sha(fresh)).parent / ".tmp-dead-run"
+    debris.write_bytes(b"x")
+    os.utime(debris, (forty_days, forty_days))
+    dry = cli("cleanup", "loop", "--dry-run", cwd=workdir)
+    assert dry.returncode == 0, dry.stderr
+    assert "would remove" in dry.stdout and sha(old) in dry.stdout
+    assert entry(remote_root, sha(old)).exists()
+    done = cli("cleanup", "loop", cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    assert "unused for 40.0 days" in done.stdout and "unfinished insertion" in done.stdout
+    assert "2 cache entries" in done.stdout or "cache" in done.stdout
+    assert not entry(remote_root, sha(old)).exists() and not debris.exists()
+    assert entry(remote_root, sha(fresh)).exists()
+    # an explicit --older-than applies to the cache too
+    now = cli("cleanup", "loop", "--older-than", "0", cwd=workdir)
+    assert now.returncode == 0, now.stderr
+    assert not entry(remote_root, sha(fresh)).exists()
+
+
+HOSTILE = ["with space.bin", "it's \"quoted\".bin", "$(touch pwned).bin", "new\nline.bin",
+           "-dash.bin", "back\\slash `tick`.bin"]
+
+
+@pytest.mark.parametrize("transfer", ["sftp", "rsync"])
+def test_hostile_names_work_with_the_cache(cli, workdir, remote_root, transfer):
+    tree = workdir / "tree $(id)"
+    (tree / "sub 'q'").mkdir(parents=True)
+    files: dict[str, bytes] = {}
+    for name in HOSTILE:
+        files[name] = os.urandom(4096)
+        (workdir / name).write_bytes(files[name])
+        files[f"tree $(id)/sub 'q'/{name}"] = os.urandom(3000)
+        (tree / "sub 'q'" / name).write_bytes(files[f"tree $(id)/sub 'q'/{name}"])
+    (tree / "small").write_text("small\n")
+    args = ["--transfer", transfer, "--keep", *[f"./{n}" for n in HOSTILE], "tree $(id)"]
+    total = sum(map(len, files.values())) + 6
+    first = staged(run(cli, workdir, *args).stderr)
+    assert first["sent_bytes"] == total
+    second = staged(run(cli, workdir, *args).stderr)
+    assert (second["cached_bytes"], second["sent_bytes"]) == (total - 6, 6)
+    newest = max(rundirs(remote_root), key=lambda p: p.stat().st_mtime)
+    for rel, data in files.items():
+        assert (newest / rel).read_bytes() == data, rel
+    assert (newest / "tree $(id)" / "small").read_text() == "small\n"
+    assert not list(newest.rglob("pwned")) and not (workdir / "pwned").exists()
+    assert not [p for p in (newest / ".remote-exec").iterdir() if p.name.startswith("cache-")]
