@@ -14,6 +14,10 @@ A configuration file is YAML::
         entrypoint: ~/misrc_remote_workflow/scripts/execute_remote-side_program_ssh.sh
         templates: [generic]
         cleanup: on-success
+        cache: true             # the content cache under root (README, *The content cache*)
+        cache_min_size: 1M      # files from this size are cached
+        cache_size: 10G         # least recently used entries go beyond it
+        cache_max_age: 30d      # entries unused this long go
         retry_tries: 5          # reconnect attempts when the link drops mid-run
         retry_max_interval: 60  # seconds; backoff doubles from 1 s up to this, with jitter
         stall_timeout: 60       # seconds without a byte from the host: the link is dead
