@@ -220,3 +220,88 @@ def test_hostile_names_work_with_the_cache(cli, workdir, remote_root, transfer):
     assert (newest / "tree $(id)" / "small").read_text() == "small\n"
     assert not list(newest.rglob("pwned")) and not (workdir / "pwned").exists()
     assert not [p for p in (newest / ".remote-exec").iterdir() if p.name.startswith("cache-")]
+
+
+def test_a_batch_backend_stages_through_the_cache(tmp_path):
+    """A scheduler's backend (PBS, played by tests/fakesched) stages through
+    ``SshBackend.stage``, so it has the cache too."""
+    from batch_site import BatchSite
+    from fakesched import install
+
+    base = tmp_path / "pbs"
+    install(base / "bin")
+    (base / "sched").mkdir()
+    env = {"PATH": f"{base / 'bin'}:/usr/local/bin:/usr/bin:/bin",
+           "FAKESCHED_DIR": str(base / "sched"), "FAKESCHED_START_DELAY": "0.3"}
+    site = BatchSite.start(base, "cluster", "pbs", env, resources={"walltime": "10m"},
+                           cache_min_size="1K")
+    try:
+        work = tmp_path / "work"
+        work.mkdir()
+        payload = os.urandom(SIZE)
+        (work / "big.bin").write_bytes(payload)
+        for sent in (SIZE, 0):
+            proc = site.cli("run", "--site", "cluster", "--json", "--cmd",
+                            "sha256sum big.bin > sum", "big.bin", cwd=work)
+            assert proc.returncode == 0, proc.stderr
+            assert staged(proc.stderr)["sent_bytes"] == sent
+            assert (work / "sum").read_text().split()[0] == sha(payload)
+        assert entry(site.root, sha(payload)).read_bytes() == payload
+    finally:
+        site.stop()
+
+
+def test_runs_inserting_one_file_at_once_agree(cli, workdir, remote_root):
+    import subprocess
+    import sys
+
+    payload = os.urandom(SIZE)
+    for i in range(3):
+        (workdir / f"w{i}").mkdir()
+        (workdir / f"w{i}" / "big.bin").write_bytes(payload)
+    procs = [subprocess.Popen([sys.executable, "-m", "remote_exec", "run", "--site", "loop",
+                               "--json", "--cmd", "sha256sum big.bin > sum", "big.bin"],
+                              cwd=workdir / f"w{i}", env=cli.env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(3)]
+    for i, proc in enumerate(procs):
+        _out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert (workdir / f"w{i}" / "sum").read_text().split()[0] == sha(payload)
+    assert entry(remote_root, sha(payload)).read_bytes() == payload
+    assert not [p for p in entry(remote_root, sha(payload)).parent.iterdir()
+                if p.name.startswith(".tmp-")]
+
+
+def test_the_digest_memo_reads_an_unchanged_file_once(tmp_path, monkeypatch):
+    from remote_exec import digests
+
+    monkeypatch.setenv("REMOTE_EXEC_STATE_DIR", str(tmp_path / "state"))
+    path = tmp_path / "big.bin"
+    path.write_bytes(b"a" * 5000)
+    reads = []
+    real = digests.sha256_file
+    monkeypatch.setattr(digests, "sha256_file", lambda p: reads.append(p) or real(p))
+    first = digests.digests([str(path)])
+    assert digests.digests([str(path)]) == first == {str(path): sha(b"a" * 5000)}
+    assert len(reads) == 1
+    path.write_bytes(b"b" * 5000)  # same size, new mtime (or inode)
+    os.utime(path, ns=(1, 1))
+    assert digests.digests([str(path)]) == {str(path): sha(b"b" * 5000)}
+    assert len(reads) == 2
+
+
+def test_cache_keys_are_checked(tmp_path):
+    from remote_exec.config import DEFAULT_CACHE_SIZE, parse_config
+    from remote_exec.errors import ConfigError
+
+    path = tmp_path / "c.yaml"
+    config = parse_config("sites:\n  s:\n    cache_min_size: 2K\n    cache_max_age: 7d\n", path)
+    site = config.site("s")
+    assert (site.cache, site.cache_min_size, site.cache_size, site.cache_max_age) == \
+        (True, 2048, DEFAULT_CACHE_SIZE, 7 * 86400.0)
+    with pytest.raises(ConfigError, match=r"c.yaml:3: sites.s.cache_size: invalid size"):
+        parse_config("sites:\n  s:\n    cache_size: lots\n", path)
+    with pytest.raises(ConfigError, match="cache_max_age"):
+        parse_config("sites:\n  s:\n    cache_max_age: soon\n", path)
+    with pytest.raises(ConfigError, match="cache"):
+        parse_config("sites:\n  s:\n    cache: maybe\n", path)
