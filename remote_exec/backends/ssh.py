@@ -93,6 +93,7 @@ class SshBackend(OverSsh):
                  **options: Any) -> None:
         super().__init__(site, run_id, resources, **options)
         self._rsync_cache: dict[str, bool] = {}
+        self._uid: int | None = None  # the SSH user's, as the run directory says
 
     # -- the run directory -------------------------------------------------------------------
     async def create(self, run: Run) -> str:
@@ -183,7 +184,8 @@ class SshBackend(OverSsh):
             sftp = await self.link.sftp()
             cache = site_cache.SiteCache(await self.link.conn(), sftp,
                                          posixpath.dirname(run.rundir), run.ui)
-            why = await cache.usable((await sftp.stat(run.rundir)).uid)
+            self._uid = (await sftp.stat(run.rundir)).uid
+            why = await cache.usable(self._uid)
         except (asyncssh.Error, OSError) as exc:
             if self.link.is_loss(exc):
                 raise
@@ -213,7 +215,7 @@ class SshBackend(OverSsh):
         """Add the cacheable inputs just sent to the cache, then trim it."""
         try:
             if staged:
-                await cache.insert(staged, run.rundir, run.run_id)
+                await cache.insert(staged, run.rundir, run.run_id, self._uid)
             await cache.trim(self.site.cache_size, self.site.cache_max_age)
         except (asyncssh.Error, OSError, site_cache.CacheError) as exc:
             if self.link.is_loss(exc):
@@ -390,10 +392,10 @@ class SshBackend(OverSsh):
         async with conn, await shell.open_sftp(conn) as sftp:
             cache = site_cache.SiteCache(conn, sftp, await resolve_root(sftp, self.site.root),
                                          ui)
-            why = await cache.usable(None, create=False)
+            why = await cache.usable(None)
             if why:
-                if not why.endswith("does not exist"):
-                    ui.warn(f"the site's content cache is left alone: {why}")
+                ui.warn(f"the site's content cache is left alone: {why}")
+            if why or not cache.present:
                 return []
             max_age = self.site.cache_max_age
             if older_than is not None:

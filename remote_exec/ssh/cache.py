@@ -132,16 +132,21 @@ class SiteCache:
         return posixpath.join(self.dir, digest[:2], digest)
 
     # -- opening -------------------------------------------------------------------------
-    async def usable(self, uid: int | None, create: bool = True) -> str:
-        """Why the cache cannot be used ("" when it can): it must be a directory of the
-        SSH user (``uid``) that no one else may enter; made (0700) if missing."""
+    present = False  # whether the cache's directory exists (as :meth:`usable` found it)
+
+    async def usable(self, uid: int | None, create: bool = False) -> str:
+        """Why the cache cannot be used ("" when it can, or when it does not exist and
+        ``create`` is false: :attr:`present` says which): it must be a directory of the
+        SSH user (``uid``) that no one else may enter; ``create`` makes it (0700)."""
         if create:
             with contextlib.suppress(asyncssh.SFTPError):
                 await self.sftp.mkdir(self.dir, asyncssh.SFTPAttrs(permissions=0o700))
         try:
             attrs = await self.sftp.lstat(self.dir)
         except asyncssh.SFTPNoSuchFile:
-            return f"{self.dir} does not exist"
+            self.present = False
+            return f"{self.dir} could not be created" if create else ""
+        self.present = True
         if attrs.type != asyncssh.FILEXFER_TYPE_DIRECTORY:
             return f"{self.dir} is not a directory"
         if uid is not None and attrs.uid != uid:
@@ -155,6 +160,8 @@ class SiteCache:
     async def lookup(self, wanted: Sequence[Candidate]) -> list[Candidate]:
         """Those of ``wanted`` (digests known) whose entry the cache holds, with the
         same size: pipelined SFTP ``stat``s, one round trip for all of them."""
+        if not self.present:
+            return []
         digests = sorted({c.digest for c in wanted})
 
         async def present(digest: str) -> asyncssh.SFTPAttrs | None:
@@ -209,11 +216,17 @@ class SiteCache:
             with contextlib.suppress(asyncssh.SFTPFailure):  # (it exists: a retry)
                 await self.sftp.mkdir(directory)
 
-    async def insert(self, staged: Sequence[Candidate], rundir: str, run_id: str) -> int:
-        """Copy the staged ``staged`` files into the cache; how many went in."""
+    async def insert(self, staged: Sequence[Candidate], rundir: str, run_id: str,
+                     uid: int | None) -> int:
+        """Copy the staged ``staged`` files into the cache (made if need be, for the SSH
+        user ``uid``); how many went in."""
         unique = list({c.digest: c for c in staged}.values())
         if not unique:
             return 0
+        if not self.present:
+            why = await self.usable(uid, create=True)
+            if why:
+                raise CacheError(why)
         for prefix in sorted({c.digest[:2] for c in unique}):
             with contextlib.suppress(asyncssh.SFTPFailure):
                 await self.sftp.mkdir(posixpath.join(self.dir, prefix),
