@@ -305,3 +305,21 @@ def test_cache_keys_are_checked(tmp_path):
         parse_config("sites:\n  s:\n    cache_max_age: soon\n", path)
     with pytest.raises(ConfigError, match="cache"):
         parse_config("sites:\n  s:\n    cache: maybe\n", path)
+
+
+def test_more_files_than_one_remote_command_takes(cli, workdir, remote_root):
+    from remote_exec.ssh.cache import BATCH
+
+    tree = workdir / "many"
+    blobs = {}
+    for i in range(BATCH + 30):
+        blobs[f"d{i % 3}/f{i}"] = os.urandom(1100)
+        (tree / f"d{i % 3}").mkdir(parents=True, exist_ok=True)
+        (tree / f"d{i % 3}" / f"f{i}").write_bytes(blobs[f"d{i % 3}/f{i}"])
+    total = sum(map(len, blobs.values()))
+    assert staged(run(cli, workdir, "many").stderr)["sent_bytes"] == total
+    proc = run(cli, workdir, "--keep", "many")
+    assert (staged(proc.stderr)["cached_bytes"], staged(proc.stderr)["sent_bytes"]) == (total, 0)
+    (kept,) = rundirs(remote_root)
+    for rel, data in blobs.items():
+        assert (kept / "many" / rel).read_bytes() == data

@@ -173,8 +173,9 @@ class SshBackend(OverSsh):
         finally:
             run.ui.progress_stop()
         if cache is not None:
+            done = {id(c) for c in placed}
             await self._into_cache(run, cache, [c for c in wanted
-                                                if c.digest and c not in placed])
+                                                if c.digest and id(c) not in done])
         return Moved(method, size=size, cached=cached)
 
     # -- the site's content cache (remote_exec/ssh/cache.py) ----------------------------------

@@ -56,6 +56,10 @@ TMP_PREFIX = ".tmp-"
 TMP_MAX_AGE = 86400.0
 #: names in the run's control directory for copies on their way in or out of the cache
 HANDLE_PREFIX = "cache-"
+#: files per remote command: each is one exec request, which the login shell gets as one
+#: ``-c`` argument (Linux takes at most 128 KiB in one argument; a file costs two or
+#: four paths of a few hundred bytes)
+BATCH = 100
 
 #: sh: the sha256 of stdin, its first word: OpenSSL's where there is one (it uses the
 #: CPU's SHA instructions: 1.0 s per GiB on the machine of the README's *Measured*,
@@ -181,35 +185,49 @@ class SiteCache:
     async def place(self, hits: Sequence[Candidate], rundir: str) -> list[Candidate]:
         """Copy each hit's entry into the run directory and verify the copy's digest on
         the site; the hits placed. A copy that does not match evicts its entry."""
-        if not hits:
-            return []
+        placed: list[Candidate] = []
+        if hits:
+            await self._make_parents(hits, rundir)
+        for start in range(0, len(hits), BATCH):
+            placed += await self._place_batch(hits[start:start + BATCH], rundir, start)
+        return placed
+
+    async def _place_batch(self, hits: Sequence[Candidate], rundir: str,
+                           first: int) -> list[Candidate]:
         control = posixpath.join(rundir, CONTROL_DIR)
-        handles = [posixpath.join(control, f"{HANDLE_PREFIX}{i}") for i in range(len(hits))]
+        handles = [posixpath.join(control, f"{HANDLE_PREFIX}{first + i}")
+                   for i in range(len(hits))]
         args = [w for hit, handle in zip(hits, handles) for w in (self.entry(hit.digest), handle)]
         result = await shell.run(self.conn, PLACE_SCRIPT, *args)
-        if not result.ok:
-            raise CacheError(f"copying from the cache failed: {result.stderr.strip()[-500:]}")
         answers = result.stdout.splitlines()
-        if len(answers) != len(hits):  # (one line per hit, or nothing is trusted)
-            raise CacheError(f"the copy from the cache answered {len(answers)} lines for "
-                             f"{len(hits)} files")
-        placed: list[Candidate] = []
-        await self._make_parents(hits, rundir)
-        for hit, handle, answer in zip(hits, handles, answers):
-            if answer == hit.digest:
-                await _rename(self.sftp, handle, hit.target)
-                await self.sftp.setstat(hit.target, asyncssh.SFTPAttrs(
-                    permissions=hit.mode, atime=hit.atime, mtime=hit.mtime))
-                placed.append(hit)
-                continue
-            with contextlib.suppress(asyncssh.SFTPError):
+        if not result.ok or len(answers) != len(hits):  # (one line per hit, or no trust)
+            raise CacheError(f"copying from the cache failed (exit {result.exit_status}, "
+                             f"{len(answers)} answers for {len(hits)} files): "
+                             f"{result.stderr.strip()[-500:]}")
+
+        async def finish(hit: Candidate, handle: str, answer: str) -> bool:
+            try:
+                if answer == hit.digest:  # (times and mode first: the rename keeps them)
+                    await self.sftp.setstat(handle, asyncssh.SFTPAttrs(
+                        permissions=hit.mode, atime=hit.atime, mtime=hit.mtime))
+                    await _rename(self.sftp, handle, hit.target)
+                    return True
+                if DIGEST_RE.fullmatch(answer):  # a copy of other bytes: the entry changed
+                    self.ui.warn(f"the site's cache entry {self.entry(hit.digest)} no longer "
+                                 "holds what its name says: removed, the file is sent")
+                    with contextlib.suppress(asyncssh.SFTPNoSuchFile):
+                        await self.sftp.remove(self.entry(hit.digest))
+            except asyncssh.SFTPConnectionLost:
+                raise
+            except asyncssh.SFTPError as exc:
+                self.ui.warn(f"could not place {hit.target} from the site's cache "
+                             f"({exc.reason}): the file is sent")
+            with contextlib.suppress(asyncssh.SFTPNoSuchFile, asyncssh.SFTPFailure):
                 await self.sftp.remove(handle)
-            if DIGEST_RE.fullmatch(answer):  # a copy of other bytes: the entry changed
-                self.ui.warn(f"the site's cache entry {self.entry(hit.digest)} no longer "
-                             "holds what its name says: removed, the file is sent")
-                with contextlib.suppress(asyncssh.SFTPError):
-                    await self.sftp.remove(self.entry(hit.digest))
-        return placed
+            return False
+
+        done = await asyncio.gather(*(finish(*job) for job in zip(hits, handles, answers)))
+        return [hit for hit, ok in zip(hits, done) if ok]
 
     async def _make_parents(self, hits: Sequence[Candidate], rundir: str) -> None:
         """The directories (inside input directories) the placed files go into."""
@@ -238,22 +256,30 @@ class SiteCache:
             with contextlib.suppress(asyncssh.SFTPFailure):
                 await self.sftp.mkdir(posixpath.join(self.dir, prefix),
                                       asyncssh.SFTPAttrs(permissions=0o700))
+        inserted = 0
+        for start in range(0, len(unique), BATCH):
+            inserted += await self._insert_batch(unique[start:start + BATCH], rundir, run_id)
+        return inserted
+
+    async def _insert_batch(self, items: Sequence[Candidate], rundir: str,
+                            run_id: str) -> int:
         control = posixpath.join(rundir, CONTROL_DIR)
-        links = [posixpath.join(control, f"{HANDLE_PREFIX}in-{i}") for i in range(len(unique))]
-        args: list[str] = []
+        links = [posixpath.join(control, f"{HANDLE_PREFIX}in-{i}") for i in range(len(items))]
+
+        async def link_to(item: Candidate, link: str) -> list[str]:
+            with contextlib.suppress(asyncssh.SFTPNoSuchFile):
+                await self.sftp.remove(link)  # (an earlier batch's or attempt's)
+            await self.sftp.symlink(item.target, link)
+            final = self.entry(item.digest)
+            tmp = posixpath.join(posixpath.dirname(final), f"{TMP_PREFIX}{item.digest}-{run_id}")
+            return [link, tmp, final, item.digest]
+
         try:
-            for item, link in zip(unique, links):
-                with contextlib.suppress(asyncssh.SFTPError):
-                    await self.sftp.remove(link)  # (a retry's)
-                await self.sftp.symlink(item.target, link)
-                final = self.entry(item.digest)
-                tmp = posixpath.join(posixpath.dirname(final),
-                                     f"{TMP_PREFIX}{item.digest}-{run_id}")
-                args += [link, tmp, final, item.digest]
-            result = await shell.run(self.conn, INSERT_SCRIPT, *args)
+            args = await asyncio.gather(*(link_to(*job) for job in zip(items, links)))
+            result = await shell.run(self.conn, INSERT_SCRIPT, *(w for a in args for w in a))
         finally:
             for link in links:
-                with contextlib.suppress(asyncssh.SFTPError):
+                with contextlib.suppress(asyncssh.SFTPNoSuchFile, asyncssh.SFTPFailure):
                     await self.sftp.remove(link)
         return result.stdout.split().count("ok")
 
