@@ -417,6 +417,11 @@ def cleanup_cmd(site_name: str, older_than: str, dry_run: bool, force: bool,
     were never fetched is kept (`remote-exec resume RUN` fetches them) unless
     --force, which names each one it destroys. /tmp is wiped after 30 days anyway,
     but disks fill first.
+
+    The site's content cache (<root>/.remote-exec-cache) is trimmed too: entries
+    unused for the site's cache_max_age, then the least recently used beyond
+    its cache_size, and, when --older-than is given, entries unused that long.
+    --dry-run only lists them.
     """
     import asyncio
 
