@@ -1,7 +1,8 @@
 """sha256 digests of local input files, with a small memo so that an unchanged large
 input is not read again on every run.
 
-The memo (``$STATE/digests.json``) maps a file's absolute path to its size,
+The memo (``$STATE/digests.json``) maps a file's real path (symlinks resolved: MInt
+hands ports over as new symlinks in every run's directory) to its size,
 modification time (ns), inode and device when it was hashed, and the digest; an entry
 is used only while all four still match. It is written atomically (a temporary file,
 then a rename); runs writing it at once may lose each other's new entries, which only
@@ -67,9 +68,10 @@ def digests(paths: Iterable[str]) -> dict[str, str]:
     found: dict[str, str] = {}
     changed = False
     for path in paths:
+        key = os.path.realpath(path)  # (MInt's ports are symlinks, new ones every run)
         st = os.stat(path)
         stamp = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
-        entry = memo.pop(path, None)  # (re-added last: the most recent is kept)
+        entry = memo.pop(key, None)  # (re-added last: the most recent is kept)
         if isinstance(entry, list) and entry[:4] == stamp and len(entry) == 5:
             found[path] = entry[4]
         else:
@@ -78,7 +80,7 @@ def digests(paths: Iterable[str]) -> dict[str, str]:
             if [after.st_size, after.st_mtime_ns, after.st_ino, after.st_dev] != stamp:
                 changed = True  # written while read: do not remember it
                 continue
-        memo[path] = [*stamp, found[path]]
+        memo[key] = [*stamp, found[path]]
         changed = True
     if changed:
         _save(memo)

@@ -323,3 +323,19 @@ def test_more_files_than_one_remote_command_takes(cli, workdir, remote_root):
     (kept,) = rundirs(remote_root)
     for rel, data in blobs.items():
         assert (kept / "many" / rel).read_bytes() == data
+
+
+def test_a_symlinked_port_is_cached_and_hashed_once(cli, workdir, remote_root, tmp_path):
+    target = tmp_path / "port-target.dat"
+    payload = os.urandom(SIZE)
+    target.write_bytes(payload)
+    for i in range(2):  # a new module directory with a new symlink each time, as MInt does
+        work = workdir / f"module{i}"
+        work.mkdir()
+        os.symlink(target, work / "port.dat")
+        proc = run(cli, work, "port.dat", cmd="sha256sum port.dat > sum")
+        assert staged(proc.stderr)["sent_bytes"] == (SIZE if i == 0 else 0)
+        assert (work / "sum").read_text().split()[0] == sha(payload)
+        assert (work / "port.dat").is_symlink()
+    memo = json.loads((cli.state / "digests.json").read_text())
+    assert list(memo) == [str(target.resolve())]
