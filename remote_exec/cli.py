@@ -98,6 +98,9 @@ def main() -> None:
               help="Stream remote_program_exec.log while the entrypoint runs.")
 @click.option("--transfer", type=click.Choice(["auto", "rsync", "sftp"]),
               help="How files move (default: the site's `transfer`, else auto).")
+@click.option("--no-cache", is_flag=True,
+              help="Send every input, even those the site's content cache holds (and add "
+              "none to it); default: the site's `cache`, on for open SSH sites.")
 @click.option("--config", "config_path", metavar="FILE", envvar=None,
               help="Configuration file (default: $REMOTE_EXEC_CONFIG, ./remote-exec.yaml, "
               "~/.config/remote-exec/sites.yaml).")
@@ -129,7 +132,7 @@ def run(site_name: str, command: str | None, template: str | None, params: tuple
         into: Path, keep: bool, follow: bool, transfer: str | None, config_path: str | None,
         as_json: bool, quiet: bool, timeout: str | None, retry: str | None,
         stall_timeout: str | None, no_holder: bool, backend: str | None,
-        resources: tuple[str, ...], inputs: tuple[str, ...]) -> None:
+        resources: tuple[str, ...], inputs: tuple[str, ...], no_cache: bool) -> None:
     """Stage INPUTs, run the entrypoint remotely, and fetch the run directory back.
 
     \b
@@ -181,7 +184,8 @@ def run(site_name: str, command: str | None, template: str | None, params: tuple
         request = build_request(site, command=command, template=template, params=params,
                                 inputs=inputs, into=into, keep=keep, follow=follow,
                                 transfer=transfer, backend=backend, resources=resources,
-                                timeout=timeout, retry=retry, stall_timeout=stall_timeout)
+                                timeout=timeout, retry=retry, stall_timeout=stall_timeout,
+                                no_cache=no_cache)
         result = _execute(request, ui, use_holder=not no_holder)
     except RemoteExecError as err:
         _fail(err, as_json)
@@ -413,17 +417,27 @@ def cleanup_cmd(site_name: str, older_than: str, dry_run: bool, force: bool,
     were never fetched is kept (`remote-exec resume RUN` fetches them) unless
     --force, which names each one it destroys. /tmp is wiped after 30 days anyway,
     but disks fill first.
+
+    The site's content cache (<root>/.remote-exec-cache) is trimmed too: entries
+    unused for the site's cache_max_age, then the least recently used beyond
+    its cache_size, and, when --older-than is given, entries unused that long.
+    --dry-run only lists them.
     """
     import asyncio
 
     from remote_exec import manage
     from remote_exec.config import parse_duration
+    from remote_exec.sizes import size_text
     from remote_exec.ui import Reporter
 
+    explicit = click.get_current_context().get_parameter_source("older_than") \
+        == click.core.ParameterSource.COMMANDLINE
     try:
         site, _ = _resolve_site(config_path, site_name)
         found = asyncio.run(manage.cleanup(site, parse_duration(older_than), dry_run,
                                            Reporter(), manage.Guards.from_journal(), force))
+        trimmed = asyncio.run(manage.trim_cache(
+            site, parse_duration(older_than) if explicit else None, dry_run, Reporter()))
     except RemoteExecError as err:
         _fail(err)
     for item in found:
@@ -433,6 +447,13 @@ def cleanup_cmd(site_name: str, older_than: str, dry_run: bool, force: bool,
     removed = sum(1 for f in found if f.verdict == "removed")
     click.echo(f"{removed} of {len(found)} run director{'y' if len(found) == 1 else 'ies'} "
                f"removed on {site_name}")
+    for entry in trimmed:
+        click.echo(f"{entry.verdict:17} {entry.path}  ({entry.why}, {size_text(entry.size)})")
+    if trimmed:
+        gone = [t for t in trimmed if t.verdict == "removed"]
+        click.echo(f"{len(gone)} of {len(trimmed)} cache entr{'y' if len(trimmed) == 1 else 'ies'}"
+                   f" removed ({size_text(sum(t.size for t in gone))}) from the content "
+                   f"cache on {site_name}")
     unfetched = sum(1 for f in found if f.verdict == "kept (unfetched)")
     if unfetched:
         click.echo(f"{unfetched} kept: their results were never fetched; "

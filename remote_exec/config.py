@@ -14,6 +14,10 @@ A configuration file is YAML::
         entrypoint: ~/misrc_remote_workflow/scripts/execute_remote-side_program_ssh.sh
         templates: [generic]
         cleanup: on-success
+        cache: true             # the content cache under root (README, *The content cache*)
+        cache_min_size: 1M      # files from this size are cached
+        cache_size: 10G         # least recently used entries go beyond it
+        cache_max_age: 30d      # entries unused this long go
         retry_tries: 5          # reconnect attempts when the link drops mid-run
         retry_max_interval: 60  # seconds; backoff doubles from 1 s up to this, with jitter
         stall_timeout: 60       # seconds without a byte from the host: the link is dead
@@ -57,6 +61,14 @@ DEFAULT_SOLVER_LOG_BASE = "/home/misystem/assets/workflow"
 DEFAULT_AGENT_DIR = "~/.remote-exec-agent"
 CLEANUP_POLICIES = ("on-success", "always", "never")
 TRANSFER_METHODS = ("auto", "rsync", "sftp")
+#: the site's content cache (README, *The content cache*): on by default for open SSH
+#: sites; files from this size are cached, the cache is trimmed to this size (least
+#: recently used first) and entries unused for this long are removed
+DEFAULT_CACHE_MIN_SIZE = 1024 ** 2
+DEFAULT_CACHE_SIZE = 10 * 1024 ** 3
+DEFAULT_CACHE_MAX_AGE = 30 * 86400.0
+#: the syntax of a duration in the configuration (:func:`parse_duration`)
+DURATION_PATTERN = r"^\s*\d+(?:\.\d+)?\s*[smhd]?\s*$"
 
 #: a site's keys; ``backend`` and the backends' settings sections come from the registry
 #: (:func:`site_properties`)
@@ -72,6 +84,11 @@ _SITE_PROPERTIES: dict[str, Any] = {
     "cleanup": {"enum": list(CLEANUP_POLICIES)},
     "transfer": {"enum": list(TRANSFER_METHODS)},
     "rsync_threshold": SIZE_SCHEMA,
+    "cache": {"type": "boolean"},
+    "cache_min_size": SIZE_SCHEMA,
+    "cache_size": SIZE_SCHEMA,
+    "cache_max_age": {"type": ["number", "string"], "minimum": 0,
+                      "pattern": DURATION_PATTERN},
     "connect_timeout": {"type": "number", "exclusiveMinimum": 0},
     "retry_tries": {"type": "integer", "minimum": 0, "maximum": 1000},
     "retry_max_interval": {"type": "number", "exclusiveMinimum": 0},
@@ -138,6 +155,10 @@ class Site:
     cleanup: str = "on-success"
     transfer: str = "auto"
     rsync_threshold: int = 256 * 1024 * 1024
+    cache: bool = True
+    cache_min_size: int = DEFAULT_CACHE_MIN_SIZE
+    cache_size: int = DEFAULT_CACHE_SIZE
+    cache_max_age: float = DEFAULT_CACHE_MAX_AGE  # seconds
     connect_timeout: float = 30.0
     retry_tries: int = 5
     retry_max_interval: float = 60.0
@@ -200,9 +221,12 @@ class Config:
         for key in ("identity_file", "known_hosts"):
             if values.get(key):
                 values[key] = os.path.expanduser(values[key])
-        if "rsync_threshold" in values:
-            values["rsync_threshold"] = parse_size(
-                values["rsync_threshold"], f"{self.path}: sites.{name}.rsync_threshold")
+        for key in ("rsync_threshold", "cache_min_size", "cache_size"):
+            if key in values:
+                values[key] = parse_size(values[key], f"{self.path}: sites.{name}.{key}")
+        if "cache_max_age" in values:
+            values["cache_max_age"] = _duration_value(
+                values["cache_max_age"], f"{self.path}: sites.{name}.cache_max_age")
         for key in ("never_return", "only_return"):
             for pattern in values.get(key) or []:
                 check_return_pattern(pattern, f"{self.path}: sites.{name}.{key}")
@@ -247,6 +271,14 @@ def parse_duration(text: str) -> float:
     scale = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
     return float(match.group(1)) * scale
 
+def _duration_value(value: Any, what: str) -> float:
+    """A duration key's value in seconds (a bare number is seconds)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    try:
+        return parse_duration(str(value))
+    except ConfigError as err:
+        raise ConfigError(f"{what}: {err.message}", hint=err.hint) from None
 
 
 def find_config_file(explicit: str | os.PathLike[str] | None = None) -> Path | None:

@@ -47,6 +47,7 @@ from remote_exec.errors import (
 )
 from remote_exec.journal import PHASES, Journal, RunLock, RunRecord
 from remote_exec.request import RunRequest, RunResult, request_to_wire
+from remote_exec.sizes import size_text
 from remote_exec.ssh.link import Acquire, Release, open_throttled
 from remote_exec.ui import Reporter
 
@@ -389,9 +390,11 @@ class _Driver:
         inputs = self.request.inputs
         self.result.stage_method = moved.method
         await self._advance("staged")
-        self.ui.event("staged", f"staged {len(inputs)} input(s), {moved.size} bytes, "
-                      f"{moved.how}", inputs=[i.name for i in inputs], bytes=moved.size,
-                      method=moved.method)
+        sent = moved.size - moved.cached
+        self.ui.event("staged", f"staged {len(inputs)} input(s), {size_text(moved.size)}: "
+                      f"{size_text(moved.cached)} from the site's cache, {size_text(sent)} "
+                      f"sent {moved.how}", inputs=[i.name for i in inputs], bytes=moved.size,
+                      method=moved.method, cached_bytes=moved.cached, sent_bytes=sent)
 
     async def _launch(self) -> None:
         self.launched = await self.backend.launch(self.run)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from remote_exec import backends
-from remote_exec.backends.base import Backend, Leftover, RemoteState
+from remote_exec.backends.base import Backend, Leftover, RemoteState, Trimmed
 from remote_exec.backends.scheduler import JobInfo
 from remote_exec.config import Site
 from remote_exec.errors import ConfigError, RemoteExecError, RunBusyError
@@ -169,6 +169,14 @@ async def cleanup(site: Site, older_than: float, dry_run: bool, ui: Reporter,
         lambda item: _removable(item, guards, older_than, dry_run, force), ui)
     _record_destroyed(found, guards)
     return found
+
+
+async def trim_cache(site: Site, older_than: float | None, dry_run: bool,
+                     ui: Reporter) -> list[Trimmed]:
+    """Trim the site's content cache to its limits (``cache_size``, ``cache_max_age``)
+    and, if given, remove entries unused for ``older_than`` seconds."""
+    backend = backends.make_backend(backends.for_site(site), site)
+    return await backend.trim_cache(older_than, dry_run, ui)
 
 
 def _removable(item: Leftover, guards: Guards, older_than: float, dry_run: bool,

@@ -67,7 +67,7 @@ def build_request(site: Site, *, command: str | None = None, template: str | Non
                   transfer: str | None = None, backend: str | None = None,
                   resources: Sequence[str] = (), timeout: str | float | None = None,
                   retry: str | None = None, stall_timeout: str | float | None = None,
-                  command_option: str = "--cmd") -> RunRequest:
+                  no_cache: bool = False, command_option: str = "--cmd") -> RunRequest:
     """The request for one run on ``site``, every part of it checked before anything is
     contacted (a ConfigError, or an InputError for ``inputs``).
 
@@ -75,8 +75,9 @@ def build_request(site: Site, *, command: str | None = None, template: str | Non
     or neither (the site's entrypoint); a restricted site runs only what its agent
     approved. ``backend`` overrides the site's (``--backend``); ``resources`` are
     ``KEY=VALUE`` pairs over the site's `resources`, for a backend that takes them.
-    ``transfer``, ``retry`` (``TRIES[,MAX_INTERVAL]``) and ``stall_timeout`` are this
-    run's own settings: they go on a copy of ``site``, which stays as configured.
+    ``transfer``, ``retry`` (``TRIES[,MAX_INTERVAL]``), ``stall_timeout`` and
+    ``no_cache`` (send every input, ignoring the site's content cache) are this run's own
+    settings: they go on a copy of ``site``, which stays as configured.
     ``timeout`` limits the whole run (a duration). ``command_option`` names how the
     caller's user gave ``command``, for messages (``legacy`` says ``client_cmd``).
     """
@@ -86,7 +87,7 @@ def build_request(site: Site, *, command: str | None = None, template: str | Non
         raise ConfigError("give either --cmd or --template, not both")
     if params and template is None:
         raise ConfigError("--param needs --template")
-    site = _run_site(site, transfer, retry, stall_timeout)
+    site = _run_site(site, transfer, retry, stall_timeout, no_cache)
     entry, returns = _entrypoint(site, command, template, tuple(params), command_option)
     checked = check_inputs(list(inputs))
     name, chosen = _backend(site, backend, tuple(resources))
@@ -102,9 +103,11 @@ def _seconds(value: str | float | None) -> float | None:
 
 
 def _run_site(site: Site, transfer: str | None, retry: str | None,
-              stall_timeout: str | float | None) -> Site:
+              stall_timeout: str | float | None, no_cache: bool = False) -> Site:
     """``site`` with this run's own settings: a copy, the configured one untouched."""
     changes: dict[str, Any] = {}
+    if no_cache:
+        changes["cache"] = False
     if transfer:
         if transfer not in TRANSFER_METHODS:
             raise ConfigError(f"invalid --transfer {transfer!r}",

@@ -36,3 +36,13 @@ def parse_size(value: Any, what: str, bare: str = "b") -> int:
         raise ConfigError(f"{what}: invalid size {value!r}", hint=SIZE_HINT)
     unit = (match.group(2) or bare)[0].lower()
     return int(match.group(1)) * _SCALE[unit]
+
+
+def size_text(n: int) -> str:
+    """``n`` bytes for people: ``512 B``, ``1.5 MiB``, ``1.0 GiB``."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
+        value /= 1024
+    return f"{n} B"

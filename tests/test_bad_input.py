@@ -415,7 +415,7 @@ def test_rsync_round_trip_of_a_large_payload(cli, workdir, tmp_path, remote_root
     assert not (into / "big in.bin").exists()  # an unchanged input does not come back
     assert (into / "big out.bin").read_bytes() == payload * copies
     assert (workdir / "big in.bin").read_bytes() == payload
-    assert list(remote_root.iterdir()) == []
+    assert [p.name for p in remote_root.iterdir()] == [".remote-exec-cache"]  # (issue 14)
 
 
 # -- 8. templates -----------------------------------------------------------------------

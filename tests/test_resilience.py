@@ -319,7 +319,7 @@ def test_cut_during_staging_restages_and_completes(env, proxy, mode, transfer):
     assert proxy.cuts >= 1 and not proxy.armed
     assert "lost during staging" in proc.stderr
     assert "reconnected to" in proc.stderr
-    assert f"bytes, by {transfer}" in proc.stderr
+    assert f"sent by {transfer}" in proc.stderr
     assert (env.dest / "sum").read_text().split()[0] == sha256(payload)
     assert not (env.dest / "big.bin").exists()  # an unchanged input does not come back
     assert env.runs_of_entrypoint() == 1

@@ -105,6 +105,7 @@ class Moved:
     how: str = ""
     size: int = 0
     skipped: list[str] = field(default_factory=list)  # what was left behind, and why
+    cached: int = 0  # of ``size``, the bytes the site's content cache supplied (not sent)
 
     def __post_init__(self) -> None:
         self.how = self.how or f"by {self.method}"
@@ -152,6 +153,17 @@ class Leftover:
     @property
     def run_id(self) -> str:
         return self.name or self.path.rstrip("/").rsplit("/", 1)[-1]
+
+
+@dataclass
+class Trimmed:
+    """An entry of a site's content cache (or an unfinished insertion) that ``cleanup``
+    or a run's trim let go, and why."""
+
+    path: str
+    size: int
+    why: str  # "unused for N days", "over the cache's size cap", "unfinished insertion"
+    verdict: str = "removed"  # removed | would remove | failed
 
 
 class Run:
@@ -310,6 +322,13 @@ class Backend(ABC):
                            ui: Reporter) -> list[Leftover]:
         """The run places on the site; each one ``decide`` approves is removed."""
 
+    async def trim_cache(self, older_than: float | None, dry_run: bool,
+                         ui: Reporter) -> list[Trimmed]:
+        """``cleanup``'s part for the site's content cache, if the backend keeps one:
+        remove entries over its limits (and unused for ``older_than`` seconds, if given);
+        with ``dry_run`` only say which."""
+        return []
+
     @abstractmethod
     async def check(self) -> list[Row]:
         """``site check``'s rows: is the site ready for this backend, and if not, how to."""
@@ -320,4 +339,4 @@ class Backend(ABC):
 
 
 __all__ = ["Backend", "Launched", "Leftover", "Moved", "NoSession", "RemoteState", "Run",
-           "Session"]
+           "Session", "Trimmed"]

@@ -20,14 +20,16 @@ from typing import Any, cast
 
 import asyncssh
 
+from remote_exec import digests
 from remote_exec import returns as return_filter
-from remote_exec.backends.base import Backend, Leftover, Moved, RemoteState, Run
+from remote_exec.backends.base import Backend, Leftover, Moved, RemoteState, Run, Trimmed
 from remote_exec.backends.site_check import ssh_site_rows
 from remote_exec.entrypoint import CANCELLED_MARK, EXIT_CODE_FILE, LAUNCHED_MARK, RUN_ID_RE
 from remote_exec.errors import ConfigError, RemoteExecError, StageError
 from remote_exec.inputs import CONTROL_DIR, LOG_NAME
 from remote_exec.journal import RunRecord, opened
 from remote_exec.site.rows import Row
+from remote_exec.ssh import cache as site_cache
 from remote_exec.ssh import shell, transfer
 from remote_exec.ssh.link import Link, open_throttled
 from remote_exec.ui import Reporter
@@ -91,6 +93,7 @@ class SshBackend(OverSsh):
                  **options: Any) -> None:
         super().__init__(site, run_id, resources, **options)
         self._rsync_cache: dict[str, bool] = {}
+        self._uid: int | None = None  # the SSH user's, as the run directory says
 
     # -- the run directory -------------------------------------------------------------------
     async def create(self, run: Run) -> str:
@@ -137,20 +140,31 @@ class SshBackend(OverSsh):
         sftp = await self.link.sftp()
         inputs = run.request.inputs
         size = sum(i.size for i in inputs)
+        wanted: list[site_cache.Candidate] = []
+        if self.site.cache and inputs:  # (files too small for the cache: none of it)
+            wanted = await asyncio.to_thread(site_cache.candidates, inputs, run.rundir,
+                                             self.site.cache_min_size)
+        cache = await self._open_cache(run) if wanted else None
+        placed: list[site_cache.Candidate] = []
+        if cache is not None:
+            placed = await self._from_cache(run, cache, wanted)
+        cached = sum(c.size for c in placed)
         # (a local tree is walked in a thread, and only as far as the choice needs)
         files = await asyncio.to_thread(transfer.count_entries, inputs,
                                         transfer.AUTO_RSYNC_FILES)
-        method = await self._method(size, files)
-        run.ui.progress_start("staging", size)
+        method = await self._method(size - cached, files)
+        run.ui.progress_start("staging", size - cached)
         try:
             if not inputs:
                 pass
-            elif method == "rsync":
+            elif method == "rsync":  # (placed copies have the inputs' size and time:
+                #                       rsync's quick check leaves them)
                 await transfer.stage_rsync(await self.link.rsh(), inputs, run.rundir,
                                            run.ui.show_progress)
             else:
-                await transfer.stage_sftp(sftp, inputs, run.rundir, run.ui.progress_fn,
-                                          resume=run.retrying)
+                await transfer.stage_sftp(
+                    sftp, inputs, run.rundir, run.ui.progress_fn, resume=run.retrying,
+                    placed=None if cache is None else {c.target for c in placed})
         except StageError as exc:
             if not run.retrying and not self.link.is_loss(exc):
                 with contextlib.suppress(Exception):
@@ -158,7 +172,56 @@ class SshBackend(OverSsh):
             raise
         finally:
             run.ui.progress_stop()
-        return Moved(method, size=size)
+        if cache is not None:
+            done = {id(c) for c in placed}
+            await self._into_cache(run, cache, [c for c in wanted
+                                                if c.digest and id(c) not in done])
+        return Moved(method, size=size, cached=cached)
+
+    # -- the site's content cache (remote_exec/ssh/cache.py) ----------------------------------
+    async def _open_cache(self, run: Run) -> site_cache.SiteCache | None:
+        """The site's cache for this run, or None (with a warning saying why)."""
+        try:
+            sftp = await self.link.sftp()
+            cache = site_cache.SiteCache(await self.link.conn(), sftp,
+                                         posixpath.dirname(run.rundir), run.ui)
+            self._uid = (await sftp.stat(run.rundir)).uid
+            why = await cache.usable(self._uid)
+        except (asyncssh.Error, OSError) as exc:
+            if self.link.is_loss(exc):
+                raise
+            why = str(exc)
+        if why:
+            run.ui.warn(f"the site's content cache is not used: {why}")
+            return None
+        return cache
+
+    async def _from_cache(self, run: Run, cache: site_cache.SiteCache,
+                          wanted: list[site_cache.Candidate]) -> list[site_cache.Candidate]:
+        """Place those of ``wanted`` the cache holds (their digests are set on the way):
+        the ones placed."""
+        try:
+            found = await asyncio.to_thread(digests.digests, [c.local for c in wanted])
+            for item in wanted:
+                item.digest = found[item.local]
+            return await cache.place(await cache.lookup(wanted), run.rundir)
+        except (asyncssh.Error, OSError, site_cache.CacheError) as exc:
+            if self.link.is_loss(exc):
+                raise
+            run.ui.warn(f"the site's content cache is not used: {exc}")
+            return []
+
+    async def _into_cache(self, run: Run, cache: site_cache.SiteCache,
+                          staged: list[site_cache.Candidate]) -> None:
+        """Add the cacheable inputs just sent to the cache, then trim it."""
+        try:
+            if staged:
+                await cache.insert(staged, run.rundir, run.run_id, self._uid)
+            await cache.trim(self.site.cache_size, self.site.cache_max_age)
+        except (asyncssh.Error, OSError, site_cache.CacheError) as exc:
+            if self.link.is_loss(exc):
+                raise
+            run.ui.warn(f"could not update the site's content cache: {exc}")
 
     async def fetch(self, run: Run, partial: Path) -> Moved:
         """Fetch over SFTP or rsync what the template and the site return, but the
@@ -340,6 +403,22 @@ class SshBackend(OverSsh):
                         item.verdict = "failed"
                         ui.warn(f"could not remove {path}: {exc.reason}")
         return found
+
+    async def trim_cache(self, older_than: float | None, dry_run: bool,
+                         ui: Reporter) -> list[Trimmed]:
+        conn = await self._connect()
+        async with conn, await shell.open_sftp(conn) as sftp:
+            cache = site_cache.SiteCache(conn, sftp, await resolve_root(sftp, self.site.root),
+                                         ui)
+            why = await cache.usable(None)
+            if why:
+                ui.warn(f"the site's content cache is left alone: {why}")
+            if why or not cache.present:
+                return []
+            max_age = self.site.cache_max_age
+            if older_than is not None:
+                max_age = min(max_age, older_than)
+            return await cache.trim(self.site.cache_size, max_age, dry_run=dry_run)
 
     async def leftover_state(self, sftp: asyncssh.SFTPClient, path: str, proc: bool) -> str:
         """finished | not launched | running | dead (when it can be told)."""

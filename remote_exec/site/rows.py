@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from remote_exec.sizes import size_text
+
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skipped"
 #: less free space than this under the runs root is worth a warning
 LOW_SPACE = 1 << 30
@@ -25,15 +27,6 @@ def failed(rows: list[Row]) -> bool:
 
 def as_dicts(rows: list[Row]) -> list[dict[str, str]]:
     return [dataclasses.asdict(r) for r in rows]
-
-
-def size_text(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
-        value /= 1024
-    return f"{n} B"
 
 
 def space_row(free: int | None) -> Row:

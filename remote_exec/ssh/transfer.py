@@ -15,7 +15,7 @@ import os
 import posixpath
 import stat
 import tempfile
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,11 +92,14 @@ def count_entries(inputs: Sequence[Input], limit: int) -> int:
 
 
 async def stage_sftp(sftp: asyncssh.SFTPClient, inputs: Sequence[Input], rundir: str,
-                     progress: ProgressFn | None, *, resume: bool = False) -> None:
+                     progress: ProgressFn | None, *, resume: bool = False,
+                     placed: Collection[str] | None = None) -> None:
     """Copy inputs into ``rundir`` following symlinks (like ``rsync -a -L``).
 
     With ``resume`` (a retry after a dropped connection) directories may exist and
-    files whose size and mtime already match are not copied again.
+    files whose size and mtime already match are not copied again. ``placed``: the
+    (normalised) remote paths already put there from the site's content cache, which
+    are not copied; directories may exist then too.
     """
     if not inputs:
         return
@@ -114,12 +117,16 @@ async def stage_sftp(sftp: asyncssh.SFTPClient, inputs: Sequence[Input], rundir:
             tree = await asyncio.to_thread(lambda s=source: list(os.walk(s, followlinks=True)))
             for dirpath, _dirnames, filenames in tree:
                 remote_dir = posixpath.join(target, os.path.relpath(dirpath, source))
-                if not (resume and await sftp.isdir(posixpath.normpath(remote_dir))):
+                if not ((resume or placed is not None)
+                        and await sftp.isdir(posixpath.normpath(remote_dir))):
                     await sftp.mkdir(posixpath.normpath(remote_dir))
                 for filename in filenames:
                     jobs.append((os.path.join(dirpath, filename),
                                  posixpath.join(remote_dir, filename)))
                 await sftp.setstat(posixpath.normpath(remote_dir), _local_attrs(dirpath))
+        if placed:
+            skip = {os.fsencode(p) for p in placed}
+            jobs = [job for job in jobs if posixpath.normpath(job[1]) not in skip]
         if resume:
             jobs = [job for job in jobs if not await _same_remote(sftp, *job)]
         await _gather_limited(
