@@ -48,18 +48,32 @@ def sshd(tmp_path_factory: pytest.TempPathFactory):
     box.down()
 
 
+def _without(program: str, tmp_path_factory: pytest.TempPathFactory):
+    """A loopback sshd whose sessions cannot run ``program`` (an empty file bind-mounted
+    over it, in a mount namespace of the sshd's own)."""
+    unshare = shutil.which("unshare")
+    path = shutil.which(program)
+    if os.geteuid() != 0 or not unshare or not path:
+        pytest.skip(f"hiding {program} needs root and unshare(1)")
+    directory = tmp_path_factory.mktemp(f"no-{program}")
+    empty = directory / f"not-{program}"
+    empty.write_text("")
+    script = f'mount --bind {empty} {os.path.realpath(path)} && exec "$@"'
+    return _start(directory, wrapper=[unshare, "-m", "sh", "-c", script, "sh"])
+
+
 @pytest.fixture(scope="session")
 def nosync_sshd(tmp_path_factory: pytest.TempPathFactory):
-    """A loopback sshd whose sessions cannot find rsync (bind-mounted over, in a namespace)."""
-    unshare = shutil.which("unshare")
-    rsync = shutil.which("rsync")
-    if os.geteuid() != 0 or not unshare or not rsync:
-        pytest.skip("hiding rsync needs root and unshare(1)")
-    directory = tmp_path_factory.mktemp("nosync")
-    empty = directory / "not-rsync"
-    empty.write_text("")
-    script = f'mount --bind {empty} {rsync} && exec "$@"'
-    box = _start(directory, wrapper=[unshare, "-m", "sh", "-c", script, "sh"])
+    """A loopback sshd whose sessions cannot find rsync."""
+    box = _without("rsync", tmp_path_factory)
+    yield box
+    box.down()
+
+
+@pytest.fixture(scope="session")
+def notar_sshd(tmp_path_factory: pytest.TempPathFactory):
+    """A loopback sshd whose sessions cannot run tar."""
+    box = _without("tar", tmp_path_factory)
     yield box
     box.down()
 
@@ -83,6 +97,8 @@ def site_config(tmp_path: Path, sshd: Sandbox, remote_root: Path, request: pytes
     sites = {"loop": site_entry(sshd, remote_root)}
     if "nosync_sshd" in request.fixturenames:
         sites["norsync"] = site_entry(request.getfixturevalue("nosync_sshd"), remote_root)
+    if "notar_sshd" in request.fixturenames:
+        sites["notar"] = site_entry(request.getfixturevalue("notar_sshd"), remote_root)
     path = tmp_path / "remote-exec.yaml"
     path.write_text(yaml.safe_dump({"sites": sites}))
     return path

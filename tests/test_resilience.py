@@ -896,3 +896,20 @@ def test_logs_follow_ends_when_the_run_is_cleaned_up(env, proxy):
     except subprocess.TimeoutExpired:
         code = None
     assert (code, follow.stdout) == (0, "first\nlast\n"), follow.stderr
+
+
+def test_cut_during_tar_staging_restages_and_completes(env, proxy):
+    tree = env.work / "tree"
+    tree.mkdir()
+    for i in range(400):  # many small files: one tar stream (transfer: auto)
+        (tree / f"f{i:03d}").write_bytes(os.urandom(20_000))
+    proxy.cut_after(up=3_000_000)
+    proc = env("run", "--site", "loop", "--no-holder", *FAST_RETRY, "--into", str(env.dest),
+               "--cmd", f"{env.count()}; cat tree/* | sha256sum > sum", "tree")
+    assert proc.returncode == 0, proc.stderr
+    assert proxy.cuts >= 1 and "lost during staging" in proc.stderr
+    assert "by tar" in proc.stderr
+    whole = b"".join((tree / f"f{i:03d}").read_bytes() for i in range(400))
+    assert (env.dest / "sum").read_text().split()[0] == sha256(whole)
+    assert env.runs_of_entrypoint() == 1
+    assert_succeeded(env)

@@ -153,10 +153,15 @@ class SshBackend(OverSsh):
         files = await asyncio.to_thread(transfer.count_entries, inputs,
                                         transfer.AUTO_RSYNC_FILES)
         method = await self._method(size - cached, files)
+        many_small = (self.site.transfer == "auto" and not placed
+                      and transfer.auto_wants_tar(size, files, self.site.rsync_threshold))
         run.ui.progress_start("staging", size - cached)
         try:
             if not inputs:
                 pass
+            elif many_small and await transfer.stage_tar(await self.link.conn(), inputs,
+                                                         run.rundir, run.ui.progress_fn):
+                method = "tar"
             elif method == "rsync":  # (placed copies have the inputs' size and time:
                 #                       rsync's quick check leaves them)
                 await transfer.stage_rsync(await self.link.rsh(), inputs, run.rundir,

@@ -11,8 +11,10 @@ from the measurements in the README's *Measured* section.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import posixpath
+import shutil
 import stat
 import tempfile
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
@@ -167,6 +169,86 @@ async def stage_rsync(rsh: str, inputs: Sequence[Input], rundir: str, progress: 
             hint=rsync_hint(err, "free space on the remote host if it is full; otherwise "
                             "see rsync's message"),
         )
+
+
+#: sh: unpack the tar stream on stdin into the run directory ($1), modes and times kept
+#: (``rsync -a``'s), owned by the SSH user
+_UNTAR = 'cd -- "$1" && exec tar -x -p --no-same-owner -f -'
+#: ``sh``'s exit statuses for a command it cannot run: not executable, not there
+NOT_RUNNABLE = (126, 127)
+
+
+def auto_wants_tar(size: int, files: int, threshold: int) -> bool:
+    """``transfer: auto``'s rule for staging many small files: one tar stream (local
+    ``tar`` into the remote one, over one exec channel) instead of rsync, whose per-file
+    exchanges cost most through the tunnel (README *Measured*, ``many_files.py``). Large
+    payloads keep rsync, which resumes a partial file after a dropped connection."""
+    return files > AUTO_RSYNC_FILES and size < threshold
+
+
+async def stage_tar(conn: asyncssh.SSHClientConnection, inputs: Sequence[Input],
+                    rundir: str, progress: ProgressFn | None) -> bool:
+    """Copy inputs into ``rundir`` as one tar stream, symlinks followed (like ``rsync -a
+    -L``); False, having changed nothing, when either end has no tar (then another
+    method does it)."""
+    tar = shutil.which("tar")
+    if tar is None or not inputs:
+        return False
+    # each input under its run directory name: a private directory of links to them,
+    # which tar follows (-h); names travel as arguments, never through a shell
+    links = tempfile.mkdtemp(prefix="remote-exec-tar-")
+    try:
+        for item in inputs:
+            os.symlink(os.path.abspath(item.source), os.path.join(links, item.name))
+        started = await shell.start(conn, _UNTAR, rundir, encoding=None)
+        remote = started.process
+        local = await asyncio.create_subprocess_exec(
+            tar, "-c", "-h", "-f", "-", "-C", links, "--", *(f"./{i.name}" for i in inputs),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        sent, cut = 0, False
+        try:
+            assert local.stdout is not None and local.stderr is not None
+            while chunk := await local.stdout.read(1 << 18):
+                try:
+                    remote.stdin.write(chunk)
+                    await remote.stdin.drain()
+                except (OSError, asyncssh.Error):
+                    if conn.is_closed():
+                        raise
+                    cut = True  # the remote tar stopped reading: its status says why
+                    break
+                sent += len(chunk)
+                if progress is not None:  # (the stream's bytes: headers and padding too)
+                    progress("tar stream", sent, 0)
+            if cut:
+                local.kill()
+            else:
+                with contextlib.suppress(OSError, asyncssh.Error):
+                    remote.stdin.write_eof()
+            local_err = (await local.stderr.read()).decode("utf-8", "replace").strip()
+            local_code = await local.wait()
+            await remote.wait()
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                local.kill()
+            remote.close()
+            raise
+        remote_err = (await remote.stderr.read()).decode("utf-8", "replace").strip()
+        status = remote.exit_status
+        if not started.framed or status in NOT_RUNNABLE or (cut and status == 0):
+            return False  # no (working) tar there: it unpacked nothing
+        if status != 0:
+            raise StageError(f"tar could not unpack the inputs into {rundir} (exit "
+                             f"{status}): {remote_err[-1000:]}",
+                             hint="free space on the remote host if it is full; otherwise "
+                             "see tar's message")
+        if local_code != 0:
+            raise StageError(f"tar could not read the inputs (tar exit {local_code}): "
+                             f"{local_err[-1000:]}")
+        return True
+    finally:
+        shutil.rmtree(links, ignore_errors=True)
 
 
 @dataclass
