@@ -11,7 +11,12 @@ import pytest
 
 from remote_exec.inputs import check_inputs
 from remote_exec.ssh import transfer
-from remote_exec.ssh.transfer import AUTO_RSYNC_FILES, auto_wants_rsync, choose_method
+from remote_exec.ssh.transfer import (
+    AUTO_RSYNC_FILES,
+    auto_wants_rsync,
+    auto_wants_tar,
+    choose_method,
+)
 
 MiB = 1024 * 1024
 THRESHOLD = 256 * MiB
@@ -29,6 +34,9 @@ THRESHOLD = 256 * MiB
 ])
 def test_auto_rule_takes_files_and_bytes(size: int, files: int, wanted: bool) -> None:
     assert auto_wants_rsync(size, files, THRESHOLD) is wanted
+    # staging: many entries under the byte threshold go as one tar stream instead
+    assert auto_wants_tar(size, files, THRESHOLD) is (files > AUTO_RSYNC_FILES
+                                                      and size < THRESHOLD)
 
 
 class Ends:
@@ -128,11 +136,11 @@ def test_a_run_stages_and_fetches_by_the_count(cli, workdir: Path) -> None:
     tree.mkdir()
     for i in range(many):
         (tree / f"f{i}").write_text(f"{i}\n")
-    # many in (unchanged: not brought back), one out: rsync in, SFTP out
+    # many small in (unchanged: not brought back), one out: one tar stream in, SFTP out
     proc = cli("run", "--site", "loop", "--json", "--cmd", "ls tree | wc -l > count", "tree",
                cwd=workdir)
     assert proc.returncode == 0, proc.stderr
-    assert methods(proc.stderr) == {"staged": "rsync", "fetched": "sftp"}
+    assert methods(proc.stderr) == {"staged": "tar", "fetched": "sftp"}
     assert (workdir / "count").read_text().strip() == str(many)
     # one in, many out: SFTP in, rsync out
     (workdir / "n").write_text(f"{many}\n")
