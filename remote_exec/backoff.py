@@ -65,3 +65,7 @@ QUERY = Backoff(first=1.0, factor=1.5, ceiling=30.0)
 REMOTE_POLL = Backoff(first=0.5, factor=1.5, ceiling=30.0)
 #: a web API request answered 5xx or not at all
 REQUEST_RETRY = Backoff(first=0.5, factor=2.0, ceiling=60.0, jitter=0.5)
+#: a new journal's switch to WAL while another process holds it (SQLite does not wait
+#: for that lock itself): about 20 s in all before the error
+JOURNAL_BUSY = Backoff(first=0.05, factor=1.5, ceiling=1.0, jitter=0.5)
+JOURNAL_BUSY_TRIES = 30

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from remote_exec.backoff import JOURNAL_BUSY, JOURNAL_BUSY_TRIES
 from remote_exec.errors import ConfigError
 from remote_exec.paths import state_dir, state_dir_error
 
@@ -176,10 +177,25 @@ class Journal:
         self.db.row_factory = sqlite3.Row
         with contextlib.suppress(OSError):
             os.chmod(self.path, 0o600)
-        self.db.execute("PRAGMA journal_mode=WAL")
+        self._use_wal()
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
         self._migrate()
+
+    def _use_wal(self) -> None:
+        """Switch a new journal to WAL. Only when it is not WAL yet: asking for it needs an
+        exclusive lock, which SQLite refuses at once (no busy wait) while another process
+        reads, so a journal that already is WAL is never asked again."""
+        for attempt, delay in enumerate(JOURNAL_BUSY.delays()):
+            if str(self.db.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+                return
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt >= JOURNAL_BUSY_TRIES:
+                    raise
+            time.sleep(delay)
 
     def _migrate(self) -> None:
         """Add the columns a journal written by an older version lacks."""
