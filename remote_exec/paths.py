@@ -80,3 +80,23 @@ def local_user() -> str:
         return pwd.getpwuid(os.getuid()).pw_name
     except (ImportError, KeyError):
         return os.environ.get("USER", "user")
+
+
+def read_private(path: Path, what: str) -> str:
+    """The text of a file holding a secret (a token, credentials), which only its owner
+    may read: a ConfigError naming the file and the fix when it cannot be read or when
+    its group or others may read it."""
+    import stat
+
+    from remote_exec.errors import ConfigError
+
+    try:
+        info = path.stat()
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read the {what} {path}: {exc.strerror}",
+                          hint="create it (mode 0600) or fix the site's setting") from None
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"the {what} {path} is readable by others "
+                          f"(mode {stat.S_IMODE(info.st_mode):o})", hint=f"chmod 600 {path}")
+    return text

@@ -246,3 +246,21 @@ def test_settings_defaults_per_dialect() -> None:
     assert SlurmRestSettings.from_site({"url": "http://x/"}, "s").auth == "jwt"
     frce = SlurmRestSettings.from_site({"url": "https://h/hpcapi", "dialect": "frce"}, "s")
     assert frce.auth == "negotiate" and frce.url == "https://h/hpcapi" and frce.tls
+
+
+def test_every_secret_file_follows_one_rule(tmp_path: Path) -> None:
+    """The Fujitsu credentials file and the Slurm token file: one check (paths.read_private)."""
+    from remote_exec.backends.fujitsu.auth import _from_file
+    from remote_exec.backends.slurmrest.settings import read_secret_file
+
+    path = tmp_path / "secret"
+    path.write_text("REMOTE_EXEC_FUJITSU_TOKEN=abcd1234\n")
+    path.chmod(0o640)
+    for read in (lambda: _from_file(str(path), "s"), lambda: read_secret_file(str(path), "t")):
+        with pytest.raises(ConfigError, match="readable by others") as err:
+            read()
+        assert err.value.hint == f"chmod 600 {path}"
+    path.chmod(0o600)
+    assert _from_file(str(path), "s") == {"REMOTE_EXEC_FUJITSU_TOKEN": "abcd1234"}
+    with pytest.raises(ConfigError, match="cannot read"):
+        read_secret_file(str(tmp_path / "missing"), "Slurm token file")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,8 @@ from typing import Protocol
 
 from remote_exec import redact
 from remote_exec.backends.fujitsu.settings import FujitsuSettings
-from remote_exec.errors import AuthError, ConfigError
+from remote_exec.errors import AuthError
+from remote_exec.paths import read_private
 
 ENV_TOKEN = "REMOTE_EXEC_FUJITSU_TOKEN"  # noqa: S105 - a variable name
 ENV_ACCESS_KEY = "REMOTE_EXEC_FUJITSU_ACCESS_KEY"
@@ -89,17 +89,8 @@ def load_auth(settings: FujitsuSettings, site: str) -> Auth:
 
 def _from_file(path_text: str, site: str) -> dict[str, str]:
     path = Path(path_text).expanduser()
-    try:
-        info = path.stat()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the credentials file {path} of site {site!r}: "
-                          f"{exc.strerror}") from None
-    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(f"the credentials file {path} is readable by others "
-                          f"(mode {stat.S_IMODE(info.st_mode):o})",
-                          hint=f"chmod 600 {path}")
     values: dict[str, str] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in read_private(path, f"credentials file of site {site!r}").splitlines():
         line = line.strip()
         if not line or line.startswith("#") or "=" not in line:
             continue

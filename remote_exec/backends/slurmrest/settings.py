@@ -15,12 +15,12 @@
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from remote_exec.errors import ConfigError
+from remote_exec.paths import read_private
 
 DIALECTS = ("slurmrestd", "frce")
 #: each dialect's authentication schemes; the first is its default
@@ -102,18 +102,7 @@ def check_section(values: dict[str, Any] | None, where: str) -> None:
 
 def read_secret_file(path_text: str, what: str) -> str:
     """The first non-empty line of a file that only its owner may read (a token)."""
-    path = Path(path_text)
-    try:
-        info = path.stat()
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read the {what} {path}: {exc.strerror}",
-                          hint="create it (mode 0600) or fix the site's setting") from None
-    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(f"the {what} {path} is readable by others "
-                          f"(mode {stat.S_IMODE(info.st_mode):o})", hint=f"chmod 600 {path}")
-    for line in text.splitlines():
-        line = line.strip()
-        if line:
-            return line
-    raise ConfigError(f"the {what} {path} is empty")
+    for line in read_private(Path(path_text), what).splitlines():
+        if line.strip():
+            return line.strip()
+    raise ConfigError(f"the {what} {path_text} is empty")
