@@ -37,7 +37,7 @@ from remote_exec.agent_file import AGENT_FILE, agent_module
 from remote_exec.config import Site
 from remote_exec.errors import ConfigError, RemoteExecError
 from remote_exec.paths import shipped_dir
-from remote_exec.ssh import shell
+from remote_exec.ssh import shell, transfer
 from remote_exec.ssh.connect import open_connection
 
 ALLOWLIST = "allowlist.json"
@@ -95,15 +95,6 @@ async def _run(conn: asyncssh.SSHClientConnection, *words: str) -> str:
     return result.stdout.strip()
 
 
-async def _write(sftp: asyncssh.SFTPClient, path: str, data: bytes, mode: int) -> None:
-    """Write ``path`` atomically (a temporary file renamed over it)."""
-    tmp = f"{path}.tmp-remote-exec"
-    async with sftp.open(tmp, "wb", asyncssh.SFTPAttrs(permissions=mode)) as f:
-        await f.write(data)
-    await sftp.chmod(tmp, mode)
-    await sftp.posix_rename(tmp, path)
-
-
 async def _find_python(conn: asyncssh.SSHClientConnection) -> str:
     for candidate in ("python3", "/usr/bin/python3", "/usr/local/bin/python3"):
         result = await shell.run_argv(conn, [
@@ -134,7 +125,7 @@ async def install(site: Site, *, apply: bool, admin_identity: str | None = None,
                    posixpath.join(agent_dir, "entrypoints"))
         agent_path = posixpath.join(agent_dir, AGENT_FILE)
         source = (shipped_dir("remote-side_scripts") / AGENT_FILE).read_bytes()
-        await _write(sftp, agent_path, source, 0o700)
+        await transfer.write_atomically(sftp, agent_path, source, 0o700)
         report = InstallReport(agent_path=agent_path,
                                allowlist_path=posixpath.join(agent_dir, ALLOWLIST),
                                python=python)
@@ -143,7 +134,7 @@ async def install(site: Site, *, apply: bool, admin_identity: str | None = None,
             tpl = templates.load_template(name)
             body = tpl.render_body().encode("utf-8")
             path = posixpath.join(agent_dir, "entrypoints", f"{name}.sh")
-            await _write(sftp, path, body, 0o500)
+            await transfer.write_atomically(sftp, path, body, 0o500)
             entries[name] = {"path": path, "sha256": hashlib.sha256(body).hexdigest(),
                              "interpreter": ["/bin/sh"], "parameters": tpl.declarations(),
                              "returns": tpl.returns}
@@ -165,7 +156,7 @@ async def install(site: Site, *, apply: bool, admin_identity: str | None = None,
             "entrypoints": entries,
             "returns": {"never": list(site.never_return), "only": list(site.only_return)},
         }
-        await _write(sftp, report.allowlist_path,
+        await transfer.write_atomically(sftp, report.allowlist_path,
                      (json.dumps(allowlist, indent=2) + "\n").encode("utf-8"), 0o600)
         report.entrypoints = {n: e["sha256"] for n, e in entries.items()}
         report.key_line = key_line(
@@ -190,7 +181,8 @@ async def _apply(sftp: asyncssh.SFTPClient, path: str, public_key: str, line: st
         if not await sftp.isdir(directory):
             await sftp.mkdir(directory, asyncssh.SFTPAttrs(permissions=0o700))
     kept = [entry for entry in current if blob not in entry.split()]
-    await _write(sftp, path, ("\n".join([*kept, line]) + "\n").encode("utf-8"), 0o600)
+    text = "\n".join([*kept, line]) + "\n"
+    await transfer.write_atomically(sftp, path, text.encode("utf-8"), 0o600)
 
 
 async def verify(site: Site) -> dict[str, Any]:

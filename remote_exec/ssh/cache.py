@@ -44,7 +44,7 @@ import asyncssh
 
 from remote_exec.backends.base import Trimmed
 from remote_exec.inputs import CONTROL_DIR, Input
-from remote_exec.ssh import shell
+from remote_exec.ssh import shell, transfer
 from remote_exec.ui import Reporter
 
 #: the cache's directory under the site's root
@@ -210,7 +210,7 @@ class SiteCache:
                 if answer == hit.digest:  # (times and mode first: the rename keeps them)
                     await self.sftp.setstat(handle, asyncssh.SFTPAttrs(
                         permissions=hit.mode, atime=hit.atime, mtime=hit.mtime))
-                    await _rename(self.sftp, handle, hit.target)
+                    await transfer.rename_over(self.sftp, handle, hit.target)
                     return True
                 if DIGEST_RE.fullmatch(answer):  # a copy of other bytes: the entry changed
                     self.ui.warn(f"the site's cache entry {self.entry(hit.digest)} no longer "
@@ -338,13 +338,3 @@ class SiteCache:
                 item.verdict = "failed"
                 self.ui.warn(f"could not remove {item.path}: {exc.reason}")
         return gone
-
-
-async def _rename(sftp: asyncssh.SFTPClient, old: str, new: str) -> None:
-    """``rename(2)`` over SFTP (replacing ``new``), where the server offers it."""
-    try:
-        await sftp.posix_rename(old, new)
-    except asyncssh.SFTPOpUnsupported:
-        with contextlib.suppress(asyncssh.SFTPNoSuchFile):
-            await sftp.remove(new)
-        await sftp.rename(old, new)

@@ -572,6 +572,29 @@ async def _disk_hint(sftp: asyncssh.SFTPClient, path: str, needed: int) -> str:
     return "check permissions under the site's root"
 
 
+async def rename_over(sftp: asyncssh.SFTPClient, old: str, new: str) -> None:
+    """``rename(2)`` over SFTP (replacing ``new``), where the server offers it."""
+    try:
+        await sftp.posix_rename(old, new)
+    except asyncssh.SFTPOpUnsupported:
+        with contextlib.suppress(asyncssh.SFTPNoSuchFile):
+            await sftp.remove(new)
+        await sftp.rename(old, new)
+
+
+async def write_atomically(sftp: asyncssh.SFTPClient, path: str, data: bytes,
+                           mode: int | None = None) -> None:
+    """Write remote file ``path`` so that a reader sees all of it or the file before: a
+    temporary file beside it, renamed over it (with ``mode``, if given)."""
+    tmp = f"{path}.tmp-remote-exec"
+    attrs = asyncssh.SFTPAttrs() if mode is None else asyncssh.SFTPAttrs(permissions=mode)
+    async with sftp.open(tmp, "wb", attrs) as f:
+        await f.write(data)
+    if mode is not None:
+        await sftp.chmod(tmp, mode)  # (the umask applied to the open)
+    await rename_over(sftp, tmp, path)
+
+
 async def remove_tree(sftp: asyncssh.SFTPClient, path: str) -> None:
     """``rm -rf PATH`` over SFTP (asyncssh's rmtree refuses names with a backslash)."""
     top = os.fsencode(path)

@@ -49,7 +49,7 @@ from remote_exec.errors import AuthError, RemoteExecError, RemoteLostError
 from remote_exec.inputs import CONTROL_DIR
 from remote_exec.paths import local_user
 from remote_exec.site.rows import FAIL, OK, Row
-from remote_exec.ssh import shell
+from remote_exec.ssh import shell, transfer
 from remote_exec.ssh.words import quote
 
 #: what the job script records when it starts (the job finds itself after a lost answer)
@@ -324,10 +324,8 @@ class SlurmRestBackend(BatchBackend):
     async def _write(self, sftp: asyncssh.SFTPClient, files: dict[str, str],
                      rundir: str) -> None:
         for rel, text in files.items():
-            path = posixpath.join(rundir, rel)
-            async with sftp.open(path + ".tmp", "wb") as f:
-                await f.write(text.encode("utf-8"))
-            await sftp.posix_rename(path + ".tmp", path)
+            await transfer.write_atomically(sftp, posixpath.join(rundir, rel),
+                                            text.encode("utf-8"))
 
     def launch_text(self, run: Run, launched: Launched) -> str:
         again = " (it had been submitted before)" if launched.before else ""
