@@ -1,15 +1,19 @@
-"""What both benchmarks share: which remote-exec to time, the ssh options for a site,
-the isolated environment and configuration a benchmark runs remote-exec with."""
+"""What the benchmarks share: which remote-exec to time, a throwaway loopback sshd, the
+ssh options for a site, the isolated environment and configuration a benchmark runs
+remote-exec with."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -19,6 +23,25 @@ INPUT_NAMES = ("a", "b", "c")
 INPUT_SIZE = 1000  # "1 kB"
 COMMAND = "cat a b c > out"
 LOG_NAME = "remote_program_exec.log"
+
+
+@contextlib.contextmanager
+def loopback_sshd(prefix: str = "remote-exec-bench-") -> Iterator[tuple[Path, dict]]:
+    """A temporary directory with a throwaway loopback sshd in it, up for the block:
+    ``(directory, the site's definition)``; prints the sshd and the tools' versions."""
+    from remote_exec.sandbox import Sandbox
+
+    with tempfile.TemporaryDirectory(prefix=prefix) as name:
+        tmp = Path(name)
+        box = Sandbox(tmp / "sshd")
+        try:
+            site = box.up()
+            print(f"sshd 127.0.0.1:{site['port']}, remote root {site['root']}; "
+                  f"{nproc()} cores")
+            print(f"{first_line(['ssh', '-V'])}; {first_line(['rsync', '--version'])}")
+            yield tmp, site
+        finally:
+            box.down()
 
 
 def remote_exec_command(override: str | None = None) -> list[str]:

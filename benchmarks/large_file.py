@@ -55,16 +55,14 @@ from pathlib import Path
 from common import (
     LOG_NAME,
     add_remote_exec_option,
-    first_line,
     isolated_setup,
     legacy_steps,
-    nproc,
+    loopback_sshd,
     remote_exec_command,
     run_events,
     ssh_options,
 )
 
-from remote_exec.sandbox import Sandbox
 from remote_exec.sizes import parse_size, size_text
 
 COMMAND = "sha256sum big.bin > sum"
@@ -224,15 +222,9 @@ def main() -> int:
     size = parse_size(args.size, "--size")
     if size < 1:
         parser.error("--size must be at least 1 byte")
-    with tempfile.TemporaryDirectory(prefix="remote-exec-bench-") as tmpname:
-        tmp = Path(tmpname)
-        box = Sandbox(tmp / "sshd")
+    with loopback_sshd() as (tmp, site):
         bench: Bench | None = None
         try:
-            site = box.up()
-            print(f"sshd 127.0.0.1:{site['port']}, remote root {site['root']}; "
-                  f"{nproc()} cores")
-            print(f"{first_line(['ssh', '-V'])}; {first_line(['rsync', '--version'])}")
             bench = Bench(tmp, site, size, args.remote_exec)
             print(f"remote-exec: {shlex.join(bench.remote_exec)}; python "
                   f"{sys.version.split()[0]}; input {size_text(size)}", flush=True)
@@ -241,7 +233,6 @@ def main() -> int:
         finally:
             if bench is not None:
                 bench.stop_holder()
-            box.down()
     print(f"\n{'run':20} {'seconds':>8} {'MB/s':>8}")
     for kind, wall, note in bench.rows:
         print(f"{kind:20} {wall:8.2f} {size / 1e6 / wall:8.1f}  {note}")

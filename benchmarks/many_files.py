@@ -54,7 +54,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -62,16 +61,13 @@ from pathlib import Path
 from common import (
     LOG_NAME,
     add_remote_exec_option,
-    first_line,
     isolated_setup,
     legacy_steps,
-    nproc,
+    loopback_sshd,
     remote_exec_command,
     run_events,
     ssh_options,
 )
-
-from remote_exec.sandbox import Sandbox
 
 KINDS = ("legacy", "re-auto", "re-rsync", "re-sftp")
 GOAL = 1.0  # remote-exec / legacy at most
@@ -237,17 +233,12 @@ def main() -> int:
 
     times: dict[str, list[float]] = {k: [] for k in KINDS}
     details: dict[str, list[str]] = {k: [] for k in KINDS}
-    with tempfile.TemporaryDirectory(prefix="re-many-files-") as tmpname:
-        tmp = Path(tmpname)
-        box = Sandbox(tmp / "sshd")
+    with loopback_sshd("re-many-files-") as (tmp, site):
         bench: Bench | None = None
         try:
-            site = box.up()
             bench = Bench(tmp, site, args.files, args.remote_exec)
-            print(f"sshd 127.0.0.1:{site['port']}, remote root {site['root']}")
-            print(f"{first_line(['ssh', '-V'])}; {first_line(['rsync', '--version'])}")
             print(f"remote-exec: {shlex.join(bench.remote_exec)}; "
-                  f"python {sys.version.split()[0]}; nproc {nproc()}")
+                  f"python {sys.version.split()[0]}")
             print(f"{args.files} files in, {args.files} out (~100 bytes each, "
                   f"{FANOUT * FANOUT} directories); {args.repeat} repetition(s) of "
                   f"{', '.join(KINDS)}, interleaved", flush=True)
@@ -266,7 +257,6 @@ def main() -> int:
         finally:
             if bench is not None:
                 bench.stop_holder()
-            box.down()
 
     print()
     print(f"{'kind':<10} {'n':>2} {'median':>9} {'vs legacy':>10} {'files/s':>9}  last run")

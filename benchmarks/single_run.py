@@ -55,7 +55,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -65,16 +64,14 @@ from common import (
     INPUT_NAMES,
     INPUT_SIZE,
     LOG_NAME,
-    first_line,
     isolated_setup,
     legacy_steps,
+    loopback_sshd,
     nproc,
     parse_args,
     remote_exec_command,
     ssh_options,
 )
-
-from remote_exec.sandbox import Sandbox
 
 GOAL_SPEEDUP = 5.0  # b / c at least
 GOAL_OVERHEAD = 1.5  # c / a at most
@@ -240,15 +237,10 @@ def report(times: dict[str, list[float]], failures: list[str], cold: dict[str, f
 def main() -> int:
     args = parse_args(__doc__, 10, "repetitions of a, b, c (default 10)")
 
-    with tempfile.TemporaryDirectory(prefix="remote-exec-bench-") as tmpname:
-        tmp = Path(tmpname)
-        box = Sandbox(tmp / "sshd")
+    with loopback_sshd() as (tmp, site):
         bench: Bench | None = None
         try:
-            site = box.up()
             bench = Bench(tmp, site, args.repeat, args.remote_exec)
-            print(f"sshd 127.0.0.1:{site['port']}, remote root {site['root']}")
-            print(f"{first_line(['ssh', '-V'])}; {first_line(['rsync', '--version'])}")
             print(f"remote-exec: {shlex.join(bench.remote_exec)}; python {sys.version.split()[0]}"
                   + "".join(f"; {k}={os.environ[k]}" for k in ("REMOTE_EXEC_HOLDER",)
                             if k in os.environ))
@@ -258,7 +250,6 @@ def main() -> int:
         finally:
             if bench is not None:
                 bench.stop_holder()
-            box.down()
         report(times, bench.failures, bench.cold)
         return 1 if bench.failures else 0
 
