@@ -31,7 +31,7 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(),
 
 #: big enough that rsync through the tunnel takes several seconds on loopback
 BIG_MIB = 256
-#: the local rsync's pace during a fetch test (MiB/s): a fetch of BIG_MIB lasts about 8 s,
+#: the local rsync's pace during a stage or fetch test (MiB/s): a transfer of BIG_MIB lasts about 8 s,
 #: so a stop started by a new process (`remote-exec cancel`) lands while it is under way
 #: even on a loaded machine
 FETCH_PACE_MIB = 32
@@ -132,8 +132,11 @@ def stop(env: Env, run_id: str, how: str) -> None:
 
 @pytest.mark.parametrize(("mode", "transfer", "how"), STAGES, ids=lambda v: v)
 def test_cancel_during_stage_stops_the_transfer(env: Env, mode: str, transfer: str,
-                                                how: str) -> None:
+                                                how: str, tmp_path: Path) -> None:
     make_big_file(env.work / "big.bin")
+    if transfer == "rsync":
+        # a fast machine stages BIG_MIB through the tunnel within the timeout
+        pace_local_rsync(env, tmp_path, FETCH_PACE_MIB)
     limit = ["--timeout", "3s"] if how == "timeout" else []
     run = env.start("run", "--site", "loop", *MODES[mode], *limit, "--transfer", transfer,
                     "--into", str(env.dest), "--cmd", env.count(), "big.bin")
