@@ -112,6 +112,12 @@ BUILT_IN: tuple[Registered, ...] = (
                section_schema="remote_exec.backends.fujitsu.settings:SCHEMA",
                section_check="remote_exec.backends.fujitsu.settings:check_section",
                commands="remote_exec.backends.fujitsu.commands:group"),
+    Registered("pull", "remote_exec.backends.pull.backend:PullBackend",
+               "a site's poller takes the run from a queue server over HTTPS (no inbound SSH)",
+               over_ssh=False, section="pull",
+               section_schema="remote_exec.backends.pull.settings:SCHEMA",
+               section_check="remote_exec.backends.pull.settings:check_section",
+               commands="remote_exec.queue.commands:group"),
 )
 
 _REGISTRY: dict[str, Registered] = {r.name: r for r in BUILT_IN}
