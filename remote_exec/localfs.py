@@ -22,9 +22,10 @@ import contextlib
 import errno
 import filecmp
 import os
+import posixpath
 import shutil
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from remote_exec.errors import FetchError
@@ -43,6 +44,21 @@ Warn = Callable[[str], None]
 
 class PlacingError(FetchError):
     """Some returned items were kept aside rather than replace local ones (exit 74)."""
+
+
+def input_files(inputs: Sequence[Input]) -> Iterator[tuple[Path, str]]:
+    """Each file of ``inputs`` (directories walked, symlinks followed as rsync -L does)
+    and its path in the run directory, in a stable order."""
+    for item in inputs:
+        if not item.is_dir:
+            yield Path(item.source), item.name
+            continue
+        for root, dirs, names in os.walk(item.source, followlinks=True):
+            dirs.sort()
+            rel_root = os.path.relpath(root, item.source)
+            for name in sorted(names):
+                rel = name if rel_root == "." else posixpath.join(*Path(rel_root).parts, name)
+                yield Path(root) / name, posixpath.join(item.name, rel)
 
 
 def partial_dir(into: Path, run_id: str) -> Path:

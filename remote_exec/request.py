@@ -88,9 +88,11 @@ def build_request(site: Site, *, command: str | None = None, template: str | Non
     if params and template is None:
         raise ConfigError("--param needs --template")
     site = _run_site(site, transfer, retry, stall_timeout, no_cache)
-    entry, returns = _entrypoint(site, command, template, tuple(params), command_option)
-    checked = check_inputs(list(inputs))
     name, chosen = _backend(site, backend, tuple(resources))
+    approved = site.restricted or backends.get(name).approved_only
+    entry, returns = _entrypoint(site, command, template, tuple(params), command_option,
+                                 approved)
+    checked = check_inputs(list(inputs))
     return RunRequest(site=site, inputs=checked, entrypoint=entry, into=Path(into).absolute(),
                       keep=keep, follow=follow, returns=list(returns), backend=name,
                       resources=chosen, timeout=_seconds(timeout))
@@ -128,8 +130,11 @@ def _run_site(site: Site, transfer: str | None, retry: str | None,
 
 
 def _entrypoint(site: Site, command: str | None, template: str | None,
-                params: tuple[str, ...], command_option: str) -> tuple[Entrypoint, list[str]]:
-    """What runs on ``site``, and the patterns of what comes back."""
+                params: tuple[str, ...], command_option: str,
+                approved: bool) -> tuple[Entrypoint, list[str]]:
+    """What runs on ``site``, and the patterns of what comes back. ``approved``: the site
+    runs only entrypoints it approved (a restricted site's agent, a pull site's poller),
+    so the request names them instead of carrying a script."""
     if template is not None:
         from remote_exec import templates
 
@@ -141,19 +146,20 @@ def _entrypoint(site: Site, command: str | None, template: str | None,
             )
         tpl = templates.load_template(template)
         values = tpl.bind(list(params))  # refuses bad values before connecting
-        if site.restricted:
+        if approved:
             return Entrypoint("approved", f"template {template} (approved by the site)",
                               template, params=_raw_params(tpl, params)), list(tpl.returns)
         return Entrypoint("template", f"template {template}", tpl.render(values)), \
             list(tpl.returns)
-    if command is not None and site.restricted and command.strip() != site.entrypoint:
+    if command is not None and approved and command.strip() != site.entrypoint:
         raise ConfigError(
-            f"site {site.name!r} is restricted: its agent runs only the entrypoints it "
-            f"approved, not a command line ({command_option}); nothing was contacted",
+            f"site {site.name!r} runs only the entrypoints it approved (its agent or "
+            f"poller checks them against the site's allowlist), not a command line "
+            f"({command_option}); nothing was contacted",
             hint=f"`remote-exec run --site {site.name} INPUT…` runs the site's approved "
             f"entrypoint; add `--template NAME` for an approved template (allowed: "
             f"{', '.join(site.templates) or 'none'})")
-    if site.restricted:  # no command, or exactly the site's own entrypoint
+    if approved:  # no command, or exactly the site's own entrypoint
         return Entrypoint("approved", "the site's approved entrypoint", "site"), ["**"]
     if command is not None:
         if not command.strip():

@@ -62,6 +62,9 @@ class Registered:
     takes_resources: bool = False
     #: whether it travels over SSH (runs go through the connection holder)
     over_ssh: bool = True
+    #: whether its site runs only entrypoints the site approved (the request names an
+    #: approved entrypoint and its raw parameters instead of carrying a script)
+    approved_only: bool = False
     #: its settings section in a site (e.g. ``fujitsu:``) and that section's schema
     #: ("module:ATTR"), validated with the configuration
     section: str = ""
@@ -114,7 +117,7 @@ BUILT_IN: tuple[Registered, ...] = (
                commands="remote_exec.backends.fujitsu.commands:group"),
     Registered("pull", "remote_exec.backends.pull.backend:PullBackend",
                "a site's poller takes the run from a queue server over HTTPS (no inbound SSH)",
-               over_ssh=False, section="pull",
+               over_ssh=False, approved_only=True, section="pull",
                section_schema="remote_exec.backends.pull.settings:SCHEMA",
                section_check="remote_exec.backends.pull.settings:check_section",
                commands="remote_exec.queue.commands:group"),

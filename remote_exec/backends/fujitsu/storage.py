@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import posixpath
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ from remote_exec import redact
 from remote_exec.backends.fujitsu.settings import FujitsuSettings
 from remote_exec.errors import ConfigError, FetchError, StageError
 from remote_exec.inputs import CONTROL_DIR, Input
+from remote_exec.localfs import input_files
 
 log = logging.getLogger("remote_exec.fujitsu")
 Progress = Callable[[str, int, int], None]
@@ -60,7 +60,7 @@ class Bucket:
     def upload_inputs(self, inputs: list[Input], progress: Progress | None) -> None:
         """Every input (a directory: every file under it, symlinks followed)."""
         for item in inputs:
-            for path, rel in _files(item):
+            for path, rel in input_files([item]):
                 tick = _counter(rel, path.stat().st_size, progress)
                 try:
                     self.client.upload_file(str(path), self.bucket, self.key(rel),
@@ -148,18 +148,6 @@ def _counter(rel: str, size: int, progress: Progress | None) -> Callable[[int], 
         done += n
         progress(rel, done, size)
     return tick
-
-
-def _files(item: Input) -> Iterator[tuple[Path, str]]:
-    if not item.is_dir:
-        yield Path(item.source), item.name
-        return
-    for root, dirs, names in os.walk(item.source, followlinks=True):
-        dirs.sort()
-        rel_root = os.path.relpath(root, item.source)
-        for name in sorted(names):
-            rel = name if rel_root == "." else posixpath.join(*Path(rel_root).parts, name)
-            yield Path(root) / name, posixpath.join(item.name, rel)
 
 
 def _safe(rel: str) -> bool:
