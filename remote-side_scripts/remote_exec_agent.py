@@ -152,9 +152,24 @@ class Refused(Exception):
     quotes a parameter value (values are never logged).
     """
 
+    #: what kind of refusal (the pull protocol's ``reason``); None for others
+    kind = None
+
     def __init__(self, message, logged=None):
         Exception.__init__(self, message)
         self.logged = logged if logged is not None else message
+
+
+class EntrypointNotAllowed(Refused):
+    """An entrypoint the allowlist does not name."""
+
+    kind = "entrypoint_not_allowed"
+
+
+class DigestMismatch(Refused):
+    """An allowlisted entrypoint whose file no longer has its pinned sha256."""
+
+    kind = "digest_mismatch"
 
 
 class BadValue(Refused):
@@ -1170,23 +1185,31 @@ def _open_run_log(run):
         raise Failure("cannot open %s: %s" % (path, exc.strerror or exc)) from None
 
 
+def approved_entrypoint(cfg, name):
+    """The allowlisted entrypoint ``name`` and its file's bytes, which have the pinned
+    sha256; or EntrypointNotAllowed / DigestMismatch (Failure if unreadable)."""
+    entrypoint = cfg.entrypoints.get(name)
+    if entrypoint is None:
+        allowed = ", ".join(sorted(cfg.entrypoints)) or "none"
+        shown = name if len(name) <= 80 else name[:80] + "..."
+        raise EntrypointNotAllowed("entrypoint %r is not in the allowlist (allowed: %s)"
+                                   % (shown, allowed))
+    code = entrypoint.read()
+    digest = hashlib.sha256(code).hexdigest()
+    if digest != entrypoint.sha256:
+        raise DigestMismatch("entrypoint %s (%s) has sha256 %s but the allowlist pins %s; the "
+                             "site administrator must re-approve it"
+                             % (name, entrypoint.path, digest, entrypoint.sha256))
+    return entrypoint, code
+
+
 def cmd_launch(cfg, args, journal):
     _arguments(args, "launch RUN_ID ENTRYPOINT (parameters as a JSON object on stdin)", 2, 2)
     run = _existing_run(cfg, args[0])
     if run.cancelled():
         raise Refused("the run was cancelled; create a new run")
     name = args[1]
-    entrypoint = cfg.entrypoints.get(name)
-    if entrypoint is None:
-        allowed = ", ".join(sorted(cfg.entrypoints)) or "none"
-        shown = name if len(name) <= 80 else name[:80] + "..."
-        raise Refused("entrypoint %r is not in the allowlist (allowed: %s)" % (shown, allowed))
-    code = entrypoint.read()
-    digest = hashlib.sha256(code).hexdigest()
-    if digest != entrypoint.sha256:
-        raise Refused("entrypoint %s (%s) has sha256 %s but the allowlist pins %s; the site "
-                      "administrator must re-approve it"
-                      % (name, entrypoint.path, digest, entrypoint.sha256))
+    entrypoint, code = approved_entrypoint(cfg, name)
     values = entrypoint.bind(_read_parameters())
     log_path = os.path.join(run.dir, LOG_NAME)
     try:
@@ -1531,6 +1554,22 @@ def _fetch_lock(run):
     return fd
 
 
+def build_run_outbox(cfg, run):
+    """Fill ``<state>/<RUN_ID>/outbox`` with what of the run may come back: the launched
+    entrypoint's ``returns`` (everything if none was launched) and the allowlist's
+    ``never`` / ``only`` (see :func:`build_outbox`). What a fetch serves, and what the
+    pull method's poller uploads. Returns ``(outbox, report)``; hold :func:`_fetch_lock`
+    while using it."""
+    outbox = run.ctl("outbox")
+    entry = cfg.entrypoints.get(_read_text(run.ctl("entrypoint_name")) or "")
+    returns = entry.returns if entry is not None else list(RETURN_ALL)
+    try:
+        return outbox, build_outbox(run.dir, outbox, returns, cfg.never, cfg.only)
+    except OSError as exc:
+        raise Failure("cannot prepare the results of run %s: %s: %s"
+                      % (run.id, exc.filename, exc.strerror or exc)) from None
+
+
 def cmd_rsync(cfg, args, journal):
     if len(args) < 1 or args[0] != "--server":
         raise Refused("only rsync's server side is available (rsync --server ...), confined "
@@ -1566,13 +1605,7 @@ def cmd_rsync(cfg, args, journal):
             outbox = run.ctl("outbox")
             if run.id not in built:
                 _fetch_lock(run)
-                entry = cfg.entrypoints.get(_read_text(run.ctl("entrypoint_name")) or "")
-                returns = entry.returns if entry is not None else list(RETURN_ALL)
-                try:
-                    built[run.id] = build_outbox(run.dir, outbox, returns, cfg.never, cfg.only)
-                except OSError as exc:
-                    raise Failure("cannot prepare the results of run %s: %s: %s"
-                                  % (run.id, exc.filename, exc.strerror or exc)) from None
+                built[run.id] = build_run_outbox(cfg, run)[1]
             if sub:
                 mapped.append(os.path.join(outbox, *sub) + ("/" if trailing else ""))
             else:
