@@ -202,8 +202,10 @@ def _report_result(result: Any, site_name: str, into: Path, as_json: bool) -> No
         if not as_json:
             why = getattr(result, "failure", "") or \
                 f"the entrypoint failed with exit code {result.exit_code}"
-            click.echo(f"remote-exec: {why}; "
-                       f"remote directory kept at {site_name}:{result.rundir}", err=True)
+            place = getattr(result, "place", "") or \
+                f"remote directory {site_name}:{result.rundir}"
+            kept = "kept" if result.remote_kept else "removed (cleanup: always)"
+            click.echo(f"remote-exec: {why}; {place} {kept}", err=True)
             tail = read_log_tail(into)
             if tail:
                 click.echo("---------- remote side log (last lines) ----------", err=True)
@@ -653,9 +655,23 @@ def site_group() -> None:
               "which must not be locked yet).")
 @click.option("--authorized-keys", default="~/.ssh/authorized_keys", show_default=True,
               metavar="REMOTE_PATH", help="The authorized_keys file --apply edits.")
+@click.option("--poller", is_flag=True,
+              help="A pull site: write the poller's files into --output instead of "
+              "installing over SSH (see below).")
+@click.option("--output", metavar="DIR", type=click.Path(path_type=Path),
+              help="With --poller: the new directory to write the files into.")
+@click.option("--site-dir", default="/opt/remote-exec-poller", show_default=True,
+              metavar="PATH", help="With --poller: where the files will be on the site.")
+@click.option("--program", metavar="FILE", type=click.Path(path_type=Path, exists=True,
+                                                            dir_okay=False),
+              help="With --poller: a copy of the site's own program, pinned as the "
+              "entrypoint `site`.")
+@click.option("--user", "run_as", default="remote-exec", show_default=True, metavar="USER",
+              help="With --poller: the account the systemd unit runs the poller as.")
 @click.option("--config", "config_path", metavar="FILE", help="Configuration file.")
 def site_install(site_name: str, apply: bool, admin_identity: str | None,
-                 authorized_keys: str, config_path: str | None) -> None:
+                 authorized_keys: str, poller: bool, output: Path | None, site_dir: str,
+                 program: Path | None, run_as: str, config_path: str | None) -> None:
     """Install the restricted agent and the site's approved entrypoints on SITE.
 
     Copies remote-side_scripts/remote_exec_agent.py (standard library, Python >= 3.6)
@@ -668,11 +684,21 @@ def site_install(site_name: str, apply: bool, admin_identity: str | None,
 
     that locks the site's key to the agent. Set `restricted: true` for the site once
     the line is in place. Re-run after changing templates or return patterns.
+
+    \b
+    A pull site (`backend: pull`, no inbound SSH) gets its files to install by hand:
+      remote-exec site install SITE --poller --output DIR [--site-dir PATH]
+    writes the poller, the agent, the rendered entrypoints, allowlist.json,
+    poller.json and a systemd unit into DIR, for the site's administrator to put
+    at --site-dir; the token comes from `remote-exec queue token add --role site`.
     """
     import asyncio
 
     from remote_exec.site import install
 
+    if poller:
+        _bundle_poller(site_name, config_path, output, site_dir, program, run_as)
+        return
     try:
         site, _ = _resolve_site(config_path, site_name)
         report = asyncio.run(install.install(site, apply=apply, admin_identity=admin_identity,
@@ -697,6 +723,35 @@ def site_install(site_name: str, apply: bool, admin_identity: str | None,
     if not site.restricted:
         click.echo(f"next: set `restricted: true` for site {site.name!r} in "
                    f"{site.defined_in or 'your configuration'}")
+
+
+def _bundle_poller(site_name: str, config_path: str | None, output: Path | None,
+                   site_dir: str, program: Path | None, run_as: str) -> None:
+    """``site install --poller``: the pull site's files, and what to do with them."""
+    from remote_exec.site import poller_bundle
+
+    if output is None:
+        _fail(ConfigError("--poller needs --output DIR (a new directory for the files)"))
+    try:
+        site, _ = _resolve_site(config_path, site_name)
+        report = poller_bundle.bundle(site, output, site_dir, program, user=run_as)
+    except RemoteExecError as err:
+        _fail(err)
+    click.echo(f"wrote the poller's files for site {site.name} into {output}")
+    for name, digest in report.entrypoints.items():
+        click.echo(f"  approved {name:14} sha256 {digest}")
+    for warning in report.warnings:
+        click.echo(f"remote-exec: warning: {warning}", err=True)
+    click.echo(f"""
+On the site, as its administrator:
+  1. copy {output}/ to {site_dir}/ (owned by {run_as}, mode 0700)
+  2. put the token of `remote-exec queue token add --role site --site {site.name}`
+     (run on the queue server) into {site_dir}/token, mode 0600
+  3. check: python3 {site_dir}/{poller_bundle.POLLER_FILE} --config {site_dir}/poller.json --check
+  4. install {site_dir}/remote-exec-poller.service in /etc/systemd/system/, then
+     systemctl enable --now remote-exec-poller
+     (a proxy: add Environment=https_proxy=http://proxy:3128 to the unit)
+""")
 
 
 @site_group.command("check", context_settings=CONTEXT)

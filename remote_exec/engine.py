@@ -298,6 +298,7 @@ class _Driver:
         self.result.failure = failure
         self.result.exit_code = code
         self.result.rundir = self.run.rundir
+        self.result.place = f"{self.backend.place_noun} {self.backend.where(self.run)}"
         return self.result
 
     async def _record_error(self, err: RemoteExecError) -> RemoteExecError:

@@ -53,6 +53,7 @@ class RunResult:
     fetch_method: str = ""
     skipped: list[str] = field(default_factory=list)
     failure: str = ""  # why it failed, when more is known than the exit code
+    place: str = ""  # the run place in words ("remote directory lab:/tmp/ID"), if known
 
     @property
     def ok(self) -> bool:

@@ -130,34 +130,19 @@ async def install(site: Site, *, apply: bool, admin_identity: str | None = None,
                                allowlist_path=posixpath.join(agent_dir, ALLOWLIST),
                                python=python)
         entries: dict[str, Any] = {}
-        for name in site.templates:
-            tpl = templates.load_template(name)
-            body = tpl.render_body().encode("utf-8")
-            path = posixpath.join(agent_dir, "entrypoints", f"{name}.sh")
+        for name, path, body, entry in template_entries(site, agent_dir):
             await transfer.write_atomically(sftp, path, body, 0o500)
-            entries[name] = {"path": path, "sha256": hashlib.sha256(body).hexdigest(),
-                             "interpreter": ["/bin/sh"], "parameters": tpl.declarations(),
-                             "returns": tpl.returns}
+            entries[name] = entry
         program = _expand(site.entrypoint, home)
         if await sftp.isfile(program):
             async with sftp.open(program, "rb") as f:
-                digest = hashlib.sha256(await f.read()).hexdigest()
-            entries[SITE_ENTRY] = {"path": program, "sha256": digest, "interpreter": [],
-                                   "parameters": {}, "returns": templates.return_all()}
+                entries[SITE_ENTRY] = site_entry(program, await f.read())
         else:
             report.warnings.append(
                 f"the site's entrypoint {program} is not on the host: runs without "
                 "--template will be refused until it is installed and approved")
-        allowlist = {
-            "version": 1,
-            "root": root,
-            "state": posixpath.join(agent_dir, "state"),
-            "log": posixpath.join(agent_dir, "agent.log"),
-            "entrypoints": entries,
-            "returns": {"never": list(site.never_return), "only": list(site.only_return)},
-        }
         await transfer.write_atomically(sftp, report.allowlist_path,
-                     (json.dumps(allowlist, indent=2) + "\n").encode("utf-8"), 0o600)
+                                        allowlist_text(site, root, agent_dir, entries), 0o600)
         report.entrypoints = {n: e["sha256"] for n, e in entries.items()}
         report.key_line = key_line(
             forced_command(python, agent_path, report.allowlist_path), public_key)
@@ -167,6 +152,42 @@ async def install(site: Site, *, apply: bool, admin_identity: str | None = None,
     if apply:
         report.verified = await verify(site)
     return report
+
+
+def template_entries(site: Site, agent_dir: str) -> list[tuple[str, str, bytes, dict[str, Any]]]:
+    """Each template the site allows as an approved entrypoint: its name, its path under
+    ``agent_dir``, the script (rendered without values: it reads ``$RE_<name>``) and its
+    allowlist entry (pinned by sha256)."""
+    found = []
+    for name in site.templates:
+        tpl = templates.load_template(name)
+        body = tpl.render_body().encode("utf-8")
+        path = posixpath.join(agent_dir, "entrypoints", f"{name}.sh")
+        found.append((name, path, body, {
+            "path": path, "sha256": hashlib.sha256(body).hexdigest(),
+            "interpreter": ["/bin/sh"], "parameters": tpl.declarations(),
+            "returns": tpl.returns}))
+    return found
+
+
+def site_entry(path: str, data: bytes) -> dict[str, Any]:
+    """The allowlist entry of the site's own program (``site``), pinned by sha256."""
+    return {"path": path, "sha256": hashlib.sha256(data).hexdigest(), "interpreter": [],
+            "parameters": {}, "returns": templates.return_all()}
+
+
+def allowlist_text(site: Site, root: str, agent_dir: str, entries: dict[str, Any]) -> bytes:
+    """The agent's allowlist.json: the runs root, the agent's state and log, the
+    approved entrypoints and the site's never/only return patterns."""
+    allowlist = {
+        "version": 1,
+        "root": root,
+        "state": posixpath.join(agent_dir, "state"),
+        "log": posixpath.join(agent_dir, "agent.log"),
+        "entrypoints": entries,
+        "returns": {"never": list(site.never_return), "only": list(site.only_return)},
+    }
+    return (json.dumps(allowlist, indent=2) + "\n").encode("utf-8")
 
 
 async def _apply(sftp: asyncssh.SFTPClient, path: str, public_key: str, line: str) -> None:

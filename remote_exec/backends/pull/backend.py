@@ -229,9 +229,7 @@ class PullBackend(Backend):
             raise self._refusal(state)
         if state["state"] == "expired":
             raise self._unclaimed(state)
-        if state["state"] == "cancelled":
-            raise StageError(f"run {run.run_id} was cancelled on the queue server before a "
-                             "poller took it", hint="start a new run")
+        # (cancelled meanwhile, by `remote-exec cancel`: `wait` ends it as a cancelled run)
         return Launched(job_id=run.run_id, before=before)
 
     def launch_text(self, run: Run, launched: Launched) -> str:
@@ -593,9 +591,9 @@ def _holds(target: Path, item: dict[str, Any]) -> bool:
 
 
 def _safe(path: str) -> bool:
-    from remote_exec.queue.paths import valid_path
+    from remote_exec.queue.paths import path_problem
 
-    return valid_path(path)
+    return path_problem(path) is None
 
 
 def _quote(path: str) -> str:

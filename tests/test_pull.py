@@ -1,0 +1,395 @@
+"""The pull method end to end: the real CLI (``backend: pull``), the real queue server
+(``remote-exec queue serve`` over TLS with a throwaway CA) and the real poller
+(``remote_exec_poller.py``), installed from the files ``site install --poller`` writes.
+
+What the MInt side must show (issue 15): results and exit codes as for SSH runs, the
+site's refusals (77, nothing created on the site), no poller (69), ``--timeout`` and
+cancels, the MInt side killed then ``resume``, the server killed and restarted
+mid-run, ``status`` / ``logs`` / ``cleanup`` / ``site check``, and secrets kept out of
+every output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import Cli
+from pull_site import QueueServer, make_ca
+
+SITE = "corp"
+#: a command for the `generic` template: sh -c SCRIPT
+SH = ["-p", "program=/bin/sh", "-p", "args=-c"]
+
+
+def script(text: str) -> list[str]:
+    return [*SH, "-p", f"args={text}"]
+
+
+def wait_until(predicate, timeout: float, what: str, step: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class Pull:
+    """A queue server, a site (poller files, run root) and the MInt side's CLI."""
+
+    def __init__(self, tmp: Path, **site: object) -> None:
+        self.tmp = tmp
+        self.ca = make_ca(tmp / "ca")
+        self.server = QueueServer(tmp / "queue", self.ca).start()
+        self.root = tmp / "site-runs"
+        self.root.mkdir()
+        self.work = tmp / "work"
+        self.work.mkdir()
+        self.marker = tmp / "starts"
+        self.submit_token = self.server.token("submit", SITE)
+        token_file = tmp / "submit.token"
+        token_file.write_text(self.submit_token + "\n")
+        token_file.chmod(0o600)
+        entry = {"backend": "pull", "templates": ["generic", "python"], "root": str(self.root),
+                 "never_return": ["*.key"], "retry_tries": 6, "retry_max_interval": 2,
+                 "cancel_grace": 3,
+                 "pull": {"server": self.server.url, "token_file": str(token_file),
+                          "ca_file": str(self.ca.ca_file), "queue_timeout": 60,
+                          "poll_wait": 5}}
+        entry.update(site)
+        self.config = tmp / "remote-exec.yaml"
+        self.config.write_text(yaml.safe_dump({"sites": {SITE: entry}}))
+        env = dict(os.environ)
+        env.update({"REMOTE_EXEC_CONFIG": str(self.config),
+                    "REMOTE_EXEC_STATE_DIR": str(tmp / "state"),
+                    "XDG_CONFIG_HOME": str(tmp / "xdg-config")})
+        env.pop("MISYSTEM_SITEID", None)
+        self.cli = Cli(config=self.config, state=tmp / "state", env=env)
+        self.site_dir = tmp / "site"
+        made = self("site", "install", SITE, "--poller", "--output", str(self.site_dir),
+                    "--site-dir", str(self.site_dir), "--user", "nobody")
+        assert made.returncode == 0, made.stderr
+        self.site_token = self.server.token("site", SITE)
+        (self.site_dir / "token").write_text(self.site_token + "\n")
+        (self.site_dir / "token").chmod(0o600)
+        self.pollers: list[subprocess.Popen] = []
+        self.bg: list[subprocess.Popen] = []
+
+    def __call__(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return self.cli(*args, cwd=self.work, timeout=timeout)
+
+    def start_poller(self) -> subprocess.Popen:
+        with open(self.tmp / f"poller{len(self.pollers)}.out", "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, str(self.site_dir / "remote_exec_poller.py"), "--config",
+                 str(self.site_dir / "poller.json")], stdout=out, stderr=subprocess.STDOUT,
+                env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+        self.pollers.append(proc)
+        return proc
+
+    def start(self, *args: str) -> subprocess.Popen:
+        """``remote-exec ARGS`` in the background (stdout and stderr to files)."""
+        n = len(self.bg)
+        with open(self.tmp / f"bg{n}.out", "wb") as out, open(self.tmp / f"bg{n}.err",
+                                                              "wb") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "remote_exec", *args],
+                                    cwd=self.work, env=self.cli.env, stdout=out, stderr=err)
+        self.bg.append(proc)
+        return proc
+
+    def err(self, n: int) -> str:
+        return (self.tmp / f"bg{n}.err").read_text()
+
+    def counting(self, tail: str = "") -> list[str]:
+        """A `generic` run that appends a line to the marker file per start."""
+        return script(f"echo started >> {self.marker}; {tail}")
+
+    def starts(self) -> int:
+        return len(self.marker.read_text().splitlines()) if self.marker.exists() else 0
+
+    def run_dirs(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir())
+
+    def journal(self) -> list[dict]:
+        listed = self("list", "--json")
+        assert listed.returncode == 0, listed.stderr
+        return [json.loads(line) for line in listed.stdout.splitlines() if line.strip()]
+
+    def close(self) -> None:
+        for proc in self.bg + self.pollers:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        self.server.stop()
+        subprocess.run(["pkill", "-KILL", "-f", str(self.marker)], check=False)
+
+
+@pytest.fixture
+def pull(tmp_path: Path) -> Iterator[Pull]:
+    env = Pull(tmp_path)
+    try:
+        yield env
+    finally:
+        env.close()
+
+
+@pytest.fixture
+def polled(pull: Pull) -> Pull:
+    pull.start_poller()
+    return pull
+
+
+# -- results and exit codes ----------------------------------------------------------------
+
+HOSTILE = ["in put.txt", "quo'te\".txt", "new\nline.txt", "$(touch pwned).txt"]
+
+
+def test_success_with_hostile_names_and_return_filter(polled: Pull) -> None:
+    for i, name in enumerate(HOSTILE):
+        (polled.work / name).write_text(f"input {i}\n")
+    (polled.work / "data").mkdir()
+    (polled.work / "data" / "nested.bin").write_bytes(os.urandom(300_000))
+    result = polled("run", "--site", SITE, "-t", "generic", *script(
+        'mkdir -p out; for f in *.txt; do cp "$f" "out/$f"; done; cp data/nested.bin out/; '
+        'echo secret > my.key; echo done'), *HOSTILE, "data")
+    assert result.returncode == 0, result.stderr
+    for i, name in enumerate(HOSTILE):
+        assert (polled.work / "out" / name).read_text() == f"input {i}\n"
+    assert (polled.work / "out" / "nested.bin").read_bytes() == \
+        (polled.work / "data" / "nested.bin").read_bytes()
+    assert not (polled.work / "my.key").exists()  # never_return: kept on the site
+    assert "my.key" in result.stderr
+    assert not list(polled.work.glob("pwned*")) and not (polled.root / "pwned").exists()
+    assert (polled.work / "remote_program_exec.log").read_text() == "done\n"
+    record = polled.journal()[0]
+    assert (record["state"], record["phase"], record["exit_code"]) == \
+        ("succeeded", "cleaned", 0)
+    # cleanup on success: the server forgot the run, the site removed its directory
+    wait_until(lambda: polled.run_dirs() == [], 10, "the site to remove the run directory")
+    runs = polled.server.admin("runs")
+    assert record["id"] not in runs.stdout
+
+
+def test_exit_code_and_signal(polled: Pull) -> None:
+    three = polled("run", "--site", SITE, "-t", "generic", *script("echo out > r.txt; exit 3"))
+    assert three.returncode == 3, three.stderr
+    assert (polled.work / "r.txt").read_text() == "out\n"  # results come back on failure
+    killed = polled("run", "--site", SITE, "-t", "generic", *script("kill -KILL $$"))
+    assert killed.returncode == 137, killed.stderr
+
+
+# -- the site decides ------------------------------------------------------------------------
+
+def test_site_refuses_unknown_entrypoint(polled: Pull) -> None:
+    # `python` is allowed by the MInt side's site entry, but not installed on the site
+    allowlist = json.loads((polled.site_dir / "allowlist.json").read_text())
+    del allowlist["entrypoints"]["python"]
+    (polled.site_dir / "allowlist.json").write_text(json.dumps(allowlist))
+    result = polled("run", "--site", SITE, "-t", "python", "-p", "script=x.py")
+    assert result.returncode == 77, result.stderr
+    assert "refused" in result.stderr and "python" in result.stderr
+    assert "entrypoint_not_allowed" in result.stderr
+    assert polled.run_dirs() == []
+
+
+def test_site_refuses_changed_entrypoint(polled: Pull) -> None:
+    entry = polled.site_dir / "entrypoints" / "generic.sh"
+    entry.chmod(0o700)
+    entry.write_text(entry.read_text() + "\necho tampered\n")
+    result = polled("run", "--site", SITE, "-t", "generic", *polled.counting())
+    assert result.returncode == 77, result.stderr
+    assert "sha256" in result.stderr and "digest_mismatch" in result.stderr
+    assert polled.run_dirs() == [] and polled.starts() == 0
+
+
+def test_site_refuses_bad_parameter(polled: Pull) -> None:
+    allowlist = json.loads((polled.site_dir / "allowlist.json").read_text())
+    allowlist["entrypoints"]["generic"]["parameters"]["program"]["pattern"] = "/usr/bin/[a-z]+"
+    (polled.site_dir / "allowlist.json").write_text(json.dumps(allowlist))
+    result = polled("run", "--site", SITE, "-t", "generic", *polled.counting())
+    assert result.returncode == 77, result.stderr
+    assert "bad_parameter" in result.stderr and "program" in result.stderr
+    assert polled.run_dirs() == [] and polled.starts() == 0
+
+
+# -- nobody there, time limits, cancels -----------------------------------------------------
+
+def test_no_poller_expires_with_last_seen(pull: Pull) -> None:
+    config = yaml.safe_load(pull.config.read_text())
+    config["sites"][SITE]["pull"]["queue_timeout"] = 2
+    pull.config.write_text(yaml.safe_dump(config))
+    result = pull("run", "--site", SITE, "-t", "generic", *script("true"))
+    assert result.returncode == 69, result.stderr
+    assert "no poller of site corp claimed" in result.stderr
+    assert "last seen never" in result.stderr
+    assert "remote_exec_poller.py running" in result.stderr
+
+
+def test_timeout_while_queued(pull: Pull) -> None:
+    result = pull("run", "--site", SITE, "--timeout", "2s", "-t", "generic", *script("true"))
+    assert result.returncode == 124, result.stderr
+    record = pull.journal()[0]
+    assert record["state"] == "timed_out"
+    runs = pull.server.admin("runs")
+    assert "cancelled" in runs.stdout  # withdrawn from the queue: no poller takes it later
+
+
+def test_cancel_while_running_stops_the_entrypoint(polled: Pull) -> None:
+    run = polled.start("run", "--site", SITE, "-t", "generic",
+                       *polled.counting(f"sleep 60 # {polled.marker}"))
+    wait_until(lambda: polled.starts() == 1, 30, "the entrypoint to start")
+    time.sleep(0.5)
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(30) == 143, polled.err(0)
+    assert "the site's poller stopped it" in polled.err(0)
+    wait_until(lambda: subprocess.run(["pgrep", "-f", f"sleep 60 # {polled.marker}"],
+                                      capture_output=True).returncode != 0,
+               15, "the entrypoint to be stopped")
+    assert polled.journal()[0]["state"] == "cancelled"
+
+
+def test_cancel_command_while_queued(pull: Pull) -> None:
+    run = pull.start("run", "--site", SITE, "-t", "generic", *script("true"))
+    record = wait_until(lambda: [r for r in pull.journal() if r["phase"] == "staged"], 30,
+                        "the run to be queued")[0]
+    cancelled = pull("cancel", record["id"][:8])
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert run.wait(30) == 143, pull.err(0)
+    assert "withdrawn from the queue" in pull.err(0)
+    pull.start_poller()  # a poller that comes later takes nothing
+    time.sleep(2)
+    assert pull.run_dirs() == []
+
+
+# -- crashes on either side ------------------------------------------------------------------
+
+def test_mint_side_killed_then_resume(polled: Pull) -> None:
+    (polled.work / "in.dat").write_text("x\n")
+    run = polled.start("run", "--site", SITE, "-t", "generic",
+                       *polled.counting("sleep 3; cat in.dat > out.dat"), "in.dat")
+    wait_until(lambda: polled.starts() == 1, 30, "the entrypoint to start")
+    run.kill()
+    run.wait()
+    record = polled.journal()[0]
+    assert record["phase"] in ("launched", "staged")
+    resumed = polled("resume", record["id"][:8])
+    assert resumed.returncode == 0, resumed.stderr
+    assert (polled.work / "out.dat").read_text() == "x\n"
+    assert polled.starts() == 1
+
+
+def test_server_killed_and_restarted_mid_run(polled: Pull) -> None:
+    run = polled.start("run", "--site", SITE, "-t", "generic",
+                       *polled.counting("sleep 4; echo ok > ok.txt"))
+    wait_until(lambda: polled.starts() == 1, 30, "the entrypoint to start")
+    polled.server.kill()
+    time.sleep(1.5)
+    polled.server.restart()
+    assert run.wait(90) == 0, polled.err(0)
+    assert (polled.work / "ok.txt").read_text() == "ok\n"
+    assert polled.starts() == 1
+
+
+def test_server_gone_interrupts_then_resume(polled: Pull) -> None:
+    config = yaml.safe_load(polled.config.read_text())
+    config["sites"][SITE].update(retry_tries=1, retry_max_interval=0.5)
+    polled.config.write_text(yaml.safe_dump(config))
+    run = polled.start("run", "--site", SITE, "-t", "generic",
+                       *polled.counting("sleep 5; echo ok > ok.txt"))
+    wait_until(lambda: polled.starts() == 1, 30, "the entrypoint to start")
+    polled.server.kill()
+    assert run.wait(60) == 75, polled.err(0)
+    assert "resume" in polled.err(0)
+    polled.server.restart()
+    record = polled.journal()[0]
+    assert record["state"] == "interrupted"
+    resumed = polled("resume", record["id"][:8])
+    assert resumed.returncode == 0, resumed.stderr
+    assert (polled.work / "ok.txt").read_text() == "ok\n" and polled.starts() == 1
+
+
+# -- credentials and TLS ---------------------------------------------------------------------
+
+def test_token_file_readable_by_others_is_refused(pull: Pull) -> None:
+    token = Path(yaml.safe_load(pull.config.read_text())["sites"][SITE]["pull"]["token_file"])
+    token.chmod(0o644)
+    result = pull("run", "--site", SITE, "-t", "generic", *script("true"))
+    assert result.returncode == 78, result.stderr
+    assert "chmod 600" in result.stderr and pull.journal() == []
+
+
+def test_revoked_submit_token(pull: Pull) -> None:
+    listed = pull.server.admin("token", "list")
+    ident = next(line.split()[0] for line in listed.stdout.splitlines() if "submit" in line)
+    assert pull.server.admin("token", "revoke", ident).returncode == 0
+    result = pull("run", "--site", SITE, "-t", "generic", *script("true"))
+    assert result.returncode == 77, result.stderr
+    assert "revoked" in result.stderr and "queue token add --role submit" in result.stderr
+
+
+def test_wrong_ca_is_refused(pull: Pull, tmp_path: Path) -> None:
+    other = make_ca(tmp_path / "other-ca")
+    config = yaml.safe_load(pull.config.read_text())
+    config["sites"][SITE]["pull"]["ca_file"] = str(other.ca_file)
+    pull.config.write_text(yaml.safe_dump(config))
+    result = pull("run", "--site", SITE, "-t", "generic", *script("true"))
+    assert result.returncode == 69, result.stderr
+    assert "certificate" in result.stderr and "ca_file" in result.stderr
+
+
+def test_no_secret_in_outputs_or_state(polled: Pull) -> None:
+    result = polled("run", "--site", SITE, "-t", "generic", *script("echo hi"))
+    assert result.returncode == 0, result.stderr
+    status = polled("status", polled.journal()[0]["id"][:8])
+    seen = result.stdout + result.stderr + status.stdout + status.stderr
+    for token in (polled.submit_token, polled.site_token):
+        assert token not in seen
+        for path in [*polled.cli.state.rglob("*"), *polled.site_dir.rglob("*.log"),
+                     *polled.server.state_dir.rglob("*")]:
+            if path.is_file() and path.name != "token":
+                assert token.encode() not in path.read_bytes(), path
+
+
+# -- the commands around runs ----------------------------------------------------------------
+
+def test_status_logs_check_and_cleanup(polled: Pull) -> None:
+    result = polled("run", "--site", SITE, "-t", "generic", *script("echo first; exit 2"))
+    assert result.returncode == 2
+    run_id = polled.journal()[0]["id"]
+    status = polled("status", run_id[:8])
+    assert status.returncode == 0, status.stderr
+    assert "finished: exit code 2" in status.stdout
+    logs = polled("logs", run_id[:8])
+    assert logs.stdout == "first\n"
+    check = polled("site", "check", SITE, "--json")
+    rows = {row["check"]: row for row in json.loads(check.stdout)}
+    assert rows["queue server"]["status"] == "ok" and rows["pollers"]["status"] == "ok"
+    assert check.returncode == 0
+    assert run_id in polled.server.admin("runs").stdout  # kept: the entrypoint failed
+    cleaned = polled("cleanup", SITE, "--older-than", "0")
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert run_id not in polled.server.admin("runs").stdout
+
+
+def test_poller_bundle(pull: Pull) -> None:
+    unit = (pull.site_dir / "remote-exec-poller.service").read_text()
+    assert "KillMode=process" in unit and "User=nobody" in unit
+    assert f"--config {pull.site_dir}/poller.json" in unit
+    allowlist = json.loads((pull.site_dir / "allowlist.json").read_text())
+    assert set(allowlist["entrypoints"]) == {"generic", "python"}
+    assert allowlist["returns"]["never"] == ["*.key"]
+    assert allowlist["root"] == str(pull.root)
+    config = json.loads((pull.site_dir / "poller.json").read_text())
+    assert config["server"] == pull.server.url and config["ca_file"] == "mint-ca.pem"
+    again = pull("site", "install", SITE, "--poller", "--output", str(pull.site_dir))
+    assert again.returncode == 78 and "not empty" in again.stderr
