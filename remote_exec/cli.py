@@ -512,6 +512,47 @@ def legacy(ctx: click.Context, args: tuple[str, ...]) -> None:
     sys.exit(1)
 
 
+@main.command("legacy-pull", context_settings={**CONTEXT, "ignore_unknown_options": True},
+              add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def legacy_pull(ctx: click.Context, args: tuple[str, ...]) -> None:
+    """MInt drop-in for a pull site: BASE_URL SITE_ID TOKEN COMMAND IN1:IN2 OUT1:OUT2
+
+    The arguments of MInt's mi-system-wf.py (its WebAPI polling method); the run goes
+    through the site's queue server (`backend: pull`) and the site's poller. Results
+    named OUT... land in the current directory; exit 0 on success, 1 otherwise.
+    """
+    from remote_exec import legacy_pull as lp
+
+    if any(a in ("-h", "--help") for a in args):
+        click.echo(ctx.get_help())
+        click.echo("\n" + lp.USAGE)
+        sys.exit(0)
+    parsed = lp.parse(list(args))
+    if parsed is None:
+        click.echo(lp.USAGE)
+        sys.exit(1)
+    from remote_exec.ui import Reporter
+
+    ui = Reporter(quiet=bool(os.environ.get("REMOTE_EXEC_QUIET")))
+    try:
+        site, _ = _resolve_site(None, parsed.site_id)
+        result = _execute(lp.build(parsed, site, Path.cwd()), ui)
+    except RemoteExecError as err:
+        click.echo(f"remote-exec: error: {err}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(1)
+    if result.ok:
+        sys.exit(0)
+    from remote_exec import legacy as lg
+    from remote_exec.run import read_log_tail
+
+    lg.print_remote_log(read_log_tail(Path.cwd(), lines=10**6))
+    sys.exit(1)
+
+
 @main.group(context_settings=CONTEXT)
 def sandbox() -> None:
     """A throwaway OpenSSH server on 127.0.0.1 to try real runs without a remote host.

@@ -42,8 +42,9 @@ def _importable():
     return find_spec("remote_exec") is not None
 
 
-def main():
-    args = ["legacy"] + sys.argv[1:]
+def main(command="legacy"):
+    """Run `remote-exec COMMAND ARGS...` (scripts/mi-system-wf.py: `legacy-pull`)."""
+    args = [command] + sys.argv[1:]
     found = _beside() or _on_path()
     if found:
         os.execv(found, [found] + args)

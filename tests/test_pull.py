@@ -393,3 +393,36 @@ def test_poller_bundle(pull: Pull) -> None:
     assert config["server"] == pull.server.url and config["ca_file"] == "mint-ca.pem"
     again = pull("site", "install", SITE, "--poller", "--output", str(pull.site_dir))
     assert again.returncode == 78 and "not empty" in again.stderr
+
+
+# -- MInt's WebAPI argument form -------------------------------------------------------------
+
+def test_mi_system_wf_arguments(polled: Pull) -> None:
+    config = yaml.safe_load(polled.config.read_text())
+    config["sites"][SITE]["pull"]["legacy_commands"] = {
+        "execute_remote-side_program_api.sh": {
+            "entrypoint": "generic",
+            "params": ["program=/bin/sh", "args=-c",
+                       "args=cat a.dat > 'X X.dat'; echo other > YY.dat; echo ran"]}}
+    polled.config.write_text(yaml.safe_dump(config))
+    (polled.work / "a.dat").write_text("alpha\n")
+    wrapper = Path(__file__).resolve().parent.parent / "scripts" / "mi-system-wf.py"
+    mint_token = "0123456789abcdef" * 4
+
+    def call(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(wrapper), "https://nims.mintsys.jp", SITE,
+                               mint_token, *args], cwd=polled.work, env=polled.cli.env,
+                              capture_output=True, text=True, timeout=120)
+
+    done = call("execute_remote-side_program_api.sh", "a.dat", "X X.dat")
+    assert done.returncode == 0, done.stderr
+    assert (polled.work / "X X.dat").read_text() == "alpha\n"
+    assert not (polled.work / "YY.dat").exists()  # only the named results come back
+    assert (polled.work / "remote_program_exec.log").read_text() == "ran\n"
+    unknown = call("/opt/other.sh", "a.dat", "X X.dat")
+    assert unknown.returncode == 1
+    assert "not one of site 'corp''s legacy_commands" in unknown.stderr
+    usage = call("execute_remote-side_program_api.sh")
+    assert usage.returncode == 1 and "Usage" in usage.stdout
+    for result in (done, unknown, usage):
+        assert mint_token not in result.stdout + result.stderr

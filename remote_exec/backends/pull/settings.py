@@ -9,6 +9,9 @@
       queue_timeout: 30m      # no poller of the site claimed the run by then: exit 69
       poll_wait: 25           # seconds one long-poll lasts
       request_timeout: 60     # seconds one request (other than a long-poll) may take
+      legacy_commands:        # `remote-exec legacy-pull` (MInt's mi-system-wf.py arguments):
+        ~/misrc_remote_workflow/scripts/execute_remote-side_program_api.sh: site
+        abaqus.sh: {entrypoint: abaqus, params: [input=job.inp]}
 
 The site's `retry_tries` and `retry_max_interval` say how long a server that does not
 answer (or answers 5xx, 429, 503) is retried before the run is interrupted (exit 75,
@@ -18,7 +21,7 @@ answer (or answers 5xx, 429, 503) is retried before the run is interrupted (exit
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,13 @@ SCHEMA: dict[str, Any] = {
         "queue_timeout": {"type": ["string", "number"]},
         "poll_wait": {"type": "number", "minimum": 0, "maximum": MAX_POLL_WAIT},
         "request_timeout": {"type": "number", "minimum": 1},
+        # MInt's WebAPI argument form (`remote-exec legacy-pull`): COMMAND -> entrypoint
+        "legacy_commands": {"type": "object", "additionalProperties": {"oneOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "object", "additionalProperties": False, "required": ["entrypoint"],
+             "properties": {"entrypoint": {"type": "string", "minLength": 1},
+                            "params": {"type": "array", "items": {"type": "string"}}}},
+        ]}},
     },
 }
 
@@ -54,6 +64,7 @@ class PullSettings:
     queue_timeout: float = DEFAULT_QUEUE_TIMEOUT
     poll_wait: float = 25.0
     request_timeout: float = 60.0
+    legacy_commands: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_site(cls, values: dict[str, Any] | None, where: str) -> PullSettings:
