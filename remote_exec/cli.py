@@ -565,8 +565,32 @@ def sandbox() -> None:
 
 @sandbox.command("up", context_settings=CONTEXT)
 @click.option("--no-config", is_flag=True, help="Do not record the site in the user config.")
-def sandbox_up(no_config: bool) -> None:
-    """Start the sandbox sshd (if it is not running) and record the `sandbox` site."""
+@click.option("--pull", is_flag=True,
+              help="Instead: a local queue server and a site poller (the pull method), "
+              "recorded as the site `sandbox-pull`.")
+def sandbox_up(no_config: bool, pull: bool) -> None:
+    """Start the sandbox sshd (if it is not running) and record the `sandbox` site.
+
+    With --pull: a queue server on 127.0.0.1 (real TLS, a CA of its own) and a poller
+    serving the site `sandbox-pull` (its allowlist pins the sample program and the
+    `generic` template), so that `remote-exec run --site sandbox-pull` is a pull run.
+    """
+    if pull:
+        from remote_exec.sandbox_pull import SITE_NAME, PullSandbox
+
+        pulled = PullSandbox()
+        try:
+            definition = pulled.up()
+            where = None if no_config else pulled.write_user_config()
+        except RemoteExecError as err:
+            _fail(err)
+        click.echo(f"queue server on {definition['pull']['server']}, poller of site "
+                   f"{SITE_NAME} running (state in {pulled.dir})")
+        if where:
+            click.echo(f"site {SITE_NAME!r} recorded in {where}")
+        click.echo(f"try: remote-exec demo --backend pull, or remote-exec run --site "
+                   f"{SITE_NAME} -t generic -p program=/bin/uname -p args=-a")
+        return
     from remote_exec.sandbox import Sandbox
 
     box = Sandbox()
@@ -585,10 +609,13 @@ def sandbox_up(no_config: bool) -> None:
 
 @sandbox.command("down", context_settings=CONTEXT)
 def sandbox_down() -> None:
-    """Stop the sandbox sshd."""
+    """Stop the sandbox sshd (and the pull sandbox's queue server and poller)."""
     from remote_exec.sandbox import Sandbox
+    from remote_exec.sandbox_pull import PullSandbox
 
     click.echo("sandbox stopped" if Sandbox().down() else "sandbox was not running")
+    if PullSandbox().down():
+        click.echo("pull sandbox (queue server and poller) stopped")
 
 
 @sandbox.command("status", context_settings=CONTEXT)
@@ -607,7 +634,10 @@ def sandbox_status() -> None:
 @main.command(context_settings=CONTEXT)
 @click.option("--into", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the results go (default: a new directory under the state dir).")
-def demo(into: Path | None) -> None:
+@click.option("--backend", type=click.Choice(["direct", "pull"]), default="direct",
+              show_default=True, help="direct: over SSH to the sandbox sshd; pull: through "
+              "a local queue server and poller (`sandbox up --pull`).")
+def demo(into: Path | None, backend: str) -> None:
     """Run the sample solver through the sandbox end to end and show what came back.
 
     Starts the sandbox if needed, writes three material-property inputs, runs the
@@ -617,7 +647,7 @@ def demo(into: Path | None) -> None:
     from remote_exec import demo as demo_mod
 
     try:
-        code = demo_mod.run_demo(into)
+        code = demo_mod.run_demo(into, pull=backend == "pull")
     except RemoteExecError as err:
         _fail(err)
     sys.exit(code)

@@ -27,8 +27,9 @@ def demo_request(site: Site, inputs_dir: Path, into: Path) -> RunRequest:
     return build_request(site, inputs=[str(inputs_dir / n) for n in SAMPLE_INPUTS], into=into)
 
 
-def run_demo(into: Path | None) -> int:
-    """Start the sandbox, run the sample solver with sample inputs, show the results."""
+def run_demo(into: Path | None, pull: bool = False) -> int:
+    """Start the sandbox (with ``pull``: the local queue server and poller), run the
+    sample solver with sample inputs, show the results."""
     from rich.console import Console
     from rich.table import Table
 
@@ -38,19 +39,31 @@ def run_demo(into: Path | None) -> int:
     from remote_exec.ui import Reporter
 
     console = Console(stderr=False)
-    box = Sandbox()
-    console.print("[bold]1.[/] starting the sandbox sshd on 127.0.0.1 ...")
-    definition = box.up()
-    console.print(f"   sshd on port {definition['port']}, keys in {box.dir}")
+    site_name = SITE_NAME
+    if pull:
+        from remote_exec.sandbox_pull import SITE_NAME as site_name
+        from remote_exec.sandbox_pull import PullSandbox
+
+        pulled = PullSandbox()
+        console.print("[bold]1.[/] starting a queue server and a site poller on 127.0.0.1 ...")
+        definition = pulled.up()
+        console.print(f"   queue server {definition['pull']['server']}, site files in "
+                      f"{pulled.site}")
+    else:
+        box = Sandbox()
+        console.print("[bold]1.[/] starting the sandbox sshd on 127.0.0.1 ...")
+        definition = box.up()
+        console.print(f"   sshd on port {definition['port']}, keys in {box.dir}")
     work = into or state_dir() / "demo" / time.strftime("%Y%m%d-%H%M%S")
     inputs_dir = work / "inputs"
     inputs_dir.mkdir(parents=True, exist_ok=True)
     for name, text in SAMPLE_INPUTS.items():
         (inputs_dir / name).write_text(text)
     console.print(f"[bold]2.[/] sample inputs written to {inputs_dir}")
-    site = Config(path=None, sites={SITE_NAME: definition}, defaults={}, legacy={}).site(SITE_NAME)
+    site = Config(path=None, sites={site_name: definition}, defaults={},
+                  legacy={}).site(site_name)
     request = demo_request(site, inputs_dir, work / "results")
-    console.print("[bold]3.[/] remote-exec run --site sandbox " + " ".join(SAMPLE_INPUTS))
+    console.print(f"[bold]3.[/] remote-exec run --site {site_name} " + " ".join(SAMPLE_INPUTS))
     started = time.monotonic()
     result = execute(request, Reporter())
     elapsed = time.monotonic() - started

@@ -213,23 +213,7 @@ class Sandbox:
 
     def write_user_config(self, path: Path | None = None) -> Path:
         """Record the ``sandbox`` site in the user configuration file."""
-        import yaml
-
-        path = path or user_config_file()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data: dict[str, Any] = {}
-        if path.is_file():
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-            if not isinstance(data, dict):
-                raise ConfigError(f"{path}: the top level must be a mapping")
-            shutil.copy2(path, path.with_suffix(".yaml.bak"))
-        data.setdefault("sites", {})
-        if data["sites"] is None:
-            data["sites"] = {}
-        data["sites"][SITE_NAME] = self.site_definition()
-        header = "# remote-exec sites (see `remote-exec run --help`).\n"
-        path.write_text(header + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-        return path
+        return record_site(SITE_NAME, self.site_definition(), path)
 
     # -- helpers -----------------------------------------------------------------------
     def _make_keys(self) -> None:
@@ -293,3 +277,24 @@ class Sandbox:
             f"Subsystem sftp {self._sftp_server()}",
         ]
         return "\n".join(lines) + "\n"
+
+
+def record_site(name: str, definition: dict[str, Any], path: Path | None = None) -> Path:
+    """Record site ``name`` in the user configuration file (a backup of it is kept)."""
+    import yaml
+
+    path = path or user_config_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data: dict[str, Any] = {}
+    if path.is_file():
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        shutil.copy2(path, path.with_suffix(".yaml.bak"))
+    data.setdefault("sites", {})
+    if data["sites"] is None:
+        data["sites"] = {}
+    data["sites"][name] = definition
+    header = "# remote-exec sites (see `remote-exec run --help`).\n"
+    path.write_text(header + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path

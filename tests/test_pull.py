@@ -426,3 +426,28 @@ def test_mi_system_wf_arguments(polled: Pull) -> None:
     assert usage.returncode == 1 and "Usage" in usage.stdout
     for result in (done, unknown, usage):
         assert mint_token not in result.stdout + result.stderr
+
+
+# -- trying it without a site ----------------------------------------------------------------
+
+def test_demo_through_the_pull_sandbox(tmp_path: Path) -> None:
+    env = {**os.environ, "REMOTE_EXEC_STATE_DIR": str(tmp_path / "state"),
+           "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    env.pop("REMOTE_EXEC_CONFIG", None)
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "remote_exec", *args], env=env,
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    try:
+        demo = cli("demo", "--backend", "pull", "--into", str(tmp_path / "demo"))
+        assert demo.returncode == 0, demo.stdout + demo.stderr
+        assert "K' =" in (tmp_path / "demo" / "results" / "summary.txt").read_text()
+        up = cli("sandbox", "up", "--pull")  # already up: kept, the site recorded
+        assert up.returncode == 0, up.stderr
+        run = cli("run", "--site", "sandbox-pull", "-t", "generic", "-p", "program=/bin/echo",
+                  "-p", "args=hello")
+        assert run.returncode == 0, run.stderr
+        assert (tmp_path / "remote_program_exec.log").read_text() == "hello\n"
+    finally:
+        down = cli("sandbox", "down")
+    assert "pull sandbox (queue server and poller) stopped" in down.stdout
