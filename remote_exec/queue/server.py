@@ -516,15 +516,15 @@ async def _serve(settings: Settings, store: Store, sock: socket.socket,
     runner = web.AppRunner(queue.make_app(), access_log=None, shutdown_timeout=3)
     await runner.setup()
     await web.SockSite(runner, sock, ssl_context=context).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"remote-exec queue: listening on {settings.scheme}://{shown}:{port}{settings.prefix}",
           flush=True)
     log.info("listening on %s:%s (pid %s)", host, port, os.getpid())
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     store.sweep()
     sweeper = asyncio.create_task(queue.sweep_forever())
     await stop.wait()
