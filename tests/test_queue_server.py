@@ -2,7 +2,8 @@
 real TLS (a trustme CA), driven by a small standard-library HTTPS client.
 
 Each test uses sites of its own (``site_name()``), so tests share the module's servers
-without seeing each other's runs.
+without seeing each other's runs. The tests that start a server of their own form a second
+xdist group, so that the file's two halves run side by side on two workers.
 """
 
 from __future__ import annotations
@@ -318,6 +319,18 @@ def test_long_poll_times_out_and_claim_answers_204(server: QueueServer, submit: 
     bad = submit.call("GET", f"/runs/{body['id']}?wait=-1")
     assert (bad.status, bad.code) == (400, "bad_request")
 
+    # a poller that left during its long-poll is handed nothing
+    conn = poller.connect()
+    conn.request("POST", poller.prefix + "/site/claim", body=json.dumps(
+        {"poller": {"id": "gone"}, "wait": 5}).encode(),
+        headers={"Authorization": f"Bearer {poller.token}"})
+    time.sleep(0.5)
+    conn.close()
+    time.sleep(0.3)
+    run_id = queued(submit, site)
+    job = claim(poller, wait=2, poller="present").json()["job"]
+    assert job["id"] == run_id and job["attempt"] == 1
+
 
 # -- refusals -------------------------------------------------------------------------------
 
@@ -601,9 +614,14 @@ def test_tokens(server: QueueServer, submit: Client) -> None:
     assert server.admin("token", "add", "--role", "site").returncode == 2
 
 
+#: the tests with a server of their own: the second half of the file (see the docstring)
+own_server = pytest.mark.xdist_group("test_queue_server-own-servers")
+
+
 # -- restart, shutdown, TLS ------------------------------------------------------------------
 
 
+@own_server
 def test_kill_and_restart_keep_everything(ca: Ca, tmp_path: Path) -> None:
     queue = QueueServer(tmp_path / "queue", ca, lease_ttl=30)
     queue.start()
@@ -649,6 +667,7 @@ def test_kill_and_restart_keep_everything(ca: Ca, tmp_path: Path) -> None:
         queue.kill()
 
 
+@own_server
 def test_tls_refusals(ca: Ca, server: QueueServer, tmp_path: Path) -> None:
     other_ca = make_ca(tmp_path / "other-ca")
     with pytest.raises(ssl.SSLCertVerificationError):
@@ -671,6 +690,7 @@ def test_tls_refusals(ca: Ca, server: QueueServer, tmp_path: Path) -> None:
         queue.stop()
 
 
+@own_server
 def test_no_space_and_gc(ca: Ca, tmp_path: Path) -> None:
     queue = QueueServer(tmp_path / "queue", ca, min_free_space="1000P", retention=1)
     queue.start()
@@ -703,6 +723,7 @@ def test_no_space_and_gc(ca: Ca, tmp_path: Path) -> None:
         queue.stop()
 
 
+@own_server
 def test_memory_does_not_grow_with_file_size(ca: Ca, tmp_path: Path) -> None:
     queue = QueueServer(tmp_path / "queue", ca, max_file_size="1G")
     queue.start()
@@ -738,6 +759,7 @@ def test_memory_does_not_grow_with_file_size(ca: Ca, tmp_path: Path) -> None:
         conn.close()
         assert response.status == 200 and check.hexdigest() == digest.hexdigest()
         growth = queue.peak_rss_kib() - base
+        print(f"peak RSS: {base} KiB before, grew by {growth} KiB for 256 MiB up and down")
         assert growth < 64 * 1024, f"peak RSS grew by {growth} KiB"
     finally:
         queue.stop()
@@ -751,6 +773,7 @@ def _serve(config: Path) -> subprocess.CompletedProcess[str]:
                            str(config)], capture_output=True, text=True, timeout=30)
 
 
+@own_server
 def test_serve_refuses_bad_configuration(ca: Ca, tmp_path: Path) -> None:
     tls = f"{{cert: {ca.cert_file}, key: {ca.key_file}}}"
     cases = {
@@ -781,6 +804,7 @@ def test_serve_refuses_bad_configuration(ca: Ca, tmp_path: Path) -> None:
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 
 
+@own_server
 def test_sigint_exits_zero(ca: Ca, tmp_path: Path) -> None:
     queue = QueueServer(tmp_path / "queue", ca).start()
     assert queue.proc is not None

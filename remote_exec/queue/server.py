@@ -33,7 +33,7 @@ from remote_exec.queue import schemas
 from remote_exec.queue.errors import ApiError, bad_request
 from remote_exec.queue.paths import path_problem
 from remote_exec.queue.settings import Settings
-from remote_exec.queue.store import LOG_CHUNK_MAX, Principal, Store, Upload
+from remote_exec.queue.store import JSON_MAX, LOG_CHUNK_MAX, Principal, Store, Upload
 
 SERVER_VERSION = "1"
 CHUNK = 256 * 1024
@@ -102,7 +102,7 @@ class QueueApp:
     # -- the application ----------------------------------------------------------------
 
     def make_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors], client_max_size=LOG_CHUNK_MAX + 1024)
+        app = web.Application(middlewares=[self._errors], client_max_size=JSON_MAX)
         app.on_response_prepare.append(self._stamp)
         p = self.settings.prefix
         r = app.router
@@ -493,6 +493,7 @@ def _setup_logging(state_dir: Path) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+    log.propagate = False
     logging.getLogger("aiohttp").addHandler(handler)
 
 
@@ -513,7 +514,9 @@ def serve(settings: Settings) -> None:
 async def _serve(settings: Settings, store: Store, sock: socket.socket,
                  context: ssl.SSLContext | None) -> None:
     queue = QueueApp(settings, store)
-    runner = web.AppRunner(queue.make_app(), access_log=None, shutdown_timeout=3)
+    access = logging.getLogger("remote_exec.queue.access")
+    runner = web.AppRunner(queue.make_app(), access_log=access,
+                           access_log_format='%a "%r" %s %b %Tfs', shutdown_timeout=3)
     await runner.setup()
     await web.SockSite(runner, sock, ssl_context=context).start()
     stop = asyncio.Event()

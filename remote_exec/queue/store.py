@@ -75,6 +75,8 @@ CANCEL_GRACE = 10
 EVENTS_SHOWN = 50
 LOG_CHUNK_MAX = 1024 * 1024
 LOG_READ_MAX = 4 * 1024 * 1024
+#: the largest JSON body read (a run with thousands of inputs stays well below)
+JSON_MAX = 16 * 1024 * 1024
 
 
 def rfc3339(t: float | None) -> str | None:
@@ -333,7 +335,8 @@ class Store:
             "queue_timeout": _number(run["queue_timeout"]),
             "cancel_requested": bool(run["cancel_requested"]), "stalled": bool(run["stalled"]),
             "poller": poller, "site_last_seen": rfc3339(self.site_last_seen(run["site"])),
-            "lease_expires_at": rfc3339(run["lease_expires_at"]), "pid": run["pid"],
+            "lease_expires_at": None if run["state"] in TERMINAL
+            else rfc3339(run["lease_expires_at"]), "pid": run["pid"],
             "outcome": run["outcome"], "exit_code": run["exit_code"], "signal": run["signal"],
             "reason": run["reason"], "message": run["message"],
             "outputs": json.loads(run["outputs"]), "held_back": json.loads(run["held_back"]),
