@@ -480,10 +480,6 @@ class Store:
         with self.tx():
             return self.view(self._submit_run(who, run_id))
 
-    def version(self, run_id: str) -> int | None:
-        row = self.db.execute("SELECT version FROM runs WHERE id = ?", (run_id,)).fetchone()
-        return row[0] if row else None
-
     def read_log(self, who: Principal, run_id: str, offset: int) -> tuple[bytes, int, bool]:
         """The log bytes from ``offset``, the log size, and whether the log is final."""
         with self.tx():
@@ -733,7 +729,8 @@ class Store:
     def gc(self, retention: float, dry_run: bool = False,
            temp_age: float = 3600) -> dict[str, list[str]]:
         """Purge terminal runs ended more than ``retention`` seconds ago (with their
-        spool), spool directories of no run, and temporary files older than ``temp_age``."""
+        spool), spool directories of no run, temporary files older than ``temp_age``, and
+        pollers not seen for ``retention``."""
         now = time.time()
         old = [r[0] for r in self.db.execute(
             "SELECT id FROM runs WHERE state IN ('finished', 'expired', 'cancelled') AND "
@@ -747,7 +744,11 @@ class Store:
                     temps.append(p.name)
             except FileNotFoundError:
                 continue
+        pollers = [f"{r[0]}/{r[1]}" for r in self.db.execute(
+            "SELECT site, id FROM pollers WHERE last_seen <= ?", (now - retention,)).fetchall()]
         if not dry_run:
+            with self.tx():
+                self.db.execute("DELETE FROM pollers WHERE last_seen <= ?", (now - retention,))
             for run_id in old:
                 with self.tx():
                     self._purge(run_id)
@@ -758,4 +759,4 @@ class Store:
                     shutil.rmtree(self.spool / name, ignore_errors=True)
             for name in temps:
                 (self.tmp / name).unlink(missing_ok=True)
-        return {"runs": old, "orphans": orphans, "temp_files": temps}
+        return {"runs": old, "orphans": orphans, "temp_files": temps, "pollers": pollers}
