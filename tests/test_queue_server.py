@@ -270,6 +270,10 @@ def test_happy_path_both_roles(server: QueueServer, submit: Client) -> None:
     done = poller.call("POST", f"/site/jobs/{run_id}/finish", finish)
     assert done.status == 200 and done.json()["state"] == "finished"
     assert poller.call("POST", f"/site/jobs/{run_id}/finish", finish).status == 200
+    other = poller.call("POST", f"/site/jobs/{run_id}/finish", {**finish, "exit_code": 4})
+    assert (other.status, other.code) == (409, "state")
+    late = poller.call("POST", f"/site/jobs/{run_id}/events", {"lease": lease})
+    assert (late.status, late.code) == (409, "state")
 
     run = submit.call("GET", f"/runs/{run_id}").json()
     assert run["state"] == "finished" and run["outcome"] == "exited" and run["exit_code"] == 3
@@ -287,6 +291,7 @@ def test_happy_path_both_roles(server: QueueServer, submit: Client) -> None:
 
     info = submit.call("GET", f"/sites/{site}").json()
     assert info["site"] == site and info["pollers"][0]["id"] == "p1" and info["last_seen"]
+    assert info["pollers"][0]["entrypoints"] == ["abaqus"] and info["queued"] == 0
     listed = submit.call("GET", f"/runs?site={site}&state=finished").json()["runs"]
     assert [r["id"] for r in listed] == [run_id]
 
@@ -576,6 +581,7 @@ def test_tokens(server: QueueServer, submit: Client) -> None:
     none = Client(server, None).call("GET", "/runs")
     assert (none.status, none.code) == (401, "unauthenticated")
     assert none.headers["www-authenticate"].startswith("Bearer")
+    assert none.headers["x-re-server-version"] == "1"
     fake = submit.call("GET", "/runs", token="re1_" + "A" * 43)
     assert (fake.status, fake.code) == (401, "unauthenticated")
 
@@ -810,3 +816,11 @@ def test_sigint_exits_zero(ca: Ca, tmp_path: Path) -> None:
     assert queue.proc is not None
     queue.proc.send_signal(signal.SIGINT)
     assert queue.proc.wait(10) == 0
+
+
+def test_the_cli_does_not_import_aiohttp() -> None:
+    code = ("import sys; from click.testing import CliRunner; from remote_exec.cli import main; "
+            "out = CliRunner().invoke(main, ['queue', 'token', 'add', '--help']).output; "
+            "assert '--role' in out, out; assert 'aiohttp' not in sys.modules")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -552,13 +552,16 @@ class Store:
     def site_info(self, who: Principal, site: str) -> dict[str, Any]:
         if not who.may_use(site):
             raise ApiError(403, "forbidden", f"this token may not use site {site}")
-        pollers = self.db.execute("SELECT id, host, version, last_seen FROM pollers WHERE "
-                                  "site = ? ORDER BY last_seen DESC", (site,)).fetchall()
+        pollers = self.db.execute("SELECT id, host, version, entrypoints, last_seen FROM "
+                                  "pollers WHERE site = ? ORDER BY last_seen DESC",
+                                  (site,)).fetchall()
         counts = dict(self.db.execute("SELECT state, COUNT(*) FROM runs WHERE site = ? "
                                       "GROUP BY state", (site,)).fetchall())
         return {"site": site,
                 "pollers": [{"id": p["id"], "host": p["host"], "version": p["version"],
-                             "last_seen": rfc3339(p["last_seen"])} for p in pollers],
+                             "last_seen": rfc3339(p["last_seen"]),
+                             "entrypoints": json.loads(p["entrypoints"] or "null")}
+                            for p in pollers],
                 "last_seen": rfc3339(self.site_last_seen(site)),
                 "queued": counts.get("queued", 0),
                 "running": sum(counts.get(s, 0) for s in ORDER)}
