@@ -37,6 +37,7 @@ from remote_exec.queue.store import JSON_MAX, LOG_CHUNK_MAX, Principal, Store, U
 
 SERVER_VERSION = "1"
 CHUNK = 256 * 1024
+WRITE_BUFFER = 1024 * 1024
 DRAIN_RETRY_AFTER = 5
 DEFAULT_QUEUE_TIMEOUT = 1800.0
 log = logging.getLogger("remote_exec.queue")
@@ -213,21 +214,32 @@ class QueueApp:
                            "administrator to free space")
 
     async def _receive(self, request: web.Request, upload: Upload) -> Path:
-        """Stream the body to a temporary file, checking its size and sha256."""
+        """Stream the body to a temporary file, checking its size and sha256. Pieces of up
+        to WRITE_BUFFER bytes are hashed and written in a worker thread, so that a large
+        upload neither holds memory nor stalls the other calls."""
         temp = self.store.temp_file()
         digest = hashlib.sha256()
         received = 0
+        loop = asyncio.get_running_loop()
+
+        def write(f: Any, data: bytes) -> None:
+            digest.update(data)
+            f.write(data)
+
         try:
             with open(temp, "wb") as f:
+                buffer = bytearray()
                 while True:
                     chunk = await request.content.readany()
-                    if not chunk:
-                        break
                     received += len(chunk)
                     if received > upload.size:
                         raise bad_request("the body is longer than its Content-Length")
-                    digest.update(chunk)
-                    f.write(chunk)
+                    buffer += chunk
+                    if len(buffer) >= WRITE_BUFFER or (not chunk and buffer):
+                        await loop.run_in_executor(None, write, f, bytes(buffer))
+                        buffer.clear()
+                    if not chunk:
+                        break
                 if received != upload.size:
                     raise bad_request(f"the body ended after {received} of {upload.size} bytes")
                 if digest.hexdigest() != upload.sha256:
@@ -235,7 +247,7 @@ class QueueApp:
                                    f"{digest.hexdigest()}, not {upload.sha256} (X-RE-SHA256): "
                                    "send the file again")
                 f.flush()
-                await asyncio.get_running_loop().run_in_executor(None, os.fsync, f.fileno())
+                await loop.run_in_executor(None, os.fsync, f.fileno())
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
