@@ -634,7 +634,7 @@ def sandbox_status() -> None:
 @main.command(context_settings=CONTEXT)
 @click.option("--into", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the results go (default: a new directory under the state dir).")
-@click.option("--backend", type=click.Choice(["direct", "pull"]), default="direct",
+@click.option("--backend", type=click.Choice(backends.with_sandbox()), default="direct",
               show_default=True, help="direct: over SSH to the sandbox sshd; pull: through "
               "a local queue server and poller (`sandbox up --pull`).")
 def demo(into: Path | None, backend: str) -> None:
@@ -647,7 +647,7 @@ def demo(into: Path | None, backend: str) -> None:
     from remote_exec import demo as demo_mod
 
     try:
-        code = demo_mod.run_demo(into, pull=backend == "pull")
+        code = demo_mod.run_demo(into, backend)
     except RemoteExecError as err:
         _fail(err)
     sys.exit(code)

@@ -27,33 +27,24 @@ def demo_request(site: Site, inputs_dir: Path, into: Path) -> RunRequest:
     return build_request(site, inputs=[str(inputs_dir / n) for n in SAMPLE_INPUTS], into=into)
 
 
-def run_demo(into: Path | None, pull: bool = False) -> int:
-    """Start the sandbox (with ``pull``: the local queue server and poller), run the
-    sample solver with sample inputs, show the results."""
+def run_demo(into: Path | None, backend: str = "direct") -> int:
+    """Start the local stand-in of a site for ``backend`` (the registry's ``sandbox``:
+    the loopback sshd, or a queue server and poller), run the sample solver with sample
+    inputs, show the results."""
     from rich.console import Console
     from rich.table import Table
 
+    from remote_exec import backends
     from remote_exec.config import Config
     from remote_exec.run import execute, read_log_tail
-    from remote_exec.sandbox import SITE_NAME, Sandbox
     from remote_exec.ui import Reporter
 
     console = Console(stderr=False)
-    site_name = SITE_NAME
-    if pull:
-        from remote_exec.sandbox_pull import SITE_NAME as site_name
-        from remote_exec.sandbox_pull import PullSandbox
-
-        pulled = PullSandbox()
-        console.print("[bold]1.[/] starting a queue server and a site poller on 127.0.0.1 ...")
-        definition = pulled.up()
-        console.print(f"   queue server {definition['pull']['server']}, site files in "
-                      f"{pulled.site}")
-    else:
-        box = Sandbox()
-        console.print("[bold]1.[/] starting the sandbox sshd on 127.0.0.1 ...")
-        definition = box.up()
-        console.print(f"   sshd on port {definition['port']}, keys in {box.dir}")
+    box = backends.resolve(backends.get(backend).sandbox)()
+    site_name = box.site_name
+    console.print(f"[bold]1.[/] starting {box.title} on 127.0.0.1 ...")
+    definition = box.up()
+    console.print(f"   {box.describe(definition)}")
     work = into or state_dir() / "demo" / time.strftime("%Y%m%d-%H%M%S")
     inputs_dir = work / "inputs"
     inputs_dir.mkdir(parents=True, exist_ok=True)

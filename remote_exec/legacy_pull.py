@@ -76,14 +76,15 @@ def _split(text: str) -> list[str]:
 def build(args: PullArgs, site: Site, into: Path) -> RunRequest:
     """The run request for ``args`` on the pull site ``site``."""
     from remote_exec import backends
+    from remote_exec.backends.pull.settings import SECTION
     from remote_exec.request import build_request
 
-    if backends.for_site(site) != "pull":
+    if backends.get(backends.for_site(site)).section != SECTION:
         raise ConfigError(f"site {site.name!r} is not a pull site (its backend is "
                           f"{backends.for_site(site)!r})",
                           hint="legacy-pull runs through a queue server: give the site "
                           "`backend: pull` and a `pull:` section")
-    commands = dict((site.settings.get("pull") or {}).get("legacy_commands") or {})
+    commands = dict((site.settings.get(SECTION) or {}).get("legacy_commands") or {})
     entry = commands.get(args.command)
     if entry is None:
         known = ", ".join(sorted(commands)) or "none"

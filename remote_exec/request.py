@@ -153,10 +153,10 @@ def _entrypoint(site: Site, command: str | None, template: str | None,
         return Entrypoint("template", f"template {template}", tpl.render(values)), \
             list(tpl.returns)
     if command is not None and approved and command.strip() != site.entrypoint:
+        who = "its agent" if site.restricted else "its poller"
         raise ConfigError(
-            f"site {site.name!r} runs only the entrypoints it approved (its agent or "
-            f"poller checks them against the site's allowlist), not a command line "
-            f"({command_option}); nothing was contacted",
+            f"site {site.name!r} is restricted: {who} runs only the entrypoints the site "
+            f"approved, not a command line ({command_option}); nothing was contacted",
             hint=f"`remote-exec run --site {site.name} INPUT…` runs the site's approved "
             f"entrypoint; add `--template NAME` for an approved template (allowed: "
             f"{', '.join(site.templates) or 'none'})")

@@ -50,6 +50,10 @@ class _PortTaken(Exception):
 class Sandbox:
     """One loopback sshd and its keys, living in ``directory``."""
 
+    #: the site it serves, and what it is (for ``remote-exec demo``)
+    site_name = SITE_NAME
+    title = "the sandbox sshd"
+
     def __init__(self, directory: Path | None = None, *, extra_config: list[str] | None = None,
                  wrapper: list[str] | None = None, internal_sftp: bool = False) -> None:
         self.dir = Path(directory) if directory else state_dir() / "sandbox"
@@ -196,6 +200,9 @@ class Sandbox:
             time.sleep(0.05)
         self.pid_file.unlink(missing_ok=True)
         return True
+
+    def describe(self, definition: dict[str, Any]) -> str:
+        return f"sshd on port {definition['port']}, keys in {self.dir}"
 
     def site_definition(self) -> dict[str, Any]:
         """The ``sites.sandbox`` entry of the configuration."""

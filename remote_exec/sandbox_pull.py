@@ -40,6 +40,10 @@ PREFIX = "/re-pull/v1"
 class PullSandbox:
     """A queue server and a poller on this machine, in ``directory``."""
 
+    #: the site it serves, and what it is (for ``remote-exec demo``)
+    site_name = SITE_NAME
+    title = "a queue server and a site poller"
+
     def __init__(self, directory: Path | None = None) -> None:
         self.dir = Path(directory) if directory else state_dir() / "sandbox-pull"
         self.queue = self.dir / "queue"
@@ -57,6 +61,9 @@ class PullSandbox:
     @property
     def url(self) -> str:
         return f"https://127.0.0.1:{self.port}{PREFIX}"
+
+    def describe(self, definition: dict[str, Any]) -> str:
+        return f"queue server {definition['pull']['server']}, site files in {self.site}"
 
     def site_definition(self) -> dict[str, Any]:
         """The ``sites.sandbox-pull`` entry of the configuration."""

@@ -76,6 +76,9 @@ class Registered:
     #: extra commands of this backend ("module:attr" of a click group), attached to
     #: ``remote-exec`` by the CLI under the group's name
     commands: str = ""
+    #: the local stand-in of a site for ``remote-exec demo --backend NAME`` ("module:Class"
+    #: with ``site_name``, ``up()`` giving the site's definition, and ``describe(definition)``)
+    sandbox: str = ""
 
     def load(self) -> type[Backend]:
         cls: type[Backend] = resolve(self.target)
@@ -97,7 +100,7 @@ def _scheduler(name: str, title: str) -> Registered:
 #: the registry: every built-in backend, one line each
 BUILT_IN: tuple[Registered, ...] = (
     Registered("direct", "remote_exec.backends.direct:DirectBackend",
-               "a detached process on the SSH host"),
+               "a detached process on the SSH host", sandbox="remote_exec.sandbox:Sandbox"),
     _scheduler("slurm", "Slurm"),
     _scheduler("pbs", "PBS Pro"),
     _scheduler("torque", "Torque"),
@@ -120,7 +123,8 @@ BUILT_IN: tuple[Registered, ...] = (
                over_ssh=False, approved_only=True, section="pull",
                section_schema="remote_exec.backends.pull.settings:SCHEMA",
                section_check="remote_exec.backends.pull.settings:check_section",
-               commands="remote_exec.queue.commands:group"),
+               commands="remote_exec.queue.commands:group",
+               sandbox="remote_exec.sandbox_pull:PullSandbox"),
 )
 
 _REGISTRY: dict[str, Registered] = {r.name: r for r in BUILT_IN}
@@ -172,6 +176,11 @@ def choosable() -> list[str]:
     return [r.name for r in _REGISTRY.values() if r.choosable]
 
 
+def with_sandbox() -> list[str]:
+    """The backends ``remote-exec demo`` can show on this machine."""
+    return [r.name for r in _REGISTRY.values() if r.sandbox]
+
+
 def sections() -> dict[str, str]:
     """Settings sections of sites (``fujitsu:``) -> their schema's "module:ATTR"."""
     return {r.section: r.section_schema for r in _REGISTRY.values() if r.section}
@@ -202,5 +211,6 @@ def make_backend(name: str, site: Site, run_id: str = "",
 
 
 __all__ = ["BUILT_IN", "DEFAULT", "ENTRY_POINT_GROUP", "RESTRICTED", "Registered", "choosable",
-           "for_site", "get", "make_backend", "names", "register", "resolve", "sections"]
+           "for_site", "get", "make_backend", "names", "register", "resolve", "sections",
+           "with_sandbox"]
 

@@ -28,6 +28,8 @@ from typing import Any
 from remote_exec.errors import ConfigError
 from remote_exec.paths import read_private
 
+#: the section of a pull site (``pull:``)
+SECTION = "pull"
 #: how long a queued run waits for a poller of its site, by default (MInt's own rule
 #: dropped unclaimed jobs after 30 minutes, silently)
 DEFAULT_QUEUE_TIMEOUT = 1800.0
