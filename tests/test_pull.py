@@ -451,3 +451,39 @@ def test_demo_through_the_pull_sandbox(tmp_path: Path) -> None:
     finally:
         down = cli("sandbox", "down")
     assert "pull sandbox (queue server and poller) stopped" in down.stdout
+
+
+# -- a full spool, a link that drops -------------------------------------------------------
+
+def test_full_spool_is_a_staging_error(tmp_path: Path) -> None:
+    env = Pull(tmp_path)
+    try:
+        env.server.settings["min_free_space"] = "1000TiB"
+        env.server.restart()
+        (env.work / "in.dat").write_text("data\n")
+        result = env("run", "--site", SITE, "-t", "generic", *script("true"), "in.dat")
+        assert result.returncode == 73, result.stderr
+        assert "min_free_space" in result.stderr and "queue gc" in result.stderr
+        assert (env.work / "in.dat").read_text() == "data\n"
+    finally:
+        env.close()
+
+
+def test_link_cuts_during_upload_and_long_poll(polled: Pull) -> None:
+    from tcp_proxy import TcpProxy
+
+    with TcpProxy(polled.server.port) as proxy:
+        config = yaml.safe_load(polled.config.read_text())
+        config["sites"][SITE]["pull"]["server"] = \
+            polled.server.url.replace(f":{polled.server.port}/", f":{proxy.port}/")
+        polled.config.write_text(yaml.safe_dump(config))
+        (polled.work / "big.bin").write_bytes(os.urandom(24 << 20))
+        proxy.cut_after(up=8 << 20)  # in the middle of the upload
+        run = polled.start("run", "--site", SITE, "-t", "generic",
+                           *polled.counting("sleep 3; cp big.bin copy.bin"), "big.bin")
+        wait_until(lambda: polled.starts() == 1, 60, "the entrypoint to start")
+        proxy.cut()  # during the long-poll of `wait`
+        assert run.wait(120) == 0, polled.err(0)
+        assert proxy.cuts >= 2
+    assert (polled.work / "copy.bin").read_bytes() == (polled.work / "big.bin").read_bytes()
+    assert polled.starts() == 1
