@@ -89,10 +89,18 @@ class Pull:
         return self.cli(*args, cwd=self.work, timeout=timeout)
 
     def start_poller(self) -> subprocess.Popen:
-        with open(self.tmp / f"poller{len(self.pollers)}.out", "wb") as out:
+        """One more poller of the site (its own state directory and log)."""
+        n = len(self.pollers)
+        config = self.site_dir / "poller.json"
+        if n:
+            data = json.loads(config.read_text())
+            data.update(state=f"poller-state-{n}", log=f"poller-{n}.log")
+            config = self.site_dir / f"poller-{n}.json"
+            config.write_text(json.dumps(data))
+        with open(self.tmp / f"poller{n}.out", "wb") as out:
             proc = subprocess.Popen(
                 [sys.executable, str(self.site_dir / "remote_exec_poller.py"), "--config",
-                 str(self.site_dir / "poller.json")], stdout=out, stderr=subprocess.STDOUT,
+                 str(config)], stdout=out, stderr=subprocess.STDOUT,
                 env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
         self.pollers.append(proc)
         return proc
@@ -487,3 +495,19 @@ def test_link_cuts_during_upload_and_long_poll(polled: Pull) -> None:
         assert proxy.cuts >= 2
     assert (polled.work / "copy.bin").read_bytes() == (polled.work / "big.bin").read_bytes()
     assert polled.starts() == 1
+
+
+def test_four_pollers_fifty_runs(pull: Pull) -> None:
+    for _ in range(4):
+        pull.start_poller()
+    runs = [pull.start("run", "--site", SITE, "--into", str(pull.work / f"r{i}"), "-t",
+                       "generic", *script(f"echo {i} >> {pull.marker}; echo {i} > mine.txt"))
+            for i in range(50)]
+    codes = [run.wait(240) for run in runs]
+    assert codes == [0] * 50, [pull.err(i) for i, c in enumerate(codes) if c][:2]
+    assert sorted(int(x) for x in pull.marker.read_text().split()) == list(range(50))
+    for i in range(50):
+        assert (pull.work / f"r{i}" / "mine.txt").read_text() == f"{i}\n"
+    logs = "".join(p.read_text() for p in pull.site_dir.glob("poller*.log"))
+    assert logs.count(": claimed") == 50
+    assert len({line.split()[2] for line in logs.splitlines() if ": claimed" in line}) == 50
