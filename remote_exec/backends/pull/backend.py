@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import json
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -66,6 +67,8 @@ from remote_exec.ui import Reporter
 #: the server's states once the site started (or is starting) the entrypoint
 STARTED = ("launching", "running", "uploading")
 TERMINAL = ("finished", "expired", "cancelled")
+#: the states a poller moves through while getting a run ready: recorded, not shown
+QUIET = ("claimed", "staging", "staged", "launching")
 #: the exit code a cancelled run ends with (as a TERM-ed process)
 TERMINATED = EXIT_SIGNAL_BASE + 15
 #: the server's states in the common words of ``status``
@@ -383,6 +386,10 @@ class PullBackend(Backend):
                      "for it to come back")
         elif not state.get("stalled"):
             self._stall_said = False
+        if state["state"] in QUIET and not stuck:  # (the poller is getting it ready)
+            run.job_info = info
+            await run.record(job_info=json.dumps(info.to_dict()))
+            return
         await run.note_job(info, f"{text}: {stuck}" if stuck else text, stuck)
 
     def _refusal(self, state: dict[str, Any]) -> SiteRefused:
