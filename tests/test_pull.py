@@ -11,12 +11,14 @@ every output.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +27,6 @@ import yaml
 from conftest import Cli
 from pull_site import QueueServer, make_ca
 
-SITE = "corp"
 #: a command for the `generic` template: sh -c SCRIPT
 SH = ["-p", "program=/bin/sh", "-p", "args=-c"]
 
@@ -47,16 +48,20 @@ def wait_until(predicate, timeout: float, what: str, step: float = 0.1):
 class Pull:
     """A queue server, a site (poller files, run root) and the MInt side's CLI."""
 
-    def __init__(self, tmp: Path, **site: object) -> None:
+    def __init__(self, tmp: Path, shared: QueueServer | None = None, **site: object) -> None:
+        """A site of its own (``self.site``); the server ``shared`` by the module's tests
+        unless the test stops or reconfigures it (then one of its own)."""
         self.tmp = tmp
-        self.ca = make_ca(tmp / "ca")
-        self.server = QueueServer(tmp / "queue", self.ca).start()
+        self.site = f"corp-{uuid.uuid4().hex[:8]}"
+        self.own_server = shared is None
+        self.server = shared or QueueServer(tmp / "queue", make_ca(tmp / "ca")).start()
+        self.ca = self.server.ca
         self.root = tmp / "site-runs"
         self.root.mkdir()
         self.work = tmp / "work"
         self.work.mkdir()
         self.marker = tmp / "starts"
-        self.submit_token = self.server.token("submit", SITE)
+        self.submit_token = self.server.token("submit", self.site)
         token_file = tmp / "submit.token"
         token_file.write_text(self.submit_token + "\n")
         token_file.chmod(0o600)
@@ -68,7 +73,7 @@ class Pull:
                           "poll_wait": 5}}
         entry.update(site)
         self.config = tmp / "remote-exec.yaml"
-        self.config.write_text(yaml.safe_dump({"sites": {SITE: entry}}))
+        self.config.write_text(yaml.safe_dump({"sites": {self.site: entry}}))
         env = dict(os.environ)
         env.update({"REMOTE_EXEC_CONFIG": str(self.config),
                     "REMOTE_EXEC_STATE_DIR": str(tmp / "state"),
@@ -76,10 +81,10 @@ class Pull:
         env.pop("MISYSTEM_SITEID", None)
         self.cli = Cli(config=self.config, state=tmp / "state", env=env)
         self.site_dir = tmp / "site"
-        made = self("site", "install", SITE, "--poller", "--output", str(self.site_dir),
+        made = self("site", "install", self.site, "--poller", "--output", str(self.site_dir),
                     "--site-dir", str(self.site_dir), "--user", "nobody")
         assert made.returncode == 0, made.stderr
-        self.site_token = self.server.token("site", SITE)
+        self.site_token = self.server.token("site", self.site)
         (self.site_dir / "token").write_text(self.site_token + "\n")
         (self.site_dir / "token").chmod(0o600)
         self.pollers: list[subprocess.Popen] = []
@@ -138,13 +143,34 @@ class Pull:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        self.server.stop()
+        if self.own_server:
+            self.server.stop()
         subprocess.run(["pkill", "-KILL", "-f", str(self.marker)], check=False)
+
+    def edit_site(self, **changes: object) -> None:
+        """Change the site's entry (``pull`` merged into its section)."""
+        config = yaml.safe_load(self.config.read_text())
+        entry = config["sites"][self.site]
+        entry["pull"].update(changes.pop("pull", {}))  # type: ignore[arg-type]
+        entry.update(changes)
+        self.config.write_text(yaml.safe_dump(config))
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QueueServer]:
+    """One queue server for the tests that neither stop nor reconfigure it."""
+    base = tmp_path_factory.mktemp("shared-queue")
+    # leases long enough that a loaded machine does not re-queue a run before its launch
+    # (lease expiry itself is tested against servers of their own)
+    server = QueueServer(base / "queue", make_ca(base / "ca"), lease_ttl=30,
+                         lost_after=60).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture
-def pull(tmp_path: Path) -> Iterator[Pull]:
-    env = Pull(tmp_path)
+def pull(tmp_path: Path, shared: QueueServer) -> Iterator[Pull]:
+    env = Pull(tmp_path, shared)
     try:
         yield env
     finally:
@@ -157,6 +183,17 @@ def polled(pull: Pull) -> Pull:
     return pull
 
 
+@pytest.fixture
+def alone(tmp_path: Path) -> Iterator[Pull]:
+    """A site and a poller with a queue server of their own (the test stops it)."""
+    env = Pull(tmp_path)
+    env.start_poller()
+    try:
+        yield env
+    finally:
+        env.close()
+
+
 # -- results and exit codes ----------------------------------------------------------------
 
 HOSTILE = ["in put.txt", "quo'te\".txt", "new\nline.txt", "$(touch pwned).txt"]
@@ -167,7 +204,7 @@ def test_success_with_hostile_names_and_return_filter(polled: Pull) -> None:
         (polled.work / name).write_text(f"input {i}\n")
     (polled.work / "data").mkdir()
     (polled.work / "data" / "nested.bin").write_bytes(os.urandom(300_000))
-    result = polled("run", "--site", SITE, "-t", "generic", *script(
+    result = polled("run", "--site", polled.site, "-t", "generic", *script(
         'mkdir -p out; for f in *.txt; do cp "$f" "out/$f"; done; cp data/nested.bin out/; '
         'echo secret > my.key; echo done'), *HOSTILE, "data")
     assert result.returncode == 0, result.stderr
@@ -189,10 +226,11 @@ def test_success_with_hostile_names_and_return_filter(polled: Pull) -> None:
 
 
 def test_exit_code_and_signal(polled: Pull) -> None:
-    three = polled("run", "--site", SITE, "-t", "generic", *script("echo out > r.txt; exit 3"))
+    three = polled("run", "--site", polled.site, "-t", "generic",
+                   *script("echo out > r.txt; exit 3"))
     assert three.returncode == 3, three.stderr
     assert (polled.work / "r.txt").read_text() == "out\n"  # results come back on failure
-    killed = polled("run", "--site", SITE, "-t", "generic", *script("kill -KILL $$"))
+    killed = polled("run", "--site", polled.site, "-t", "generic", *script("kill -KILL $$"))
     assert killed.returncode == 137, killed.stderr
 
 
@@ -203,7 +241,7 @@ def test_site_refuses_unknown_entrypoint(polled: Pull) -> None:
     allowlist = json.loads((polled.site_dir / "allowlist.json").read_text())
     del allowlist["entrypoints"]["python"]
     (polled.site_dir / "allowlist.json").write_text(json.dumps(allowlist))
-    result = polled("run", "--site", SITE, "-t", "python", "-p", "script=x.py")
+    result = polled("run", "--site", polled.site, "-t", "python", "-p", "script=x.py")
     assert result.returncode == 77, result.stderr
     assert "refused" in result.stderr and "python" in result.stderr
     assert "entrypoint_not_allowed" in result.stderr
@@ -214,7 +252,7 @@ def test_site_refuses_changed_entrypoint(polled: Pull) -> None:
     entry = polled.site_dir / "entrypoints" / "generic.sh"
     entry.chmod(0o700)
     entry.write_text(entry.read_text() + "\necho tampered\n")
-    result = polled("run", "--site", SITE, "-t", "generic", *polled.counting())
+    result = polled("run", "--site", polled.site, "-t", "generic", *polled.counting())
     assert result.returncode == 77, result.stderr
     assert "sha256" in result.stderr and "digest_mismatch" in result.stderr
     assert polled.run_dirs() == [] and polled.starts() == 0
@@ -224,7 +262,7 @@ def test_site_refuses_bad_parameter(polled: Pull) -> None:
     allowlist = json.loads((polled.site_dir / "allowlist.json").read_text())
     allowlist["entrypoints"]["generic"]["parameters"]["program"]["pattern"] = "/usr/bin/[a-z]+"
     (polled.site_dir / "allowlist.json").write_text(json.dumps(allowlist))
-    result = polled("run", "--site", SITE, "-t", "generic", *polled.counting())
+    result = polled("run", "--site", polled.site, "-t", "generic", *polled.counting())
     assert result.returncode == 77, result.stderr
     assert "bad_parameter" in result.stderr and "program" in result.stderr
     assert polled.run_dirs() == [] and polled.starts() == 0
@@ -234,26 +272,26 @@ def test_site_refuses_bad_parameter(polled: Pull) -> None:
 
 def test_no_poller_expires_with_last_seen(pull: Pull) -> None:
     config = yaml.safe_load(pull.config.read_text())
-    config["sites"][SITE]["pull"]["queue_timeout"] = 2
+    config["sites"][pull.site]["pull"]["queue_timeout"] = 2
     pull.config.write_text(yaml.safe_dump(config))
-    result = pull("run", "--site", SITE, "-t", "generic", *script("true"))
+    result = pull("run", "--site", pull.site, "-t", "generic", *script("true"))
     assert result.returncode == 69, result.stderr
-    assert "no poller of site corp claimed" in result.stderr
+    assert f"no poller of site {pull.site} claimed" in result.stderr
     assert "last seen never" in result.stderr
     assert "remote_exec_poller.py running" in result.stderr
 
 
 def test_timeout_while_queued(pull: Pull) -> None:
-    result = pull("run", "--site", SITE, "--timeout", "2s", "-t", "generic", *script("true"))
+    result = pull("run", "--site", pull.site, "--timeout", "2s", "-t", "generic", *script("true"))
     assert result.returncode == 124, result.stderr
     record = pull.journal()[0]
     assert record["state"] == "timed_out"
-    runs = pull.server.admin("runs")
+    runs = pull.server.admin("runs", "--site", pull.site)
     assert "cancelled" in runs.stdout  # withdrawn from the queue: no poller takes it later
 
 
 def test_cancel_while_running_stops_the_entrypoint(polled: Pull) -> None:
-    run = polled.start("run", "--site", SITE, "-t", "generic",
+    run = polled.start("run", "--site", polled.site, "-t", "generic",
                        *polled.counting(f"sleep 60 # {polled.marker}"))
     wait_until(lambda: polled.starts() == 1, 30, "the entrypoint to start")
     time.sleep(0.5)
@@ -267,7 +305,7 @@ def test_cancel_while_running_stops_the_entrypoint(polled: Pull) -> None:
 
 
 def test_cancel_command_while_queued(pull: Pull) -> None:
-    run = pull.start("run", "--site", SITE, "-t", "generic", *script("true"))
+    run = pull.start("run", "--site", pull.site, "-t", "generic", *script("true"))
     record = wait_until(lambda: [r for r in pull.journal() if r["phase"] == "staged"], 30,
                         "the run to be queued")[0]
     cancelled = pull("cancel", record["id"][:8])
@@ -283,7 +321,7 @@ def test_cancel_command_while_queued(pull: Pull) -> None:
 
 def test_mint_side_killed_then_resume(polled: Pull) -> None:
     (polled.work / "in.dat").write_text("x\n")
-    run = polled.start("run", "--site", SITE, "-t", "generic",
+    run = polled.start("run", "--site", polled.site, "-t", "generic",
                        *polled.counting("sleep 3; cat in.dat > out.dat"), "in.dat")
     wait_until(lambda: polled.starts() == 1, 30, "the entrypoint to start")
     run.kill()
@@ -296,51 +334,51 @@ def test_mint_side_killed_then_resume(polled: Pull) -> None:
     assert polled.starts() == 1
 
 
-def test_server_killed_and_restarted_mid_run(polled: Pull) -> None:
-    run = polled.start("run", "--site", SITE, "-t", "generic",
-                       *polled.counting("sleep 4; echo ok > ok.txt"))
-    wait_until(lambda: polled.starts() == 1, 30, "the entrypoint to start")
-    polled.server.kill()
+def test_server_killed_and_restarted_mid_run(alone: Pull) -> None:
+    run = alone.start("run", "--site", alone.site, "-t", "generic",
+                       *alone.counting("sleep 4; echo ok > ok.txt"))
+    wait_until(lambda: alone.starts() == 1, 30, "the entrypoint to start")
+    alone.server.kill()
     time.sleep(1.5)
-    polled.server.restart()
-    assert run.wait(90) == 0, polled.err(0)
-    assert (polled.work / "ok.txt").read_text() == "ok\n"
-    assert polled.starts() == 1
+    alone.server.restart()
+    assert run.wait(90) == 0, alone.err(0)
+    assert (alone.work / "ok.txt").read_text() == "ok\n"
+    assert alone.starts() == 1
 
 
-def test_server_gone_interrupts_then_resume(polled: Pull) -> None:
-    config = yaml.safe_load(polled.config.read_text())
-    config["sites"][SITE].update(retry_tries=1, retry_max_interval=0.5)
-    polled.config.write_text(yaml.safe_dump(config))
-    run = polled.start("run", "--site", SITE, "-t", "generic",
-                       *polled.counting("sleep 5; echo ok > ok.txt"))
-    wait_until(lambda: polled.starts() == 1, 30, "the entrypoint to start")
-    polled.server.kill()
-    assert run.wait(60) == 75, polled.err(0)
-    assert "resume" in polled.err(0)
-    polled.server.restart()
-    record = polled.journal()[0]
+def test_server_gone_interrupts_then_resume(alone: Pull) -> None:
+    config = yaml.safe_load(alone.config.read_text())
+    config["sites"][alone.site].update(retry_tries=1, retry_max_interval=0.5)
+    alone.config.write_text(yaml.safe_dump(config))
+    run = alone.start("run", "--site", alone.site, "-t", "generic",
+                       *alone.counting("sleep 5; echo ok > ok.txt"))
+    wait_until(lambda: alone.starts() == 1, 30, "the entrypoint to start")
+    alone.server.kill()
+    assert run.wait(60) == 75, alone.err(0)
+    assert "resume" in alone.err(0)
+    alone.server.restart()
+    record = alone.journal()[0]
     assert record["state"] == "interrupted"
-    resumed = polled("resume", record["id"][:8])
+    resumed = alone("resume", record["id"][:8])
     assert resumed.returncode == 0, resumed.stderr
-    assert (polled.work / "ok.txt").read_text() == "ok\n" and polled.starts() == 1
+    assert (alone.work / "ok.txt").read_text() == "ok\n" and alone.starts() == 1
 
 
 # -- credentials and TLS ---------------------------------------------------------------------
 
 def test_token_file_readable_by_others_is_refused(pull: Pull) -> None:
-    token = Path(yaml.safe_load(pull.config.read_text())["sites"][SITE]["pull"]["token_file"])
+    token = Path(yaml.safe_load(pull.config.read_text())["sites"][pull.site]["pull"]["token_file"])
     token.chmod(0o644)
-    result = pull("run", "--site", SITE, "-t", "generic", *script("true"))
+    result = pull("run", "--site", pull.site, "-t", "generic", *script("true"))
     assert result.returncode == 78, result.stderr
     assert "chmod 600" in result.stderr and pull.journal() == []
 
 
 def test_revoked_submit_token(pull: Pull) -> None:
-    listed = pull.server.admin("token", "list")
-    ident = next(line.split()[0] for line in listed.stdout.splitlines() if "submit" in line)
+    ident = hashlib.sha256(pull.submit_token.encode()).hexdigest()[:12]
+    assert ident in pull.server.admin("token", "list").stdout
     assert pull.server.admin("token", "revoke", ident).returncode == 0
-    result = pull("run", "--site", SITE, "-t", "generic", *script("true"))
+    result = pull("run", "--site", pull.site, "-t", "generic", *script("true"))
     assert result.returncode == 77, result.stderr
     assert "revoked" in result.stderr and "queue token add --role submit" in result.stderr
 
@@ -348,15 +386,15 @@ def test_revoked_submit_token(pull: Pull) -> None:
 def test_wrong_ca_is_refused(pull: Pull, tmp_path: Path) -> None:
     other = make_ca(tmp_path / "other-ca")
     config = yaml.safe_load(pull.config.read_text())
-    config["sites"][SITE]["pull"]["ca_file"] = str(other.ca_file)
+    config["sites"][pull.site]["pull"]["ca_file"] = str(other.ca_file)
     pull.config.write_text(yaml.safe_dump(config))
-    result = pull("run", "--site", SITE, "-t", "generic", *script("true"))
+    result = pull("run", "--site", pull.site, "-t", "generic", *script("true"))
     assert result.returncode == 69, result.stderr
     assert "certificate" in result.stderr and "ca_file" in result.stderr
 
 
 def test_no_secret_in_outputs_or_state(polled: Pull) -> None:
-    result = polled("run", "--site", SITE, "-t", "generic", *script("echo hi"))
+    result = polled("run", "--site", polled.site, "-t", "generic", *script("echo hi"))
     assert result.returncode == 0, result.stderr
     status = polled("status", polled.journal()[0]["id"][:8])
     seen = result.stdout + result.stderr + status.stdout + status.stderr
@@ -371,7 +409,7 @@ def test_no_secret_in_outputs_or_state(polled: Pull) -> None:
 # -- the commands around runs ----------------------------------------------------------------
 
 def test_status_logs_check_and_cleanup(polled: Pull) -> None:
-    result = polled("run", "--site", SITE, "-t", "generic", *script("echo first; exit 2"))
+    result = polled("run", "--site", polled.site, "-t", "generic", *script("echo first; exit 2"))
     assert result.returncode == 2
     run_id = polled.journal()[0]["id"]
     status = polled("status", run_id[:8])
@@ -379,12 +417,12 @@ def test_status_logs_check_and_cleanup(polled: Pull) -> None:
     assert "finished: exit code 2" in status.stdout
     logs = polled("logs", run_id[:8])
     assert logs.stdout == "first\n"
-    check = polled("site", "check", SITE, "--json")
+    check = polled("site", "check", polled.site, "--json")
     rows = {row["check"]: row for row in json.loads(check.stdout)}
     assert rows["queue server"]["status"] == "ok" and rows["pollers"]["status"] == "ok"
     assert check.returncode == 0
     assert run_id in polled.server.admin("runs").stdout  # kept: the entrypoint failed
-    cleaned = polled("cleanup", SITE, "--older-than", "0")
+    cleaned = polled("cleanup", polled.site, "--older-than", "0")
     assert cleaned.returncode == 0, cleaned.stderr
     assert run_id not in polled.server.admin("runs").stdout
 
@@ -399,7 +437,7 @@ def test_poller_bundle(pull: Pull) -> None:
     assert allowlist["root"] == str(pull.root)
     config = json.loads((pull.site_dir / "poller.json").read_text())
     assert config["server"] == pull.server.url and config["ca_file"] == "mint-ca.pem"
-    again = pull("site", "install", SITE, "--poller", "--output", str(pull.site_dir))
+    again = pull("site", "install", pull.site, "--poller", "--output", str(pull.site_dir))
     assert again.returncode == 78 and "not empty" in again.stderr
 
 
@@ -407,7 +445,7 @@ def test_poller_bundle(pull: Pull) -> None:
 
 def test_mi_system_wf_arguments(polled: Pull) -> None:
     config = yaml.safe_load(polled.config.read_text())
-    config["sites"][SITE]["pull"]["legacy_commands"] = {
+    config["sites"][polled.site]["pull"]["legacy_commands"] = {
         "execute_remote-side_program_api.sh": {
             "entrypoint": "generic",
             "params": ["program=/bin/sh", "args=-c",
@@ -418,7 +456,7 @@ def test_mi_system_wf_arguments(polled: Pull) -> None:
     mint_token = "0123456789abcdef" * 4
 
     def call(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(wrapper), "https://nims.mintsys.jp", SITE,
+        return subprocess.run([sys.executable, str(wrapper), "https://nims.mintsys.jp", polled.site,
                                mint_token, *args], cwd=polled.work, env=polled.cli.env,
                               capture_output=True, text=True, timeout=120)
 
@@ -429,7 +467,7 @@ def test_mi_system_wf_arguments(polled: Pull) -> None:
     assert (polled.work / "remote_program_exec.log").read_text() == "ran\n"
     unknown = call("/opt/other.sh", "a.dat", "X X.dat")
     assert unknown.returncode == 1
-    assert "not one of site 'corp''s legacy_commands" in unknown.stderr
+    assert f"not one of site '{polled.site}''s legacy_commands" in unknown.stderr
     usage = call("execute_remote-side_program_api.sh")
     assert usage.returncode == 1 and "Usage" in usage.stdout
     for result in (done, unknown, usage):
@@ -469,7 +507,7 @@ def test_full_spool_is_a_staging_error(tmp_path: Path) -> None:
         env.server.settings["min_free_space"] = "1000TiB"
         env.server.restart()
         (env.work / "in.dat").write_text("data\n")
-        result = env("run", "--site", SITE, "-t", "generic", *script("true"), "in.dat")
+        result = env("run", "--site", env.site, "-t", "generic", *script("true"), "in.dat")
         assert result.returncode == 73, result.stderr
         assert "min_free_space" in result.stderr and "queue gc" in result.stderr
         assert (env.work / "in.dat").read_text() == "data\n"
@@ -482,12 +520,12 @@ def test_link_cuts_during_upload_and_long_poll(polled: Pull) -> None:
 
     with TcpProxy(polled.server.port) as proxy:
         config = yaml.safe_load(polled.config.read_text())
-        config["sites"][SITE]["pull"]["server"] = \
+        config["sites"][polled.site]["pull"]["server"] = \
             polled.server.url.replace(f":{polled.server.port}/", f":{proxy.port}/")
         polled.config.write_text(yaml.safe_dump(config))
         (polled.work / "big.bin").write_bytes(os.urandom(24 << 20))
         proxy.cut_after(up=8 << 20)  # in the middle of the upload
-        run = polled.start("run", "--site", SITE, "-t", "generic",
+        run = polled.start("run", "--site", polled.site, "-t", "generic",
                            *polled.counting("sleep 3; cp big.bin copy.bin"), "big.bin")
         wait_until(lambda: polled.starts() == 1, 60, "the entrypoint to start")
         proxy.cut()  # during the long-poll of `wait`
@@ -500,7 +538,7 @@ def test_link_cuts_during_upload_and_long_poll(polled: Pull) -> None:
 def test_four_pollers_fifty_runs(pull: Pull) -> None:
     for _ in range(4):
         pull.start_poller()
-    runs = [pull.start("run", "--site", SITE, "--into", str(pull.work / f"r{i}"), "-t",
+    runs = [pull.start("run", "--site", pull.site, "--into", str(pull.work / f"r{i}"), "-t",
                        "generic", *script(f"echo {i} >> {pull.marker}; echo {i} > mine.txt"))
             for i in range(50)]
     codes = [run.wait(240) for run in runs]
