@@ -1,0 +1,347 @@
+"""The pull method's site poller (``remote-side_scripts/remote_exec_poller.py``).
+
+Everything real on loopback: the poller runs as a subprocess (as a site would run it),
+drives the real restricted agent, and talks real TLS to the queue server
+(``tests/pull_site.py``'s ``QueueServer``, a subprocess) while the tests play the MInt side
+with a small client of the submit role (``poller_helpers.HttpSubmitter``). Where a test
+must script the server's answers (503 with Retry-After, a revoked token) it uses
+``poller_helpers.FakeQueue``, a stand-in for the site role in this process.
+
+Each test has a site of its own (its own token), so runs of one test never reach the
+pollers of another. Leases are short (``lease_ttl`` 3 s: a heartbeat a second).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from poller_helpers import POLLER, FakeQueue, FakeSubmitter, HttpSubmitter, Site, wait_for
+
+try:
+    from pull_site import QueueServer, make_ca
+except ImportError:  # the queue server is not there (yet): the stand-in plays it
+    QueueServer = make_ca = None
+
+TTL = 3
+
+
+class Backend:
+    """The queue server the tests run against, and per-test sites on it."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.fake = None
+        self.server = None
+        if QueueServer is not None:
+            ca = make_ca(directory / "ca")
+            self.server = QueueServer(directory / "server", ca, lease_ttl=TTL)
+            self.server.start()
+            self.url = self.server.url
+            self.ca_file = str(ca.ca_file)
+        else:
+            self.fake = FakeQueue(directory, ttl=TTL, heartbeat=1)
+            self.url = self.fake.url
+            self.ca_file = self.fake.ca_file
+
+    def site(self, base: Path, **config) -> tuple[Site, object]:
+        name = "s" + uuid.uuid4().hex[:10]
+        if self.server is not None:
+            token = self.server.token("site", name)
+            submitter = HttpSubmitter(self.url, self.ca_file,
+                                      self.server.token("submit", name), name)
+        else:
+            token = self.fake.site_token(name)
+            submitter = FakeSubmitter(self.fake, name)
+        return Site(base, self.url, self.ca_file, token, **config), submitter
+
+    def close(self):
+        if self.server is not None:
+            self.server.stop()
+        if self.fake is not None:
+            self.fake.close()
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory):
+    b = Backend(tmp_path_factory.mktemp("queue"))
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory):
+    f = FakeQueue(tmp_path_factory.mktemp("fake"), ttl=TTL, heartbeat=1)
+    yield f
+    f.close()
+
+
+@pytest.fixture
+def sites():
+    made = []
+    yield made
+    for site in made:
+        site.stop()
+
+
+def new_site(backend: Backend, sites: list, base: Path, **config):
+    site, sub = backend.site(base, **config)
+    sites.append(site)
+    return site, sub
+
+
+def finished(sub, run_id, timeout=30):
+    return sub.wait(run_id, ("finished", "cancelled", "expired"), timeout)
+
+
+# --------------------------------------------------------------------------------------
+# Without a server
+# --------------------------------------------------------------------------------------
+
+def test_the_poller_is_python_3_6_code():
+    vermin = shutil.which("vermin")
+    if vermin is None:
+        pytest.skip("vermin is not installed")
+    proc = subprocess.run([vermin, "-t=3.6-", "--no-tips", "--violations", str(POLLER)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_token_file_others_may_read_is_refused(fake, tmp_path):
+    site = Site(tmp_path, fake.url, fake.ca_file, fake.site_token("x"))
+    site.set_token(fake.site_token("x"), mode=0o644)
+    proc = site.poller("--once")
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 2
+    assert b"mode 0644" in err and b"chmod 600" in err
+    assert fake.site_token("x").encode() not in err + out
+
+
+def test_unknown_config_keys_are_refused(fake, tmp_path):
+    site = Site(tmp_path, fake.url, fake.ca_file, fake.site_token("x"), insecure=True)
+    proc = site.poller("--once")
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 2 and b"unknown keys insecure" in err
+
+
+def test_check_reports_what_to_fix(fake, tmp_path):
+    site = Site(tmp_path, fake.url, fake.ca_file, fake.site_token("chk"))
+    proc = subprocess.run([sys.executable, str(POLLER), "--config", str(site.config),
+                           "--check"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stdout
+    assert "worker" in proc.stdout and "healthz ok" in proc.stdout
+    assert "token: accepted" in proc.stdout
+    site.set_token("re1_wrong")
+    proc = subprocess.run([sys.executable, str(POLLER), "--config", str(site.config),
+                           "--check"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1 and "refuses the site token" in proc.stdout
+    assert "re1_wrong" not in proc.stdout
+
+
+# --------------------------------------------------------------------------------------
+# Scripted server answers
+# --------------------------------------------------------------------------------------
+
+def test_503_is_retried_after_retry_after(fake, tmp_path, sites):
+    site = Site(tmp_path, fake.url, fake.ca_file, fake.site_token("busy"))
+    sites.append(site)
+    sub = FakeSubmitter(fake, "busy")
+    with fake.lock:
+        for _ in range(2):
+            fake.script.append(("POST /site/claim", 503, {"Retry-After": "1"},
+                                {"error": {"code": "draining", "message": "later",
+                                           "retry_after": 1}}))
+    run_id = sub.submit("worker", site.params())
+    start = time.monotonic()
+    proc = site.poller("--once")
+    run = finished(sub, run_id)
+    assert run["outcome"] == "exited" and run["exit_code"] == 0
+    assert time.monotonic() - start >= 1.8
+    assert proc.wait(20) == 0
+    assert "503" in site.log()
+
+
+def test_a_revoked_token_is_retried_slowly_and_logged_once(fake, tmp_path, sites):
+    token = fake.site_token("revoked")
+    fake.revoked.add(token)
+    site = Site(tmp_path, fake.url, fake.ca_file, token)
+    sites.append(site)
+    before = fake.count("claim")
+    proc = site.poller(env={"REMOTE_EXEC_POLLER_AUTH_RETRY": "1"})
+    time.sleep(4)
+    assert proc.poll() is None  # no crash
+    claims = fake.count("claim") - before
+    assert 2 <= claims <= 6, claims
+    log = site.log()
+    assert log.count("token_revoked") == 1, log
+    assert token not in log
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0
+
+
+# --------------------------------------------------------------------------------------
+# Against the queue server
+# --------------------------------------------------------------------------------------
+
+NAMES = ["result.txt", "with space.txt", "it's \"q\".txt", "new\nline.txt",
+         "sub/deeper/d.dat", "out-a.in.txt"]
+
+
+def test_runs_exit_0_and_3_with_results_byte_exact(backend, tmp_path, sites):
+    site, sub = new_site(backend, sites, tmp_path, slots=2)
+    data = os.urandom(300_000)
+    ok = sub.submit("worker", site.params(), {"a.in": data, "dir/b c.in": b"bc"})
+    bad = sub.submit("worker", site.params(code="3", mode="slow"), {"a.in": b"x"})
+    site.poller()
+    run = finished(sub, ok)
+    assert run["outcome"] == "exited" and run["exit_code"] == 0, run
+    paths = {o["path"] for o in run["outputs"]}
+    assert set(NAMES) <= paths and "dir/b c.in" in paths
+    assert sub.output(ok, "out-a.in.txt") == data
+    assert sub.output(ok, "new\nline.txt") == b"newline\n"
+    assert sub.output(ok, "it's \"q\".txt") == b"quote\n"
+    # the allowlist's never: returns.never ["*.key"]
+    assert "secret.key" not in paths and run["held_back"] == ["secret.key"]
+    assert b"hello from the entrypoint" in sub.log(ok)
+    run = finished(sub, bad)
+    assert run["outcome"] == "exited" and run["exit_code"] == 3, run
+    assert sub.output(bad, "result.txt") == b"result slow\n"
+    assert sorted(line.split()[1] for line in site.starts()) == sorted([ok, bad])
+    # cleanup on-success: the run of exit 0 is gone, the other kept; no state left
+    wait_for(lambda: site.run_dirs() == [bad] and not site.state_files(), 10, "cleanup")
+
+
+def test_the_site_refuses_what_its_allowlist_does_not_allow(backend, tmp_path, sites):
+    site, sub = new_site(backend, sites, tmp_path)
+    allowlist = json.loads(site.allowlist.read_text())
+    changed = dict(allowlist["entrypoints"]["worker"], sha256="0" * 64)
+    allowlist["entrypoints"]["changed"] = changed
+    site.allowlist.write_text(json.dumps(allowlist))
+    unknown = sub.submit("abaqus", {})
+    digest = sub.submit("changed", site.params())
+    param = sub.submit("worker", site.params(mode="$(rm -rf ~)"))
+    site.poller()
+    for run_id, reason, words in ((unknown, "entrypoint_not_allowed", "not in the allowlist"),
+                                  (digest, "digest_mismatch", "re-approve"),
+                                  (param, "bad_parameter", "is not one of fast, slow")):
+        run = finished(sub, run_id)
+        assert run["outcome"] == "rejected" and run["reason"] == reason, run
+        assert words in run["message"]
+    assert site.run_dirs() == [] and site.starts() == [] and site.state_files() == []
+    log = site.log()
+    assert log.count("rejected (") == 3
+    assert "rm -rf" not in log  # parameter values stay out of the log
+
+
+def test_sigkill_of_the_poller_while_the_entrypoint_runs(backend, tmp_path, sites):
+    site, sub = new_site(backend, sites, tmp_path)
+    run_id = sub.submit("worker", site.params(sleep="30"), {"a.in": b"abc"})
+    first = site.poller()
+    sub.wait(run_id, ("running",))
+    wait_for(lambda: site.starts(), 10, "the entrypoint's start")
+    first.kill()
+    first.wait()
+    site.poller()
+    run = finished(sub, run_id)
+    assert run["outcome"] == "exited" and run["exit_code"] == 0, run
+    assert sub.output(run_id, "out-a.in.txt") == b"abc"
+    assert len(site.starts()) == 1
+    assert "picked up again after a restart (phase running)" in site.log()
+
+
+def test_sigterm_leaves_the_entrypoint_running(backend, tmp_path, sites):
+    site, sub = new_site(backend, sites, tmp_path)
+    run_id = sub.submit("worker", site.params(sleep="25"))
+    first = site.poller()
+    sub.wait(run_id, ("running",))
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(10) == 0
+    assert sub.run(run_id)["state"] == "running"
+    site.poller()
+    run = finished(sub, run_id)
+    assert run["outcome"] == "exited" and run["exit_code"] == 0
+    assert len(site.starts()) == 1
+
+
+def test_sigkill_during_the_download_of_an_input(backend, tmp_path, sites):
+    site, sub = new_site(backend, sites, tmp_path)
+    data = os.urandom(6 * 1024 * 1024 + 123)
+    run_id = sub.submit("worker", site.params(), {"big.in": data})
+    first = site.poller(env={"REMOTE_EXEC_POLLER_TEST_DELAY": "0.3"})
+
+    def partial():
+        for top, _, files in os.walk(site.root):
+            for name in files:
+                if name.startswith(".re-part-") and os.path.getsize(
+                        os.path.join(top, name)) > 1024 * 1024:
+                    return True
+        return False
+
+    wait_for(partial, 20, "a partial download")
+    first.kill()
+    first.wait()
+    assert site.starts() == []
+    site.poller()
+    run = finished(sub, run_id)
+    assert run["outcome"] == "exited" and run["exit_code"] == 0, run
+    assert sub.output(run_id, "out-big.in.txt") == data
+    assert len(site.starts()) == 1
+
+
+def test_cancel_while_running(backend, tmp_path, sites):
+    site, sub = new_site(backend, sites, tmp_path)
+    run_id = sub.submit("worker", site.params(sleep="300"))
+    site.poller()
+    sub.wait(run_id, ("running",))
+    wait_for(lambda: site.starts(), 10, "the entrypoint's start")
+    sub.cancel(run_id)
+    run = finished(sub, run_id)
+    assert run["outcome"] == "cancelled", run
+    assert Path(str(site.marker) + ".term").read_text() == "got TERM\n"
+    assert len(site.starts()) == 1
+
+
+def test_a_lease_lost_before_launch_never_launches(backend, tmp_path, sites):
+    site, sub = new_site(backend, sites, tmp_path)
+    run_id = sub.submit("worker", site.params(), {"a.in": b"a"})
+    proc = site.poller(env={"REMOTE_EXEC_POLLER_TEST_DELAY": "1"})
+    sub.wait(run_id, ("staged",))
+    os.kill(proc.pid, signal.SIGSTOP)
+    time.sleep(TTL + 2.5)  # the lease expires; the server queues the run again
+    os.kill(proc.pid, signal.SIGCONT)
+    run = finished(sub, run_id, timeout=40)
+    assert run["outcome"] == "exited" and run["attempt"] == 2, run
+    assert len(site.starts()) == 1
+    log = site.log()
+    assert "lease lost" in log and "abandoned" in log
+
+
+def test_two_pollers_ten_runs_each_run_once(backend, tmp_path, sites):
+    site, sub = new_site(backend, sites, tmp_path, slots=2)
+    # the second poller: same site (token, allowlist, root), its own state directory
+    config = json.loads(site.config.read_text())
+    config.update(state="poller-state-2", log="poller-2.log")
+    second = site.conf / "poller-2.json"
+    second.write_text(json.dumps(config))
+    runs = [sub.submit("worker", site.params(), {"a.in": b"%d" % i}) for i in range(10)]
+    site.poller()
+    proc = subprocess.Popen([sys.executable, str(POLLER), "--config", str(second)],
+                            start_new_session=True)
+    try:
+        for i, run_id in enumerate(runs):
+            run = finished(sub, run_id, timeout=60)
+            assert run["outcome"] == "exited" and run["exit_code"] == 0, run
+            assert sub.output(run_id, "out-a.in.txt") == b"%d" % i
+        started = [line.split()[1] for line in site.starts()]
+        assert sorted(started) == sorted(runs)
+    finally:
+        proc.terminate()
+        proc.wait(15)
