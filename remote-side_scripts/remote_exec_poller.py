@@ -1136,11 +1136,12 @@ class Job:
                 f.close()
         if resp.status in (200, 201):
             return {"path": rel, "size": size, "sha256": digest}
-        if resp.status in (413, 507, 422):
-            self.say("output %r not accepted: %d %s" % (rel, resp.status,
-                                                         resp.error_message()))
-            return None
-        self.answer_problem(resp, "output %r" % rel)
+        if resp.status == 409 and resp.error_code() == "lease_lost":
+            self.answer_problem(resp, "output %r" % rel)
+        # 413, 507, 422, or a path the server cannot take (400, 404): this file is not
+        # sent; the finish says so (and a run the server lost answers the finish 404)
+        self.say("output %r not accepted: %d %s" % (rel, resp.status, resp.error_message()))
+        return None
 
     def cleanup(self, success):
         policy = self.p.cfg.cleanup
