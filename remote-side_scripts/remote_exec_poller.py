@@ -809,6 +809,7 @@ class Job:
             flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW
             h = hashlib.sha256()
             if resp.status == 206 and state["have"] > 0:
+                self.say("resuming input %r at byte %d" % (relpath, state["have"]))
                 with open(part, "rb") as f:
                     while True:
                         block = f.read(CHUNK)

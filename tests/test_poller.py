@@ -13,6 +13,7 @@ pollers of another. Leases are short (``lease_ttl`` 3 s: a heartbeat a second).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import pytest
 from poller_helpers import POLLER, FakeQueue, FakeSubmitter, HttpSubmitter, Site, wait_for
+from tcp_proxy import TcpProxy
 
 try:
     from pull_site import QueueServer, make_ca
@@ -132,8 +134,8 @@ def test_unknown_config_keys_are_refused(fake, tmp_path):
     assert proc.returncode == 2 and b"unknown keys insecure" in err
 
 
-def test_check_reports_what_to_fix(fake, tmp_path):
-    site = Site(tmp_path, fake.url, fake.ca_file, fake.site_token("chk"))
+def test_check_reports_what_to_fix(backend, tmp_path, sites):
+    site, _ = new_site(backend, sites, tmp_path)
     proc = subprocess.run([sys.executable, str(POLLER), "--config", str(site.config),
                            "--check"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stdout
@@ -169,17 +171,25 @@ def test_503_is_retried_after_retry_after(fake, tmp_path, sites):
     assert "503" in site.log()
 
 
-def test_a_revoked_token_is_retried_slowly_and_logged_once(fake, tmp_path, sites):
-    token = fake.site_token("revoked")
-    fake.revoked.add(token)
-    site = Site(tmp_path, fake.url, fake.ca_file, token)
-    sites.append(site)
-    before = fake.count("claim")
-    proc = site.poller(env={"REMOTE_EXEC_POLLER_AUTH_RETRY": "1"})
-    time.sleep(4)
-    assert proc.poll() is None  # no crash
-    claims = fake.count("claim") - before
-    assert 2 <= claims <= 6, claims
+def test_a_revoked_token_is_retried_slowly_and_logged_once(backend, tmp_path, sites):
+    if backend.server is None:
+        pytest.skip("needs the queue server")
+    site, sub = new_site(backend, sites, tmp_path)
+    token = site.token_file.read_text().strip()
+    done = backend.server.admin("token", "revoke", hashlib.sha256(token.encode()).hexdigest()[:12])
+    assert done.returncode == 0, done.stderr
+    # every request of the poller is a connection of its own: count them at a proxy
+    port = int(backend.url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+    proxy = TcpProxy(port)
+    config = json.loads(site.config.read_text())
+    config["server"] = backend.url.replace(f":{port}/", f":{proxy.port}/")
+    site.config.write_text(json.dumps(config))
+    with proxy:
+        proc = site.poller(env={"REMOTE_EXEC_POLLER_AUTH_RETRY": "1"})
+        time.sleep(4)
+        assert proc.poll() is None  # no crash
+        requests = proxy.accepted
+    assert 2 <= requests <= 6, requests
     log = site.log()
     assert log.count("token_revoked") == 1, log
     assert token not in log
@@ -305,6 +315,20 @@ def test_sigkill_during_the_download_of_an_input(backend, tmp_path, sites):
     assert run["outcome"] == "exited" and run["exit_code"] == 0, run
     assert sub.output(run_id, "out-big.in.txt") == data
     assert len(site.starts()) == 1
+    assert "resuming input 'big.in' at byte" in site.log()
+
+
+def test_cancel_while_staging_launches_nothing(backend, tmp_path, sites):
+    site, sub = new_site(backend, sites, tmp_path)
+    run_id = sub.submit("worker", site.params(), {"big.in": os.urandom(5 * 1024 * 1024)})
+    site.poller(env={"REMOTE_EXEC_POLLER_TEST_DELAY": "0.5"})
+    sub.wait(run_id, ("staging",))
+    sub.cancel(run_id)
+    run = finished(sub, run_id)
+    assert run["outcome"] == "cancelled", run
+    assert site.starts() == []
+    wait_for(lambda: site.run_dirs() == [] and not site.state_files(), 10, "cleanup")
+    assert "cancelled before launch: nothing launched" in site.log()
 
 
 def test_cancel_while_running(backend, tmp_path, sites):
