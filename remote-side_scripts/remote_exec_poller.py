@@ -433,6 +433,19 @@ class Http:
                 return
             self.stop.wait(min(left, 0.5))
 
+    def reload_token(self):
+        """Read the token file again (the administrator may have put a new token in)."""
+        try:
+            token = self.cfg.read_token()
+        except ConfigError as exc:
+            self.log("the token file cannot be used: %s" % exc)
+            return
+        with self.auth_lock:
+            if token != self.token:
+                self.token = token
+                self.auth_logged.clear()
+                self.log("the token file %s holds a new token: using it" % self.cfg.token_file)
+
     def _auth_problem(self, resp, what):
         code = resp.error_code() or "HTTP %d" % resp.status
         with self.auth_lock:
@@ -482,6 +495,7 @@ class Http:
             if resp.status in (401, 403):
                 self._auth_problem(resp, what)
                 self._sleep(self.auth_retry, abort)
+                self.reload_token()
                 delay = BACKOFF_FIRST
                 continue
             if resp.status >= 500 or resp.status == 429:
@@ -721,12 +735,14 @@ class Job:
             self.say("rejected (%s): %s" % (reason, logged))
             self.finish("rejected", reason=reason, message=message)
             return
+        # the state file first: a poller killed right after the create finds its run
+        self.save(phase="staging")
         code, out, err = self.agent("create %s" % self.id)
         if code != 0:
             self.say("the agent could not create the run directory: %s" % err)
             self.finish("failed_to_start", reason="launch_failed", message=err or out)
+            self.drop_state()
             return
-        self.save(phase="staging")
         self.start_beat()
         self.events("staging")
         self.stage()
@@ -735,8 +751,19 @@ class Job:
         for item in self.job.get("inputs") or []:
             if self.check_cancel_before_launch():
                 return
-            if item["path"] in self.record["staged"] and self.input_present(item):
-                continue
+            try:
+                if item["path"] in self.record["staged"] and self.input_present(item):
+                    continue
+                self.input_target(item["path"])
+            except (ValueError, OSError) as exc:
+                message = str(exc) if isinstance(exc, ValueError) else (
+                    "input %r cannot be placed: %s" % (item["path"], exc))
+                self.say("rejected (bad_parameter): %s" % message)
+                self.done.set()
+                self.finish("rejected", reason="bad_parameter", message=message)
+                self.remove_run()
+                self.drop_state()
+                return
             ok = self.download(item)
             if ok is None:
                 return

@@ -22,6 +22,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 POLLER = REPO / "remote-side_scripts" / "remote_exec_poller.py"
 AGENT = REPO / "remote-side_scripts" / "remote_exec_agent.py"
+#: the Python that runs the poller (and so the agent), e.g. a Python 3.6 to run
+#: tests/test_poller.py against it
+POLLER_PYTHON = os.environ.get("REMOTE_EXEC_POLLER_PYTHON", sys.executable)
 
 #: what every entrypoint of these tests does first: one line per start in a marker file
 WORKER = r"""#!/bin/sh
@@ -120,7 +123,7 @@ class Site:
     def poller(self, *args: str, env: dict | None = None) -> subprocess.Popen:
         full = dict(os.environ)
         full.update(env or {})
-        proc = subprocess.Popen([sys.executable, str(POLLER), "--config", str(self.config),
+        proc = subprocess.Popen([POLLER_PYTHON, str(POLLER), "--config", str(self.config),
                                  *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 env=full, start_new_session=True)
         self.procs.append(proc)
@@ -505,3 +508,76 @@ class HttpSubmitter:
 
     def cancel(self, run_id: str) -> None:
         self.json("POST", f"/runs/{run_id}/cancel", {})
+
+
+class ConnectProxy:
+    """An HTTP CONNECT proxy on 127.0.0.1 (a free port) that records what it was asked:
+    ``requests`` holds (request line, Proxy-Authorization or None) per tunnel."""
+
+    def __init__(self):
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.requests: list[tuple[str, str | None]] = []
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.closed:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._tunnel, args=(client,), daemon=True).start()
+
+    def _tunnel(self, client):
+        import socket
+
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = client.recv(4096)
+            if not chunk:
+                client.close()
+                return
+            data += chunk
+        head, rest = data.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        auth = None
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "proxy-authorization":
+                auth = value.strip()
+        self.requests.append((lines[0], auth))
+        method, target, _ = lines[0].split(" ", 2)
+        host, port = target.rsplit(":", 1)
+        upstream = socket.create_connection((host, int(port)))
+        client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        if rest:
+            upstream.sendall(rest)
+
+        def pipe(a, b):
+            try:
+                while True:
+                    chunk = a.recv(65536)
+                    if not chunk:
+                        break
+                    b.sendall(chunk)
+            except OSError:
+                pass
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
+        pipe(client, upstream)
+        client.close()
+        upstream.close()
+
+    def close(self):
+        self.closed = True
+        self.sock.close()

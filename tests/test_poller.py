@@ -25,7 +25,15 @@ import uuid
 from pathlib import Path
 
 import pytest
-from poller_helpers import POLLER, FakeQueue, FakeSubmitter, HttpSubmitter, Site, wait_for
+from poller_helpers import (
+    POLLER,
+    ConnectProxy,
+    FakeQueue,
+    FakeSubmitter,
+    HttpSubmitter,
+    Site,
+    wait_for,
+)
 from tcp_proxy import TcpProxy
 
 try:
@@ -189,7 +197,12 @@ def test_a_revoked_token_is_retried_slowly_and_logged_once(backend, tmp_path, si
         time.sleep(4)
         assert proc.poll() is None  # no crash
         requests = proxy.accepted
-    assert 2 <= requests <= 6, requests
+        assert 2 <= requests <= 6, requests
+        # a new token in the file is taken without a restart
+        site.set_token(backend.server.token("site", sub.site))
+        run_id = sub.submit("worker", site.params())
+        assert finished(sub, run_id)["outcome"] == "exited"
+        assert "holds a new token: using it" in site.log()
     log = site.log()
     assert log.count("token_revoked") == 1, log
     assert token not in log
@@ -350,7 +363,7 @@ def test_a_lease_lost_before_launch_never_launches(backend, tmp_path, sites):
     proc = site.poller(env={"REMOTE_EXEC_POLLER_TEST_DELAY": "1"})
     sub.wait(run_id, ("staged",))
     os.kill(proc.pid, signal.SIGSTOP)
-    time.sleep(TTL + 2.5)  # the lease expires; the server queues the run again
+    time.sleep(TTL + 1.5)  # the lease expires; the server queues the run again
     os.kill(proc.pid, signal.SIGCONT)
     run = finished(sub, run_id, timeout=40)
     assert run["outcome"] == "exited" and run["attempt"] == 2, run
@@ -380,3 +393,41 @@ def test_two_pollers_ten_runs_each_run_once(backend, tmp_path, sites):
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+def test_through_an_http_connect_proxy(backend, tmp_path, sites):
+    proxy = ConnectProxy()
+    try:
+        site, sub = new_site(backend, sites, tmp_path / "explicit",
+                             proxy=f"http://alice:s%40cret@127.0.0.1:{proxy.port}")
+        run_id = sub.submit("worker", site.params())
+        site.poller("--once")
+        assert finished(sub, run_id)["outcome"] == "exited"
+        assert proxy.requests and all(auth == "Basic YWxpY2U6c0BjcmV0"
+                                      for _, auth in proxy.requests)
+        assert proxy.requests[0][0].startswith("CONNECT 127.0.0.1:")
+        seen = len(proxy.requests)
+        # "env": https_proxy, unless no_proxy names the host
+        site, sub = new_site(backend, sites, tmp_path / "env", proxy="env")
+        run_id = sub.submit("worker", site.params())
+        env = {"https_proxy": f"http://127.0.0.1:{proxy.port}", "no_proxy": ""}
+        site.poller("--once", env=env)
+        assert finished(sub, run_id)["outcome"] == "exited"
+        assert len(proxy.requests) > seen and proxy.requests[-1][1] is None
+    finally:
+        proxy.close()
+
+
+def test_the_server_killed_and_restarted_mid_run(backend, tmp_path, sites):
+    if backend.server is None:
+        pytest.skip("needs the queue server")
+    site, sub = new_site(backend, sites, tmp_path)
+    run_id = sub.submit("worker", site.params(sleep="20"))
+    site.poller()
+    sub.wait(run_id, ("running",))
+    backend.server.kill()
+    time.sleep(2.5)
+    backend.server.restart()
+    run = finished(sub, run_id)
+    assert run["outcome"] == "exited" and run["exit_code"] == 0, run
+    assert len(site.starts()) == 1
