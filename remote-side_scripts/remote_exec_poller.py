@@ -324,6 +324,21 @@ class Response:
         return msg or ("HTTP %d" % self.status)
 
 
+def tls_hint(exc, cfg):
+    """What to check after a failed request, when TLS failed."""
+    if not isinstance(exc, ssl.SSLError):
+        return ""
+    if getattr(exc, "reason", None) == "CERTIFICATE_VERIFY_FAILED":
+        return (" (TLS: the server's certificate was not accepted: is ca_file %s the CA that "
+                "signed it, and is %s one of its names?)"
+                % (cfg.ca_file or "(system CAs)", cfg.host))
+    if not cfg.client_cert:
+        return (" (TLS: the handshake failed; does the server require a client certificate? "
+                "set client_cert and client_key)")
+    return (" (TLS: the handshake failed; is client_cert %s signed by a CA the server "
+            "trusts, and named after the site?)" % cfg.client_cert)
+
+
 class Http:
     """Requests to the queue server, one connection each, with the retry rules."""
 
@@ -482,10 +497,7 @@ class Http:
                     raise Stopping() from None
                 failures += 1
                 if failures in (1, 5) or failures % 20 == 0:
-                    hint = ""
-                    if isinstance(exc, ssl.SSLError):
-                        hint = " (TLS: is ca_file %s the CA of the server's certificate?)" % (
-                            self.cfg.ca_file or "system CAs")
+                    hint = tls_hint(exc, self.cfg)
                     self.log("%s failed (%s: %s)%s; retrying (attempt %d)"
                              % (what, type(exc).__name__, exc, hint, failures))
                 wait = delay
@@ -669,24 +681,44 @@ class Job:
     # -- the job's course ----------------------------------------------------------------
 
     def main(self, recovering=False):
+        retry = 5.0
         try:
-            if recovering:
-                self.recover()
-            else:
-                self.fresh()
-        except Stopping:
-            self.say("left as it is (the poller stops); a restarted poller picks it up")
-        except LeaseLost as exc:
-            self.abandon("lease lost: %s" % exc)
-        except JobGone as exc:
-            self.say("%s; dropped" % exc)
-            if not self.launched():
-                self.remove_run()
-            self.drop_state()
-        except Exception as exc:
-            self.say("error: %s: %s" % (type(exc).__name__, exc))
-            for line in traceback.format_exc().rstrip().split("\n"):
-                self.log("    | " + line)
+            while True:
+                try:
+                    if recovering:
+                        self.recover()
+                    else:
+                        self.fresh()
+                    return
+                except Stopping:
+                    self.say("left as it is (the poller stops); a restarted poller picks it up")
+                    return
+                except LeaseLost as exc:
+                    self.abandon("lease lost: %s" % exc)
+                    return
+                except JobGone as exc:
+                    self.say("%s; dropped" % exc)
+                    if not self.launched():
+                        self.remove_run()
+                    self.drop_state()
+                    return
+                except Exception as exc:
+                    self.say("error: %s: %s" % (type(exc).__name__, exc))
+                    for line in traceback.format_exc().rstrip().split("\n"):
+                        self.log("    | " + line)
+                if self.done.is_set() or not os.path.exists(self.state_path):
+                    return
+                # the job is recorded: take it up again from its state file, later
+                self.say("trying again in %ds" % retry)
+                if self.p.stop.wait(retry):
+                    return
+                retry = min(300.0, retry * 2)
+                recovering = True
+                try:
+                    with open(self.state_path, "rb") as f:
+                        self.record = json.loads(f.read().decode("utf-8"))
+                except (OSError, ValueError):
+                    return
         finally:
             self.done.set()
             if self.launch_proc is not None:
@@ -1435,9 +1467,8 @@ def run_check(cfg):
             else:
                 problems.append("server %s: /healthz answered %d" % (cfg.server, resp.status))
         except ssl.SSLError as exc:
-            problems.append("server %s: TLS failed (%s); is ca_file %s the CA of the "
-                            "server's certificate, and the host name in it?"
-                            % (cfg.server, exc, cfg.ca_file or "system CAs"))
+            problems.append("server %s: TLS failed (%s)%s"
+                            % (cfg.server, exc, tls_hint(exc, cfg)))
             resp = None
         except (OSError, http.client.HTTPException) as exc:
             problems.append("server %s: unreachable (%s: %s); check the URL, the proxy "

@@ -432,11 +432,12 @@ class FakeSubmitter:
 class HttpSubmitter:
     """The submit role of docs/pull-protocol.md, over HTTPS with http.client."""
 
-    def __init__(self, url: str, ca_file: str, token: str, site: str):
-        import http.client  # noqa: F401
-
+    def __init__(self, url: str, ca_file: str, token: str, site: str,
+                 cert: tuple | None = None):
         self.url = urllib.parse.urlsplit(url)
         self.ctx = ssl.create_default_context(cafile=ca_file)
+        if cert:
+            self.ctx.load_cert_chain(str(cert[0]), str(cert[1]))
         self.token = token
         self.site = site
 

@@ -431,3 +431,33 @@ def test_the_server_killed_and_restarted_mid_run(backend, tmp_path, sites):
     run = finished(sub, run_id)
     assert run["outcome"] == "exited" and run["exit_code"] == 0, run
     assert len(site.starts()) == 1
+
+
+def test_a_client_certificate_when_the_server_requires_one(tmp_path, sites):
+    if QueueServer is None:
+        pytest.skip("needs the queue server")
+    ca = make_ca(tmp_path / "ca")
+    server = QueueServer(tmp_path / "queue", ca, lease_ttl=TTL,
+                         tls={"cert": str(ca.cert_file), "key": str(ca.key_file),
+                              "client_ca": str(ca.ca_file)})
+    server.start()
+    try:
+        name = "mtls" + uuid.uuid4().hex[:6]
+        cert, key = ca.client_cert(name, tmp_path / "client")
+        sub = HttpSubmitter(server.url, str(ca.ca_file), server.token("submit", name), name,
+                            ca.client_cert("mint", tmp_path / "client"))
+        # without a certificate the handshake fails: retried, logged with a hint
+        site = Site(tmp_path / "site", server.url, str(ca.ca_file), server.token("site", name))
+        sites.append(site)
+        proc = site.poller()
+        wait_for(lambda: "failed" in site.log(), 10, "a failed handshake in the log")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        config = json.loads(site.config.read_text())
+        config.update(client_cert=str(cert), client_key=str(key))
+        site.config.write_text(json.dumps(config))
+        run_id = sub.submit("worker", site.params())
+        site.poller("--once")
+        assert finished(sub, run_id)["outcome"] == "exited"
+    finally:
+        server.stop()
