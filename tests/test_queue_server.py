@@ -2,7 +2,8 @@
 real TLS (a trustme CA), driven by a small standard-library HTTPS client.
 
 Each test uses sites of its own (``site_name()``), so tests share the module's servers
-without seeing each other's runs.
+without seeing each other's runs. The tests that start a server of their own form a second
+xdist group, so that the file's two halves run side by side on two workers.
 """
 
 from __future__ import annotations
@@ -269,6 +270,10 @@ def test_happy_path_both_roles(server: QueueServer, submit: Client) -> None:
     done = poller.call("POST", f"/site/jobs/{run_id}/finish", finish)
     assert done.status == 200 and done.json()["state"] == "finished"
     assert poller.call("POST", f"/site/jobs/{run_id}/finish", finish).status == 200
+    other = poller.call("POST", f"/site/jobs/{run_id}/finish", {**finish, "exit_code": 4})
+    assert (other.status, other.code) == (409, "state")
+    late = poller.call("POST", f"/site/jobs/{run_id}/events", {"lease": lease})
+    assert (late.status, late.code) == (409, "state")
 
     run = submit.call("GET", f"/runs/{run_id}").json()
     assert run["state"] == "finished" and run["outcome"] == "exited" and run["exit_code"] == 3
@@ -286,6 +291,7 @@ def test_happy_path_both_roles(server: QueueServer, submit: Client) -> None:
 
     info = submit.call("GET", f"/sites/{site}").json()
     assert info["site"] == site and info["pollers"][0]["id"] == "p1" and info["last_seen"]
+    assert info["pollers"][0]["entrypoints"] == ["abaqus"] and info["queued"] == 0
     listed = submit.call("GET", f"/runs?site={site}&state=finished").json()["runs"]
     assert [r["id"] for r in listed] == [run_id]
 
@@ -317,6 +323,18 @@ def test_long_poll_times_out_and_claim_answers_204(server: QueueServer, submit: 
     assert result["answer"].status == 200 and time.monotonic() - start < 3
     bad = submit.call("GET", f"/runs/{body['id']}?wait=-1")
     assert (bad.status, bad.code) == (400, "bad_request")
+
+    # a poller that left during its long-poll is handed nothing
+    conn = poller.connect()
+    conn.request("POST", poller.prefix + "/site/claim", body=json.dumps(
+        {"poller": {"id": "gone"}, "wait": 5}).encode(),
+        headers={"Authorization": f"Bearer {poller.token}"})
+    time.sleep(0.5)
+    conn.close()
+    time.sleep(0.3)
+    run_id = queued(submit, site)
+    job = claim(poller, wait=2, poller="present").json()["job"]
+    assert job["id"] == run_id and job["attempt"] == 1
 
 
 # -- refusals -------------------------------------------------------------------------------
@@ -563,6 +581,7 @@ def test_tokens(server: QueueServer, submit: Client) -> None:
     none = Client(server, None).call("GET", "/runs")
     assert (none.status, none.code) == (401, "unauthenticated")
     assert none.headers["www-authenticate"].startswith("Bearer")
+    assert none.headers["x-re-server-version"] == "1"
     fake = submit.call("GET", "/runs", token="re1_" + "A" * 43)
     assert (fake.status, fake.code) == (401, "unauthenticated")
 
@@ -601,9 +620,14 @@ def test_tokens(server: QueueServer, submit: Client) -> None:
     assert server.admin("token", "add", "--role", "site").returncode == 2
 
 
+#: the tests with a server of their own: the second half of the file (see the docstring)
+own_server = pytest.mark.xdist_group("test_queue_server-own-servers")
+
+
 # -- restart, shutdown, TLS ------------------------------------------------------------------
 
 
+@own_server
 def test_kill_and_restart_keep_everything(ca: Ca, tmp_path: Path) -> None:
     queue = QueueServer(tmp_path / "queue", ca, lease_ttl=30)
     queue.start()
@@ -649,6 +673,7 @@ def test_kill_and_restart_keep_everything(ca: Ca, tmp_path: Path) -> None:
         queue.kill()
 
 
+@own_server
 def test_tls_refusals(ca: Ca, server: QueueServer, tmp_path: Path) -> None:
     other_ca = make_ca(tmp_path / "other-ca")
     with pytest.raises(ssl.SSLCertVerificationError):
@@ -671,6 +696,7 @@ def test_tls_refusals(ca: Ca, server: QueueServer, tmp_path: Path) -> None:
         queue.stop()
 
 
+@own_server
 def test_no_space_and_gc(ca: Ca, tmp_path: Path) -> None:
     queue = QueueServer(tmp_path / "queue", ca, min_free_space="1000P", retention=1)
     queue.start()
@@ -703,6 +729,7 @@ def test_no_space_and_gc(ca: Ca, tmp_path: Path) -> None:
         queue.stop()
 
 
+@own_server
 def test_memory_does_not_grow_with_file_size(ca: Ca, tmp_path: Path) -> None:
     queue = QueueServer(tmp_path / "queue", ca, max_file_size="1G")
     queue.start()
@@ -738,6 +765,7 @@ def test_memory_does_not_grow_with_file_size(ca: Ca, tmp_path: Path) -> None:
         conn.close()
         assert response.status == 200 and check.hexdigest() == digest.hexdigest()
         growth = queue.peak_rss_kib() - base
+        print(f"peak RSS: {base} KiB before, grew by {growth} KiB for 256 MiB up and down")
         assert growth < 64 * 1024, f"peak RSS grew by {growth} KiB"
     finally:
         queue.stop()
@@ -751,6 +779,7 @@ def _serve(config: Path) -> subprocess.CompletedProcess[str]:
                            str(config)], capture_output=True, text=True, timeout=30)
 
 
+@own_server
 def test_serve_refuses_bad_configuration(ca: Ca, tmp_path: Path) -> None:
     tls = f"{{cert: {ca.cert_file}, key: {ca.key_file}}}"
     cases = {
@@ -781,8 +810,17 @@ def test_serve_refuses_bad_configuration(ca: Ca, tmp_path: Path) -> None:
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 
 
+@own_server
 def test_sigint_exits_zero(ca: Ca, tmp_path: Path) -> None:
     queue = QueueServer(tmp_path / "queue", ca).start()
     assert queue.proc is not None
     queue.proc.send_signal(signal.SIGINT)
     assert queue.proc.wait(10) == 0
+
+
+def test_the_cli_does_not_import_aiohttp() -> None:
+    code = ("import sys; from click.testing import CliRunner; from remote_exec.cli import main; "
+            "out = CliRunner().invoke(main, ['queue', 'token', 'add', '--help']).output; "
+            "assert '--role' in out, out; assert 'aiohttp' not in sys.modules")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -190,7 +190,8 @@ def runs(site: str | None, state: str | None, config_file: str | None) -> None:
 @_config_option
 def gc(dry_run: bool, config_file: str | None) -> None:
     """Remove terminal runs older than `retention` (with their spool), spool directories
-    of no run, and temporary upload files older than an hour."""
+    of no run, temporary upload files older than an hour, and pollers not seen for
+    `retention`. Safe while the server runs; run it daily (cron, systemd timer)."""
     try:
         store, settings = _store(config_file)
     except ConfigError as err:
@@ -203,5 +204,8 @@ def gc(dry_run: bool, config_file: str | None) -> None:
         click.echo(f"{verb} orphaned spool directory {name}")
     for name in found["temp_files"]:
         click.echo(f"{verb} temporary file {name}")
+    for name in found["pollers"]:
+        click.echo(f"{verb} poller {name} (not seen for `retention`)")
     click.echo(f"{verb} {len(found['runs'])} run(s), {len(found['orphans'])} orphaned "
-               f"directory(ies), {len(found['temp_files'])} temporary file(s)")
+               f"directory(ies), {len(found['temp_files'])} temporary file(s), "
+               f"{len(found['pollers'])} poller(s)")

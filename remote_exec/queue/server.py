@@ -33,10 +33,11 @@ from remote_exec.queue import schemas
 from remote_exec.queue.errors import ApiError, bad_request
 from remote_exec.queue.paths import path_problem
 from remote_exec.queue.settings import Settings
-from remote_exec.queue.store import LOG_CHUNK_MAX, Principal, Store, Upload
+from remote_exec.queue.store import JSON_MAX, LOG_CHUNK_MAX, Principal, Store, Upload
 
 SERVER_VERSION = "1"
 CHUNK = 256 * 1024
+WRITE_BUFFER = 1024 * 1024
 DRAIN_RETRY_AFTER = 5
 DEFAULT_QUEUE_TIMEOUT = 1800.0
 log = logging.getLogger("remote_exec.queue")
@@ -102,7 +103,7 @@ class QueueApp:
     # -- the application ----------------------------------------------------------------
 
     def make_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors], client_max_size=LOG_CHUNK_MAX + 1024)
+        app = web.Application(middlewares=[self._errors], client_max_size=JSON_MAX)
         app.on_response_prepare.append(self._stamp)
         p = self.settings.prefix
         r = app.router
@@ -213,21 +214,32 @@ class QueueApp:
                            "administrator to free space")
 
     async def _receive(self, request: web.Request, upload: Upload) -> Path:
-        """Stream the body to a temporary file, checking its size and sha256."""
+        """Stream the body to a temporary file, checking its size and sha256. Pieces of up
+        to WRITE_BUFFER bytes are hashed and written in a worker thread, so that a large
+        upload neither holds memory nor stalls the other calls."""
         temp = self.store.temp_file()
         digest = hashlib.sha256()
         received = 0
+        loop = asyncio.get_running_loop()
+
+        def write(f: Any, data: bytes) -> None:
+            digest.update(data)
+            f.write(data)
+
         try:
             with open(temp, "wb") as f:
+                buffer = bytearray()
                 while True:
                     chunk = await request.content.readany()
-                    if not chunk:
-                        break
                     received += len(chunk)
                     if received > upload.size:
                         raise bad_request("the body is longer than its Content-Length")
-                    digest.update(chunk)
-                    f.write(chunk)
+                    buffer += chunk
+                    if len(buffer) >= WRITE_BUFFER or (not chunk and buffer):
+                        await loop.run_in_executor(None, write, f, bytes(buffer))
+                        buffer.clear()
+                    if not chunk:
+                        break
                 if received != upload.size:
                     raise bad_request(f"the body ended after {received} of {upload.size} bytes")
                 if digest.hexdigest() != upload.sha256:
@@ -235,7 +247,7 @@ class QueueApp:
                                    f"{digest.hexdigest()}, not {upload.sha256} (X-RE-SHA256): "
                                    "send the file again")
                 f.flush()
-                await asyncio.get_running_loop().run_in_executor(None, os.fsync, f.fileno())
+                await loop.run_in_executor(None, os.fsync, f.fileno())
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
@@ -493,6 +505,7 @@ def _setup_logging(state_dir: Path) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+    log.propagate = False
     logging.getLogger("aiohttp").addHandler(handler)
 
 
@@ -513,7 +526,9 @@ def serve(settings: Settings) -> None:
 async def _serve(settings: Settings, store: Store, sock: socket.socket,
                  context: ssl.SSLContext | None) -> None:
     queue = QueueApp(settings, store)
-    runner = web.AppRunner(queue.make_app(), access_log=None, shutdown_timeout=3)
+    access = logging.getLogger("remote_exec.queue.access")
+    runner = web.AppRunner(queue.make_app(), access_log=access,
+                           access_log_format='%a "%r" %s %b %Tfs', shutdown_timeout=3)
     await runner.setup()
     await web.SockSite(runner, sock, ssl_context=context).start()
     stop = asyncio.Event()

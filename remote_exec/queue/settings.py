@@ -126,8 +126,38 @@ def _duration(values: dict[str, Any], key: str, default: float) -> float:
     return seconds
 
 
+_HINTS = {"listen": "HOST:PORT, e.g. 127.0.0.1:8443 or [::1]:8443 (port 0: any free port)",
+          "max_file_size": SIZE_HINT, "max_run_bytes": SIZE_HINT, "min_free_space": SIZE_HINT,
+          "prefix": "a URL path such as /re-pull/v1"}
+KEYS_HINT = "the keys are described in remote_exec/queue/settings.py"
+
+
+def _schema_error(path: Path, err: fastjsonschema.JsonSchemaException) -> ConfigError:
+    """The schema's complaint in the configuration's own words."""
+    name = err.name or "data"
+    where = name[5:] if name.startswith("data.") else ""
+    message = err.message[len(name):].strip() if err.message.startswith(name) else err.message
+    if message.startswith("must match pattern"):
+        message = "is not valid"
+    if "must not contain" in message:
+        extra = message.split("{", 1)[-1].split("}", 1)[0]
+        message = f"unknown key(s) {extra}"
+    key = where.split(".", 1)[0].split("[", 1)[0]
+    return ConfigError(f"{path}: {where + ': ' if where else ''}{message}",
+                       hint=_HINTS.get(key, KEYS_HINT))
+
+
 def load_settings(path: Path) -> Settings:
     """Read and check ``path``; a ConfigError saying what to fix otherwise."""
+    try:
+        return _load(path)
+    except ConfigError as err:
+        if err.message.startswith(str(path)):
+            raise
+        raise ConfigError(f"{path}: {err.message}", hint=err.hint) from None
+
+
+def _load(path: Path) -> Settings:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -146,11 +176,7 @@ def load_settings(path: Path) -> Settings:
     try:
         _validate(values)
     except fastjsonschema.JsonSchemaException as err:
-        where = err.name.replace("data.", "").replace("data", "(top level)")
-        hint = SIZE_HINT if any(k in where for k in ("size", "bytes", "space")) else None
-        raise ConfigError(f"{path}: {where}: {err.message.replace('data.', '')}",
-                          hint=hint or "see the keys documented in remote_exec/queue/settings.py"
-                          ) from None
+        raise _schema_error(path, err) from None
     base = path.resolve().parent
 
     def resolve(value: str) -> Path:
@@ -160,7 +186,12 @@ def load_settings(path: Path) -> Settings:
     host, _, port = values.get("listen", "127.0.0.1:8443").rpartition(":")
     s.host, s.port = host.strip("[]"), int(port)
     if s.port > 65535:
-        raise ConfigError(f"{path}: listen: port {s.port} is not a port (0..65535)")
+        raise ConfigError(f"{path}: listen: {s.port} is not a port (0..65535)")
+    s.lease_ttl = _duration(values, "lease_ttl", s.lease_ttl)
+    s.claim_wait_max = _duration(values, "claim_wait_max", s.claim_wait_max)
+    s.lost_after = _duration(values, "lost_after", s.lost_after)
+    s.retention = _duration(values, "retention", s.retention)
+    s.sweep_interval = _duration(values, "sweep_interval", s.sweep_interval)
     tls = values.get("tls")
     s.plain_http = bool(values.get("plain_http", False))
     if tls and s.plain_http:
@@ -180,11 +211,6 @@ def load_settings(path: Path) -> Settings:
     for key in ("max_file_size", "max_run_bytes", "min_free_space"):
         if key in values:
             setattr(s, key, parse_size(values[key], key))
-    s.lease_ttl = _duration(values, "lease_ttl", s.lease_ttl)
-    s.claim_wait_max = _duration(values, "claim_wait_max", s.claim_wait_max)
-    s.lost_after = _duration(values, "lost_after", s.lost_after)
-    s.retention = _duration(values, "retention", s.retention)
-    s.sweep_interval = _duration(values, "sweep_interval", s.sweep_interval)
     for site, entry in (values.get("sites") or {}).items():
         if entry and entry.get("entrypoints") is not None:
             s.site_entrypoints[site] = list(entry["entrypoints"])

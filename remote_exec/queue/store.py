@@ -75,6 +75,8 @@ CANCEL_GRACE = 10
 EVENTS_SHOWN = 50
 LOG_CHUNK_MAX = 1024 * 1024
 LOG_READ_MAX = 4 * 1024 * 1024
+#: the largest JSON body read (a run with thousands of inputs stays well below)
+JSON_MAX = 16 * 1024 * 1024
 
 
 def rfc3339(t: float | None) -> str | None:
@@ -333,7 +335,8 @@ class Store:
             "queue_timeout": _number(run["queue_timeout"]),
             "cancel_requested": bool(run["cancel_requested"]), "stalled": bool(run["stalled"]),
             "poller": poller, "site_last_seen": rfc3339(self.site_last_seen(run["site"])),
-            "lease_expires_at": rfc3339(run["lease_expires_at"]), "pid": run["pid"],
+            "lease_expires_at": None if run["state"] in TERMINAL
+            else rfc3339(run["lease_expires_at"]), "pid": run["pid"],
             "outcome": run["outcome"], "exit_code": run["exit_code"], "signal": run["signal"],
             "reason": run["reason"], "message": run["message"],
             "outputs": json.loads(run["outputs"]), "held_back": json.loads(run["held_back"]),
@@ -477,10 +480,6 @@ class Store:
         with self.tx():
             return self.view(self._submit_run(who, run_id))
 
-    def version(self, run_id: str) -> int | None:
-        row = self.db.execute("SELECT version FROM runs WHERE id = ?", (run_id,)).fetchone()
-        return row[0] if row else None
-
     def read_log(self, who: Principal, run_id: str, offset: int) -> tuple[bytes, int, bool]:
         """The log bytes from ``offset``, the log size, and whether the log is final."""
         with self.tx():
@@ -553,13 +552,16 @@ class Store:
     def site_info(self, who: Principal, site: str) -> dict[str, Any]:
         if not who.may_use(site):
             raise ApiError(403, "forbidden", f"this token may not use site {site}")
-        pollers = self.db.execute("SELECT id, host, version, last_seen FROM pollers WHERE "
-                                  "site = ? ORDER BY last_seen DESC", (site,)).fetchall()
+        pollers = self.db.execute("SELECT id, host, version, entrypoints, last_seen FROM "
+                                  "pollers WHERE site = ? ORDER BY last_seen DESC",
+                                  (site,)).fetchall()
         counts = dict(self.db.execute("SELECT state, COUNT(*) FROM runs WHERE site = ? "
                                       "GROUP BY state", (site,)).fetchall())
         return {"site": site,
                 "pollers": [{"id": p["id"], "host": p["host"], "version": p["version"],
-                             "last_seen": rfc3339(p["last_seen"])} for p in pollers],
+                             "last_seen": rfc3339(p["last_seen"]),
+                             "entrypoints": json.loads(p["entrypoints"] or "null")}
+                            for p in pollers],
                 "last_seen": rfc3339(self.site_last_seen(site)),
                 "queued": counts.get("queued", 0),
                 "running": sum(counts.get(s, 0) for s in ORDER)}
@@ -730,7 +732,8 @@ class Store:
     def gc(self, retention: float, dry_run: bool = False,
            temp_age: float = 3600) -> dict[str, list[str]]:
         """Purge terminal runs ended more than ``retention`` seconds ago (with their
-        spool), spool directories of no run, and temporary files older than ``temp_age``."""
+        spool), spool directories of no run, temporary files older than ``temp_age``, and
+        pollers not seen for ``retention``."""
         now = time.time()
         old = [r[0] for r in self.db.execute(
             "SELECT id FROM runs WHERE state IN ('finished', 'expired', 'cancelled') AND "
@@ -744,7 +747,11 @@ class Store:
                     temps.append(p.name)
             except FileNotFoundError:
                 continue
+        pollers = [f"{r[0]}/{r[1]}" for r in self.db.execute(
+            "SELECT site, id FROM pollers WHERE last_seen <= ?", (now - retention,)).fetchall()]
         if not dry_run:
+            with self.tx():
+                self.db.execute("DELETE FROM pollers WHERE last_seen <= ?", (now - retention,))
             for run_id in old:
                 with self.tx():
                     self._purge(run_id)
@@ -755,4 +762,4 @@ class Store:
                     shutil.rmtree(self.spool / name, ignore_errors=True)
             for name in temps:
                 (self.tmp / name).unlink(missing_ok=True)
-        return {"runs": old, "orphans": orphans, "temp_files": temps}
+        return {"runs": old, "orphans": orphans, "temp_files": temps, "pollers": pollers}
