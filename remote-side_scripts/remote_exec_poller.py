@@ -69,6 +69,7 @@ AUTH_CODES = ("token_expired", "token_revoked", "unauthenticated", "forbidden")
 AUTH_LOG_EVERY = 3600.0
 REQUEST_TIMEOUT = 60.0
 MONITOR_SECONDS = 1.0
+EXIT_POLL_SECONDS = 0.2
 MAX_PATH_SEGMENTS = 16
 MAX_PATH_BYTES = 4096
 PART_PREFIX = ".re-part-"
@@ -1060,20 +1061,28 @@ class Job:
         self.start_beat()
         gone_since = None
         saved_offset = None
+        last_look = 0.0
         while True:
             if self.p.stop.is_set():
                 raise Stopping()
-            self.reap(block=False)
-            self.send_log()
             code = self.run.exit_code()
             if code is not None:
+                self.reap(block=True)
                 self.upload(code)
                 return
             if self.cancel.is_set():
                 self.do_cancel()
                 return
-            if not self.run.running():
-                if gone_since is None:
+            if time.monotonic() - last_look >= MONITOR_SECONDS:
+                last_look = time.monotonic()
+                self.reap(block=False)
+                self.send_log()
+                if self.record.get("log_offset") != saved_offset:
+                    saved_offset = self.record.get("log_offset")
+                    self.save()
+                if self.run.running():
+                    gone_since = None
+                elif gone_since is None:
                     gone_since = time.monotonic()
                 elif time.monotonic() - gone_since > 2.0 and self.run.exit_code() is None:
                     self.say("the entrypoint's process is gone without an exit code")
@@ -1084,12 +1093,7 @@ class Job:
                                         "without recording an exit code")
                     self.drop_state()
                     return
-            else:
-                gone_since = None
-            if self.record.get("log_offset") != saved_offset:
-                saved_offset = self.record.get("log_offset")
-                self.save()
-            self.p.stop.wait(MONITOR_SECONDS)
+            self.p.stop.wait(EXIT_POLL_SECONDS)
 
     def do_cancel(self):
         grace = self.job.get("cancel_grace", 10)

@@ -165,7 +165,7 @@ def test_503_is_retried_after_retry_after(fake, tmp_path, sites):
     sites.append(site)
     sub = FakeSubmitter(fake, "busy")
     with fake.lock:
-        for _ in range(2):
+        for _ in range(1):
             fake.script.append(("POST /site/claim", 503, {"Retry-After": "1"},
                                 {"error": {"code": "draining", "message": "later",
                                            "retry_after": 1}}))
@@ -174,7 +174,7 @@ def test_503_is_retried_after_retry_after(fake, tmp_path, sites):
     proc = site.poller("--once")
     run = finished(sub, run_id)
     assert run["outcome"] == "exited" and run["exit_code"] == 0
-    assert time.monotonic() - start >= 1.8
+    assert time.monotonic() - start >= 0.9
     assert proc.wait(20) == 0
     assert "503" in site.log()
 
@@ -194,10 +194,10 @@ def test_a_revoked_token_is_retried_slowly_and_logged_once(backend, tmp_path, si
     site.config.write_text(json.dumps(config))
     with proxy:
         proc = site.poller(env={"REMOTE_EXEC_POLLER_AUTH_RETRY": "1"})
-        time.sleep(4)
+        time.sleep(3)
         assert proc.poll() is None  # no crash
         requests = proxy.accepted
-        assert 2 <= requests <= 6, requests
+        assert 1 <= requests <= 5, requests
         # a new token in the file is taken without a restart
         site.set_token(backend.server.token("site", sub.site))
         run_id = sub.submit("worker", site.params())
@@ -277,7 +277,7 @@ def test_the_site_refuses_what_its_allowlist_does_not_allow(backend, tmp_path, s
 
 def test_sigkill_of_the_poller_while_the_entrypoint_runs(backend, tmp_path, sites):
     site, sub = new_site(backend, sites, tmp_path)
-    run_id = sub.submit("worker", site.params(sleep="30"), {"a.in": b"abc"})
+    run_id = sub.submit("worker", site.params(sleep="20"), {"a.in": b"abc"})
     first = site.poller()
     sub.wait(run_id, ("running",))
     wait_for(lambda: site.starts(), 10, "the entrypoint's start")
@@ -293,7 +293,7 @@ def test_sigkill_of_the_poller_while_the_entrypoint_runs(backend, tmp_path, site
 
 def test_sigterm_leaves_the_entrypoint_running(backend, tmp_path, sites):
     site, sub = new_site(backend, sites, tmp_path)
-    run_id = sub.submit("worker", site.params(sleep="25"))
+    run_id = sub.submit("worker", site.params(sleep="15"))
     first = site.poller()
     sub.wait(run_id, ("running",))
     first.send_signal(signal.SIGTERM)
@@ -422,11 +422,11 @@ def test_the_server_killed_and_restarted_mid_run(backend, tmp_path, sites):
     if backend.server is None:
         pytest.skip("needs the queue server")
     site, sub = new_site(backend, sites, tmp_path)
-    run_id = sub.submit("worker", site.params(sleep="20"))
+    run_id = sub.submit("worker", site.params(sleep="15"))
     site.poller()
     sub.wait(run_id, ("running",))
     backend.server.kill()
-    time.sleep(2.5)
+    time.sleep(1.5)
     backend.server.restart()
     run = finished(sub, run_id)
     assert run["outcome"] == "exited" and run["exit_code"] == 0, run
