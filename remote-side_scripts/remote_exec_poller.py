@@ -315,6 +315,15 @@ class Response:
             return {}
         return value if isinstance(value, dict) else {}
 
+    def error_field(self, name):
+        """A field of an error answer (the protocol puts ``missing``, ``log_size``... in
+        the ``error`` object; found at the top level too)."""
+        body = self.json()
+        err = body.get("error")
+        if isinstance(err, dict) and name in err:
+            return err[name]
+        return body.get(name)
+
     def error_code(self):
         err = self.json().get("error")
         return err.get("code") if isinstance(err, dict) else None
@@ -1047,8 +1056,8 @@ class Job:
                     if isinstance(size, int) and size > new:
                         new = size
                     self.record["log_offset"] = new
-                elif resp.status == 409 and isinstance(ans.get("log_size"), int):
-                    self.record["log_offset"] = ans["log_size"]
+                elif resp.status == 409 and isinstance(resp.error_field("log_size"), int):
+                    self.record["log_offset"] = resp.error_field("log_size")
                 else:
                     self.answer_problem(resp, "log")
                 if len(data) < MAX_LOG_POST and not final:
@@ -1161,8 +1170,7 @@ class Job:
                                    held_back=sorted(held_back), message=message)
                 if resp.status == 200:
                     break
-                ans = resp.json()
-                missing = ans.get("missing") or (ans.get("error") or {}).get("missing") or []
+                missing = resp.error_field("missing") or []
                 self.say("the server misses outputs %s; sending them again" % missing)
                 for rel, full in files:
                     if rel in missing:

@@ -189,6 +189,8 @@ class FakeQueue:
         self.requests: list[tuple[str, str, int]] = []
         self.script: list[tuple[str, int, dict, bytes]] = []
         self.revoked: set[str] = set()
+        #: serve inputs with their last byte changed (a digest mismatch on the site)
+        self.corrupt_inputs = False
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -352,6 +354,8 @@ class FakeQueue:
             tail = urllib.parse.unquote("/".join(parts[5:]))
             if kind == "inputs":
                 data = job["inputs"][tail]
+                if self.corrupt_inputs:
+                    data = data[:-1] + bytes([data[-1] ^ 1])
                 start = 0
                 rng = h.headers.get("Range")
                 status = 200

@@ -210,6 +210,23 @@ def test_a_revoked_token_is_retried_slowly_and_logged_once(backend, tmp_path, si
     assert proc.wait(10) == 0
 
 
+def test_an_input_with_another_digest_is_refused(fake, tmp_path, sites):
+    site = Site(tmp_path, fake.url, fake.ca_file, fake.site_token("corrupt"))
+    sites.append(site)
+    sub = FakeSubmitter(fake, "corrupt")
+    fake.corrupt_inputs = True
+    try:
+        run_id = sub.submit("worker", site.params(), {"a.in": b"abc"})
+        proc = site.poller("--once")
+        run = finished(sub, run_id)
+        assert proc.wait(20) == 0
+    finally:
+        fake.corrupt_inputs = False
+    assert run["outcome"] == "rejected" and run["reason"] == "input_digest_mismatch", run
+    assert "input 'a.in' has sha256" in run["message"]
+    assert site.starts() == [] and site.run_dirs() == [] and site.state_files() == []
+
+
 # --------------------------------------------------------------------------------------
 # Against the queue server
 # --------------------------------------------------------------------------------------
