@@ -70,6 +70,7 @@ AUTH_LOG_EVERY = 3600.0
 REQUEST_TIMEOUT = 60.0
 MONITOR_SECONDS = 1.0
 EXIT_POLL_SECONDS = 0.2
+ALLOWLIST_RETRY = 30.0
 MAX_PATH_SEGMENTS = 16
 MAX_PATH_BYTES = 4096
 PART_PREFIX = ".re-part-"
@@ -1292,6 +1293,7 @@ class Poller:
         self.jobs = {}  # run id -> thread
         self.jobs_lock = threading.Lock()
         self.claim_thread = None
+        self.allowlist_problem = None
         os.makedirs(cfg.state, 0o700, exist_ok=True)
         self.id = self._poller_id()
         self.host = socket.gethostname()
@@ -1308,13 +1310,21 @@ class Poller:
             return pid
 
     def entrypoint_names(self):
+        """The allowlist's entrypoints; None (logged once) while it cannot be loaded."""
         try:
             cfg = self.agent.Config(self.cfg.allowlist)
             cfg.load()
-            return sorted(cfg.entrypoints)
         except Exception as exc:
-            self.log("the allowlist %s cannot be loaded: %s" % (self.cfg.allowlist, exc))
-            return []
+            problem = "%s: %s" % (type(exc).__name__, exc)
+            if problem != self.allowlist_problem:
+                self.allowlist_problem = problem
+                self.log("the allowlist %s cannot be loaded (%s); no job is claimed until "
+                         "it is fixed" % (self.cfg.allowlist, problem))
+            return None
+        if self.allowlist_problem is not None:
+            self.allowlist_problem = None
+            self.log("the allowlist %s loads again: claiming jobs" % self.cfg.allowlist)
+        return sorted(cfg.entrypoints)
 
     def start_job(self, job, record=None, holds_slot=True):
         run_id = job["id"]
@@ -1361,8 +1371,12 @@ class Poller:
             self.start_job(job, record, holds_slot=self.slots.acquire(blocking=False))
 
     def claim(self):
+        names = self.entrypoint_names()
+        if names is None:
+            self.http._sleep(ALLOWLIST_RETRY, None)
+            return None
         body = {"poller": {"id": self.id, "host": self.host, "version": POLLER_VERSION},
-                "wait": self.cfg.wait, "entrypoints": self.entrypoint_names()}
+                "wait": self.cfg.wait, "entrypoints": names}
         resp = self.http.call("POST", "/site/claim", body=body, timeout=self.cfg.wait + 30,
                               what="claim")
         if resp.status == 204:

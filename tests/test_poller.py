@@ -227,6 +227,20 @@ def test_an_input_with_another_digest_is_refused(fake, tmp_path, sites):
     assert site.starts() == [] and site.run_dirs() == [] and site.state_files() == []
 
 
+def test_no_claim_while_the_allowlist_is_broken(fake, tmp_path, sites):
+    site = Site(tmp_path, fake.url, fake.ca_file, fake.site_token("broken"))
+    sites.append(site)
+    site.allowlist.write_text("{not json")
+    before = fake.count("claim")
+    proc = site.poller()
+    wait_for(lambda: "cannot be loaded" in site.log(), 10, "the allowlist's problem logged")
+    time.sleep(0.5)
+    assert fake.count("claim") == before
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0
+    assert site.log().count("cannot be loaded") == 1
+
+
 # --------------------------------------------------------------------------------------
 # Against the queue server
 # --------------------------------------------------------------------------------------
