@@ -37,6 +37,7 @@ once before launching; default 0).
 
 import argparse
 import base64
+import errno
 import hashlib
 import http.client
 import importlib.util
@@ -807,7 +808,19 @@ class Job:
                 self.remove_run()
                 self.drop_state()
                 return
-            ok = self.download(item)
+            try:
+                ok = self.download(item)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                message = ("no space left for input %r in the site's run root %s: %s"
+                           % (item["path"], self.cfg.root, exc.strerror or exc))
+                self.say("failed to start (no_space): %s" % message)
+                self.done.set()
+                self.finish("failed_to_start", reason="no_space", message=message)
+                self.remove_run()
+                self.drop_state()
+                return
             if ok is None:
                 return
             self.record["staged"].append(item["path"])
