@@ -96,6 +96,10 @@ class LeaseLost(Exception):
     """The server no longer accepts this job's lease (409 lease_lost)."""
 
 
+class DiskError(Exception):
+    """Writing a file on the site failed (``args[0]``: the OSError)."""
+
+
 class JobGone(Exception):
     """The server does not know the job any more (404), or refuses it for good."""
 
@@ -810,7 +814,9 @@ class Job:
                 return
             try:
                 ok = self.download(item)
-            except OSError as exc:
+            except (OSError, DiskError) as exc:
+                if isinstance(exc, DiskError):
+                    exc = exc.args[0]
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
                 message = ("no space left for input %r in the site's run root %s: %s"
@@ -911,8 +917,11 @@ class Job:
                     if not block:
                         break
                     view = memoryview(block)
-                    while view:
-                        view = view[os.write(fd, view):]
+                    try:
+                        while view:
+                            view = view[os.write(fd, view):]
+                    except OSError as exc:  # not the connection's fault: not retried
+                        raise DiskError(exc) from None
                     h.update(block)
                     if delay:
                         time.sleep(delay)

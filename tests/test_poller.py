@@ -42,6 +42,9 @@ except ImportError:  # the queue server is not there (yet): the stand-in plays i
     QueueServer = make_ca = None
 
 TTL = 3
+#: with pytest-xdist these tests run on the other worker (the rest of the file, as
+#: tests/conftest.py groups it, on one): the file takes half as long
+SECOND = pytest.mark.xdist_group("tests/test_poller.py-second")
 
 
 class Backend:
@@ -210,6 +213,7 @@ def test_a_revoked_token_is_retried_slowly_and_logged_once(backend, tmp_path, si
     assert proc.wait(10) == 0
 
 
+@SECOND
 def test_an_input_with_another_digest_is_refused(fake, tmp_path, sites):
     site = Site(tmp_path, fake.url, fake.ca_file, fake.site_token("corrupt"))
     sites.append(site)
@@ -336,6 +340,7 @@ def test_sigterm_leaves_the_entrypoint_running(backend, tmp_path, sites):
     assert len(site.starts()) == 1
 
 
+@SECOND
 def test_sigkill_during_the_download_of_an_input(backend, tmp_path, sites):
     site, sub = new_site(backend, sites, tmp_path)
     data = os.urandom(6 * 1024 * 1024 + 123)
@@ -362,6 +367,7 @@ def test_sigkill_during_the_download_of_an_input(backend, tmp_path, sites):
     assert "resuming input 'big.in' at byte" in site.log()
 
 
+@SECOND
 def test_cancel_while_staging_launches_nothing(backend, tmp_path, sites):
     site, sub = new_site(backend, sites, tmp_path)
     run_id = sub.submit("worker", site.params(), {"big.in": os.urandom(5 * 1024 * 1024)})
@@ -388,6 +394,7 @@ def test_cancel_while_running(backend, tmp_path, sites):
     assert len(site.starts()) == 1
 
 
+@SECOND
 def test_a_lease_lost_before_launch_never_launches(backend, tmp_path, sites):
     site, sub = new_site(backend, sites, tmp_path)
     run_id = sub.submit("worker", site.params(), {"a.in": b"a"})
@@ -426,6 +433,7 @@ def test_two_pollers_ten_runs_each_run_once(backend, tmp_path, sites):
         proc.wait(15)
 
 
+@SECOND
 def test_through_an_http_connect_proxy(backend, tmp_path, sites):
     proxy = ConnectProxy()
     try:
@@ -449,6 +457,7 @@ def test_through_an_http_connect_proxy(backend, tmp_path, sites):
         proxy.close()
 
 
+@SECOND
 def test_the_server_killed_and_restarted_mid_run(backend, tmp_path, sites):
     if backend.server is None:
         pytest.skip("needs the queue server")
@@ -464,6 +473,7 @@ def test_the_server_killed_and_restarted_mid_run(backend, tmp_path, sites):
     assert len(site.starts()) == 1
 
 
+@SECOND
 def test_a_client_certificate_when_the_server_requires_one(tmp_path, sites):
     if QueueServer is None:
         pytest.skip("needs the queue server")
