@@ -31,8 +31,8 @@ so that a restarted poller picks its jobs up again (the entrypoints keep running
 
 Environment variables meant for tests only: ``REMOTE_EXEC_POLLER_AUTH_RETRY`` (seconds
 between retries while the server refuses the token; default 300) and
-``REMOTE_EXEC_POLLER_TEST_DELAY`` (seconds slept after each MiB of input downloaded and
-once before launching; default 0).
+``REMOTE_EXEC_POLLER_TEST_DELAY`` (seconds slept after each MiB of input downloaded or
+output uploaded, and once before launching; default 0).
 """
 
 import argparse
@@ -338,6 +338,23 @@ class Response:
         err = self.json().get("error")
         msg = err.get("message") if isinstance(err, dict) else None
         return msg or ("HTTP %d" % self.status)
+
+
+class SlowReader:
+    """A file read in pieces of at most 1 MiB, sleeping after each (tests only)."""
+
+    def __init__(self, f, delay):
+        self.f = f
+        self.delay = delay
+
+    def read(self, n=-1):
+        data = self.f.read(CHUNK if n is None or n < 0 else min(n, CHUNK))
+        if data and self.delay:
+            self.pos = getattr(self, "pos", 0) + len(data)
+            if self.pos >= CHUNK:
+                self.pos = 0
+                time.sleep(self.delay)
+        return data
 
 
 def tls_hint(exc, cfg):
@@ -1212,12 +1229,14 @@ class Job:
         digest = sha256_file(full)
         files = []
 
+        delay = _env_float("REMOTE_EXEC_POLLER_TEST_DELAY", 0.0)
+
         def body():
             for f in files:
                 f.close()
             f = open(full, "rb")
             files.append(f)
-            return f
+            return SlowReader(f, delay) if delay else f
 
         headers = dict(self.lease_header())
         headers.update({"Content-Length": str(size), "X-RE-SHA256": digest,

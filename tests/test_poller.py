@@ -368,6 +368,27 @@ def test_sigkill_during_the_download_of_an_input(backend, tmp_path, sites):
 
 
 @SECOND
+def test_sigkill_during_the_upload_of_the_results(backend, tmp_path, sites):
+    site, sub = new_site(backend, sites, tmp_path)
+    data = os.urandom(4 * 1024 * 1024 + 7)
+    run_id = sub.submit("worker", site.params(), {"big.in": data}, returns=["out-*", "*.txt"])
+    first = site.poller(env={"REMOTE_EXEC_POLLER_TEST_DELAY": "0.3"})
+    sub.wait(run_id, ("uploading",), timeout=30)
+    time.sleep(0.5)
+    first.kill()
+    first.wait()
+    assert sub.run(run_id)["state"] == "uploading"
+    site.poller()
+    run = finished(sub, run_id)
+    assert run["outcome"] == "exited" and run["exit_code"] == 0, run
+    assert sub.output(run_id, "out-big.in.txt") == data
+    # the job's returns: only what MInt asked for comes back (not the input itself)
+    assert "big.in" not in {o["path"] for o in run["outputs"]}
+    assert len(site.starts()) == 1
+    assert "picked up again after a restart (phase uploading)" in site.log()
+
+
+@SECOND
 def test_cancel_while_staging_launches_nothing(backend, tmp_path, sites):
     site, sub = new_site(backend, sites, tmp_path)
     run_id = sub.submit("worker", site.params(), {"big.in": os.urandom(5 * 1024 * 1024)})
