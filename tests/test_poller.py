@@ -328,7 +328,7 @@ def test_sigkill_of_the_poller_while_the_entrypoint_runs(backend, tmp_path, site
 
 def test_sigterm_leaves_the_entrypoint_running(backend, tmp_path, sites):
     site, sub = new_site(backend, sites, tmp_path)
-    run_id = sub.submit("worker", site.params(sleep="15"))
+    run_id = sub.submit("worker", site.params(sleep="25"))
     first = site.poller()
     sub.wait(run_id, ("running",))
     first.send_signal(signal.SIGTERM)
@@ -370,11 +370,11 @@ def test_sigkill_during_the_download_of_an_input(backend, tmp_path, sites):
 @SECOND
 def test_sigkill_during_the_upload_of_the_results(backend, tmp_path, sites):
     site, sub = new_site(backend, sites, tmp_path)
-    data = os.urandom(4 * 1024 * 1024 + 7)
+    data = os.urandom(6 * 1024 * 1024 + 7)
     run_id = sub.submit("worker", site.params(), {"big.in": data}, returns=["out-*", "*.txt"])
     first = site.poller(env={"REMOTE_EXEC_POLLER_TEST_DELAY": "0.3"})
     sub.wait(run_id, ("uploading",), timeout=30)
-    time.sleep(0.5)
+    time.sleep(0.3)
     first.kill()
     first.wait()
     assert sub.run(run_id)["state"] == "uploading"
