@@ -31,12 +31,13 @@ so that a restarted poller picks its jobs up again (the entrypoints keep running
 
 Environment variables meant for tests only: ``REMOTE_EXEC_POLLER_AUTH_RETRY`` (seconds
 between retries while the server refuses the token; default 300) and
-``REMOTE_EXEC_POLLER_TEST_DELAY`` (seconds slept after each MiB of input downloaded and
-once before launching; default 0).
+``REMOTE_EXEC_POLLER_TEST_DELAY`` (seconds slept after each MiB of input downloaded or
+output uploaded, and once before launching; default 0).
 """
 
 import argparse
 import base64
+import errno
 import hashlib
 import http.client
 import importlib.util
@@ -69,6 +70,8 @@ AUTH_CODES = ("token_expired", "token_revoked", "unauthenticated", "forbidden")
 AUTH_LOG_EVERY = 3600.0
 REQUEST_TIMEOUT = 60.0
 MONITOR_SECONDS = 1.0
+EXIT_POLL_SECONDS = 0.2
+ALLOWLIST_RETRY = 30.0
 MAX_PATH_SEGMENTS = 16
 MAX_PATH_BYTES = 4096
 PART_PREFIX = ".re-part-"
@@ -91,6 +94,10 @@ class Stopping(Exception):
 
 class LeaseLost(Exception):
     """The server no longer accepts this job's lease (409 lease_lost)."""
+
+
+class DiskError(Exception):
+    """Writing a file on the site failed (``args[0]``: the OSError)."""
 
 
 class JobGone(Exception):
@@ -314,6 +321,15 @@ class Response:
             return {}
         return value if isinstance(value, dict) else {}
 
+    def error_field(self, name):
+        """A field of an error answer (the protocol puts ``missing``, ``log_size``... in
+        the ``error`` object; found at the top level too)."""
+        body = self.json()
+        err = body.get("error")
+        if isinstance(err, dict) and name in err:
+            return err[name]
+        return body.get(name)
+
     def error_code(self):
         err = self.json().get("error")
         return err.get("code") if isinstance(err, dict) else None
@@ -322,6 +338,38 @@ class Response:
         err = self.json().get("error")
         msg = err.get("message") if isinstance(err, dict) else None
         return msg or ("HTTP %d" % self.status)
+
+
+class SlowReader:
+    """A file read in pieces of at most 1 MiB, sleeping after each (tests only)."""
+
+    def __init__(self, f, delay):
+        self.f = f
+        self.delay = delay
+
+    def read(self, n=-1):
+        data = self.f.read(CHUNK if n is None or n < 0 else min(n, CHUNK))
+        if data and self.delay:
+            self.pos = getattr(self, "pos", 0) + len(data)
+            if self.pos >= CHUNK:
+                self.pos = 0
+                time.sleep(self.delay)
+        return data
+
+
+def tls_hint(exc, cfg):
+    """What to check after a failed request, when TLS failed."""
+    if not isinstance(exc, ssl.SSLError):
+        return ""
+    if getattr(exc, "reason", None) == "CERTIFICATE_VERIFY_FAILED":
+        return (" (TLS: the server's certificate was not accepted: is ca_file %s the CA that "
+                "signed it, and is %s one of its names?)"
+                % (cfg.ca_file or "(system CAs)", cfg.host))
+    if not cfg.client_cert:
+        return (" (TLS: the handshake failed; does the server require a client certificate? "
+                "set client_cert and client_key)")
+    return (" (TLS: the handshake failed; is client_cert %s signed by a CA the server "
+            "trusts, and named after the site?)" % cfg.client_cert)
 
 
 class Http:
@@ -433,6 +481,19 @@ class Http:
                 return
             self.stop.wait(min(left, 0.5))
 
+    def reload_token(self):
+        """Read the token file again (the administrator may have put a new token in)."""
+        try:
+            token = self.cfg.read_token()
+        except ConfigError as exc:
+            self.log("the token file cannot be used: %s" % exc)
+            return
+        with self.auth_lock:
+            if token != self.token:
+                self.token = token
+                self.auth_logged.clear()
+                self.log("the token file %s holds a new token: using it" % self.cfg.token_file)
+
     def _auth_problem(self, resp, what):
         code = resp.error_code() or "HTTP %d" % resp.status
         with self.auth_lock:
@@ -469,10 +530,7 @@ class Http:
                     raise Stopping() from None
                 failures += 1
                 if failures in (1, 5) or failures % 20 == 0:
-                    hint = ""
-                    if isinstance(exc, ssl.SSLError):
-                        hint = " (TLS: is ca_file %s the CA of the server's certificate?)" % (
-                            self.cfg.ca_file or "system CAs")
+                    hint = tls_hint(exc, self.cfg)
                     self.log("%s failed (%s: %s)%s; retrying (attempt %d)"
                              % (what, type(exc).__name__, exc, hint, failures))
                 wait = delay
@@ -482,6 +540,7 @@ class Http:
             if resp.status in (401, 403):
                 self._auth_problem(resp, what)
                 self._sleep(self.auth_retry, abort)
+                self.reload_token()
                 delay = BACKOFF_FIRST
                 continue
             if resp.status >= 500 or resp.status == 429:
@@ -655,24 +714,44 @@ class Job:
     # -- the job's course ----------------------------------------------------------------
 
     def main(self, recovering=False):
+        retry = 5.0
         try:
-            if recovering:
-                self.recover()
-            else:
-                self.fresh()
-        except Stopping:
-            self.say("left as it is (the poller stops); a restarted poller picks it up")
-        except LeaseLost as exc:
-            self.abandon("lease lost: %s" % exc)
-        except JobGone as exc:
-            self.say("%s; dropped" % exc)
-            if not self.launched():
-                self.remove_run()
-            self.drop_state()
-        except Exception as exc:
-            self.say("error: %s: %s" % (type(exc).__name__, exc))
-            for line in traceback.format_exc().rstrip().split("\n"):
-                self.log("    | " + line)
+            while True:
+                try:
+                    if recovering:
+                        self.recover()
+                    else:
+                        self.fresh()
+                    return
+                except Stopping:
+                    self.say("left as it is (the poller stops); a restarted poller picks it up")
+                    return
+                except LeaseLost as exc:
+                    self.abandon("lease lost: %s" % exc)
+                    return
+                except JobGone as exc:
+                    self.say("%s; dropped" % exc)
+                    if not self.launched():
+                        self.remove_run()
+                    self.drop_state()
+                    return
+                except Exception as exc:
+                    self.say("error: %s: %s" % (type(exc).__name__, exc))
+                    for line in traceback.format_exc().rstrip().split("\n"):
+                        self.log("    | " + line)
+                if self.done.is_set() or not os.path.exists(self.state_path):
+                    return
+                # the job is recorded: take it up again from its state file, later
+                self.say("trying again in %ds" % retry)
+                if self.p.stop.wait(retry):
+                    return
+                retry = min(300.0, retry * 2)
+                recovering = True
+                try:
+                    with open(self.state_path, "rb") as f:
+                        self.record = json.loads(f.read().decode("utf-8"))
+                except (OSError, ValueError):
+                    return
         finally:
             self.done.set()
             if self.launch_proc is not None:
@@ -721,12 +800,14 @@ class Job:
             self.say("rejected (%s): %s" % (reason, logged))
             self.finish("rejected", reason=reason, message=message)
             return
+        # the state file first: a poller killed right after the create finds its run
+        self.save(phase="staging")
         code, out, err = self.agent("create %s" % self.id)
         if code != 0:
             self.say("the agent could not create the run directory: %s" % err)
             self.finish("failed_to_start", reason="launch_failed", message=err or out)
+            self.drop_state()
             return
-        self.save(phase="staging")
         self.start_beat()
         self.events("staging")
         self.stage()
@@ -735,9 +816,34 @@ class Job:
         for item in self.job.get("inputs") or []:
             if self.check_cancel_before_launch():
                 return
-            if item["path"] in self.record["staged"] and self.input_present(item):
-                continue
-            ok = self.download(item)
+            try:
+                if item["path"] in self.record["staged"] and self.input_present(item):
+                    continue
+                self.input_target(item["path"])
+            except (ValueError, OSError) as exc:
+                message = str(exc) if isinstance(exc, ValueError) else (
+                    "input %r cannot be placed: %s" % (item["path"], exc))
+                self.say("rejected (bad_parameter): %s" % message)
+                self.done.set()
+                self.finish("rejected", reason="bad_parameter", message=message)
+                self.remove_run()
+                self.drop_state()
+                return
+            try:
+                ok = self.download(item)
+            except (OSError, DiskError) as exc:
+                if isinstance(exc, DiskError):
+                    exc = exc.args[0]
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                message = ("no space left for input %r in the site's run root %s: %s"
+                           % (item["path"], self.cfg.root, exc.strerror or exc))
+                self.say("failed to start (no_space): %s" % message)
+                self.done.set()
+                self.finish("failed_to_start", reason="no_space", message=message)
+                self.remove_run()
+                self.drop_state()
+                return
             if ok is None:
                 return
             self.record["staged"].append(item["path"])
@@ -809,6 +915,7 @@ class Job:
             flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW
             h = hashlib.sha256()
             if resp.status == 206 and state["have"] > 0:
+                self.say("resuming input %r at byte %d" % (relpath, state["have"]))
                 with open(part, "rb") as f:
                     while True:
                         block = f.read(CHUNK)
@@ -827,8 +934,11 @@ class Job:
                     if not block:
                         break
                     view = memoryview(block)
-                    while view:
-                        view = view[os.write(fd, view):]
+                    try:
+                        while view:
+                            view = view[os.write(fd, view):]
+                    except OSError as exc:  # not the connection's fault: not retried
+                        raise DiskError(exc) from None
                     h.update(block)
                     if delay:
                         time.sleep(delay)
@@ -986,8 +1096,8 @@ class Job:
                     if isinstance(size, int) and size > new:
                         new = size
                     self.record["log_offset"] = new
-                elif resp.status == 409 and isinstance(ans.get("log_size"), int):
-                    self.record["log_offset"] = ans["log_size"]
+                elif resp.status == 409 and isinstance(resp.error_field("log_size"), int):
+                    self.record["log_offset"] = resp.error_field("log_size")
                 else:
                     self.answer_problem(resp, "log")
                 if len(data) < MAX_LOG_POST and not final:
@@ -1000,20 +1110,28 @@ class Job:
         self.start_beat()
         gone_since = None
         saved_offset = None
+        last_look = 0.0
         while True:
             if self.p.stop.is_set():
                 raise Stopping()
-            self.reap(block=False)
-            self.send_log()
             code = self.run.exit_code()
             if code is not None:
+                self.reap(block=True)
                 self.upload(code)
                 return
             if self.cancel.is_set():
                 self.do_cancel()
                 return
-            if not self.run.running():
-                if gone_since is None:
+            if time.monotonic() - last_look >= MONITOR_SECONDS:
+                last_look = time.monotonic()
+                self.reap(block=False)
+                self.send_log()
+                if self.record.get("log_offset") != saved_offset:
+                    saved_offset = self.record.get("log_offset")
+                    self.save()
+                if self.run.running():
+                    gone_since = None
+                elif gone_since is None:
                     gone_since = time.monotonic()
                 elif time.monotonic() - gone_since > 2.0 and self.run.exit_code() is None:
                     self.say("the entrypoint's process is gone without an exit code")
@@ -1024,12 +1142,7 @@ class Job:
                                         "without recording an exit code")
                     self.drop_state()
                     return
-            else:
-                gone_since = None
-            if self.record.get("log_offset") != saved_offset:
-                saved_offset = self.record.get("log_offset")
-                self.save()
-            self.p.stop.wait(MONITOR_SECONDS)
+            self.p.stop.wait(EXIT_POLL_SECONDS)
 
     def do_cancel(self):
         grace = self.job.get("cancel_grace", 10)
@@ -1097,8 +1210,7 @@ class Job:
                                    held_back=sorted(held_back), message=message)
                 if resp.status == 200:
                     break
-                ans = resp.json()
-                missing = ans.get("missing") or (ans.get("error") or {}).get("missing") or []
+                missing = resp.error_field("missing") or []
                 self.say("the server misses outputs %s; sending them again" % missing)
                 for rel, full in files:
                     if rel in missing:
@@ -1117,12 +1229,14 @@ class Job:
         digest = sha256_file(full)
         files = []
 
+        delay = _env_float("REMOTE_EXEC_POLLER_TEST_DELAY", 0.0)
+
         def body():
             for f in files:
                 f.close()
             f = open(full, "rb")
             files.append(f)
-            return f
+            return SlowReader(f, delay) if delay else f
 
         headers = dict(self.lease_header())
         headers.update({"Content-Length": str(size), "X-RE-SHA256": digest,
@@ -1136,11 +1250,12 @@ class Job:
                 f.close()
         if resp.status in (200, 201):
             return {"path": rel, "size": size, "sha256": digest}
-        if resp.status in (413, 507, 422):
-            self.say("output %r not accepted: %d %s" % (rel, resp.status,
-                                                         resp.error_message()))
-            return None
-        self.answer_problem(resp, "output %r" % rel)
+        if resp.status == 409 and resp.error_code() == "lease_lost":
+            self.answer_problem(resp, "output %r" % rel)
+        # 413, 507, 422, or a path the server cannot take (400, 404): this file is not
+        # sent; the finish says so (and a run the server lost answers the finish 404)
+        self.say("output %r not accepted: %d %s" % (rel, resp.status, resp.error_message()))
+        return None
 
     def cleanup(self, success):
         policy = self.p.cfg.cleanup
@@ -1219,6 +1334,7 @@ class Poller:
         self.jobs = {}  # run id -> thread
         self.jobs_lock = threading.Lock()
         self.claim_thread = None
+        self.allowlist_problem = None
         os.makedirs(cfg.state, 0o700, exist_ok=True)
         self.id = self._poller_id()
         self.host = socket.gethostname()
@@ -1235,13 +1351,21 @@ class Poller:
             return pid
 
     def entrypoint_names(self):
+        """The allowlist's entrypoints; None (logged once) while it cannot be loaded."""
         try:
             cfg = self.agent.Config(self.cfg.allowlist)
             cfg.load()
-            return sorted(cfg.entrypoints)
         except Exception as exc:
-            self.log("the allowlist %s cannot be loaded: %s" % (self.cfg.allowlist, exc))
-            return []
+            problem = "%s: %s" % (type(exc).__name__, exc)
+            if problem != self.allowlist_problem:
+                self.allowlist_problem = problem
+                self.log("the allowlist %s cannot be loaded (%s); no job is claimed until "
+                         "it is fixed" % (self.cfg.allowlist, problem))
+            return None
+        if self.allowlist_problem is not None:
+            self.allowlist_problem = None
+            self.log("the allowlist %s loads again: claiming jobs" % self.cfg.allowlist)
+        return sorted(cfg.entrypoints)
 
     def start_job(self, job, record=None, holds_slot=True):
         run_id = job["id"]
@@ -1288,8 +1412,12 @@ class Poller:
             self.start_job(job, record, holds_slot=self.slots.acquire(blocking=False))
 
     def claim(self):
+        names = self.entrypoint_names()
+        if names is None:
+            self.http._sleep(ALLOWLIST_RETRY, None)
+            return None
         body = {"poller": {"id": self.id, "host": self.host, "version": POLLER_VERSION},
-                "wait": self.cfg.wait, "entrypoints": self.entrypoint_names()}
+                "wait": self.cfg.wait, "entrypoints": names}
         resp = self.http.call("POST", "/site/claim", body=body, timeout=self.cfg.wait + 30,
                               what="claim")
         if resp.status == 204:
@@ -1406,9 +1534,8 @@ def run_check(cfg):
             else:
                 problems.append("server %s: /healthz answered %d" % (cfg.server, resp.status))
         except ssl.SSLError as exc:
-            problems.append("server %s: TLS failed (%s); is ca_file %s the CA of the "
-                            "server's certificate, and the host name in it?"
-                            % (cfg.server, exc, cfg.ca_file or "system CAs"))
+            problems.append("server %s: TLS failed (%s)%s"
+                            % (cfg.server, exc, tls_hint(exc, cfg)))
             resp = None
         except (OSError, http.client.HTTPException) as exc:
             problems.append("server %s: unreachable (%s: %s); check the URL, the proxy "
