@@ -275,9 +275,6 @@ def test_runs_exit_0_and_3_with_results_byte_exact(backend, tmp_path, sites):
     wait_for(lambda: site.run_dirs() == [bad] and not site.state_files(), 10, "cleanup")
 
 
-@pytest.mark.xfail(reason="the queue server's routes ({path:.+}) do not match a newline, "
-                   "which docs/pull-protocol.md allows in file paths: it answers 404",
-                   strict=False)
 def test_a_file_name_with_a_newline_comes_back(backend, tmp_path, sites):
     site, sub = new_site(backend, sites, tmp_path)
     run_id = sub.submit("worker", site.params())
