@@ -190,11 +190,12 @@ class Env:
         except urllib.error.HTTPError as err:
             return err.code, json.loads(err.read() or b"null")
 
-    def queue_run(self, site: str, run_id: str, content: bytes = b"x") -> None:
+    def queue_run(self, site: str, run_id: str, content: bytes = b"x",
+                  returns: tuple[str, ...] = ("r.txt",)) -> None:
         """A run queued through protocol v1 (as the pull backend makes it)."""
         digest = hashlib.sha256(content).hexdigest()
         status, answer = self.api("POST", "/runs", {
-            "id": run_id, "site": site, "entrypoint": "site", "returns": ["r.txt"],
+            "id": run_id, "site": site, "entrypoint": "site", "returns": list(returns),
             "inputs": [{"path": "in.txt", "size": len(content), "sha256": digest}]})
         assert status == 201, answer
         status, answer = self.api("PUT", f"/runs/{run_id}/inputs/in.txt", data=content,
@@ -281,27 +282,36 @@ def test_abnormal_is_exit_1(env: Env, tmp_path: Path) -> None:
 
 
 def test_missing_result_file_is_named(env: Env, tmp_path: Path) -> None:
-    env.queue_run("old-missing", "missing-1")
-    status, run = env.api("GET", "/runs/missing-1")
-    assert status == 200
+    env.queue_run("old-missing", "missing-1", returns=("r.txt", "s[*].txt"))
     poller = env.poller("old-missing")
     accept_id = poller.wait_job()
     assert accept_id == "missing-1"
 
     def command(d: Path) -> tuple[int, bytes, bytes]:
-        return 0, b"no r.txt made\n", b""
+        (d / "r.txt").write_text("made\n")
+        return 0, b"no s*.txt made\n", b""
 
-    # the original's rule: no declared result -> abnormal; the run completes all the same
-    poller.run_job(accept_id, tmp_path / "site", command)
+    # one declared result exists: "calc end"; the other comes as an Error entry
+    info = poller.run_job(accept_id, tmp_path / "site", command)
+    assert sorted(info["result_files"]) == ["r.txt", "s*.txt"]  # glob.escape-d: a name
     status, run = env.api("GET", "/runs/missing-1")
-    assert (run["state"], run["outcome"], run["exit_code"]) == ("finished", "exited", 1)
-    assert "r.txt" in run["message"] and "missing" in run["message"]
-    assert [o["path"] for o in run["outputs"]] == ["remote_program_exec.log"]
-    assert run["log_size"] == len(b"no r.txt made\n")
+    assert (run["state"], run["outcome"], run["exit_code"]) == ("finished", "exited", 0)
+    assert "s*.txt" in run["message"] and "missing" in run["message"]
+    assert sorted(o["path"] for o in run["outputs"]) == ["r.txt", "remote_program_exec.log"]
+    assert run["log_size"] == len(b"no s*.txt made\n")
     # a call about a finished run: an error answer in the old envelope
     status, answer = poller.call("POST", "calc-start",
                                  {"accept_id": accept_id, "site_id": "old-missing"})
     assert status == 200 and answer["errors"][0]["code"] == "400"
+    # end-send said again: fine
+    assert poller.post("end-send", accept_id)["errors"][0]["code"] == 200
+    # nothing named: the original's rule says abnormal; the run completes all the same
+    env.queue_run("old-missing", "missing-2")
+    assert poller.wait_job() == "missing-2"
+    poller.run_job("missing-2", tmp_path / "site2", lambda d: (0, b"", b""))
+    status, run = env.api("GET", "/runs/missing-2")
+    assert (run["state"], run["exit_code"]) == ("finished", 1)
+    assert "r.txt" in run["message"]
 
 
 def test_auth_and_site_errors(env: Env) -> None:

@@ -820,7 +820,7 @@ class Store:
         now = self._now
         if run["state"] not in TERMINAL:
             changes: dict[str, Any] = {"lease_expires_at": now + ttl}
-            if run["state"] in PRE_LAUNCH:
+            if run["state"] in (*PRE_LAUNCH, "uploading"):
                 changes["last_heartbeat"] = now
             run = self._update(run, bump=False, **changes)
         self.db.execute("UPDATE pollers SET last_seen = ? WHERE site = ? AND id = ?",
@@ -859,13 +859,18 @@ class Store:
             self._update(run, state="running", launched=1, last_heartbeat=None)
 
     def compat_end(self, site: str, run_id: str, ttl: float, exit_code: int) -> None:
-        """``calc-end``: running -> uploading, with exit code 0 or 1."""
-        with self.tx():
-            run = self._compat_run(site, run_id, ttl, ("launching", "running"), "calc-end")
+        """``calc-end``: running -> uploading, with exit code 0 or 1. Also from staged:
+        the original sends calc-end after a calc-start that failed on its way here, and
+        its command may have run."""
+        with self.tx() as now:
+            run = self._compat_run(site, run_id, ttl, ("staged", "launching", "running"),
+                                   "calc-end")
             word = "calc end" if exit_code == 0 else "abnormal"
             self._event(run_id, "uploading", f"the command ended: {word!r} (exit code "
                         f"{exit_code}); results follow")
-            self._update(run, state="uploading", exit_code=exit_code)
+            # heartbeats again: the original sends its results within seconds
+            self._update(run, state="uploading", exit_code=exit_code, launched=1,
+                         last_heartbeat=now)
 
     def compat_results(self, site: str, run_id: str, ttl: float,
                        files: list[tuple[str, int, str, Path]], log: tuple[int, Path] | None,
