@@ -29,7 +29,7 @@ from urllib.parse import unquote
 from aiohttp import web
 
 from remote_exec.errors import ConfigError
-from remote_exec.queue import schemas
+from remote_exec.queue import compat, schemas
 from remote_exec.queue.errors import ApiError, bad_request
 from remote_exec.queue.paths import path_problem
 from remote_exec.queue.settings import Settings
@@ -124,6 +124,8 @@ class QueueApp:
         r.add_post(p + "/site/jobs/{id}/log", self.post_log)
         r.add_put(p + r"/site/jobs/{id}/outputs/{path:[\s\S]+}", self.put_output)
         r.add_post(p + "/site/jobs/{id}/finish", self.finish)
+        if self.settings.compat.enabled:
+            compat.CompatV0(self.settings.compat, self.store).add_routes(r)
         return app
 
     async def _stamp(self, request: web.Request, response: web.StreamResponse) -> None:
@@ -295,6 +297,7 @@ class QueueApp:
     async def create_run(self, request: web.Request) -> web.Response:
         who = self._who(request, "submit")
         body = await self._json(request, schemas.validate_create)
+        compat.check_create(self.settings.compat, body)
         status, answer = self.store.create_run(who, body, DEFAULT_QUEUE_TIMEOUT,
                                                self.settings.site_entrypoints)
         return web.json_response(answer, status=status)

@@ -16,6 +16,14 @@
     retention: 7d               # `queue gc` purges terminal runs older than this
     sweep_interval: 1           # seconds (advanced)
     sites: {corp-lab: {entrypoints: [abaqus]}}   # optional early refusal per site
+    compat_v0:                  # sites still running MInt's original poller (opt-in)
+      enabled: false
+      prefix: /mi-distcomp-api
+      max_job_bytes: 256MiB     # a run's inputs travel as one base64 JSON document
+      lease_ttl: 600            # seconds; renewed by every call of the original poller
+      reoffer_after: 60         # a run handed out but never asked for is offered again
+      sites: {rme-u-tokyo: {command: "~/scripts/execute_remote-side_program_api.sh",
+                            entrypoint: site}}
 
 Relative paths are relative to the configuration file. With ``tls.client_ca`` set, every
 client must present a certificate of that CA, and a site token's site must be the
@@ -74,9 +82,53 @@ SCHEMA: dict[str, Any] = {
                 "properties": {"entrypoints": {"type": "array", "items": {"type": "string"}}},
             },
         },
+        "compat_v0": {
+            "type": ["object", "null"],
+            "additionalProperties": False,
+            "properties": {
+                "enabled": {"type": "boolean"},
+                "prefix": {"type": "string", "pattern": "^(/[A-Za-z0-9._~-]+)+$"},
+                "max_job_bytes": SIZE_SCHEMA,
+                "lease_ttl": _DURATION,
+                "reoffer_after": _DURATION,
+                "sites": {
+                    "type": ["object", "null"],
+                    "additionalProperties": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["command"],
+                        "properties": {
+                            "command": {"type": "string", "minLength": 1},
+                            "entrypoint": {"type": "string", "minLength": 1},
+                        },
+                    },
+                },
+            },
+        },
     },
 }
 _validate = fastjsonschema.compile(SCHEMA)
+
+
+@dataclass
+class CompatSite:
+    """A site served to MInt's original poller: the command string its ``calc-params``
+    answers, and the entrypoint name of the runs handed out to it."""
+
+    command: str
+    entrypoint: str = "site"
+
+
+@dataclass
+class CompatSettings:
+    """``compat_v0``: MInt's original site protocol (see remote_exec/queue/compat.py)."""
+
+    enabled: bool = False
+    prefix: str = "/mi-distcomp-api"
+    max_job_bytes: int = 256 * 1024 ** 2
+    lease_ttl: float = 600.0
+    reoffer_after: float = 60.0
+    sites: dict[str, CompatSite] = field(default_factory=dict)
 
 
 @dataclass
@@ -101,6 +153,7 @@ class Settings:
     retention: float = 7 * 86400.0
     sweep_interval: float = 1.0
     site_entrypoints: dict[str, list[str]] = field(default_factory=dict)
+    compat: CompatSettings = field(default_factory=CompatSettings)
 
     @property
     def scheme(self) -> str:
@@ -128,7 +181,9 @@ def _duration(values: dict[str, Any], key: str, default: float) -> float:
 
 _HINTS = {"listen": "HOST:PORT, e.g. 127.0.0.1:8443 or [::1]:8443 (port 0: any free port)",
           "max_file_size": SIZE_HINT, "max_run_bytes": SIZE_HINT, "min_free_space": SIZE_HINT,
-          "prefix": "a URL path such as /re-pull/v1"}
+          "prefix": "a URL path such as /re-pull/v1",
+          "compat_v0": "compat_v0: {enabled, prefix, max_job_bytes, lease_ttl, reoffer_after, "
+          "sites: {SITE: {command: STRING, entrypoint: NAME}}} (remote_exec/queue/settings.py)"}
 KEYS_HINT = "the keys are described in remote_exec/queue/settings.py"
 
 
@@ -214,4 +269,27 @@ def _load(path: Path) -> Settings:
     for site, entry in (values.get("sites") or {}).items():
         if entry and entry.get("entrypoints") is not None:
             s.site_entrypoints[site] = list(entry["entrypoints"])
+    s.compat = _compat(values.get("compat_v0") or {}, s.prefix)
     return s
+
+
+def _compat(values: dict[str, Any], prefix: str) -> CompatSettings:
+    c = CompatSettings(enabled=bool(values.get("enabled", False)))
+    c.prefix = values.get("prefix", c.prefix)
+    if c.prefix == prefix or c.prefix.startswith(prefix + "/") \
+            or prefix.startswith(c.prefix + "/"):
+        raise ConfigError(f"compat_v0.prefix {c.prefix} overlaps the protocol's prefix "
+                          f"{prefix}", hint="MInt's original poller calls /mi-distcomp-api")
+    if "max_job_bytes" in values:
+        c.max_job_bytes = parse_size(values["max_job_bytes"], "compat_v0.max_job_bytes")
+    try:
+        c.lease_ttl = _duration(values, "lease_ttl", c.lease_ttl)
+        c.reoffer_after = _duration(values, "reoffer_after", c.reoffer_after)
+    except ConfigError as err:
+        raise ConfigError(f"compat_v0.{err.message}", hint=err.hint) from None
+    for site, entry in (values.get("sites") or {}).items():
+        c.sites[site] = CompatSite(entry["command"], entry.get("entrypoint", "site"))
+    if c.enabled and not c.sites:
+        raise ConfigError("compat_v0 is enabled but lists no site",
+                          hint="compat_v0.sites: {SITE: {command: STRING, entrypoint: NAME}}")
+    return c

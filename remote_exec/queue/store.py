@@ -77,6 +77,10 @@ LOG_CHUNK_MAX = 1024 * 1024
 LOG_READ_MAX = 4 * 1024 * 1024
 #: the largest JSON body read (a run with thousands of inputs stays well below)
 JSON_MAX = 16 * 1024 * 1024
+#: the poller id prefix of the runs handed out to MInt's original poller (compat_v0)
+COMPAT_POLLER = "mi-system-remote"
+#: the ``finish`` column of a run that MInt's original poller ended (end-send)
+COMPAT_FINISH = '{"compat_v0":"end send"}'
 
 
 def rfc3339(t: float | None) -> str | None:
@@ -510,6 +514,15 @@ class Store:
                 self._event(run_id, "cancelled", "cancelled before any poller claimed it")
                 self._update(run, state="cancelled", ended_at=now, cancel_requested=1)
                 return 200, {"state": "cancelled"}
+            if (run["poller_id"] or "").startswith(COMPAT_POLLER):
+                # MInt's original poller cannot be told to stop: the run ends here, and its
+                # further calls about it are answered with an error
+                self._event(run_id, "cancelled", "cancelled; MInt's original poller "
+                            "(compat_v0) cannot be told to stop: what it still runs is not "
+                            "taken back")
+                self._update(run, state="cancelled", ended_at=now, cancel_requested=1,
+                             lease_id=None, lease_expires_at=None)
+                return 200, {"state": "cancelled"}
             if not run["cancel_requested"]:
                 self._event(run_id, run["state"], "cancel requested: the poller stops the run")
                 run = self._update(run, cancel_requested=1)
@@ -726,6 +739,191 @@ class Store:
                          outputs=json.dumps(outputs), held_back=json.dumps(
                              body.get("held_back", [])), finish=canonical)
             return self.view(self._row(run_id))
+
+    # -- compat_v0: MInt's original poller (remote_exec/queue/compat.py) -----------------------
+    # Its calls name a run by id and site only (no lease): a run it holds has a poller id
+    # starting with COMPAT_POLLER, and every call renews the lease (``ttl``, long: the
+    # original sleeps 10 s between calls). Errors are ApiError(200, CODE, ...) as the
+    # original answered them (HTTP 200, the code inside the envelope).
+
+    def compat_claim(self, site: str, entrypoint: str, peer: str, ttl: float,
+                     reoffer_after: float) -> str | None:
+        """Hand the oldest queued run of ``site`` with ``entrypoint`` to an original poller
+        (non-blocking), or a run such a poller took but never asked the parameters of
+        within ``reoffer_after`` s (the original ignores the first answer after its start);
+        the run id, or None."""
+        poller_id = f"{COMPAT_POLLER}@{peer}"
+        with self.tx() as now:
+            self.db.execute(
+                "INSERT INTO pollers (site, id, host, version, entrypoints, last_seen) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (site, id) DO UPDATE SET "
+                "last_seen = excluded.last_seen, entrypoints = excluded.entrypoints",
+                (site, poller_id, peer, "mi-system-remote.py (compat_v0)",
+                 json.dumps([entrypoint]), now))
+            expired = self.db.execute(
+                "SELECT id FROM runs WHERE site = ? AND state IN ('claimed', 'staging', 'staged')"
+                " AND lease_expires_at <= ?", (site, now)).fetchall()
+            for (run_id,) in expired:
+                self.settle(self._row(run_id))
+            row = self.db.execute(
+                "SELECT id FROM runs WHERE site = ? AND entrypoint = ? AND state = 'claimed' "
+                "AND poller_id LIKE ? AND updated_at <= ? ORDER BY queued_at, created_at "
+                "LIMIT 1", (site, entrypoint, COMPAT_POLLER + "@%", now - reoffer_after)
+            ).fetchone()
+            if row is not None:
+                run = self._row(row[0])
+                self._event(run["id"], "claimed", f"offered again to MInt's original poller at"
+                            f" {peer}: it was not asked for its parameters within "
+                            f"{_number(reoffer_after)} s")
+            else:
+                while True:
+                    row = self.db.execute(
+                        "SELECT id FROM runs WHERE site = ? AND entrypoint = ? AND state = "
+                        "'queued' ORDER BY queued_at, created_at LIMIT 1",
+                        (site, entrypoint)).fetchone()
+                    if row is None:
+                        return None
+                    run = self.settle(self._row(row[0]))
+                    if run["state"] == "queued":
+                        break
+                self._event(run["id"], "claimed", f"claimed by MInt's original poller "
+                            f"(mi-system-remote.py) at {peer} (attempt {run['attempt']})")
+            self._update(run, state="claimed", poller_id=poller_id, poller_host=peer,
+                         lease_id=str(uuid.uuid4()), lease_expires_at=now + ttl,
+                         last_heartbeat=now)
+            return run["id"]
+
+    def returns_of(self, run_id: str) -> list[str]:
+        """The ``returns`` of a run (empty for an unknown run)."""
+        row = self._row(run_id) if run_id else None
+        return list(json.loads(row["request"]).get("returns", [])) if row else []
+
+    def _compat_run(self, site: str, run_id: str, ttl: float, states: tuple[str, ...],
+                    call: str) -> sqlite3.Row:
+        """The run an original poller names, if it holds it and it is in ``states``
+        (lease renewed); ApiError(200, ...) otherwise."""
+        run = self._row(run_id) if run_id else None
+        if run is None or run["site"] != site:
+            raise ApiError(200, "0300", f"id({run_id})の情報はありません。 (site {site} has no "
+                           f"run {run_id} on the queue server)")
+        run = self.settle(run)
+        if not (run["poller_id"] or "").startswith(COMPAT_POLLER + "@"):
+            raise ApiError(200, "400", f"{call}: run {run_id} was not handed out to MInt's "
+                           "original poller (ask calc-request first)")
+        if run["state"] in TERMINAL and run["state"] not in states:
+            why = " (cancelled on the MInt side: nothing more is taken for it)" \
+                if run["state"] == "cancelled" else ""
+            raise ApiError(200, "400", f"{call}: run {run_id} is {run['state']}{why}")
+        if run["state"] not in states:
+            raise ApiError(200, "400", f"{call}: run {run_id} is {run['state']}; this call "
+                           f"expects it {' or '.join(states)}")
+        now = self._now
+        if run["state"] not in TERMINAL:
+            changes: dict[str, Any] = {"lease_expires_at": now + ttl}
+            if run["state"] in (*PRE_LAUNCH, "uploading"):
+                changes["last_heartbeat"] = now
+            run = self._update(run, bump=False, **changes)
+        self.db.execute("UPDATE pollers SET last_seen = ? WHERE site = ? AND id = ?",
+                        (now, site, run["poller_id"]))
+        return run
+
+    def compat_params(self, site: str, run_id: str,
+                      ttl: float) -> tuple[list[tuple[str, Path]], list[str]]:
+        """``calc-params``: claimed -> staging; the inputs (path, spool file) and returns."""
+        with self.tx():
+            run = self._compat_run(site, run_id, ttl, ("claimed",), "calc-params")
+            self._event(run_id, "staging", "MInt's original poller fetches the inputs "
+                        "(calc-params)")
+            run = self._update(run, state="staging")
+        request = json.loads(run["request"])
+        inputs = [(f["path"], self.file_path(run_id, "in", f["path"]))
+                  for f in request.get("inputs", [])]
+        return inputs, list(request.get("returns", []))
+
+    def compat_step(self, site: str, run_id: str, ttl: float, call: str) -> None:
+        """``calc-params-complete`` (staging -> staged), ``calc-start`` (staged ->
+        launching -> running)."""
+        with self.tx():
+            if call == "calc-params-complete":
+                run = self._compat_run(site, run_id, ttl, ("staging",), call)
+                self._event(run_id, "staged", "inputs written on the site "
+                            "(calc-params-complete)")
+                self._update(run, state="staged")
+                return
+            run = self._compat_run(site, run_id, ttl, ("staged",), call)
+            self._event(run_id, "launching", "MInt's original poller starts the command "
+                        "(calc-start)")
+            self._event(run_id, "running", "running (the original poller sends nothing "
+                        "until the command ends)")
+            # no heartbeat until calc-end: never marked stalled
+            self._update(run, state="running", launched=1, last_heartbeat=None)
+
+    def compat_end(self, site: str, run_id: str, ttl: float, exit_code: int) -> None:
+        """``calc-end``: running -> uploading, with exit code 0 or 1. Also from staged:
+        the original sends calc-end after a calc-start that failed on its way here, and
+        its command may have run."""
+        with self.tx() as now:
+            run = self._compat_run(site, run_id, ttl, ("staged", "launching", "running"),
+                                   "calc-end")
+            word = "calc end" if exit_code == 0 else "abnormal"
+            self._event(run_id, "uploading", f"the command ended: {word!r} (exit code "
+                        f"{exit_code}); results follow")
+            # heartbeats again: the original sends its results within seconds
+            self._update(run, state="uploading", exit_code=exit_code, launched=1,
+                         last_heartbeat=now)
+
+    def compat_results(self, site: str, run_id: str, ttl: float,
+                       files: list[tuple[str, int, str, Path]], log: tuple[int, Path] | None,
+                       notes: list[str]) -> None:
+        """``send-results``: record the decoded files (path, size, sha256, temporary file),
+        the log and ``notes`` (the run's message)."""
+        with self.tx():
+            run = self._compat_run(site, run_id, ttl, ("uploading",), "send-results")
+            total = sum(size for _path, size, _sha, _temp in files)
+            total += self.db.execute("SELECT COALESCE(SUM(size), 0) FROM files WHERE "
+                                     "run_id = ? AND kind = 'in'", (run_id,)).fetchone()[0]
+            if total > self.max_run_bytes:
+                raise ApiError(200, "400", f"send-results: run {run_id} would hold {total} "
+                               f"bytes, over the server's max_run_bytes ({self.max_run_bytes})")
+            self.db.execute("DELETE FROM files WHERE run_id = ? AND kind = 'out'", (run_id,))
+            for path, size, sha256, temp in files:
+                final = self.file_path(run_id, "out", path)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(temp, final)
+                self.db.execute("INSERT INTO files (run_id, kind, path, size, sha256) "
+                                "VALUES (?, ?, ?, ?, ?)", (run_id, "out", path, size, sha256))
+            changes: dict[str, Any] = {"message": "; ".join(notes) or None}
+            if log is not None:
+                size, temp = log
+                final = self.log_path(run_id)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(temp, final)
+                changes["log_size"] = size
+            self._event(run_id, "uploading", f"{len(files)} result file(s) received "
+                        "(send-results)" + (f": {'; '.join(notes)}" if notes else ""))
+            self._update(run, **changes)
+
+    def compat_finish(self, site: str, run_id: str, ttl: float) -> None:
+        """``end-send``: uploading -> finished (exited, with calc-end's exit code)."""
+        with self.tx() as now:
+            run = self._compat_run(site, run_id, ttl, ("uploading", "finished"), "end-send")
+            if run["state"] == "finished":
+                if run["finish"] == COMPAT_FINISH:
+                    return  # said again
+                raise ApiError(200, "400", f"end-send: run {run_id} is finished already")
+            outputs = [{"path": r["path"], "size": r["size"], "sha256": r["sha256"]}
+                       for r in self.db.execute(
+                           "SELECT path, size, sha256 FROM files WHERE run_id = ? AND "
+                           "kind = 'out' ORDER BY path", (run_id,))]
+            if not outputs and not run["log_size"] and not run["message"]:
+                run = self._update(run, bump=False, message="no result came from the site "
+                                   "(send-results missing, or refused: larger than "
+                                   "compat_v0.max_job_bytes?)")
+            self._event(run_id, "finished", f"exited with {run['exit_code']} (end-send)"
+                        + (f": {run['message']}" if run["message"] else ""))
+            self._update(run, state="finished", ended_at=now, outcome="exited",
+                         outputs=json.dumps(outputs), finish=COMPAT_FINISH,
+                         lease_id=None, lease_expires_at=None)
 
     # -- garbage collection -------------------------------------------------------------
 
