@@ -282,12 +282,14 @@ def test_no_poller_expires_with_last_seen(pull: Pull) -> None:
 
 
 def test_timeout_while_queued(pull: Pull) -> None:
-    result = pull("run", "--site", pull.site, "--timeout", "2s", "-t", "generic", *script("true"))
+    result = pull("run", "--site", pull.site, "--timeout", "4s", "-t", "generic", *script("true"))
     assert result.returncode == 124, result.stderr
     record = pull.journal()[0]
     assert record["state"] == "timed_out"
-    runs = pull.server.admin("runs", "--site", pull.site)
-    assert "cancelled" in runs.stdout  # withdrawn from the queue: no poller takes it later
+    runs = pull.server.admin("runs", "--site", pull.site).stdout
+    # withdrawn from the queue (or, on a machine so loaded that the time ran out before
+    # the submission, never submitted): no poller takes it later
+    assert "cancelled" in runs or ("created" in runs and "queued" not in runs), runs
 
 
 def test_cancel_while_running_stops_the_entrypoint(polled: Pull) -> None:
