@@ -31,9 +31,9 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(),
 
 #: big enough that rsync through the tunnel takes several seconds on loopback
 BIG_MIB = 256
-#: the local rsync's pace during a stage or fetch test (MiB/s): a transfer of BIG_MIB lasts about 8 s,
-#: so a stop started by a new process (`remote-exec cancel`) lands while it is under way
-#: even on a loaded machine
+#: the local rsync's pace during a stage or fetch test (MiB/s): a transfer of BIG_MIB lasts
+#: about 8 s, so a stop started by a new process (`remote-exec cancel`) or a 3 s timeout
+#: lands while it is under way, on a fast machine as on a loaded one
 FETCH_PACE_MIB = 32
 
 
