@@ -410,9 +410,13 @@ class PullBackend(Backend):
 
     async def _cancel(self, run_id: str, grace: float) -> str:
         """Ask the server to cancel; wait (bounded) for the site to stop the entrypoint."""
+        before = (await self._get(run_id)).get("state")
         answer = (await self.client.call("POST", f"/runs/{run_id}/cancel", json={}))[1] or {}
         if answer.get("state") == "cancelled":
-            return "the run was withdrawn from the queue before a poller took it"
+            if before in ("created", "queued"):
+                return "the run was withdrawn from the queue before a poller took it"
+            return ("the queue server ended the run; the poller that held it (MInt's "
+                    "original poller, which takes no cancel) may still run its command")
         if answer.get("state") in TERMINAL:
             return f"the run had already ended ({answer.get('state')})"
         deadline = time.monotonic() + grace + 20
