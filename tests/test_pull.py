@@ -551,3 +551,18 @@ def test_four_pollers_fifty_runs(pull: Pull) -> None:
     logs = "".join(p.read_text() for p in pull.site_dir.glob("poller*.log"))
     assert logs.count(": claimed") == 50
     assert len({line.split()[2] for line in logs.splitlines() if ": claimed" in line}) == 50
+
+
+def test_unchanged_inputs_stay_and_changed_ones_come_back_aside(polled: Pull) -> None:
+    (polled.work / "same.dat").write_bytes(os.urandom(2 << 20))
+    (polled.work / "changed.dat").write_text("before\n")
+    result = polled("run", "--site", polled.site, "--json", "-t", "generic",
+                    *script("echo after > changed.dat; echo out > out.txt"),
+                    "same.dat", "changed.dat")
+    assert result.returncode == 0, result.stderr
+    assert (polled.work / "changed.dat").read_text() == "before\n"  # never overwritten
+    assert (polled.work / "changed.dat.returned").read_text() == "after\n"
+    fetched = [json.loads(line) for line in result.stderr.splitlines()
+               if line.startswith("{") and '"fetched"' in line][0]
+    assert fetched["bytes"] < 1 << 20  # the 2 MiB input did not travel back
+    assert "1 unchanged inputs not sent" in (polled.site_dir / "poller.log").read_text()
