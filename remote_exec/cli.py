@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -476,14 +477,7 @@ def legacy(ctx: click.Context, args: tuple[str, ...]) -> None:
     """
     from remote_exec import legacy as lg
 
-    if any(a in ("-h", "--help") for a in args):
-        click.echo(ctx.get_help())
-        click.echo("\n" + lg.USAGE)
-        sys.exit(0)
-    parsed = lg.parse(list(args))
-    if parsed is None:
-        click.echo(lg.USAGE)
-        sys.exit(1)
+    parsed = _legacy_arguments(ctx, args, lg.parse, lg.USAGE)
     from remote_exec.config import DEFAULT_SOLVER_LOG_BASE
     from remote_exec.ui import Reporter
 
@@ -504,8 +498,30 @@ def legacy(ctx: click.Context, args: tuple[str, ...]) -> None:
         solver_log.end(ok=False)
         sys.exit(1)
     solver_log.end(ok=result.ok)
+    _legacy_exit(result)
+
+
+def _legacy_arguments(ctx: click.Context, args: tuple[str, ...],
+                      parse: Callable[[list[str]], Any], usage: str) -> Any:
+    """An old argument form's arguments (``parse``); its usage on --help (exit 0) or
+    when some are missing (exit 1, as the originals did)."""
+    if any(a in ("-h", "--help") for a in args):
+        click.echo(ctx.get_help())
+        click.echo("\n" + usage)
+        sys.exit(0)
+    parsed = parse(list(args))
+    if parsed is None:
+        click.echo(usage)
+        sys.exit(1)
+    return parsed
+
+
+def _legacy_exit(result: Any) -> NoReturn:
+    """An old argument form's end: 0 on success, else the remote log between marker
+    lines and 1."""
     if result.ok:
         sys.exit(0)
+    from remote_exec import legacy as lg
     from remote_exec.run import read_log_tail
 
     lg.print_remote_log(read_log_tail(Path.cwd(), lines=10**6))
@@ -525,14 +541,7 @@ def legacy_pull(ctx: click.Context, args: tuple[str, ...]) -> None:
     """
     from remote_exec import legacy_pull as lp
 
-    if any(a in ("-h", "--help") for a in args):
-        click.echo(ctx.get_help())
-        click.echo("\n" + lp.USAGE)
-        sys.exit(0)
-    parsed = lp.parse(list(args))
-    if parsed is None:
-        click.echo(lp.USAGE)
-        sys.exit(1)
+    parsed = _legacy_arguments(ctx, args, lp.parse, lp.USAGE)
     from remote_exec.ui import Reporter
 
     ui = Reporter(quiet=bool(os.environ.get("REMOTE_EXEC_QUIET")))
@@ -544,13 +553,7 @@ def legacy_pull(ctx: click.Context, args: tuple[str, ...]) -> None:
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(1)
-    if result.ok:
-        sys.exit(0)
-    from remote_exec import legacy as lg
-    from remote_exec.run import read_log_tail
-
-    lg.print_remote_log(read_log_tail(Path.cwd(), lines=10**6))
-    sys.exit(1)
+    _legacy_exit(result)
 
 
 @main.group(context_settings=CONTEXT)

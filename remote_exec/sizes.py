@@ -46,3 +46,13 @@ def size_text(n: int) -> str:
             return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
         value /= 1024
     return f"{n} B"
+
+
+def duration_text(seconds: float) -> str:
+    """``45 s``, ``3 min 20 s``, ``2 h 5 min``: a duration for people."""
+    value = int(round(seconds))
+    if value < 120:
+        return f"{value} s"
+    if value < 7200:
+        return f"{value // 60} min {value % 60} s"
+    return f"{value // 3600} h {value % 3600 // 60} min"

@@ -55,6 +55,7 @@ from remote_exec.errors import (
 from remote_exec.inputs import CONTROL_DIR
 from remote_exec.journal import RunRecord
 from remote_exec.site.rows import FAIL, OK, Row
+from remote_exec.sizes import duration_text
 from remote_exec.ssh import shell
 
 JOB_SCRIPT = f"{CONTROL_DIR}/job.sh"
@@ -415,10 +416,10 @@ def describe_job(scheduler: Scheduler, info: JobInfo) -> str:
         text += f" on {info.nodes}"
     times = []
     if info.queue_wait is not None:
-        times.append(f"queued {_seconds(info.queue_wait)}")
+        times.append(f"queued {duration_text(info.queue_wait)}")
     if info.run_time is not None:
         verb = "ran" if info.terminal else "running"
-        times.append(f"{verb} {_seconds(info.run_time)}")
+        times.append(f"{verb} {duration_text(info.run_time)}")
     if info.exit_code is not None:
         times.append(f"exit code {info.exit_code}")
     if times:
@@ -427,15 +428,6 @@ def describe_job(scheduler: Scheduler, info: JobInfo) -> str:
     if why:
         text += f": {why}"
     return text
-
-
-def _seconds(value: float) -> str:
-    value = int(round(value))
-    if value < 120:
-        return f"{value} s"
-    if value < 7200:
-        return f"{value // 60} min {value % 60} s"
-    return f"{value // 3600} h {value % 3600 // 60} min"
 
 
 def scheduler_named(name: str) -> Scheduler:

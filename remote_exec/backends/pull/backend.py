@@ -62,6 +62,7 @@ from remote_exec.errors import (
 from remote_exec.journal import RunRecord
 from remote_exec.localfs import input_files
 from remote_exec.site.rows import FAIL, OK, WARN, Row
+from remote_exec.sizes import duration_text
 from remote_exec.ui import Reporter
 
 #: the server's states once the site started (or is starting) the entrypoint
@@ -94,11 +95,8 @@ def _ago(stamp: str | None) -> str:
     except ValueError:
         return stamp
     seconds = max((datetime.now(timezone.utc) - then).total_seconds(), 0.0)
-    if seconds < 120:
-        return f"{seconds:.0f} s ago"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min ago"
-    return f"{seconds / 3600:.1f} h ago ({stamp})"
+    text = f"{duration_text(seconds)} ago"
+    return text if seconds < 7200 else f"{text} ({stamp})"
 
 
 def _where_lost(exc: BaseException) -> bool:
