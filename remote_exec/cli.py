@@ -825,7 +825,9 @@ On the site, as its administrator:
   4. install {site_dir}/remote-exec-poller.service in /etc/systemd/system/, then
      systemctl enable --now remote-exec-poller
      (a proxy: add Environment=https_proxy=http://proxy:3128 to the unit)
-""")
+
+{site_dir}/remote-exec-poller.service:
+{report.unit}""")
 
 
 @site_group.command("check", context_settings=CONTEXT)

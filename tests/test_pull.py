@@ -52,6 +52,7 @@ class Pull:
         """A site of its own (``self.site``); the server ``shared`` by the module's tests
         unless the test stops or reconfigures it (then one of its own)."""
         self.tmp = tmp
+        tmp.mkdir(parents=True, exist_ok=True)
         self.site = f"corp-{uuid.uuid4().hex[:8]}"
         self.own_server = shared is None
         self.server = shared or QueueServer(tmp / "queue", make_ca(tmp / "ca")).start()
@@ -566,3 +567,22 @@ def test_unchanged_inputs_stay_and_changed_ones_come_back_aside(polled: Pull) ->
                if line.startswith("{") and '"fetched"' in line][0]
     assert fetched["bytes"] < 1 << 20  # the 2 MiB input did not travel back
     assert "1 unchanged inputs not sent" in (polled.site_dir / "poller.log").read_text()
+
+
+
+def test_a_certificate_for_another_name_is_refused(tmp_path: Path) -> None:
+    ca = make_ca(tmp_path / "ca")
+    wrong = ca.authority.issue_cert("queue.example.org")
+    cert, key = tmp_path / "wrong.pem", tmp_path / "wrong.key"
+    wrong.private_key_and_cert_chain_pem.write_to_path(str(cert))
+    wrong.private_key_pem.write_to_path(str(key))
+    server = QueueServer(tmp_path / "queue", ca,
+                         tls={"cert": str(cert), "key": str(key), "client_ca": None}).start()
+    try:
+        env = Pull(tmp_path / "mint", server)
+        result = env("run", "--site", env.site, "-t", "generic", *script("true"))
+        assert result.returncode == 69, result.stderr
+        assert "certificate" in result.stderr and "host name" in result.stderr
+        assert env.journal() == [] or env.journal()[0]["state"] == "failed"
+    finally:
+        server.stop()
