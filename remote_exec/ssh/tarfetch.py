@@ -127,7 +127,7 @@ class ChannelReader:
                 chunk: bytes = future.result(timeout=0.5)
                 break
             except concurrent.futures.TimeoutError:
-                if self.abort.is_set():
+                if self.abort.is_set() or self.loop.is_closed():
                     future.cancel()
                     raise Aborted from None
         self.total += len(chunk)
@@ -426,7 +426,7 @@ async def fetch_tar(conn: asyncssh.SSHClientConnection, rundir: str, dest: Path,
     extractor = Extractor(dest, kinds, report if progress is not None else None)
     tasks = [asyncio.ensure_future(_send_names(process, names)),
              asyncio.ensure_future(_read_stderr(process))]
-    worker = loop.run_in_executor(None, extractor.extract, reader)
+    worker = loop.run_in_executor(_executor(), extractor.extract, reader)
     failure: BaseException | None = None
     try:
         try:
@@ -459,8 +459,8 @@ async def fetch_tar(conn: asyncssh.SSHClientConnection, rundir: str, dest: Path,
     if isinstance(failure, Refused):
         raise FetchError(f"the tar stream from {rundir} was refused: {failure}; nothing "
                          "of that member was written",
-                         hint=f"the remote directory {rundir} is kept; `--transfer sftp` "
-                         "fetches file by file")
+                         hint=f"the remote directory {rundir} is kept: look at what the "
+                         "run wrote there (`--transfer sftp` or `rsync` fetches file by file)")
     if failure is not None:
         raise FetchError(f"the tar stream from {rundir} broke off: {failure}"
                          + (f" (remote tar: {remote_err})" if remote_err else ""),
@@ -474,6 +474,19 @@ async def fetch_tar(conn: asyncssh.SSHClientConnection, rundir: str, dest: Path,
                          f"(first: {missing[0]!r})",
                          hint=f"the remote directory {rundir} is kept")
     return True
+
+
+_EXECUTOR: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _executor() -> concurrent.futures.ThreadPoolExecutor:
+    """The threads that unpack tar streams: their own, so that fetches of many files
+    (which wait on their channels) never hold up the default executor's short jobs."""
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        _EXECUTOR = concurrent.futures.ThreadPoolExecutor(
+            max_workers=8, thread_name_prefix="remote-exec-untar")
+    return _EXECUTOR
 
 
 async def _send_names(process: asyncssh.SSHClientProcess[Any], names: list[str]) -> None:
