@@ -76,6 +76,22 @@ _MEMBER_WORDS = {
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux); 0o777 elsewhere (then
+    every file's mode is set explicitly)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o777
+
+
+_UMASK = _umask()
+
+
 class Refused(Exception):
     """The stream holds what must not be unpacked (the message says what and why)."""
 
@@ -162,6 +178,7 @@ class Extractor:
                               encoding="utf-8", errors="surrogateescape") as archive:
                 for member in archive:
                     self._one(archive, member)
+                    archive.members.clear()  # (tarfile keeps every member: not here)
             self._finish_dirs()
         finally:
             self._close_parent()
@@ -224,13 +241,21 @@ class Extractor:
     def _write_file(self, source: Any, parent: int, base: bytes,
                     member: tarfile.TarInfo) -> None:
         tmp = self._tmp_name()
+        mode = member.mode & localfs.SAFE_MODE_BITS
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600, dir_fd=self._tmp)
+                     mode & 0o777 | 0o600, dir_fd=self._tmp)
         try:
-            with os.fdopen(fd, "wb", closefd=False) as out:
-                while block := source.read(1 << 20):
-                    out.write(block)
-            os.fchmod(fd, member.mode & localfs.SAFE_MODE_BITS)
+            left = member.size
+            while left > 0:
+                block = source.read(min(left, 1 << 20))
+                if not block:
+                    raise tarfile.ReadError(f"unexpected end of data in {member.name!r}")
+                left -= len(block)
+                view = memoryview(block)
+                while view:
+                    view = view[os.write(fd, view):]
+            if mode != (mode | 0o600) & ~_UMASK:  # (what the creation gave it)
+                os.fchmod(fd, mode)
             os.utime(fd, (member.mtime, member.mtime))
         except BaseException:
             os.close(fd)
@@ -247,12 +272,12 @@ class Extractor:
         """Move ``tmp`` (in the temporary directory) to ``base`` in ``parent``, over what an
         earlier attempt left there (a directory of that name is removed first)."""
         try:
-            st = os.stat(base, dir_fd=parent, follow_symlinks=False)
-        except FileNotFoundError:
-            st = None
-        if st is not None and stat.S_ISDIR(st.st_mode):
-            _rmtree_at(parent, base)
-        os.rename(tmp, base, src_dir_fd=self._tmp, dst_dir_fd=parent)
+            os.rename(tmp, base, src_dir_fd=self._tmp, dst_dir_fd=parent)
+        except OSError as exc:
+            if exc.errno not in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            _rmtree_at(parent, base)  # (rename(2) replaces a file or link, not a directory)
+            os.rename(tmp, base, src_dir_fd=self._tmp, dst_dir_fd=parent)
 
     def _make_dir(self, parent: int, base: bytes) -> None:
         try:
