@@ -1,4 +1,5 @@
-"""Many small result files come back as one tar stream (``transfer: auto``), unpacked
+"""Many small result files come back as one tar stream (``transfer: auto`` where rsync is
+missing at either end: where both have it, rsync stays, measured faster), unpacked
 locally without trusting it: byte-exact with hostile names, modes and times kept,
 symlinks kept as links (those leading out never placed), the return filter and the
 "unchanged inputs stay" rule of the fetch plan honoured; a site without tar falls back;
@@ -12,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -22,6 +24,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 import yaml
+from conftest import _start, site_entry
 from tcp_proxy import TcpProxy
 
 from remote_exec import localfs
@@ -123,15 +126,37 @@ def with_never_return(cli, patterns: list[str]) -> None:
     cli.config.write_text(yaml.safe_dump(config))
 
 
+@pytest.fixture(scope="module")
+def bare_sshd(tmp_path_factory: pytest.TempPathFactory):
+    """A loopback sshd whose sessions can run neither tar nor rsync (empty files
+    bind-mounted over both, in a mount namespace of the sshd's own)."""
+    unshare, paths = shutil.which("unshare"), [shutil.which(p) for p in ("tar", "rsync")]
+    if os.geteuid() != 0 or not unshare or not all(paths):
+        pytest.skip("hiding tar and rsync needs root and unshare(1)")
+    directory = tmp_path_factory.mktemp("no-tar-no-rsync")
+    empty = directory / "empty"
+    empty.write_text("")
+    script = " && ".join(f"mount --bind {empty} {os.path.realpath(p)}" for p in paths)
+    box = _start(directory, wrapper=[unshare, "-m", "sh", "-c", script + ' && exec "$@"', "sh"])
+    yield box
+    box.down()
+
+
+def add_site(cli, name: str, box, root: Path) -> None:
+    config = yaml.safe_load(cli.config.read_text())
+    config["sites"][name] = site_entry(box, root)
+    cli.config.write_text(yaml.safe_dump(config))
+
+
 # -- through the CLI -------------------------------------------------------------------------
 
 def test_many_small_results_come_back_as_one_tar_stream(cli, workdir: Path, tmp_path: Path,
-                                                        remote_root: Path) -> None:
+                                                        remote_root: Path, nosync_sshd) -> None:
     with_never_return(cli, ["**/*.key"])
     write_make(workdir)
     make_tree(workdir)
     back = workdir / "back"
-    proc = cli("run", "--site", "loop", "--json", "--into", str(back), "--cmd",
+    proc = cli("run", "--site", "norsync", "--json", "--into", str(back), "--cmd",
                f"python3 make.py {FILES}", "make.py", "tree", cwd=workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = events(proc.stderr)
@@ -155,41 +180,48 @@ def test_many_small_results_come_back_as_one_tar_stream(cli, workdir: Path, tmp_
     assert not [p for p in back.iterdir() if p.name.startswith(".remote-exec")]
 
 
-@pytest.mark.parametrize("transfer", ["rsync", "sftp"])
-def test_an_explicit_method_keeps_its_way(cli, workdir: Path, tmp_path: Path,
-                                         transfer: str) -> None:
+@pytest.mark.parametrize(("site", "transfer", "method"), [
+    ("loop", "auto", "rsync"),  # both ends have rsync: it stays (faster here)
+    ("loop", "rsync", "rsync"),
+    ("norsync", "sftp", "sftp"),  # (where auto would take tar)
+])
+def test_rsync_and_explicit_methods_keep_their_way(cli, workdir: Path, tmp_path: Path,
+                                                   nosync_sshd, site: str, transfer: str,
+                                                   method: str) -> None:
     write_make(workdir)
     back = workdir / "back"
-    proc = cli("run", "--site", "loop", "--json", "--transfer", transfer, "--into", str(back),
+    proc = cli("run", "--site", site, "--json", "--transfer", transfer, "--into", str(back),
                "--cmd", f"python3 make.py {FILES}", "make.py", cwd=workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert events(proc.stderr)["fetched"]["method"] == transfer
+    assert events(proc.stderr)["fetched"]["method"] == method
     got = snapshot(back / "out")
     del got["secret.key"]
     assert got == expected_out(tmp_path)
 
 
-def test_a_site_without_tar_falls_back(cli, workdir: Path, tmp_path: Path,
-                                      notar_sshd) -> None:
+def test_a_site_without_tar_falls_back(cli, workdir: Path, tmp_path: Path, remote_root: Path,
+                                      bare_sshd) -> None:
+    add_site(cli, "bare", bare_sshd, remote_root)
     write_make(workdir)
     back = workdir / "back"
-    proc = cli("run", "--site", "notar", "--json", "--into", str(back),
+    proc = cli("run", "--site", "bare", "--json", "--into", str(back),
                "--cmd", f"python3 make.py {FILES}", "make.py", cwd=workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = events(proc.stderr)
-    assert seen["no-tar"]["method"] == "rsync", seen.get("no-tar")
-    assert seen["fetched"]["method"] == "rsync"
+    assert seen["no-tar"]["method"] == "sftp", seen.get("no-tar")
+    assert seen["fetched"]["method"] == "sftp"
     got = snapshot(back / "out")
     del got["secret.key"]
     assert got == expected_out(tmp_path)
 
 
-def test_a_cut_mid_fetch_then_resume(cli, workdir: Path, tmp_path: Path, sshd,
+def test_a_cut_mid_fetch_then_resume(cli, workdir: Path, tmp_path: Path, nosync_sshd,
                                      remote_root: Path) -> None:
     """The link is cut while the tar stream flows and the host refuses reconnects: the
     run is interrupted, its partial directory holds only whole files, and ``resume``
     brings all of it."""
     count, size = 400, 20_000
+    sshd = nosync_sshd  # (no rsync there: auto takes tar)
     with TcpProxy(sshd.port) as proxy:
         site = sshd.site_definition()
         kind, blob = Path(f"{sshd.host_key}.pub").read_text().split()[:2]
