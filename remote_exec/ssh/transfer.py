@@ -1,4 +1,6 @@
-"""Moving files between the local side and a run directory: SFTP, or rsync when it pays.
+"""Moving files between the local side and a run directory: SFTP, or rsync (or one tar
+stream, for many small files: :func:`auto_wants_tar`, :mod:`remote_exec.ssh.tarfetch`)
+when it pays.
 
 Both methods go over the run's single SSH connection. SFTP needs no remote shell
 (OpenSSH serves it in-process), so for small payloads it is cheaper than rsync,
@@ -179,10 +181,12 @@ NOT_RUNNABLE = (126, 127)
 
 
 def auto_wants_tar(size: int, files: int, threshold: int) -> bool:
-    """``transfer: auto``'s rule for staging many small files: one tar stream (local
-    ``tar`` into the remote one, over one exec channel) instead of rsync, whose per-file
-    exchanges cost most through the tunnel (README *Measured*, ``many_files.py``). Large
-    payloads keep rsync, which resumes a partial file after a dropped connection."""
+    """``transfer: auto``'s rule for moving many small files, staging and fetching alike:
+    one tar stream over one exec channel (staging: local ``tar`` into the remote one;
+    fetching: the remote ``tar`` unpacked by :mod:`remote_exec.ssh.tarfetch`) instead of
+    rsync, whose per-file exchanges cost most through the tunnel (README *Measured*,
+    ``many_files.py``). Large payloads keep rsync, which resumes a partial file after a
+    dropped connection."""
     return files > AUTO_RSYNC_FILES and size < threshold
 
 
