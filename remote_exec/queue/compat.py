@@ -43,6 +43,8 @@ from typing import Any
 
 from aiohttp import web
 
+# the name of a run's log: it travels as the log, never as a result file
+from remote_exec.inputs import LOG_NAME
 from remote_exec.queue.errors import ApiError, bad_request
 from remote_exec.queue.paths import path_problem
 from remote_exec.queue.settings import CompatSettings, CompatSite
@@ -51,9 +53,6 @@ from remote_exec.queue.store import Store
 #: the two result files the original poller always adds (its command's stdout, stderr)
 STDOUT_NAME = "計算標準出力.txt"
 STDERR_NAME = "計算標準エラー出力.txt"
-#: the name under which the MInt side keeps a run's log (remote_exec.inputs.LOG_NAME): the
-#: log travels as the log, never as a result file
-LOG_NAME = "remote_program_exec.log"
 #: mime type and charset of every input: the original poller then writes it as binary
 BINARY = ["application/octet-stream;", "charset=binary"]
 #: room in a send-results body beyond the base64 of max_job_bytes (JSON, names)
