@@ -586,3 +586,19 @@ def test_a_certificate_for_another_name_is_refused(tmp_path: Path) -> None:
         assert env.journal() == [] or env.journal()[0]["state"] == "failed"
     finally:
         server.stop()
+
+
+def test_full_site_disk_is_a_staging_error(pull: Pull) -> None:
+    from helpers_badinput import mounted_tmpfs
+
+    with mounted_tmpfs(pull.root, "size=512k,mode=0755"):
+        pull.start_poller()
+        (pull.work / "big.dat").write_bytes(os.urandom(2 << 20))
+        result = pull("run", "--site", pull.site, "-t", "generic", *pull.counting(),
+                      "big.dat")
+        assert result.returncode == 73, result.stderr
+        assert "could not start" in result.stderr and "space" in result.stderr
+        assert pull.starts() == 0
+        assert (pull.work / "big.dat").stat().st_size == 2 << 20
+        wait_until(lambda: not [p for p in pull.root.iterdir()], 15,
+                   "the site to remove the run directory it could not fill")
