@@ -170,7 +170,7 @@ class PullBackend(Backend):
 
     # -- a run's steps -------------------------------------------------------------------------
     async def create(self, run: Run) -> str:
-        await run.set_rundir(f"runs/{run.run_id}")
+        await run.set_rundir(self.where(run))  # (what `status` shows as the run's place)
         await self._create(run)
         return (f"job {run.run_id} on the queue server {self.settings.server}, for a poller "
                 f"of site {self.site.name}")
