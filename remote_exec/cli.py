@@ -35,10 +35,13 @@ def _resolve_site(config_path: str | None, name: str) -> Any:
     """The site ``name`` as configured (the sandbox's when it is not in the file), and
     the configuration."""
     from remote_exec.config import load_config
-    from remote_exec.sandbox import SITE_NAME, Sandbox
 
     config = load_config(config_path)
-    if name == SITE_NAME and name not in config.sites:
+    if name in config.sites:  # (the sandbox's module is imported only when it is meant)
+        return config.site(name), config
+    from remote_exec.sandbox import SITE_NAME, Sandbox
+
+    if name == SITE_NAME:
         sandbox = Sandbox()
         if sandbox.port is None:
             raise ConfigError(

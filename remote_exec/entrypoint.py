@@ -131,9 +131,20 @@ else
   /bin/sh {CONTROL_DIR}/run.sh < /dev/null > /dev/null 2>&1 &
 fi
 child=$!
-{write_atomically(_PGID, '"$child"')}echo "started $child"
+{write_atomically(_PGID, '"$child"')}echo "${{1:+$1 }}started $child"
 wait "$child"
 """
+
+# The launch server: one per SSH connection of a run that launches directly. It reads
+# requests ``TAG`` and ``RUNDIR`` (a line each) and runs that run directory's
+# ``launch.sh TAG`` in the background (a double fork: the loop keeps no children), which
+# answers ``TAG started PID`` and, once the entrypoint ended, ``TAG exit STATUS``. So a
+# run launched over a warm connection pays no login shell of its own: the server's exec
+# request paid it once. launch.sh keeps its guard, so a launch repeated any other way
+# after a lost answer still starts the entrypoint at most once.
+LAUNCH_SERVER = ('while IFS= read -r t && IFS= read -r d; do '
+                 f'( {{ /bin/sh "$d/{CONTROL_DIR}/launch.sh" "$t" < /dev/null 2> /dev/null; '
+                 'echo "$t exit $?"; } & ); done')
 
 # The canceller: TERM to the run's process group, KILL after GRACE seconds. A run not
 # launched yet is marked so that it never will be.
