@@ -32,6 +32,10 @@ CALLER_ENV = ("SSH_AUTH_SOCK",)
 #: what this process runs to start a holder (see ``remote_exec/holder/__main__.py``);
 #: it inherits this environment, PYTHONPATH included, so it runs this same code
 SERVER_COMMAND = ("-m", "remote_exec.holder")
+#: seconds a client waits while another one starts the holder (that one waits 10 s
+#: for its holder's socket), so that a holder that cannot start costs each client
+#: this at most, not 10 s per client before it in line
+START_LOCK_WAIT = 15.0
 
 
 class Interrupted(BaseException):
@@ -187,8 +191,19 @@ def _connect(start: bool) -> socket.socket | None:
 
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(path.parent, 0o700)
-    with open(path.parent / "start.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    with open(path.parent / "start.lock", "a") as lock:  # unlocked when it closes
+        waited_until = time.monotonic() + START_LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                sock = _try_connect(path)  # the other client's holder is up
+                if sock is not None:
+                    return sock
+                if time.monotonic() > waited_until:
+                    return None  # (the run goes on in this process, as when none starts)
+                time.sleep(0.05)
         sock = _try_connect(path)  # started while this process waited for the lock
         if sock is not None:
             return sock
