@@ -38,7 +38,14 @@ from its log lines ``exited MaxStartups throttling after T, N connections droppe
 sshd writes such a line when it next accepts a connection, so one untimed ``ssh HOST
 true`` follows every mode.
 
-The table shows per mode the runs, the failures, the wall time, the drops, and the
+For each remote-exec mode the benchmark also reads CPU seconds over the same span: of
+its ``remote-exec run`` processes together (``getrusage(RUSAGE_CHILDREN)``: the
+holder, a grandchild in its own session, is not in it), of the holder
+(``/proc/PID/stat`` of the pid ``holder status`` names) and of the whole machine
+(``/proc/stat``), to tell the clients' own start-ups from what the holder and sshd do.
+
+The table shows per mode the runs, the failures, the wall time, the successful runs per
+second, the drops, and the
 ratio of wall times legacy / remote-exec (a failed legacy run stops at its first failing
 step, so with many failures the legacy time covers less work and the ratio flatters
 it); then ``nproc`` and, per mode, up to 3
@@ -68,6 +75,7 @@ import collections
 import contextlib
 import os
 import re
+import resource
 import shlex
 import shutil
 import subprocess
@@ -112,6 +120,33 @@ def error_line(stderr: str, prefer: str | None = None) -> str:
     return UUID_RE.sub("<uuid>", chosen)[:300]
 
 
+def children_cpu() -> float:
+    """CPU seconds (user + system) of this process's waited-for children so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def machine_busy_cpu() -> float | None:
+    """CPU seconds all cores of this machine spent busy since boot (``/proc/stat``)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        ticks = [int(f) for f in fields]
+    except (OSError, ValueError):
+        return None
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(pid: int) -> float | None:
+    """CPU seconds (user + system) of process ``pid`` so far (``/proc/PID/stat``)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+        fields = text[text.rindex(")") + 2:].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class Outcome:
     """What one mode produced: wall time, failures and their messages."""
 
@@ -122,6 +157,9 @@ class Outcome:
         self.errors: collections.Counter[str] = collections.Counter()
         self.drops = 0
         self.note = ""
+        self.client_cpu: float | None = None  # CPU s of the mode's processes (children)
+        self.holder_cpu: float | None = None  # CPU s of the holder it started
+        self.busy_cpu: float | None = None  # CPU s the whole machine spent meanwhile
         self.lock = threading.Lock()
 
     @property
@@ -209,6 +247,12 @@ class Bench:
         text = (proc.stdout + proc.stderr).strip()
         return " / ".join(line.strip() for line in text.splitlines()) if text else "?"
 
+    def holder_cpu(self, env: dict) -> float | None:
+        """CPU seconds the running holder of ``env``'s state directory used so far."""
+        status = self.holder_command(env, "status")
+        match = re.search(r"pid (\d+)", status)
+        return process_cpu(int(match.group(1))) if match else None
+
     # -- legacy: N threads, released together ------------------------------------------
     def legacy_steps(self, rundir: str) -> list[list[str]]:
         return legacy_steps(self.ssh, self.rsh, self.target, rundir, INPUT_NAMES, COMMAND,
@@ -275,6 +319,8 @@ class Bench:
                 "--cmd", COMMAND, *INPUT_NAMES]
         procs: list[tuple[subprocess.Popen | None, Path, Path]] = []
         log_at = self.sshd_log_size()
+        cpu_at = children_cpu()
+        busy_at = machine_busy_cpu()
         try:
             start = time.perf_counter()
             for i, work in enumerate(dirs):
@@ -300,6 +346,12 @@ class Bench:
                     proc.wait()
                     killed.add(i)
             outcome.wall = time.perf_counter() - start
+            busy_now = machine_busy_cpu()
+            if busy_at is not None and busy_now is not None:
+                outcome.busy_cpu = busy_now - busy_at
+            outcome.client_cpu = children_cpu() - cpu_at
+            if mode == "holder":
+                outcome.holder_cpu = self.holder_cpu(env)
             outcome.drops = self.count_drops(log_at)
             for i, (proc, work, err_path) in enumerate(procs):
                 if proc is None:
@@ -329,14 +381,28 @@ class Bench:
 def report(outcomes: list[Outcome], runs: int) -> None:
     legacy = next((o for o in outcomes if o.mode == "legacy"), None)
     print()
-    print(f"{'mode':<11} {'runs':>5} {'failures':>9} {'wall':>9} {'sshd drops':>11} "
-          f"{'legacy/this':>12}")
+    print(f"{'mode':<11} {'runs':>5} {'failures':>9} {'wall':>9} {'runs/s':>7} "
+          f"{'sshd drops':>11} {'legacy/this':>12}")
     for o in outcomes:
         wall = f"{o.wall:8.2f}s" if o.wall is not None else f"{'-':>9}"
+        rate = f"{(o.runs - o.failures) / o.wall:7.2f}" if o.wall else f"{'-':>7}"
         ratio = "-"
         if legacy is not None and legacy.wall and o.wall and o is not legacy:
             ratio = f"{legacy.wall / o.wall:.2f}x"
-        print(f"{o.mode:<11} {o.runs:>5} {o.failures:>9} {wall} {o.drops:>11} {ratio:>12}")
+        print(f"{o.mode:<11} {o.runs:>5} {o.failures:>9} {wall} {rate} {o.drops:>11} "
+              f"{ratio:>12}")
+    print()
+    print("CPU seconds during each remote-exec mode: its `remote-exec run` processes "
+          "(all of them), the holder, and the whole machine (sshd, sftp-server, the remote "
+          "shells, anything else running)")
+    for o in outcomes:
+        if o.client_cpu is None:
+            continue
+        cores = f"{o.busy_cpu / o.wall:.2f} cores busy" if o.busy_cpu and o.wall else "-"
+        holder = f"{o.holder_cpu:.1f} s" if o.holder_cpu is not None else "-"
+        busy = f"{o.busy_cpu:.1f} s" if o.busy_cpu is not None else "-"
+        print(f"  {o.mode:<10} clients {o.client_cpu:6.1f} s ({o.client_cpu / o.runs:.3f} s "
+              f"per run), holder {holder}, machine {busy} ({cores})")
     print()
     print(f"nproc: {nproc()}; {runs} runs per mode started together; sshd at its defaults "
           "(MaxStartups 10:30:100, MaxSessions 10)")

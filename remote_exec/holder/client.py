@@ -32,6 +32,10 @@ CALLER_ENV = ("SSH_AUTH_SOCK",)
 #: what this process runs to start a holder (see ``remote_exec/holder/__main__.py``);
 #: it inherits this environment, PYTHONPATH included, so it runs this same code
 SERVER_COMMAND = ("-m", "remote_exec.holder")
+#: seconds a client waits while another one starts the holder (that one waits 10 s
+#: for its holder's socket), so that a holder that cannot start costs each client
+#: this at most, not 10 s per client before it in line
+START_LOCK_WAIT = 15.0
 
 
 class Interrupted(BaseException):
@@ -172,26 +176,67 @@ def _read_replies(stream: Any, ui: Any) -> Any:
 
 
 def _connect(start: bool) -> socket.socket | None:
+    """A connection to the holder; with ``start``, start one if none answers.
+
+    Starting is serialised by ``holder/start.lock``: of many clients started at once
+    (MInt starting a batch), one starts the holder and the others wait for it here,
+    instead of each starting a holder of its own that imports the engine only to find
+    the holder lock taken (on a busy machine that was hundreds of CPU seconds).
+    """
     path = socket_path()
     sock = _try_connect(path)
     if sock is not None or not start:
         return sock
+    import fcntl
+
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(path.parent, 0o700)
-    log = open(path.parent / "holder.log", "ab")  # noqa: SIM115 - handed to the child
-    with log:
-        subprocess.Popen(
-            [sys.executable, *SERVER_COMMAND], stdin=subprocess.DEVNULL,
-            stdout=log, stderr=log, start_new_session=True, close_fds=True,
-            env=_holder_env(),
-        )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        sock = _try_connect(path)
+    with open(path.parent / "start.lock", "a") as lock:  # unlocked when it closes
+        waited_until = time.monotonic() + START_LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                sock = _try_connect(path)  # the other client's holder is up
+                if sock is not None:
+                    return sock
+                if time.monotonic() > waited_until:
+                    return None  # (the run goes on in this process, as when none starts)
+                time.sleep(0.05)
+        sock = _try_connect(path)  # started while this process waited for the lock
         if sock is not None:
             return sock
-        time.sleep(0.01)
+        log = open(path.parent / "holder.log", "ab")  # noqa: SIM115 - handed to the child
+        with log:
+            subprocess.Popen(
+                [sys.executable, *SERVER_COMMAND], stdin=subprocess.DEVNULL,
+                stdout=log, stderr=log, start_new_session=True, close_fds=True,
+                env=_holder_env(),
+            )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            sock = _try_connect(path)
+            if sock is not None:
+                return sock
+            time.sleep(0.01)
     return None
+
+
+def claim_lock(path: Path) -> Any:
+    """The holder lock of the socket ``path`` (an open file, held while it stays
+    open), or None if another holder of this state directory holds it. Standard
+    library only: a holder started needlessly exits before importing the engine."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lock_file = open(path.parent / "holder.lock", "w")  # noqa: SIM115 - held for life
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock_file.close()
+        return None
+    return lock_file
 
 
 def _try_connect(path: Path) -> socket.socket | None:

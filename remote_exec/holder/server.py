@@ -30,7 +30,7 @@ from typing import Any
 from remote_exec import errors
 from remote_exec.engine import RunControl, execute_async
 from remote_exec.holder import wire
-from remote_exec.holder.client import code_fingerprint, idle_timeout, socket_path
+from remote_exec.holder.client import claim_lock, code_fingerprint, idle_timeout, socket_path
 from remote_exec.ssh.link import HOLDER_HANDSHAKES, open_throttled
 from remote_exec.ui import Reporter
 
@@ -172,15 +172,8 @@ class Holder:
 
     def claim(self) -> bool:
         """Take the holder lock; False if another holder of this state directory runs."""
-        import fcntl
-
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.lock_file = open(self.path.parent / "holder.lock", "w")  # noqa: SIM115 - held for life
-        try:
-            fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return False
-        return True
+        self.lock_file = claim_lock(self.path)
+        return self.lock_file is not None
 
     async def serve(self) -> None:
         await asyncio.to_thread(self._unlink_socket)
@@ -287,10 +280,14 @@ class Holder:
                     control.cancel(str(msg["cancel"]), int(msg.get("exit_code", 130)))
 
 
-def main() -> None:
+def main(lock_file: Any = None) -> None:
+    """Serve until idle; ``lock_file``: the holder lock, if the caller took it already
+    (``python -m remote_exec.holder`` does, before importing this module)."""
     os.chdir("/")
     holder = Holder(socket_path(), idle_timeout())
-    if not holder.claim():
+    if lock_file is not None:
+        holder.lock_file = lock_file
+    elif not holder.claim():
         return  # another holder serves this state directory
     asyncio.run(holder.serve())
 
