@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import posixpath
 import shutil
@@ -509,13 +510,17 @@ async def _gather_limited(coros: Iterable[Awaitable[None]]) -> None:
         async with gate:
             await coro
 
-    tasks = [asyncio.ensure_future(one(c)) for c in coros]
+    pending = list(coros)
+    tasks = [asyncio.ensure_future(one(c)) for c in pending]
     try:
         await asyncio.gather(*tasks)
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for coro in pending:  # cancelled before their turn: close them, never started
+            if inspect.iscoroutine(coro):
+                coro.close()
 
 
 async def _same_remote(sftp: asyncssh.SFTPClient, local: bytes, remote: bytes) -> bool:
