@@ -165,7 +165,7 @@ def test_fujitsu_sync_after_the_job_ran_is_resumable(env: Env, sim: FujitsuSim, 
 @pytest.fixture(scope="module")
 def few_sessions(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     box = Sandbox(tmp_path_factory.mktemp("maxsessions") / "sshd",
-                  extra_config=["MaxSessions 2"])
+                  extra_config=["MaxSessions 3"])
     box.up()
     yield box
     box.down()
@@ -173,8 +173,10 @@ def few_sessions(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
 
 def test_maxsessions_refusal_waits_and_keeps_the_shared_connection(
         cli: Cli, tmp_path: Path, few_sessions: Sandbox) -> None:
-    """Three runs share the holder's warm connection on an sshd that allows 2 sessions per
-    connection: a refused channel is opened again later, nobody reconnects, all succeed."""
+    """Three runs share the holder's warm connection on an sshd that allows 3 sessions per
+    connection, two of which the connection keeps (its SFTP session and its launch
+    server): their rsync channels meet the limit; a refused channel is opened again
+    later, nobody reconnects, all succeed."""
     root = tmp_path / "few-root"
     root.mkdir()
     config = tmp_path / "few.yaml"
@@ -186,7 +188,8 @@ def test_maxsessions_refusal_waits_and_keeps_the_shared_connection(
         work.mkdir()
         (work / "a").write_text(name)
         return subprocess.Popen([sys.executable, "-m", "remote_exec", "run", "--site", "few",
-                                 "--cmd", cmd, "a"], cwd=work, env=few_env,
+                                 "--transfer", "rsync", "--cmd", cmd, "a"], cwd=work,
+                                env=few_env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     warm = start("warm", "true")  # leaves one pooled connection in the holder
