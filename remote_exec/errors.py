@@ -98,8 +98,11 @@ class ChannelRefusedError(ConnectError):
     e.g. by other runs sharing it): wait and open the channel again; the connection is
     kept for the runs that use it."""
 
+    HINT = ("sshd limits sessions per connection (MaxSessions); other runs may share this "
+            "connection: the channel is opened again when one is free")
+
     def __init__(self, message: str, *, hint: str | None = None) -> None:
-        super().__init__(message, hint=hint, retryable=True)
+        super().__init__(message, hint=hint or self.HINT, retryable=True)
 
 
 class AuthError(RemoteExecError):

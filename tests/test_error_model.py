@@ -9,6 +9,7 @@ the last test walks every error class against the README's exit-code table.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncssh
 import pytest
 import yaml
 from conftest import Cli, site_entry
@@ -34,6 +36,7 @@ from remote_exec.backends.fujitsu.api import ApiError, ResultSyncError, SyncErro
 from remote_exec.engine import _check_resumable, record_error
 from remote_exec.journal import Journal
 from remote_exec.sandbox import Sandbox
+from remote_exec.ssh import rsync as rsync_mod
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -171,11 +174,6 @@ def few_sessions(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     box.down()
 
 
-@pytest.mark.xfail(reason="known gap (issue 14 note): an rsync channel that sshd refuses "
-                   "(MaxSessions) while fetching ends the run with 74 instead of waiting for a "
-                   "free channel as staging and launching do; since direct runs launch through "
-                   "one launch server per connection, only rsync channels reach the limit",
-                   strict=False)
 def test_maxsessions_refusal_waits_and_keeps_the_shared_connection(
         cli: Cli, tmp_path: Path, few_sessions: Sandbox) -> None:
     """Three runs share the holder's warm connection on an sshd that allows 3 sessions per
@@ -208,6 +206,39 @@ def test_maxsessions_refusal_waits_and_keeps_the_shared_connection(
     for i in range(3):
         assert (tmp_path / f"w{i}" / "out").read_text() == f"w{i}"
 
+
+
+def test_a_refused_rsync_channel_is_a_channel_refusal(tmp_path: Path,
+                                                      few_sessions: Sandbox) -> None:
+    """sshd refuses rsync's channel (the connection's 3 sessions are taken): rsync through
+    the tunnel raises ChannelRefusedError, which the engine waits on (staging and
+    fetching alike), not an rsync failure; once a session is free the same tunnel works."""
+    site = few_sessions.site_definition()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    dest = tmp_path / "dest"
+
+    async def scenario() -> None:
+        async with asyncssh.connect("127.0.0.1", port=site["port"], username=site["user"],
+                                    client_keys=[site["identity_file"]],
+                                    known_hosts=site["known_hosts"]) as conn:
+            holders = [await conn.create_process("cat") for _ in range(3)]
+            async with rsync_mod.rsync_tunnel(conn) as rsh:
+                args = ["-a", str(src) + "/", rsync_mod.rsync_remote(str(dest)) + "/"]
+                with pytest.raises(errors.ChannelRefusedError, match="refused a new channel"):
+                    await rsync_mod.run_rsync(rsh, args, progress=False)
+                assert not dest.exists()
+                freed = holders.pop()
+                freed.stdin.write_eof()  # its cat ends: sshd frees the session
+                await freed.wait()
+                code, err = await rsync_mod.run_rsync(rsh, args, progress=False)
+                assert code == 0, err
+            for process in holders:
+                process.stdin.write_eof()
+
+    asyncio.run(scenario())
+    assert (dest / "f").read_text() == "x"
 
 # -- 4. local and SFTP failures have their documented codes ----------------------------------
 

@@ -165,9 +165,7 @@ class Link:
     def channel_refused(self, exc: asyncssh.ChannelOpenError) -> ChannelRefusedError:
         """sshd refused a new channel on the open connection (MaxSessions)."""
         return ChannelRefusedError(
-            f"{self.site.display} refused a new channel ({exc.reason or exc.code})",
-            hint="sshd limits sessions per connection (MaxSessions); other runs may share "
-            "this connection: the channel is opened again when one is free")
+            f"{self.site.display} refused a new channel ({exc.reason or exc.code})")
 
     async def open_sftp(self) -> asyncssh.SFTPClient:
         """The SFTP client if one is open now (never connects: for side tasks)."""

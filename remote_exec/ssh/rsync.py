@@ -16,6 +16,7 @@ from pathlib import Path
 
 import asyncssh
 
+from remote_exec.errors import ChannelRefusedError
 from remote_exec.ssh import shell
 
 BRIDGE = Path(__file__).with_name("rsh_bridge.py")
@@ -32,6 +33,12 @@ async def remote_has_rsync(conn: asyncssh.SSHClientConnection) -> bool:
     """Whether the remote login shell finds an rsync (one exec on the connection)."""
     return (await shell.run(conn, "rsync --version >/dev/null 2>&1")).ok
 
+
+#: the line the tunnel writes to rsync's stderr when sshd refused the channel for its remote
+#: command (MaxSessions) on a connection that stays open: :func:`run_rsync` turns it into
+#: a :class:`ChannelRefusedError`, so the step waits and runs rsync again, as any step
+#: whose channel was refused
+REFUSED_MARK = "remote-exec: sshd refused a new channel for rsync"
 
 #: the exec request for rsync's remote command: see :func:`remote_exec.ssh.shell.sh_rsync`
 RsyncRequest = Callable[[str], shell.Request]
@@ -51,7 +58,13 @@ async def _serve(conn: asyncssh.SSHClientConnection, wrap: RsyncRequest,
     try:
         argv = json.loads(await reader.readline())
         command = " ".join(argv)  # rsync quoted its words for a remote sh, as ssh joins them
-        started = await shell.start_request(conn, wrap(command), encoding=None)
+        try:
+            started = await shell.start_request(conn, wrap(command), encoding=None)
+        except asyncssh.ChannelOpenError as exc:
+            frame(b"e", f"{REFUSED_MARK} ({exc.reason or exc.code})\n".encode())
+            frame(b"x", struct.pack(">i", 255))
+            await writer.drain()
+            return
         process = started.process
 
         async def upstream() -> None:
@@ -147,7 +160,12 @@ async def run_rsync(rsh: str, args: Sequence[str], *, progress: bool) -> tuple[i
     except BaseException:
         await _stop_group(proc)
         raise
-    return proc.returncode or 0, err.decode("utf-8", "replace").strip()
+    text = err.decode("utf-8", "replace").strip()
+    if proc.returncode and REFUSED_MARK in text:
+        reason = text[text.index(REFUSED_MARK) + len(REFUSED_MARK):].splitlines()[0].strip()
+        raise ChannelRefusedError(
+            f"the host refused a new channel for rsync {reason}".rstrip())
+    return proc.returncode or 0, text
 
 
 async def _stop_group(proc: asyncio.subprocess.Process) -> None:
