@@ -51,7 +51,7 @@ from typing import Any
 from remote_exec import backends
 from remote_exec.backends.scheduler import RESOURCES_SCHEMA
 from remote_exec.errors import ConfigError
-from remote_exec.paths import user_config_file
+from remote_exec.paths import state_dir, user_config_file
 from remote_exec.sizes import SIZE_HINT, SIZE_SCHEMA, parse_size
 from remote_exec.templates import check_return_pattern
 
@@ -400,10 +400,43 @@ _VALIDATOR = None
 def _validator() -> Any:
     global _VALIDATOR
     if _VALIDATOR is None:
-        import fastjsonschema
-
-        _VALIDATOR = fastjsonschema.compile(schema())
+        _VALIDATOR = _compiled_validator(schema())
     return _VALIDATOR
+
+
+def _compiled_validator(spec: dict[str, Any]) -> Any:
+    """fastjsonschema's validator of ``spec``. Generating and compiling it costs some
+    80 ms, paid by every command, so its code object is kept in the state directory
+    (``compiled/``, keyed by the schema and the versions of fastjsonschema and Python)
+    and loaded in well under a millisecond; a missing, unreadable or unwritable copy
+    only costs the compilation."""
+    import contextlib
+    import hashlib
+    import json
+    import marshal
+    import sys
+    import tempfile
+
+    import fastjsonschema
+
+    key = hashlib.sha256(json.dumps([spec, fastjsonschema.VERSION, sys.version],
+                                    sort_keys=True).encode()).hexdigest()[:32]
+    directory = state_dir() / "compiled"
+    path = directory / f"config-schema-{key}.marshal"
+    try:
+        code = marshal.loads(path.read_bytes())
+    except (OSError, EOFError, ValueError, TypeError):
+        code = compile(fastjsonschema.compile_to_code(spec), "<config schema>", "exec")
+        with contextlib.suppress(OSError):
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            for old in directory.glob("config-schema-*"):  # (an earlier schema's)
+                old.unlink()
+            with tempfile.NamedTemporaryFile(dir=directory, delete=False) as tmp:
+                tmp.write(marshal.dumps(code))
+            os.replace(tmp.name, path)
+    namespace: dict[str, Any] = {}
+    exec(code, namespace)  # noqa: S102 - fastjsonschema's code for our own schema
+    return namespace["validate"]
 
 
 def _schema_problems(data: dict[str, Any], node: Any) -> list[Problem]:

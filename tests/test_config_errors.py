@@ -258,3 +258,23 @@ def test_an_invalid_size_names_the_units(cli, workdir, tmp_path):
     assert proc.returncode == 78, proc.stderr
     assert f"{path}:4:" in proc.stderr and "invalid size" in proc.stderr
     assert "K, M, G, T" in proc.stderr
+
+
+def test_the_compiled_schema_is_kept_and_a_bad_copy_is_recompiled(tmp_path, monkeypatch):
+    """The validator's compiled code is kept in the state directory (every command pays
+    ~80 ms to compile it otherwise); a damaged copy is compiled again, and the checks
+    are the same either way."""
+    from remote_exec import config
+
+    monkeypatch.setenv("REMOTE_EXEC_STATE_DIR", str(tmp_path / "state"))
+    bad = {"sites": {"a": {"host": "h", "transfer": "carrier-pigeon"}}}
+    good = {"sites": {"a": {"host": "h"}}}
+    for round_ in ("compiled", "loaded", "damaged"):
+        monkeypatch.setattr(config, "_VALIDATOR", None)
+        if round_ == "damaged":
+            (kept,) = (tmp_path / "state" / "compiled").iterdir()
+            kept.write_bytes(b"\x00not marshal")
+        assert config._schema_problems(good, None) == []
+        assert config._schema_problems(bad, None), round_
+        (kept,) = (tmp_path / "state" / "compiled").iterdir()
+        assert kept.name.startswith("config-schema-") and kept.stat().st_size > 1000
