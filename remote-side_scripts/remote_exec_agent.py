@@ -1859,8 +1859,8 @@ def cmd_cache_place(cfg, args, journal):
     files = _cache_request(cfg, True)[0]
     _inputs_may_change(run)
     cache, off = _cache_off(cfg, False)
-    if cache is None:
-        _print_json(off)
+    if cache is None:  # (no cache yet: nothing to place, cache-insert makes it)
+        _print_json(off if off["why"] else {"enabled": True, "placed": [], "changed": []})
         return EXIT_OK
     placed, changed = [], []
     for name, parts, size, digest, mtime_ns in files:
