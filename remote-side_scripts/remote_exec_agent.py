@@ -94,6 +94,8 @@ LAUNCHED = "launched"
 CANCELLED = "cancelled"
 PGID_FILE = "pgid"
 EXIT_CODE_FILE = "exit_code"
+#: (the agent's own, in the run's state directory) the run's files when it was launched
+STAGED_FILE = "staged.json"
 
 #: the entrypoint's output, inside the run directory (as remote-exec's own flow names it)
 LOG_NAME = "remote_program_exec.log"
@@ -323,7 +325,7 @@ def _rmtree(path):
         shutil.rmtree(path, **handler)
 
 
-def build_outbox(rundir, outbox, returns, never, only):
+def build_outbox(rundir, outbox, returns, never, only, staged=None):
     """Fill ``outbox`` with what of ``rundir`` may come back, and say what was left out.
 
     Regular files whose relative path ``is_returned`` are hard-linked (copied when that
@@ -331,7 +333,10 @@ def build_outbox(rundir, outbox, returns, never, only):
     the run directory, both lexically and once resolved in the outbox; other file
     types never come back. A directory appears when something in it comes back, or
     when it matches and is empty. ``outbox`` is removed first if it exists.
-    Returns ``{"files": n, "links": n, "bytes": total, "skipped": [relpaths]}``.
+    ``staged`` (see :func:`staged_files`): the inputs as the launch found them; one
+    still exactly so (same inode, size, times: never written since) does not come back.
+    Returns ``{"files": n, "links": n, "bytes": total, "skipped": [relpaths]}`` (and
+    ``"unchanged": n`` with ``staged``).
     """
     never = list(never or ())
     only = list(only or ())
@@ -339,6 +344,8 @@ def build_outbox(rundir, outbox, returns, never, only):
         _rmtree(outbox)
     os.mkdir(outbox, 0o700)
     report = {"files": 0, "links": 0, "bytes": 0, "skipped": []}
+    if staged is not None:
+        report["unchanged"] = 0
     skipped = report["skipped"]
     made = {"": rundir}  # relpath of every outbox directory -> its source directory
     links = []
@@ -381,6 +388,9 @@ def build_outbox(rundir, outbox, returns, never, only):
                 skipped.append(rel)
                 continue
             if stat.S_ISREG(st.st_mode):
+                if staged is not None and staged.get(rel) == _file_key(st):
+                    report["unchanged"] += 1  # (the client has it: an input)
+                    continue
                 ensure_dir(reltop)
                 try:
                     os.link(src, dst, follow_symlinks=False)
@@ -436,6 +446,28 @@ def build_outbox(rundir, outbox, returns, never, only):
             pass
     skipped.sort()
     return report
+
+
+def _file_key(st):
+    """What changes whenever a file is written or replaced (the inode change time moves
+    with every write, rename or chmod)."""
+    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def staged_files(rundir):
+    """``{relpath: key}`` of the regular files in ``rundir``: the inputs, as the launch
+    finds them (see :func:`build_outbox`)."""
+    found = {}
+    for top, _dirnames, filenames in os.walk(rundir):
+        for name in filenames:
+            path = os.path.join(top, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                found[os.path.relpath(path, rundir).replace(os.sep, "/")] = _file_key(st)
+    return found
 
 
 # --------------------------------------------------------------------------------------
@@ -1290,6 +1322,8 @@ def cmd_launch(cfg, args, journal):
     _write_new(run.ctl("params.json"),
                (json.dumps(_params_json(entrypoint, values), indent=1) + "\n").encode("utf-8"))
     _write_new(run.ctl("entrypoint_name"), (name + "\n").encode("utf-8"))
+    # the inputs as staged: those still so when results are fetched do not go back
+    _write_new(run.ctl(STAGED_FILE), json.dumps(staged_files(run.dir)).encode("utf-8"))
     log_fd = _open_run_log(run)
     argv = list(entrypoint.interpreter) + [entrypoint.path]
     env = _entrypoint_env(run, entrypoint, values)
@@ -1995,14 +2029,22 @@ def _fetch_lock(run):
 def build_run_outbox(cfg, run):
     """Fill ``<state>/<RUN_ID>/outbox`` with what of the run may come back: the launched
     entrypoint's ``returns`` (everything if none was launched) and the allowlist's
-    ``never`` / ``only`` (see :func:`build_outbox`). What a fetch serves, and what the
-    pull method's poller uploads. Returns ``(outbox, report)``; hold :func:`_fetch_lock`
+    ``never`` / ``only`` (see :func:`build_outbox`), but, for a run the agent launched,
+    the inputs it left unchanged (the client has them). What a fetch serves, and what
+    the pull method's poller uploads. Returns ``(outbox, report)``; hold :func:`_fetch_lock`
     while using it."""
     outbox = run.ctl("outbox")
     entry = cfg.entrypoints.get(_read_text(run.ctl("entrypoint_name")) or "")
     returns = entry.returns if entry is not None else list(RETURN_ALL)
+    staged = None
     try:
-        return outbox, build_outbox(run.dir, outbox, returns, cfg.never, cfg.only)
+        with open(run.ctl(STAGED_FILE), "rb") as f:
+            staged = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError):
+        pass  # (a run launched by an older agent, or not through launch: all comes back)
+    try:
+        return outbox, build_outbox(run.dir, outbox, returns, cfg.never, cfg.only,
+                                    staged if isinstance(staged, dict) else None)
     except OSError as exc:
         raise Failure("cannot prepare the results of run %s: %s: %s"
                       % (run.id, exc.filename, exc.strerror or exc)) from None
@@ -2048,7 +2090,8 @@ def cmd_rsync(cfg, args, journal):
                 mapped.append(os.path.join(outbox, *sub) + ("/" if trailing else ""))
             else:
                 mapped.append(outbox + "/")
-        summary = "; ".join("%s: %d files, %d skipped" % (rid, b["files"], len(b["skipped"]))
+        summary = "; ".join("%s: %d files, %d skipped, %d unchanged inputs"
+                            % (rid, b["files"], len(b["skipped"]), b.get("unchanged", 0))
                             for rid, b in built.items())
     else:
         run, sub, trailing = targets[0]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_agent_unit import AGENT_PYTHON, Site, _python36
+from test_agent_unit import AGENT_PYTHON, Site, _python36, agent_module
 from test_restricted import Locked, locked  # noqa: F401 - a fixture, by name
 
 pytestmark = pytest.mark.timeout(300)
@@ -112,6 +112,9 @@ def test_a_second_run_sends_under_one_percent(site: Locked, work: Path):
     assert (work / "two" / "before.sha").read_text().strip() == sha(payload)
     assert cached.stat().st_mtime > time.time() - 300  # used: last in line for eviction
     assert "cache-place: 1 of 1 files placed" in site.agent_log()
+    # nor do the inputs, unchanged, come back
+    fetch = [line for line in site.agent_log().splitlines() if "rsync sender" in line][-1]
+    assert ", 2 unchanged inputs)" in fetch
 
 
 def test_rsync_leaves_a_placed_copy_alone(site: Locked, work: Path):
@@ -366,3 +369,30 @@ def test_cache_trim_dry_run_and_limits(tmp_path: Path):
     assert {t["verdict"] for t in done["trimmed"]} == {"removed"} and len(done["trimmed"]) == 3
     assert not any(entry(agent.root, i["sha256"]).exists() for i in items)
     agent.refused("cache-trim", json.dumps({"files": items}).encode())
+
+
+def test_inputs_the_run_left_unchanged_do_not_go_back(tmp_path: Path):
+    """What the agent fetches: not the inputs as staged (the client has them, and would
+    drop them), but every input the run wrote to, replaced or touched."""
+    agent = Site(tmp_path)
+    run_id = agent.new_run()
+    rundir = agent.root / run_id
+    for name in ("kept.bin", "written.bin", "replaced.bin", "touched.bin"):
+        (rundir / name).write_bytes(os.urandom(100))
+    proc = agent.launch(run_id, "generic", {"program": "/bin/true"})
+    assert proc.returncode == 0, proc.stderr.decode()
+    with open(rundir / "written.bin", "r+b") as f:  # same size, other bytes
+        f.write(b"x")
+    (rundir / "new.bin").write_bytes(b"y" * 100)
+    os.replace(rundir / "new.bin", rundir / "replaced.bin")
+    os.utime(rundir / "touched.bin")
+    cfg = agent_module.Config(str(agent.allowlist))
+    cfg.load()
+    outbox, report = agent_module.build_run_outbox(cfg, agent_module.Run(cfg, run_id))
+    back = {p.name for p in Path(outbox).iterdir()}
+    assert {"written.bin", "replaced.bin", "touched.bin", "result.txt"} <= back
+    assert "kept.bin" not in back and report["unchanged"] == 1
+    # a run the agent did not launch (or an older agent's) sends all back
+    (agent.state / run_id / "staged.json").unlink()
+    outbox, report = agent_module.build_run_outbox(cfg, agent_module.Run(cfg, run_id))
+    assert "kept.bin" in {p.name for p in Path(outbox).iterdir()} and "unchanged" not in report
