@@ -6,10 +6,10 @@ Against a real loopback sshd whose key runs only the agent (``test_restricted``'
 against the agent file itself (also under Python 3.6 when one is installed), as
 ``test_agent_unit`` runs it.
 """
+# ruff: noqa: F811  (the fixtures imported from test_restricted are parameters by name)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 from test_agent_unit import AGENT_PYTHON, Site, _python36, agent_module
-from test_restricted import Locked, locked  # noqa: F401 - a fixture, by name
+from test_content_cache import sha, staged
+from test_restricted import Locked, locked, work  # noqa: F401 - fixtures, by name
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -39,25 +40,12 @@ for f in *; do [ "$f" = seen ] || [ "$f" = remote_program_exec.log ] || cp -R --
 """
 
 
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def staged(stderr: str) -> dict:
-    for line in stderr.splitlines():
-        if line.startswith("{"):
-            record = json.loads(line)
-            if record.get("event") == "staged":
-                return record
-    raise AssertionError(f"no staged event in:\n{stderr}")
-
-
 def entry(root: Path, digest: str) -> Path:
     return root / CACHE / digest[:2] / digest
 
 
 @pytest.fixture(scope="module")
-def site(locked: Locked) -> Locked:  # noqa: F811 - the fixture above
+def site(locked: Locked) -> Locked:
     """The locked site with a small cache_min_size, and the same site with ``cache:
     false`` and with a 1-byte cache cap; the tamper program beside the others."""
     config = yaml.safe_load(locked.config.read_text())
@@ -70,13 +58,6 @@ def site(locked: Locked) -> Locked:  # noqa: F811 - the fixture above
         (locked.scripts / name).write_text(text)
         (locked.scripts / name).chmod(0o755)
     return locked
-
-
-@pytest.fixture
-def work(tmp_path: Path) -> Path:
-    path = tmp_path / "work"
-    path.mkdir()
-    return path
 
 
 def run(site: Locked, work: Path, *inputs: str, name: str = "locked", extra: tuple = (),
@@ -314,12 +295,18 @@ def test_the_agent_refuses_malformed_cache_requests(tmp_path: Path, bad: dict):
     assert not (agent.root / CACHE).exists()
 
 
+def staged_file(agent: Site) -> tuple[str, dict]:
+    """A new run with one file ``f`` in it (as if rsync had staged it), and the file's
+    item for a cache request."""
+    data = os.urandom(3000)
+    run_id = agent.new_run()
+    (agent.root / run_id / "f").write_bytes(data)
+    return run_id, {"name": "f", "size": len(data), "sha256": sha(data)}
+
+
 def test_the_agent_never_writes_through_a_link_in_the_run(tmp_path: Path):
     agent = Site(tmp_path)
-    data = os.urandom(3000)
-    one = agent.new_run()
-    (agent.root / one / "f").write_bytes(data)
-    item = {"name": "f", "size": len(data), "sha256": sha(data)}
+    one, item = staged_file(agent)
     call(agent, "cache-insert " + one, {"files": [item]})
     two = agent.new_run()
     (agent.root / two / "d").symlink_to(tmp_path / "home")
@@ -330,10 +317,7 @@ def test_the_agent_never_writes_through_a_link_in_the_run(tmp_path: Path):
 
 def test_the_sites_allowlist_turns_the_cache_off_or_caps_it(tmp_path: Path):
     agent = Site(tmp_path)
-    data = os.urandom(3000)
-    run_id = agent.new_run()
-    (agent.root / run_id / "f").write_bytes(data)
-    item = {"name": "f", "size": len(data), "sha256": sha(data)}
+    run_id, item = staged_file(agent)
     agent.spec["cache"] = False
     agent.save()
     off = call(agent, "cache-insert " + run_id, {"files": [item]})
