@@ -168,6 +168,30 @@ def test_no_cache_and_cache_false_send_everything(site: Locked, work: Path):
     assert not entry(site.root, sha(other)).exists()  # nothing went in either
 
 
+def test_an_agent_older_than_the_cache_costs_a_warning(site: Locked, work: Path):
+    installed = site.agent_dir / "remote_exec_agent.py"
+    current = installed.read_text()
+    older = current
+    for command in ("cache-place", "cache-insert", "cache-trim"):
+        line = f'    "{command}": cmd_{command.replace("-", "_")},\n'
+        assert line in older
+        older = older.replace(line, "")
+    payload = os.urandom(SIZE)
+    (work / "big.bin").write_bytes(payload)
+    installed.write_text(older)
+    try:
+        proc = run(site, work, "big.bin")
+        done = site.cli("cleanup", "locked", "--dry-run", cwd=work)
+    finally:
+        installed.write_text(current)
+    assert staged(proc.stderr)["cached_bytes"] == 0
+    assert "the site's content cache is not used" in proc.stderr
+    assert "could not update" not in proc.stderr  # (not asked again in the same run)
+    assert (work / "out" / "before.sha").read_text().strip() == sha(payload)
+    assert done.returncode == 0, done.stderr
+    assert "the site's content cache is left alone" in done.stderr
+
+
 HOSTILE = ["with space.bin", "it's \"quoted\".bin", "$(touch pwned).bin", "new\nline.bin",
            "-dash.bin", "back\\slash `tick`.bin"]
 
@@ -286,8 +310,7 @@ def test_the_agent_places_only_what_verifies(agent: Site):
     {"name": "../outside"}, {"name": "/etc/passwd"}, {"name": "a//b"}, {"name": ""},
     {"size": -1}, {"size": "1"}, {"mtime_ns": 1.5},
 ])
-def test_the_agent_refuses_malformed_cache_requests(tmp_path: Path, bad: dict):
-    agent = Site(tmp_path)
+def test_the_agent_refuses_malformed_cache_requests(agent: Site, bad: dict):
     run_id = agent.new_run()
     item = dict({"name": "x", "size": 1, "sha256": "0" * 64}, **bad)
     for command in ("cache-place", "cache-insert"):
@@ -304,19 +327,17 @@ def staged_file(agent: Site) -> tuple[str, dict]:
     return run_id, {"name": "f", "size": len(data), "sha256": sha(data)}
 
 
-def test_the_agent_never_writes_through_a_link_in_the_run(tmp_path: Path):
-    agent = Site(tmp_path)
+def test_the_agent_never_writes_through_a_link_in_the_run(agent: Site):
     one, item = staged_file(agent)
     call(agent, "cache-insert " + one, {"files": [item]})
     two = agent.new_run()
-    (agent.root / two / "d").symlink_to(tmp_path / "home")
+    (agent.root / two / "d").symlink_to(agent.home)
     answer = call(agent, "cache-place " + two, {"files": [dict(item, name="d/f")]})
     assert answer["placed"] == []
-    assert not (tmp_path / "home" / "f").exists()
+    assert not (agent.home / "f").exists()
 
 
-def test_the_sites_allowlist_turns_the_cache_off_or_caps_it(tmp_path: Path):
-    agent = Site(tmp_path)
+def test_the_sites_allowlist_turns_the_cache_off_or_caps_it(agent: Site):
     run_id, item = staged_file(agent)
     agent.spec["cache"] = False
     agent.save()
@@ -334,8 +355,7 @@ def test_the_sites_allowlist_turns_the_cache_off_or_caps_it(tmp_path: Path):
     assert "max_size" in agent.run("hello").stderr.decode()
 
 
-def test_cache_trim_dry_run_and_limits(tmp_path: Path):
-    agent = Site(tmp_path)
+def test_cache_trim_dry_run_and_limits(agent: Site):
     run_id = agent.new_run()
     items = []
     for i in range(3):
@@ -355,10 +375,9 @@ def test_cache_trim_dry_run_and_limits(tmp_path: Path):
     agent.refused("cache-trim", json.dumps({"files": items}).encode())
 
 
-def test_inputs_the_run_left_unchanged_do_not_go_back(tmp_path: Path):
+def test_inputs_the_run_left_unchanged_do_not_go_back(agent: Site):
     """What the agent fetches: not the inputs as staged (the client has them, and would
     drop them), but every input the run wrote to, replaced or touched."""
-    agent = Site(tmp_path)
     run_id = agent.new_run()
     rundir = agent.root / run_id
     for name in ("kept.bin", "written.bin", "replaced.bin", "touched.bin"):

@@ -248,7 +248,7 @@ class AgentBackend(OverSsh):
             try:
                 answer = await self.agent.cache_trim(conn, self.site.cache_size, max_age,
                                                      dry_run)
-            except ConfigError as exc:  # (an agent older than the cache)
+            except (ConfigError, AgentRefused) as exc:  # (an agent older than the cache)
                 ui.warn(f"the site's content cache is left alone: {exc.message}")
                 return []
         if not answer.get("enabled"):
