@@ -1323,7 +1323,10 @@ def cmd_launch(cfg, args, journal):
                (json.dumps(_params_json(entrypoint, values), indent=1) + "\n").encode("utf-8"))
     _write_new(run.ctl("entrypoint_name"), (name + "\n").encode("utf-8"))
     # the inputs as staged: those still so when results are fetched do not go back
-    _write_new(run.ctl(STAGED_FILE), json.dumps(staged_files(run.dir)).encode("utf-8"))
+    try:
+        _write_new(run.ctl(STAGED_FILE), json.dumps(staged_files(run.dir)).encode("utf-8"))
+    except OSError:
+        pass  # (then all of them do)
     log_fd = _open_run_log(run)
     argv = list(entrypoint.interpreter) + [entrypoint.path]
     env = _entrypoint_env(run, entrypoint, values)
@@ -1900,7 +1903,8 @@ def cmd_cache_place(cfg, args, journal):
     for name, parts, size, digest, mtime_ns in files:
         try:
             verdict = _place(cache, run, name, parts, size, digest, mtime_ns)
-        except (OSError, Refused):  # (this file is sent)
+        except (OSError, UnicodeError, Refused):  # (this file is sent; a name Python
+            #                                          3.6 cannot encode in a C locale)
             verdict = "failed"
         if verdict == "placed":
             placed.append(name)
@@ -1925,7 +1929,7 @@ def cmd_cache_insert(cfg, args, journal):
     for _name, parts, size, digest, _mtime in files:
         try:
             verdict = _insert(cache, run, parts, size, digest)
-        except (OSError, Refused):  # (this file stays out of the cache)
+        except (OSError, UnicodeError, Refused):  # (this file stays out of the cache)
             verdict = "failed"
         verdicts[verdict] = verdicts.get(verdict, 0) + 1
     trimmed = _trim(cache, max_size, max_age, False)
