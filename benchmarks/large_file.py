@@ -22,17 +22,26 @@ configuration), in this order:
                    cache has the input's size and time, so rsync's quick check leaves it
                    (the staging time shows whether it did).
 
+With ``--restricted`` the same sshd serves a restricted site instead: a key of its own
+locked to the remote-exec agent (``remote-exec site install --apply``), the generic
+template approved, and a site program ``sha256sum big.bin > sum``. MInt's flow needs
+an open shell, so its rows are left out; the runs are re 1 (cold), re 2 (cached: the
+agent copies the file from its cache and checks it, rsync's quick check leaves the
+copy) and re 3 (``--no-cache``).
+
 One unrecorded warm-up run (a tiny file) starts remote-exec's connection holder
 first; the holder is stopped at the end. Printed per run: wall seconds, MB/s (input
 size / wall time), for remote-exec the bytes sent and taken from the cache (its
 ``staged`` event) as a % of the input and the staging time, and the peak memory
-(VmHWM, from ``wait4``'s ru_maxrss) of the client process; at the end the holder's
+(VmHWM, from ``wait4``'s ru_maxrss) of the client process, and the bytes that went
+over the loopback interface during the run (measured, in /proc/net/dev: all of the
+run's traffic, both ways); at the end the holder's
 peak memory (it runs the engine: hashing, SFTP, rsync's relay).
 
 Exit status 1 if any run failed or a ``sum`` was wrong.
 
 Run:
-    python benchmarks/large_file.py [--size 1G]
+    python benchmarks/large_file.py [--size 1G] [--restricted]
     python benchmarks/large_file.py --size 200M \
         --remote-exec "env PYTHONPATH=$PWD python3 -m remote_exec"
 """
@@ -52,6 +61,7 @@ import time
 import uuid
 from pathlib import Path
 
+import yaml
 from common import (
     LOG_NAME,
     add_remote_exec_option,
@@ -63,6 +73,7 @@ from common import (
     ssh_options,
 )
 
+from remote_exec.sandbox import Sandbox
 from remote_exec.sizes import parse_size, size_text
 
 COMMAND = "sha256sum big.bin > sum"
@@ -99,6 +110,18 @@ def _spawn(argv: list[str], cwd: Path, env: dict, out: int, err: int) -> int:
     return pid
 
 
+def loopback_bytes() -> int:
+    """Bytes received on the loopback interface so far (-1 if unknown): what a run
+    moved through the loopback sshd, measured rather than reported by remote-exec
+    (anything else using loopback meanwhile counts too)."""
+    try:
+        text = Path("/proc/net/dev").read_text()
+    except OSError:
+        return -1
+    found = re.search(r"^\s*lo:\s*(\d+)", text, re.M)
+    return int(found.group(1)) if found else -1
+
+
 def vm_hwm(pid: int) -> int:
     """A live process's VmHWM in KiB (-1 if unknown)."""
     try:
@@ -110,7 +133,8 @@ def vm_hwm(pid: int) -> int:
 
 
 class Bench:
-    def __init__(self, tmp: Path, site: dict, size: int, remote_exec: str | None) -> None:
+    def __init__(self, tmp: Path, site: dict, size: int, remote_exec: str | None,
+                 restricted: bool = False) -> None:
         self.tmp, self.site, self.size = tmp, site, size
         self.root = site["root"]
         self.target = f"{site['user']}@{site['host']}"
@@ -118,11 +142,42 @@ class Bench:
         self.rsh = " ".join(shlex.quote(w) for w in self.ssh)
         self.config, self.env = isolated_setup(tmp, site)
         self.remote_exec = remote_exec_command(remote_exec)
+        self.restricted = restricted
+        #: what a run of the workload adds to ``remote-exec run``
+        self.workload = ["--cmd", COMMAND]
+        if restricted:
+            self.workload = self._restrict()
         self.work = tmp / "work"
         self.work.mkdir()
         self.digest = self._payload(self.work / "big.bin")
         self.failures: list[str] = []
         self.rows: list[tuple[str, float, str]] = []
+
+    def _restrict(self) -> list[str]:
+        """Make site ``bench`` restricted: a key of its own, locked to the agent by
+        ``remote-exec site install --apply``; the workload as an approved site program
+        run by the generic template (the words for ``remote-exec run``)."""
+        key = self.tmp / "locked_key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "locked key",
+                        "-f", str(key)], check=True, timeout=60)
+        program = self.tmp / "site-scripts" / "sum.sh"
+        program.parent.mkdir()
+        program.write_text(f"#!/bin/sh\n{COMMAND}\n")
+        program.chmod(0o755)
+        config = yaml.safe_load(self.config.read_text())
+        config["sites"]["bench"].update(identity_file=str(key), restricted=True,
+                                        agent_dir=str(self.tmp / "agent"),
+                                        templates=["generic"])
+        config["sites"]["bench"].pop("entrypoint", None)
+        self.config.write_text(yaml.safe_dump(config, sort_keys=False))
+        proc = subprocess.run(
+            [*self.remote_exec, "site", "install", "bench", "--apply", "--config",
+             str(self.config), "--admin-identity", self.site["identity_file"],
+             "--authorized-keys", str(Sandbox(self.tmp / "sshd").authorized_keys)],
+            env=self.env, capture_output=True, text=True, timeout=TIMEOUT, cwd=self.tmp)
+        if proc.returncode != 0:
+            raise SystemExit(f"site install failed: {proc.stdout}{proc.stderr}")
+        return ["--template", "generic", "-p", f"program={program}"]
 
     def _payload(self, path: Path) -> str:
         digest = hashlib.sha256()
@@ -167,8 +222,10 @@ class Bench:
     def remote_exec_run(self, kind: str, *extra: str, record: bool = True) -> None:
         into = self.tmp / f"into-{kind.replace(' ', '-')}"
         argv = [*self.remote_exec, "run", "--config", str(self.config), "--site", "bench",
-                "--json", "--into", str(into), *extra, "--cmd", COMMAND, "big.bin"]
+                "--json", "--into", str(into), *extra, *self.workload, "big.bin"]
+        before = loopback_bytes()
         wall, peak, code, _out, err = popen_wait4(argv, self.work, self.env)
+        moved = loopback_bytes() - before if before >= 0 else -1
         if code != 0:
             self.failures.append(f"{kind}: exit {code}: {err.strip()[-800:]}")
             return
@@ -183,6 +240,8 @@ class Bench:
             f"sent {size_text(sent)} ({100 * sent / self.size:.1f} %), from the cache "
             f"{size_text(cached)} ({100 * cached / self.size:.1f} %), staging "
             f"{staged['elapsed'] - created['elapsed']:.2f} s by {staged['method']}; "
+            f"loopback traffic {size_text(moved) if moved >= 0 else '?'}"
+            f"{f' ({100 * moved / self.size:.1f} %)' if moved >= 0 else ''}; "
             f"client VmHWM {peak / 1024:.0f} MiB")))
 
     def holder_peak(self) -> str:
@@ -203,9 +262,14 @@ class Bench:
         (warm / "big.bin").write_text("warm-up\n")
         wall, _peak, code, _out, err = popen_wait4(
             [*self.remote_exec, "run", "--config", str(self.config), "--site", "bench",
-             "--cmd", "true", "big.bin"], warm, self.env)
+             *self.workload, "big.bin"], warm, self.env)
         if code != 0:
             self.failures.append(f"warm-up: exit {code}: {err.strip()[-800:]}")
+        if self.restricted:
+            self.remote_exec_run("re 1 (cold)")
+            self.remote_exec_run("re 2 (cached)")
+            self.remote_exec_run("re 3 (--no-cache)", "--no-cache")
+            return
         self.flow("flow 1")
         self.flow("flow 2")
         self.remote_exec_run("re 1 (cold)")
@@ -217,6 +281,9 @@ class Bench:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--size", default="1G", help="the input's size (default 1G)")
+    parser.add_argument("--restricted", action="store_true",
+                        help="remote-exec's runs on a restricted site (the key locked to "
+                        "the agent); MInt's flow is left out")
     add_remote_exec_option(parser)
     args = parser.parse_args()
     size = parse_size(args.size, "--size")
@@ -225,9 +292,10 @@ def main() -> int:
     with loopback_sshd() as (tmp, site):
         bench: Bench | None = None
         try:
-            bench = Bench(tmp, site, size, args.remote_exec)
+            bench = Bench(tmp, site, size, args.remote_exec, args.restricted)
             print(f"remote-exec: {shlex.join(bench.remote_exec)}; python "
-                  f"{sys.version.split()[0]}; input {size_text(size)}", flush=True)
+                  f"{sys.version.split()[0]}; input {size_text(size)}"
+                  f"{'; a restricted site' if args.restricted else ''}", flush=True)
             bench.main()
             holder = bench.holder_peak()
         finally:

@@ -22,6 +22,11 @@ own commands and refuses everything else (one line on stderr, exit status 2)::
     cancel RUN_ID [GRACE_SECONDS]   TERM the run's process group, KILL after GRACE
     remove RUN_ID                   delete a run that is not running
     list                            all runs (JSON)
+    cache-place RUN_ID              copy the inputs the site's content cache holds into
+                                    the run directory (files listed as JSON on stdin)
+    cache-insert RUN_ID             after staging: add the run's new inputs to the cache
+                                    and trim it (JSON on stdin)
+    cache-trim                      trim the content cache (JSON on stdin; ``cleanup``)
     rsync --server ...              rsync's server side, confined to one run directory:
                                     inputs go in before launch; results come back
                                     through the return filter only
@@ -29,12 +34,14 @@ own commands and refuses everything else (one line on stderr, exit status 2)::
 The allowlist (JSON, owned by the administrator) names the run root, the agent's own
 state directory (which no client can write), the agent log, the entrypoints (each
 pinned by its sha256 and declaring typed parameters, as remote-exec templates do) and
-which result files may come back. Parameters reach an entrypoint as environment
-variables ``RE_<name>``; the agent never builds shell text from what a client sends
-and never runs a shell of its own. An entrypoint runs from where the administrator
-installed it (it may use files beside it), after its sha256 was checked twice: when
-the launch is accepted and again right before it starts; the approved bytes are kept
-with the run in ``<state>/<RUN_ID>/entrypoint``.
+which result files may come back, and the content cache's limits (``cache``: false
+turns it off; ``{"max_size": BYTES, "max_age": SECONDS}`` caps what clients ask).
+Parameters reach an entrypoint as environment variables ``RE_<name>``; the agent never
+builds shell text from what a client sends and never runs a shell of its own. An
+entrypoint runs from where the administrator installed it (it may use files beside
+it), after its sha256 was checked twice: when the launch is accepted and again right
+before it starts; the approved bytes are kept with the run in
+``<state>/<RUN_ID>/entrypoint``.
 
 Exit status: 0 ok, 1 failure, 2 refused, 3 a run was lost (``wait``), 96 the run was
 already launched; ``launch`` itself exits with the entrypoint's exit code.
@@ -87,6 +94,8 @@ LAUNCHED = "launched"
 CANCELLED = "cancelled"
 PGID_FILE = "pgid"
 EXIT_CODE_FILE = "exit_code"
+#: (the agent's own, in the run's state directory) the run's files when it was launched
+STAGED_FILE = "staged.json"
 
 #: the entrypoint's output, inside the run directory (as remote-exec's own flow names it)
 LOG_NAME = "remote_program_exec.log"
@@ -95,7 +104,7 @@ ENTRYPOINT_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 IDENTIFIER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
 COMMAND_LIST = ("hello, create, status, launch, wait, log, cancel, remove, list, "
-                "rsync --server")
+                "cache-place, cache-insert, cache-trim, rsync --server")
 ONLY_AGENT = "this key runs only the remote-exec agent (commands: %s)" % COMMAND_LIST
 SFTP_REFUSAL = ("SFTP is not available through the remote-exec agent; files move with "
                 "rsync confined to one run directory")
@@ -114,7 +123,8 @@ PARAMETER_KEYS = frozenset(["type", "items", "required", "default", "pattern", "
                             "min", "max", "description"])
 ENTRYPOINT_KEYS = frozenset(["path", "sha256", "interpreter", "parameters", "returns",
                              "description"])
-ALLOWLIST_KEYS = frozenset(["version", "root", "state", "log", "entrypoints", "returns"])
+ALLOWLIST_KEYS = frozenset(["version", "root", "state", "log", "entrypoints", "returns",
+                            "cache"])
 _TRUE = frozenset(["1", "true", "yes", "on"])
 _FALSE = frozenset(["0", "false", "no", "off"])
 
@@ -143,6 +153,25 @@ PGID_WAIT_SECONDS = 5.0
 DEFAULT_CANCEL_GRACE = 10
 FETCH_LOCK_SECONDS = 30.0
 MAX_PARAMETERS_BYTES = 1024 * 1024
+
+#: the site's content cache (remote-exec's open SSH sites keep the same one, laid out
+#: alike): ``<root>/CACHE_DIR/<first 2 hex digits>/<sha256>``, the directory 0700, the
+#: entries 0444; an entry's modification time is when a run last used it. Insertions
+#: are written to ``CACHE_TMP_PREFIX...`` beside the entry and renamed into place.
+CACHE_DIR = ".remote-exec-cache"
+CACHE_DIGEST_RE = re.compile(r"[0-9a-f]{64}")
+CACHE_PREFIX_RE = re.compile(r"[0-9a-f]{2}")
+CACHE_TMP_PREFIX = ".tmp-"
+#: unfinished insertions older than this (seconds) are debris
+CACHE_TMP_MAX_AGE = 86400.0
+#: the allowlist's ``cache`` object
+CACHE_KEYS = frozenset(["max_size", "max_age"])
+#: the largest cache request on stdin (a file costs about 200 bytes of JSON)
+MAX_CACHE_REQUEST_BYTES = 32 * 1024 * 1024
+#: bytes copied or hashed at once
+CACHE_CHUNK = 1024 * 1024
+#: Linux's ioctl that makes a reflink (a copy sharing the blocks until one side writes)
+FICLONE = 0x40049409
 
 
 class Refused(Exception):
@@ -296,7 +325,7 @@ def _rmtree(path):
         shutil.rmtree(path, **handler)
 
 
-def build_outbox(rundir, outbox, returns, never, only):
+def build_outbox(rundir, outbox, returns, never, only, staged=None):
     """Fill ``outbox`` with what of ``rundir`` may come back, and say what was left out.
 
     Regular files whose relative path ``is_returned`` are hard-linked (copied when that
@@ -304,7 +333,10 @@ def build_outbox(rundir, outbox, returns, never, only):
     the run directory, both lexically and once resolved in the outbox; other file
     types never come back. A directory appears when something in it comes back, or
     when it matches and is empty. ``outbox`` is removed first if it exists.
-    Returns ``{"files": n, "links": n, "bytes": total, "skipped": [relpaths]}``.
+    ``staged`` (see :func:`staged_files`): the inputs as the launch found them; one
+    still exactly so (same inode, size, times: never written since) does not come back.
+    Returns ``{"files": n, "links": n, "bytes": total, "skipped": [relpaths]}`` (and
+    ``"unchanged": n`` with ``staged``).
     """
     never = list(never or ())
     only = list(only or ())
@@ -312,6 +344,8 @@ def build_outbox(rundir, outbox, returns, never, only):
         _rmtree(outbox)
     os.mkdir(outbox, 0o700)
     report = {"files": 0, "links": 0, "bytes": 0, "skipped": []}
+    if staged is not None:
+        report["unchanged"] = 0
     skipped = report["skipped"]
     made = {"": rundir}  # relpath of every outbox directory -> its source directory
     links = []
@@ -354,6 +388,9 @@ def build_outbox(rundir, outbox, returns, never, only):
                 skipped.append(rel)
                 continue
             if stat.S_ISREG(st.st_mode):
+                if staged is not None and staged.get(rel) == _file_key(st):
+                    report["unchanged"] += 1  # (the client has it: an input)
+                    continue
                 ensure_dir(reltop)
                 try:
                     os.link(src, dst, follow_symlinks=False)
@@ -409,6 +446,28 @@ def build_outbox(rundir, outbox, returns, never, only):
             pass
     skipped.sort()
     return report
+
+
+def _file_key(st):
+    """What changes whenever a file is written or replaced (the inode change time moves
+    with every write, rename or chmod)."""
+    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def staged_files(rundir):
+    """``{relpath: key}`` of the regular files in ``rundir``: the inputs, as the launch
+    finds them (see :func:`build_outbox`)."""
+    found = {}
+    for top, _dirnames, filenames in os.walk(rundir):
+        for name in filenames:
+            path = os.path.join(top, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                found[os.path.relpath(path, rundir).replace(os.sep, "/")] = _file_key(st)
+    return found
 
 
 # --------------------------------------------------------------------------------------
@@ -740,6 +799,9 @@ class Config:
         self.entrypoints = {}
         self.never = []
         self.only = []
+        self.cache = True  # whether the content cache may be used
+        self.cache_max_size = None  # the site's caps (None: the client's values)
+        self.cache_max_age = None
 
     def load(self):
         where = "allowlist %s" % self.path
@@ -793,6 +855,7 @@ class Config:
             raise ValueError("%s: 'returns' must be an object with 'never' and 'only'" % where)
         self.never = check_patterns(returns.get("never", []), "%s: returns.never" % where, True)
         self.only = check_patterns(returns.get("only", []), "%s: returns.only" % where, True)
+        self._load_cache(data.get("cache", True), where)
         for what, path in (("root", self.root), ("state", self.state)):
             try:
                 os.makedirs(path, 0o700, exist_ok=True)
@@ -801,6 +864,26 @@ class Config:
                                  % (where, what, path, exc.strerror or exc)) from None
             if not os.path.isdir(path):
                 raise ValueError("%s: %s %s is not a directory" % (where, what, path))
+
+
+    def _load_cache(self, value, where):
+        where = "%s: cache" % where
+        if isinstance(value, bool):
+            self.cache = value
+            return
+        if not isinstance(value, dict) or set(value) - CACHE_KEYS:
+            raise ValueError("%s must be true, false or an object with %s"
+                             % (where, " and ".join(sorted(CACHE_KEYS))))
+        for key in sorted(value):
+            if not _is_number(value[key]) or value[key] < 0:
+                raise ValueError("%s: %r must be a number >= 0 (%s)" % (
+                    where, key, "bytes" if key == "max_size" else "seconds"))
+        self.cache_max_size = value.get("max_size")
+        self.cache_max_age = value.get("max_age")
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # --------------------------------------------------------------------------------------
@@ -1072,23 +1155,29 @@ def cmd_status(cfg, args, journal):
     return EXIT_OK
 
 
-def _read_parameters():
+def _read_json_stdin(limit, what, shape):
+    """The JSON on stdin (``{}`` if there is none), at most ``limit`` bytes; Refused
+    naming ``what`` and the expected ``shape`` otherwise."""
     stream = getattr(sys.stdin, "buffer", None)
-    data = stream.read(MAX_PARAMETERS_BYTES + 1) if stream is not None else b""
-    if len(data) > MAX_PARAMETERS_BYTES:
-        raise Refused("the parameters on stdin are larger than %d bytes" % MAX_PARAMETERS_BYTES)
+    data = stream.read(limit + 1) if stream is not None else b""
+    if len(data) > limit:
+        raise Refused("the %s on stdin are larger than %d bytes" % (what, limit))
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise Refused("the parameters on stdin are not UTF-8") from None
+        raise Refused("the %s on stdin are not UTF-8" % what) from None
     if not text.strip():
         return {}
     try:
         return json.loads(text, object_pairs_hook=_unique_object)
     except ValueError as exc:
         reason = str(exc) if "appears twice" in str(exc) else "not valid JSON"
-        raise Refused("the parameters on stdin must be a JSON object "
-                      "{\"NAME\": \"value\", ...}: %s" % reason) from None
+        raise Refused("the %s on stdin must be a JSON object %s: %s"
+                      % (what, shape, reason)) from None
+
+
+def _read_parameters():
+    return _read_json_stdin(MAX_PARAMETERS_BYTES, "parameters", "{\"NAME\": \"value\", ...}")
 
 
 def _entrypoint_env(run, entrypoint, values):
@@ -1233,6 +1322,11 @@ def cmd_launch(cfg, args, journal):
     _write_new(run.ctl("params.json"),
                (json.dumps(_params_json(entrypoint, values), indent=1) + "\n").encode("utf-8"))
     _write_new(run.ctl("entrypoint_name"), (name + "\n").encode("utf-8"))
+    # the inputs as staged: those still so when results are fetched do not go back
+    try:
+        _write_new(run.ctl(STAGED_FILE), json.dumps(staged_files(run.dir)).encode("utf-8"))
+    except OSError:
+        pass  # (then all of them do)
     log_fd = _open_run_log(run)
     argv = list(entrypoint.interpreter) + [entrypoint.path]
     env = _entrypoint_env(run, entrypoint, values)
@@ -1480,6 +1574,388 @@ def cmd_list(cfg, args, journal):
 
 
 # --------------------------------------------------------------------------------------
+# Writing into a run directory (rsync and the content cache)
+# --------------------------------------------------------------------------------------
+
+def _inputs_may_change(run):
+    """Refused once the run was launched or cancelled: its inputs are then fixed."""
+    if run.cancelled():
+        raise Refused("run %s was cancelled; its inputs can no longer change" % run.id)
+    if run.launched():
+        raise Refused("run %s was launched; its inputs can no longer change" % run.id)
+
+
+def run_member(run, parts, make_parents=False):
+    """The path of ``parts`` (components, no ``..``) below the run directory, never
+    through a symbolic link: Refused if a component that exists is one; with
+    ``make_parents``, missing directories above the last component are made (0700)."""
+    path = run.dir
+    for i, part in enumerate(parts):
+        path = os.path.join(path, part)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            if not make_parents or i == len(parts) - 1:
+                return os.path.join(run.dir, *parts)
+            os.mkdir(path, 0o700)
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            raise Refused("%s is a symbolic link; the agent never writes through one" % path)
+    return path
+
+
+def _member_parts(name):
+    """A client's name of a file in a run directory (``/``-separated, relative) as its
+    components; Refused if it could leave the directory or is not a plain name."""
+    if not isinstance(name, str) or not name or "\x00" in name or name.startswith("/"):
+        raise Refused("a file name in a run directory must be a non-empty relative path")
+    parts = name.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise Refused("a file name in a run directory may not have empty, '.' or '..' "
+                      "components")
+    return parts
+
+
+# --------------------------------------------------------------------------------------
+# The content cache (remote-exec's open SSH sites apply the same layout and trim policy)
+# --------------------------------------------------------------------------------------
+
+def cache_entry(cache_dir, digest):
+    """The path of the entry of ``digest`` (64 lowercase hex digits, else ValueError)."""
+    if not isinstance(digest, str) or not CACHE_DIGEST_RE.fullmatch(digest):
+        raise ValueError("a cache entry is named by a sha256: 64 lowercase hex digits")
+    return posixpath.join(cache_dir, digest[:2], digest)
+
+
+def cache_tmp_name(digest, run_id):
+    """The name, beside its entry, of the copy a run is inserting."""
+    return "%s%s-%s" % (CACHE_TMP_PREFIX, digest, run_id)
+
+
+def cache_trim_plan(entries, max_size, max_age, now):
+    """What trimming removes of ``entries`` (``(path, size, mtime)`` of the files in the
+    cache's prefix directories): insertions left unfinished for CACHE_TMP_MAX_AGE,
+    entries unused for longer than ``max_age`` seconds, then the least recently used
+    beyond ``max_size`` bytes. Returns ``[(path, size, why)]``."""
+    gone = []
+    kept = []
+    for path, size, mtime in entries:
+        name = posixpath.basename(path)
+        if name.startswith(CACHE_TMP_PREFIX):
+            if now - mtime > CACHE_TMP_MAX_AGE:
+                gone.append((path, size, "unfinished insertion"))
+        elif CACHE_DIGEST_RE.fullmatch(name):
+            if now - mtime > max_age:
+                gone.append((path, size, "unused for %.1f days" % ((now - mtime) / 86400)))
+            else:
+                kept.append((path, size, mtime))
+    total = 0
+    for path, size, _mtime in sorted(kept, key=lambda e: e[2], reverse=True):
+        total += size
+        if total > max_size:
+            gone.append((path, size, "over the cache's size cap"))
+    return gone
+
+
+def _copy_into(src, dst):
+    """Copy the open file ``src`` into the empty open file ``dst``: a reflink where the
+    file system has them, else the bytes (the kernel's sendfile, else read and write).
+    Never a hard link: writing to one side never changes the other."""
+    try:
+        fcntl.ioctl(dst, FICLONE, src)
+        return
+    except OSError:
+        pass
+    offset = 0
+    try:
+        while True:
+            sent = os.sendfile(dst, src, offset, CACHE_CHUNK * 64)
+            if not sent:
+                return
+            offset += sent
+    except OSError:
+        if offset:
+            raise
+    os.lseek(src, 0, os.SEEK_SET)
+    while True:
+        chunk = os.read(src, CACHE_CHUNK)
+        if not chunk:
+            return
+        _write_all(dst, chunk)
+
+
+def _sha256_of(fd):
+    """The sha256 of the open file ``fd``, read from its start."""
+    digest = hashlib.sha256()
+    os.lseek(fd, 0, os.SEEK_SET)
+    while True:
+        chunk = os.read(fd, CACHE_CHUNK)
+        if not chunk:
+            return digest.hexdigest()
+        digest.update(chunk)
+
+
+def _verified_copy(src, path, digest, mode):
+    """Copy the open file ``src`` to a new file ``path`` and hash the copy: True when the
+    copy's sha256 is ``digest`` (the copy then has ``mode``); else it is removed."""
+    dst = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        _copy_into(src, dst)
+        good = _sha256_of(dst) == digest
+        if good:
+            os.fchmod(dst, mode)
+    except BaseException:
+        os.close(dst)
+        os.unlink(path)
+        raise
+    os.close(dst)
+    if not good:
+        os.unlink(path)
+    return good
+
+
+def _open_regular(path, size):
+    """``path`` opened for reading if it is a regular file (not a symbolic link) of
+    ``size`` bytes; else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode) and st.st_size == size:
+        return fd
+    os.close(fd)
+    return None
+
+
+def _cache_dir(cfg, create):
+    """The cache's directory: (path, "") when it can be used, else (None, why); why is
+    "" when it does not exist and ``create`` is false. It must be a directory of this
+    user that no one else may enter."""
+    path = os.path.join(cfg.root, CACHE_DIR)
+    if create:
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None, ("%s could not be created" % path) if create else ""
+    if not stat.S_ISDIR(st.st_mode):
+        return None, "%s is not a directory" % path
+    if st.st_uid != os.getuid():
+        return None, "%s belongs to another user (uid %d)" % (path, st.st_uid)
+    if st.st_mode & 0o077:
+        return None, "%s is open to other users (mode %s); make it 0700" % (
+            path, oct(st.st_mode & 0o777))
+    return path, ""
+
+
+def _cache_request(cfg, with_files):
+    """The client's cache request (JSON on stdin): ``files``, each ``{"name", "size",
+    "sha256"[, "mtime_ns"]}`` (with_files), ``max_size``, ``max_age``, ``dry_run``;
+    checked. The site's caps apply to max_size and max_age (no limit if neither the
+    client nor the site gives one)."""
+    request = _read_json_stdin(MAX_CACHE_REQUEST_BYTES, "cache request",
+                               "{\"files\": [{\"name\": ..., \"size\": ..., \"sha256\": ...}]}")
+    if not isinstance(request, dict):
+        raise Refused("the cache request must be a JSON object")
+    files = request.get("files", [])
+    if not isinstance(files, list) or (files and not with_files):
+        raise Refused("the cache request's files must be a list (none for cache-trim)")
+    checked = []
+    for item in files:
+        if not isinstance(item, dict):
+            raise Refused("each file of a cache request is an object {name, size, sha256}")
+        size, mtime = item.get("size"), item.get("mtime_ns", None)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise Refused("a file's size must be a whole number of bytes")
+        if mtime is not None and (not isinstance(mtime, int) or isinstance(mtime, bool)):
+            raise Refused("a file's mtime_ns must be a whole number of nanoseconds")
+        try:
+            cache_entry("", item.get("sha256"))
+        except ValueError as exc:
+            raise Refused("a file's sha256: %s" % exc) from None
+        checked.append((item.get("name"), _member_parts(item.get("name")), size,
+                        item["sha256"], mtime))
+    limits = []
+    for key, cap in (("max_size", cfg.cache_max_size), ("max_age", cfg.cache_max_age)):
+        value = request.get(key, float("inf"))
+        if not _is_number(value) or value < 0:
+            raise Refused("the cache request's %s must be a number >= 0" % key)
+        limits.append(value if cap is None else min(value, cap))
+    return checked, limits[0], limits[1], request.get("dry_run") is True
+
+
+def _place(cache, run, name, parts, size, digest, mtime_ns):
+    """Copy the entry of ``digest`` to ``name`` in the run directory and verify the copy:
+    "placed", "absent" (no usable entry) or "changed" (its bytes are no longer its name:
+    the entry is removed)."""
+    entry = cache_entry(cache, digest)
+    src = _open_regular(entry, size)
+    if src is None:
+        return "absent"
+    try:
+        target = run_member(run, parts, make_parents=True)
+        tmp = os.path.join(os.path.dirname(target), ".remote-exec-placing-%s-%s"
+                           % (digest[:16], os.urandom(4).hex()))
+        if not _verified_copy(src, tmp, digest, 0o600):
+            os.unlink(entry)
+            return "changed"
+    finally:
+        os.close(src)
+    try:
+        if mtime_ns is not None:  # (rsync's quick check then leaves the copy)
+            os.utime(tmp, ns=(mtime_ns, mtime_ns))
+        os.rename(tmp, target)
+    except OSError:
+        os.unlink(tmp)
+        raise
+    try:
+        os.utime(entry)  # (used now: the least recently used go first)
+    except OSError:
+        pass
+    return "placed"
+
+
+def _insert(cache, run, parts, size, digest):
+    """Copy the run's staged file to the cache as the entry of ``digest``: "inserted",
+    "present" (the cache has it), "missing" (no such regular file of that size in the
+    run directory) or "mismatch" (its bytes are not ``digest``)."""
+    entry = cache_entry(cache, digest)
+    held = _open_regular(entry, size)
+    if held is not None:
+        os.close(held)
+        return "present"
+    src = _open_regular(run_member(run, parts), size)
+    if src is None:
+        return "missing"
+    try:
+        prefix = os.path.dirname(entry)
+        try:
+            os.mkdir(prefix, 0o700)
+        except FileExistsError:
+            if not _isdir_nofollow(prefix):
+                return "missing"
+        tmp = os.path.join(prefix, cache_tmp_name(digest, run.id))
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        if not _verified_copy(src, tmp, digest, 0o444):
+            return "mismatch"
+    finally:
+        os.close(src)
+    os.rename(tmp, entry)
+    return "inserted"
+
+
+def _cache_listing(cache):
+    """(path, size, mtime) of every regular file in the cache's prefix directories."""
+    found = []
+    for prefix in sorted(os.listdir(cache)):
+        directory = os.path.join(cache, prefix)
+        if not CACHE_PREFIX_RE.fullmatch(prefix) or not _isdir_nofollow(directory):
+            continue
+        for name in os.listdir(directory):
+            try:
+                st = os.lstat(os.path.join(directory, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                found.append((os.path.join(directory, name), st.st_size, st.st_mtime))
+    return found
+
+
+def _trim(cache, max_size, max_age, dry_run):
+    trimmed = []
+    for path, size, why in cache_trim_plan(_cache_listing(cache), max_size, max_age,
+                                           time.time()):
+        verdict = "would remove" if dry_run else "removed"
+        if not dry_run:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass  # (another run trimmed it)
+            except OSError:
+                verdict = "failed"
+        trimmed.append({"path": path, "size": size, "why": why, "verdict": verdict})
+    return trimmed
+
+
+def _cache_off(cfg, create):
+    """The cache's directory, or the answer that says why it is not used."""
+    if not cfg.cache:
+        return None, {"enabled": False, "why": "the site's allowlist turns the cache off"}
+    cache, why = _cache_dir(cfg, create)
+    return cache, {"enabled": False, "why": why}
+
+
+def cmd_cache_place(cfg, args, journal):
+    _arguments(args, "cache-place RUN_ID (the files as JSON on stdin)", 1, 1)
+    run = _existing_run(cfg, args[0])
+    files = _cache_request(cfg, True)[0]
+    _inputs_may_change(run)
+    cache, off = _cache_off(cfg, False)
+    if cache is None:  # (no cache yet: nothing to place, cache-insert makes it)
+        _print_json(off if off["why"] else {"enabled": True, "placed": [], "changed": []})
+        return EXIT_OK
+    placed, changed = [], []
+    for name, parts, size, digest, mtime_ns in files:
+        try:
+            verdict = _place(cache, run, name, parts, size, digest, mtime_ns)
+        except (OSError, UnicodeError, Refused):  # (this file is sent; a name Python
+            #                                          3.6 cannot encode in a C locale)
+            verdict = "failed"
+        if verdict == "placed":
+            placed.append(name)
+        elif verdict == "changed":
+            changed.append(cache_entry(cache, digest))
+    journal.record("ok: cache-place: %d of %d files placed, %d changed entries removed"
+                   % (len(placed), len(files), len(changed)))
+    _print_json({"enabled": True, "placed": placed, "changed": changed})
+    return EXIT_OK
+
+
+def cmd_cache_insert(cfg, args, journal):
+    _arguments(args, "cache-insert RUN_ID (the files as JSON on stdin)", 1, 1)
+    run = _existing_run(cfg, args[0])
+    files, max_size, max_age, _dry = _cache_request(cfg, True)
+    _inputs_may_change(run)
+    cache, off = _cache_off(cfg, True)
+    if cache is None:
+        _print_json(off)
+        return EXIT_OK
+    verdicts = {}
+    for _name, parts, size, digest, _mtime in files:
+        try:
+            verdict = _insert(cache, run, parts, size, digest)
+        except (OSError, UnicodeError, Refused):  # (this file stays out of the cache)
+            verdict = "failed"
+        verdicts[verdict] = verdicts.get(verdict, 0) + 1
+    trimmed = _trim(cache, max_size, max_age, False)
+    journal.record("ok: cache-insert: %s; %d entries trimmed" % (
+        ", ".join("%d %s" % (n, v) for v, n in sorted(verdicts.items())) or "no files",
+        len(trimmed)))
+    _print_json({"enabled": True, "inserted": verdicts.get("inserted", 0),
+                 "trimmed": trimmed})
+    return EXIT_OK
+
+
+def cmd_cache_trim(cfg, args, journal):
+    _arguments(args, "cache-trim (limits as JSON on stdin)", 0, 0)
+    _files, max_size, max_age, dry_run = _cache_request(cfg, False)
+    cache, off = _cache_off(cfg, False)
+    if cache is None:
+        _print_json(off)
+        return EXIT_OK
+    trimmed = _trim(cache, max_size, max_age, dry_run)
+    journal.record("ok: cache-trim: %d entries %s" % (
+        len(trimmed), "would go" if dry_run else "trimmed"))
+    _print_json({"enabled": True, "trimmed": trimmed})
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------
 # rsync, confined
 # --------------------------------------------------------------------------------------
 
@@ -1557,14 +2033,22 @@ def _fetch_lock(run):
 def build_run_outbox(cfg, run):
     """Fill ``<state>/<RUN_ID>/outbox`` with what of the run may come back: the launched
     entrypoint's ``returns`` (everything if none was launched) and the allowlist's
-    ``never`` / ``only`` (see :func:`build_outbox`). What a fetch serves, and what the
-    pull method's poller uploads. Returns ``(outbox, report)``; hold :func:`_fetch_lock`
+    ``never`` / ``only`` (see :func:`build_outbox`), but, for a run the agent launched,
+    the inputs it left unchanged (the client has them). What a fetch serves, and what
+    the pull method's poller uploads. Returns ``(outbox, report)``; hold :func:`_fetch_lock`
     while using it."""
     outbox = run.ctl("outbox")
     entry = cfg.entrypoints.get(_read_text(run.ctl("entrypoint_name")) or "")
     returns = entry.returns if entry is not None else list(RETURN_ALL)
+    staged = None
     try:
-        return outbox, build_outbox(run.dir, outbox, returns, cfg.never, cfg.only)
+        with open(run.ctl(STAGED_FILE), "rb") as f:
+            staged = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError):
+        pass  # (a run launched by an older agent, or not through launch: all comes back)
+    try:
+        return outbox, build_outbox(run.dir, outbox, returns, cfg.never, cfg.only,
+                                    staged if isinstance(staged, dict) else None)
     except OSError as exc:
         raise Failure("cannot prepare the results of run %s: %s: %s"
                       % (run.id, exc.filename, exc.strerror or exc)) from None
@@ -1610,23 +2094,13 @@ def cmd_rsync(cfg, args, journal):
                 mapped.append(os.path.join(outbox, *sub) + ("/" if trailing else ""))
             else:
                 mapped.append(outbox + "/")
-        summary = "; ".join("%s: %d files, %d skipped" % (rid, b["files"], len(b["skipped"]))
+        summary = "; ".join("%s: %d files, %d skipped, %d unchanged inputs"
+                            % (rid, b["files"], len(b["skipped"]), b.get("unchanged", 0))
                             for rid, b in built.items())
     else:
         run, sub, trailing = targets[0]
-        if run.cancelled():
-            raise Refused("run %s was cancelled; its inputs can no longer change" % run.id)
-        if run.launched():
-            raise Refused("run %s was launched; its inputs can no longer change" % run.id)
-        path = run.dir
-        for part in sub:
-            path = os.path.join(path, part)
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                break
-            if stat.S_ISLNK(st.st_mode):
-                raise Refused("%s is a symbolic link; rsync may not write through it" % path)
+        _inputs_may_change(run)
+        run_member(run, sub)
         mapped.append(os.path.join(run.dir, *sub) + ("/" if trailing else ""))
         if "--munge-links" not in options:
             options.append("--munge-links")
@@ -1659,6 +2133,9 @@ COMMANDS = {
     "cancel": cmd_cancel,
     "remove": cmd_remove,
     "list": cmd_list,
+    "cache-place": cmd_cache_place,
+    "cache-insert": cmd_cache_insert,
+    "cache-trim": cmd_cache_trim,
     "rsync": cmd_rsync,
 }
 

@@ -104,7 +104,7 @@ def main() -> None:
               help="How files move (default: the site's `transfer`, else auto).")
 @click.option("--no-cache", is_flag=True,
               help="Send every input, even those the site's content cache holds (and add "
-              "none to it); default: the site's `cache`, on for open SSH sites.")
+              "none to it); default: the site's `cache`, on for SSH sites, restricted ones too.")
 @click.option("--config", "config_path", metavar="FILE", envvar=None,
               help="Configuration file (default: $REMOTE_EXEC_CONFIG, ./remote-exec.yaml, "
               "~/.config/remote-exec/sites.yaml).")

@@ -61,9 +61,9 @@ DEFAULT_SOLVER_LOG_BASE = "/home/misystem/assets/workflow"
 DEFAULT_AGENT_DIR = "~/.remote-exec-agent"
 CLEANUP_POLICIES = ("on-success", "always", "never")
 TRANSFER_METHODS = ("auto", "rsync", "sftp")
-#: the site's content cache (README, *The content cache*): on by default for open SSH
-#: sites; files from this size are cached, the cache is trimmed to this size (least
-#: recently used first) and entries unused for this long are removed
+#: the site's content cache (README, *The content cache*): on by default for SSH sites
+#: (restricted ones too); files from this size are cached, the cache is trimmed to this
+#: size (least recently used first) and entries unused for this long are removed
 DEFAULT_CACHE_MIN_SIZE = 1024 ** 2
 DEFAULT_CACHE_SIZE = 10 * 1024 ** 3
 DEFAULT_CACHE_MAX_AGE = 30 * 86400.0

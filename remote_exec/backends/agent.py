@@ -6,6 +6,12 @@ request to it (:mod:`.agent_protocol`), which it checks against the allowlist fi
 the administrator owns: no SFTP, no shell. Files move with rsync, which the agent
 confines to the run's directory; a fetch is served from an outbox that holds only
 what the site lets go.
+
+The site's content cache lives with the agent (``<root>/.remote-exec-cache``): before
+rsync the client lists the inputs it could take from there (name, size, sha256, time)
+and the agent copies and verifies those it holds (``cache-place``); rsync's quick check
+then leaves them. After rsync the agent adds the run's new inputs to the cache,
+verifying each, and trims it (``cache-insert``). The client never names a cache path.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Any
 
 import asyncssh
 
+from remote_exec import digests
 from remote_exec.backends.agent_protocol import (
     MARK_WORD,
     REFUSED,
@@ -28,7 +35,7 @@ from remote_exec.backends.agent_protocol import (
     agent_request,
     agent_rsync,
 )
-from remote_exec.backends.base import Launched, Leftover, Moved, RemoteState, Run
+from remote_exec.backends.base import Launched, Leftover, Moved, RemoteState, Run, Trimmed
 from remote_exec.backends.site_check import ssh_site_rows
 from remote_exec.backends.ssh import OverSsh, local_log_rest
 from remote_exec.entrypoint import KILLED, TERMINATED
@@ -36,6 +43,7 @@ from remote_exec.errors import ConfigError, RemoteExecError, StageError
 from remote_exec.journal import RunRecord
 from remote_exec.localfs import tree_size
 from remote_exec.site.rows import Row
+from remote_exec.ssh.cache import Candidate, candidates
 from remote_exec.ui import Reporter
 
 __all__ = ["MARK_WORD", "REFUSED", "AgentBackend", "AgentClient", "AgentRefused",
@@ -60,6 +68,11 @@ class AgentBackend(OverSsh):
 
     async def stage(self, run: Run) -> Moved:
         inputs = run.request.inputs
+        wanted: list[Candidate] = []
+        if self.site.cache and inputs:
+            wanted = await asyncio.to_thread(candidates, inputs, run.rundir,
+                                             self.site.cache_min_size)
+        placed = await self._from_cache(run, wanted) if wanted else set()
         try:
             await self.agent.stage(await self.link.rsh(agent_rsync), inputs, run.run_id,
                                    run.ui.show_progress)
@@ -68,8 +81,66 @@ class AgentBackend(OverSsh):
                 with contextlib.suppress(Exception):
                     await self.agent.remove(await self.link.conn(), run.run_id)
             raise
+        if wanted and placed is not None:
+            await self._cache_step(run, "could not update the site's content cache",
+                                   self.agent.cache_insert, run.run_id,
+                                   self._cache_files(run, wanted, placed),
+                                   self.site.cache_size, self.site.cache_max_age)
         return Moved("rsync", "by rsync (confined by the site's agent)",
-                     size=sum(i.size for i in inputs))
+                     size=sum(i.size for i in inputs),
+                     cached=sum(c.size for c in wanted if c.target in (placed or ())))
+
+    # -- the site's content cache, kept by the agent --------------------------------------
+    async def _from_cache(self, run: Run, wanted: list[Candidate]) -> set[str] | None:
+        """Have the agent place those of ``wanted`` its cache holds (their digests are
+        set on the way): the targets placed, or None when the cache is not used."""
+        try:
+            found = await asyncio.to_thread(digests.digests, [c.local for c in wanted])
+        except OSError as exc:
+            run.ui.warn(f"the site's content cache is not used: {exc}")
+            return None
+        for item in wanted:
+            item.digest = found[item.local]
+        answer = await self._cache_step(run, "the site's content cache is not used",
+                                        self.agent.cache_place, run.run_id,
+                                        self._cache_files(run, wanted, set()))
+        if answer is None:
+            return None
+        names = set(answer.get("placed") or ())
+        for entry in answer.get("changed") or ():
+            run.ui.warn(f"the site's cache entry {entry} no longer held what its name says: "
+                        "removed, the file is sent")
+        return {c.target for c in wanted if self._name(run, c) in names}
+
+    @staticmethod
+    def _name(run: Run, item: Candidate) -> str:
+        return posixpath.relpath(item.target, run.rundir)
+
+    def _cache_files(self, run: Run, wanted: list[Candidate],
+                     leave: set[str]) -> list[dict[str, Any]]:
+        """The request's list: ``wanted`` but those in ``leave``, once per name."""
+        files = {self._name(run, c): {"name": self._name(run, c), "size": c.size,
+                                      "sha256": c.digest, "mtime_ns": c.mtime_ns}
+                 for c in wanted if c.target not in leave}
+        return list(files.values())
+
+    async def _cache_step(self, run: Run, failed: str,
+                          step: Callable[..., Awaitable[dict[str, Any]]],
+                          *args: Any) -> dict[str, Any] | None:
+        """One cache request to the agent: its answer, or None (with a warning) when the
+        cache is not used: off on the site, or a failure that does not end the run."""
+        try:
+            answer = await step(await self.link.conn(), *args)
+        except (RemoteExecError, asyncssh.Error, OSError) as exc:
+            if self.link.is_loss(exc):
+                raise
+            run.ui.warn(f"{failed}: {getattr(exc, 'message', None) or exc}")
+            return None
+        if not answer.get("enabled"):
+            if answer.get("why"):
+                run.ui.warn(f"{failed}: {answer['why']}")
+            return None
+        return answer
 
     async def launch(self, run: Run) -> Launched:
         entry = run.request.entrypoint
@@ -166,6 +237,26 @@ class AgentBackend(OverSsh):
                         item.verdict = "failed"
                         ui.warn(f"could not remove {item.path}: {err.message}")
         return found
+
+    async def trim_cache(self, older_than: float | None, dry_run: bool,
+                         ui: Reporter) -> list[Trimmed]:
+        """The agent trims its content cache (as an open site's is trimmed)."""
+        max_age = self.site.cache_max_age
+        if older_than is not None:
+            max_age = min(max_age, older_than)
+        async with await self._connect() as conn:
+            try:
+                answer = await self.agent.cache_trim(conn, self.site.cache_size, max_age,
+                                                     dry_run)
+            except (ConfigError, AgentRefused) as exc:  # (an agent older than the cache)
+                ui.warn(f"the site's content cache is left alone: {exc.message}")
+                return []
+        if not answer.get("enabled"):
+            if answer.get("why"):
+                ui.warn(f"the site's content cache is left alone: {answer['why']}")
+            return []
+        return [Trimmed(str(t["path"]), int(t["size"]), str(t["why"]), str(t["verdict"]))
+                for t in answer.get("trimmed") or ()]
 
     async def check(self) -> list[Row]:
         async def nothing(conn: asyncssh.SSHClientConnection) -> list[Row]:

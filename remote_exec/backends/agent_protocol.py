@@ -12,6 +12,12 @@ file the administrator owns. Here is the client of that protocol:
   ``launch RUN_ID NAME``       run approved entrypoint NAME (pinned by sha256), the
                                parameters as JSON on stdin; answers ``started PGID``
                                and ends with the entrypoint's exit code;
+  ``cache-place RUN_ID``       before rsync: the inputs the site's content cache may
+                               hold (name, size, sha256 and time, JSON on stdin); the
+                               agent copies and verifies those it has, answers which;
+  ``cache-insert RUN_ID``      after rsync: the agent copies the run's new inputs into
+                               the cache (verifying each) and trims it;
+  ``cache-trim``               trim the cache (``cleanup``);
   ``wait`` / ``status`` / ``log`` / ``cancel`` / ``remove`` / ``list`` / ``hello``.
 
 No SFTP (the agent refuses it: it could not be confined), no shell.
@@ -203,6 +209,31 @@ class AgentClient:
     async def remove(self, conn: asyncssh.SSHClientConnection, run_id: str) -> bool:
         answer = await self.call(conn, "remove", run_id, what="remove the run directory")
         return bool(answer.get("removed"))
+
+    async def cache_place(self, conn: asyncssh.SSHClientConnection, run_id: str,
+                          files: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Ask the agent to place ``files`` (``{name, size, sha256, mtime_ns}``, names
+        relative to the run directory) from its content cache: ``{"enabled", "placed":
+        [names], "changed": [entries removed]}`` or ``{"enabled": false, "why"}``."""
+        return await self.call(conn, "cache-place", run_id, stdin=json.dumps({"files": files}),
+                               what="place inputs from its content cache")
+
+    async def cache_insert(self, conn: asyncssh.SSHClientConnection, run_id: str,
+                           files: Sequence[dict[str, Any]], max_size: int,
+                           max_age: float) -> dict[str, Any]:
+        """Ask the agent to add the run's staged ``files`` to its content cache, then trim
+        it: ``{"enabled", "inserted": n, "trimmed": [{path, size, why, verdict}]}``."""
+        request = {"files": list(files), "max_size": max_size, "max_age": max_age}
+        return await self.call(conn, "cache-insert", run_id, stdin=json.dumps(request),
+                               what="add inputs to its content cache")
+
+    async def cache_trim(self, conn: asyncssh.SSHClientConnection, max_size: int,
+                         max_age: float, dry_run: bool) -> dict[str, Any]:
+        """Ask the agent to trim its content cache (with ``dry_run``, only to say what
+        would go): ``{"enabled", "trimmed": [{path, size, why, verdict}]}``."""
+        request = {"max_size": max_size, "max_age": max_age, "dry_run": dry_run}
+        return await self.call(conn, "cache-trim", stdin=json.dumps(request),
+                               what="trim its content cache")
 
     async def runs(self, conn: asyncssh.SSHClientConnection) -> list[dict[str, Any]]:
         answer = await self.call(conn, "list", what="list its runs")

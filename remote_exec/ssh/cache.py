@@ -1,5 +1,10 @@
 """The site's content cache: input files the site already holds are not sent again.
 
+(An open SSH site's, reached over SFTP and constant scripts. A restricted site's agent
+keeps the same cache itself: ``cache-place`` / ``cache-insert`` / ``cache-trim`` in
+``remote-side_scripts/remote_exec_agent.py``, where the layout and the trim policy
+used here are defined.)
+
 Layout on the site: ``<root>/.remote-exec-cache/`` (mode 0700, owned by the SSH user,
 else it is not used), entries ``<first 2 hex digits>/<sha256>``, read-only (0444);
 an entry's modification time is when a run last used it (least recently used entries
@@ -42,18 +47,17 @@ from dataclasses import dataclass
 
 import asyncssh
 
+from remote_exec.agent_file import agent_module
 from remote_exec.backends.base import Trimmed
 from remote_exec.inputs import CONTROL_DIR, Input
 from remote_exec.ssh import shell, transfer
 from remote_exec.ui import Reporter
 
+_AGENT = agent_module()
 #: the cache's directory under the site's root
-CACHE_DIR = ".remote-exec-cache"
+CACHE_DIR: str = _AGENT.CACHE_DIR
 #: an entry's name
-DIGEST_RE = re.compile(r"[0-9a-f]{64}")
-#: temporary files of insertions (beside the entries); ones older than this are debris
-TMP_PREFIX = ".tmp-"
-TMP_MAX_AGE = 86400.0
+DIGEST_RE: re.Pattern[str] = _AGENT.CACHE_DIGEST_RE
 #: names in the run's control directory for copies on their way in or out of the cache
 HANDLE_PREFIX = "cache-"
 #: files per remote command: each is one exec request, which the login shell gets as one
@@ -101,6 +105,7 @@ class Candidate:
     atime: int
     mtime: int
     digest: str = ""
+    mtime_ns: int = 0
 
 
 def candidates(inputs: Sequence[Input], rundir: str, min_size: int) -> list[Candidate]:
@@ -113,7 +118,8 @@ def candidates(inputs: Sequence[Input], rundir: str, min_size: int) -> list[Cand
         st = os.stat(local)
         if stat.S_ISREG(st.st_mode) and st.st_size >= min_size:
             found.append(Candidate(local, posixpath.normpath(target), st.st_size,
-                                   st.st_mode & 0o7777, int(st.st_atime), int(st.st_mtime)))
+                                   st.st_mode & 0o7777, int(st.st_atime), int(st.st_mtime),
+                                   mtime_ns=st.st_mtime_ns))
 
     for item in inputs:
         source = os.path.abspath(item.source)
@@ -137,7 +143,7 @@ class SiteCache:
         self.dir = posixpath.join(root, CACHE_DIR)
 
     def entry(self, digest: str) -> str:
-        return posixpath.join(self.dir, digest[:2], digest)
+        return str(_AGENT.cache_entry(self.dir, digest))
 
     # -- opening -------------------------------------------------------------------------
     present = False  # whether the cache's directory exists (as :meth:`usable` found it)
@@ -271,7 +277,8 @@ class SiteCache:
                 await self.sftp.remove(link)  # (an earlier batch's or attempt's)
             await self.sftp.symlink(item.target, link)
             final = self.entry(item.digest)
-            tmp = posixpath.join(posixpath.dirname(final), f"{TMP_PREFIX}{item.digest}-{run_id}")
+            tmp = posixpath.join(posixpath.dirname(final),
+                                 _AGENT.cache_tmp_name(item.digest, run_id))
             return [link, tmp, final, item.digest]
 
         try:
@@ -291,7 +298,7 @@ class SiteCache:
         except asyncssh.SFTPNoSuchFile:
             return []
         subdirs = [posixpath.join(self.dir, str(e.filename)) for e in top
-                   if re.fullmatch(r"[0-9a-f]{2}", str(e.filename))
+                   if _AGENT.CACHE_PREFIX_RE.fullmatch(str(e.filename))
                    and e.attrs.type == asyncssh.FILEXFER_TYPE_DIRECTORY]
 
         async def listing(directory: str) -> list[tuple[str, int, float]]:
@@ -308,24 +315,8 @@ class SiteCache:
         recently used ones beyond ``max_size`` bytes, and insertions left unfinished for
         a day. What went (or would go, with ``dry_run``)."""
         now = time.time() if now is None else now
-        gone: list[Trimmed] = []
-        kept: list[tuple[str, int, float]] = []
-        for path, size, mtime in await self.entries():
-            name = posixpath.basename(path)
-            if name.startswith(TMP_PREFIX):
-                if now - mtime > TMP_MAX_AGE:
-                    gone.append(Trimmed(path, size, "unfinished insertion"))
-            elif DIGEST_RE.fullmatch(name):
-                if now - mtime > max_age:
-                    gone.append(Trimmed(path, size,
-                                        f"unused for {(now - mtime) / 86400:.1f} days"))
-                else:
-                    kept.append((path, size, mtime))
-        total = 0
-        for path, size, _mtime in sorted(kept, key=lambda e: e[2], reverse=True):
-            total += size
-            if total > max_size:
-                gone.append(Trimmed(path, size, "over the cache's size cap"))
+        gone = [Trimmed(path, size, why) for path, size, why
+                in _AGENT.cache_trim_plan(await self.entries(), max_size, max_age, now)]
         for item in gone:
             if dry_run:
                 item.verdict = "would remove"
