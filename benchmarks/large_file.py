@@ -1,16 +1,18 @@
 #!/usr/bin/env python3
-"""One large input staged twice, side by side: MInt's step-by-step flow and
-``remote-exec run`` with the site's content cache.
+"""One large input in and one as large out, side by side: MInt's step-by-step flow
+and ``remote-exec run`` with the site's content cache.
 
 The workload: one file of random bytes (``--size``, default 1G; sizes as in the
-configuration, e.g. ``200M``), and the entrypoint ``sha256sum big.bin > sum``, whose
-``sum`` comes back and is checked against the local digest.
+configuration, e.g. ``200M``), and the entrypoint ``sha256sum big.bin > sum; cp
+big.bin out.bin``: ``sum`` comes back and is checked against the local digest, and
+``out.bin`` (as large as the input) comes back and its size is checked.
 
 Against one throwaway loopback sshd (``remote_exec.sandbox.Sandbox``, stock
 configuration), in this order:
 
   flow 1, flow 2   ``ssh mkdir``, ``rsync -a -L big.bin``, ``ssh 'cd DIR; sha256sum
-                   big.bin > sum'``, ``rsync -a`` of the directory back
+                   big.bin > sum; cp big.bin out.bin'``, ``rsync -a`` of the directory
+                   back (big.bin unchanged: its quick check leaves it)
                    (``common.legacy_steps``), each into a fresh remote directory (so
                    rsync has nothing to reuse; removed outside the timing);
   re 1 (cold)      ``remote-exec run --json`` with the site's default cache: the file
@@ -24,18 +26,20 @@ configuration), in this order:
 
 With ``--restricted`` the same sshd serves a restricted site instead: a key of its own
 locked to the remote-exec agent (``remote-exec site install --apply``), the generic
-template approved, and a site program ``sha256sum big.bin > sum``. MInt's flow needs
+template approved, and a site program of the same command. MInt's flow needs
 an open shell, so its rows are left out; the runs are re 1 (cold), re 2 (cached: the
 agent copies the file from its cache and checks it, rsync's quick check leaves the
 copy) and re 3 (``--no-cache``).
 
 One unrecorded warm-up run (a tiny file) starts remote-exec's connection holder
 first; the holder is stopped at the end. Printed per run: wall seconds, MB/s (input
-size / wall time), for remote-exec the bytes sent and taken from the cache (its
+plus output size / wall time), each step's seconds and MB/s (the flow's push, run and
+pull; remote-exec's staging, run and fetch, from its ``--json`` events), for remote-exec the bytes sent and taken from the cache (its
 ``staged`` event) as a % of the input and the staging time, and the peak memory
 (VmHWM, from ``wait4``'s ru_maxrss) of the client process, and the bytes that went
 over the loopback interface during the run (measured, in /proc/net/dev: all of the
-run's traffic, both ways); at the end the holder's
+run's traffic, both ways), and what of it was not ``out.bin`` coming back, as a % of
+the input (the input's bytes moved, plus the protocols' own); at the end the holder's
 peak memory (it runs the engine: hashing, SFTP, rsync's relay).
 
 Exit status 1 if any run failed or a ``sum`` was wrong.
@@ -76,7 +80,7 @@ from common import (
 from remote_exec.sandbox import Sandbox
 from remote_exec.sizes import parse_size, size_text
 
-COMMAND = "sha256sum big.bin > sum"
+COMMAND = "sha256sum big.bin > sum; cp big.bin out.bin"
 CHUNK = 16 * 1024 * 1024
 TIMEOUT = 1800
 
@@ -191,12 +195,25 @@ class Bench:
         return digest.hexdigest()
 
     def check_sum(self, kind: str, where: Path) -> None:
+        """The run's ``sum`` is the input's digest and its ``out.bin`` came back whole
+        (then removed: the disk holds one at a time)."""
         try:
             got = (where / "sum").read_text().split()[0]
         except (OSError, IndexError):
             got = "(none)"
         if got != self.digest:
             self.failures.append(f"{kind}: sum {got} != {self.digest}")
+        out = where / "out.bin"
+        size = out.stat().st_size if out.exists() else -1
+        if size != self.size:
+            self.failures.append(f"{kind}: out.bin has {size} bytes, not {self.size}")
+        out.unlink(missing_ok=True)
+
+    def rate(self, what: str, seconds: float, size: int | None = None) -> str:
+        """``what 1.23 s (456.7 MB/s)``; no rate for a step that moves no bytes."""
+        if size is None or seconds <= 0:
+            return f"{what} {seconds:.2f} s"
+        return f"{what} {seconds:.2f} s ({size / 1e6 / seconds:.0f} MB/s)"
 
     def flow(self, kind: str) -> None:
         work = self.tmp / f"flow-{kind}"
@@ -204,11 +221,14 @@ class Bench:
         os.link(self.work / "big.bin", work / "big.bin")  # (same times: the pull skips it)
         rundir = f"{self.root}/flow-{uuid.uuid4()}"
         start = time.monotonic()
+        times = []
         for step in legacy_steps(self.ssh, self.rsh, self.target, rundir, ("big.bin",),
                                  COMMAND, LOG_NAME):
             step = [("-a" if w == "-av" else w) for w in step]
+            began = time.monotonic()
             proc = subprocess.run(step, cwd=work, capture_output=True, text=True,
                                   timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+            times.append(time.monotonic() - began)
             if proc.returncode != 0:
                 self.failures.append(f"{kind}: {shlex.join(step)} exit {proc.returncode}: "
                                      f"{proc.stderr.strip()[-400:]}")
@@ -217,7 +237,12 @@ class Bench:
         subprocess.run([*self.ssh, self.target, f"rm -rf {rundir}"], capture_output=True,
                        timeout=TIMEOUT)
         self.check_sum(kind, work)
-        self.rows.append((kind, wall, "client: ssh/rsync processes"))
+        if len(times) == 4:  # mkdir, push, run, pull
+            steps = (f"{self.rate('mkdir', times[0])}, {self.rate('push', times[1], self.size)}"
+                     f", {self.rate('run', times[2])}, {self.rate('pull', times[3], self.size)}")
+        else:
+            steps = "(failed)"
+        self.rows.append((kind, wall, f"{steps}; client: ssh/rsync processes"))
 
     def remote_exec_run(self, kind: str, *extra: str, record: bool = True) -> None:
         into = self.tmp / f"into-{kind.replace(' ', '-')}"
@@ -236,12 +261,15 @@ class Bench:
         created = events["created"]
         sent, cached = staged["sent_bytes"], staged["cached_bytes"]
         self.check_sum(kind, into)
+        at = {name: event["elapsed"] for name, event in events.items()}
         self.rows.append((kind, wall, (
+            f"{self.rate('stage', at['staged'] - at['created'], self.size)} by "
+            f"{staged['method']}, {self.rate('run', at['finished'] - at['staged'])}, "
+            f"{self.rate('fetch', at['fetched'] - at['finished'], self.size)}; "
             f"sent {size_text(sent)} ({100 * sent / self.size:.1f} %), from the cache "
-            f"{size_text(cached)} ({100 * cached / self.size:.1f} %), staging "
-            f"{staged['elapsed'] - created['elapsed']:.2f} s by {staged['method']}; "
+            f"{size_text(cached)} ({100 * cached / self.size:.1f} %); "
             f"loopback traffic {size_text(moved) if moved >= 0 else '?'}"
-            f"{f' ({100 * moved / self.size:.1f} %)' if moved >= 0 else ''}; "
+            f"{f' (beyond out.bin: {100 * (moved - self.size) / self.size:.1f} % of the input)' if moved >= 0 else ''}; "
             f"client VmHWM {peak / 1024:.0f} MiB")))
 
     def holder_peak(self) -> str:
@@ -303,7 +331,7 @@ def main() -> int:
                 bench.stop_holder()
     print(f"\n{'run':20} {'seconds':>8} {'MB/s':>8}")
     for kind, wall, note in bench.rows:
-        print(f"{kind:20} {wall:8.2f} {size / 1e6 / wall:8.1f}  {note}")
+        print(f"{kind:20} {wall:8.2f} {2 * size / 1e6 / wall:8.1f}  {note}")
     print(holder)
     for failure in bench.failures:
         print(f"FAILED: {failure}")
