@@ -175,7 +175,7 @@ class RescaleBackend(Backend):
         return f"a {TITLE} job named {run.rundir} on {self.service.settings.platform}"
 
     def where(self, run: Run) -> str:
-        return f"{TITLE} job {run.job_id or run.rundir}"
+        return f"{run.job_id or run.rundir} on {self.service.settings.platform}"
 
     async def stage(self, run: Run) -> Moved:
         size = sum(i.size for i in run.request.inputs)
