@@ -172,7 +172,7 @@ def test_exit_code_propagates_and_the_job_is_kept(env: Env, work: Path,
 
 
 def test_status_shows_rescale_history(env: Env, work: Path) -> None:
-    env.solver.write_text(SOLVER.replace("#!/bin/sh\n", "#!/bin/sh\nsleep 3\n"))
+    env.solver.write_text(SOLVER.replace("#!/bin/sh\n", "#!/bin/sh\nsleep 2\n"))
     proc = env.spawn(*env.run_args(), cwd=work)
     run = env.wait_job(("Executing",))
     status = env.cli("status", run["id"], cwd=work)
@@ -291,6 +291,31 @@ def test_stopped_cluster_without_leave_to_start(env: Env, work: Path, sim: Resca
     assert proc.returncode == 73, proc.stderr
     assert f"cluster {cluster.id} is Stopped" in proc.stderr and "start: true" in proc.stderr
     assert count(sim, "POST", "/start/") == 0
+
+
+def test_slow_cluster_start_times_out(env: Env, work: Path, sim: RescaleSim) -> None:
+    cluster = sim.add_cluster("Not Started")
+    env.section["cluster"] = {"id": cluster.id, "start": True, "start_timeout": 1}
+    env.write()
+    sim.cluster_step_seconds = 1.5
+    try:
+        proc = env.cli(*env.run_args(), cwd=work)
+    finally:
+        sim.cluster_step_seconds = 0.2
+    assert proc.returncode == 73, proc.stderr
+    assert "after 1 s" in proc.stderr and "start_timeout" in proc.stderr
+    assert count(sim, "POST", "/submit/") + count(sim, "POST", f"/{cluster.id}/jobs/") == 0
+
+
+def test_damaged_download_is_a_fetch_error(env: Env, work: Path, sim: RescaleSim) -> None:
+    sim.faults.wrong_md5 = True
+    proc = env.cli(*env.run_args(), cwd=work)
+    assert proc.returncode == 74, proc.stderr
+    assert "arrived damaged" in proc.stderr
+    sim.faults.wrong_md5 = False
+    resumed = env.cli("resume", env.newest()["id"], cwd=work)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (work / "result" / "summary.txt").read_text() == "sum 11\n"
 
 
 def test_return_filter_applies(env: Env, work: Path) -> None:

@@ -60,6 +60,8 @@ class Faults:
     """``stop/`` answers 202 but the job runs to its normal end"""
     revoke_token_after: int | None = None
     """after N more requests the token is refused (401)"""
+    wrong_md5: bool = False
+    """output listings show a wrong ``md5`` (a download damaged on the way)"""
 
 
 @dataclass
@@ -592,7 +594,11 @@ class RescaleSim:
                 job.pending_polls -= 1
             for item in job.outputs:
                 item.uploaded = not pending
-        return [f.to_json(self.url) for f in job.outputs if search in f.name]
+        listed = [f.to_json(self.url) for f in job.outputs if search in f.name]
+        if self.faults.wrong_md5:
+            for item in listed:
+                item["md5"] = "0" * 32
+        return listed
 
     # -- a job's life ----------------------------------------------------------------------
     def _step(self, job: Job, status: str, reason: str | None = None) -> bool:
