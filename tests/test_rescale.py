@@ -379,6 +379,7 @@ def test_site_check(env: Env, work: Path, sim: RescaleSim) -> None:
     env.section["cluster"] = {"id": cluster.id}
     env.write()
     good = env.cli("site", "check", "rs", "--json", cwd=work)
+    assert good.returncode == 0, good.stdout + good.stderr
     rows = {r["check"]: r["status"] for r in json.loads(good.stdout)}
     assert rows == {"API key": "ok", "API": "ok", "core type": "ok", "cluster": "ok",
                     "data": "warn"}, good.stdout

@@ -615,13 +615,15 @@ class RescaleSim:
         except Exception as exc:  # noqa: BLE001
             self.errors.append(f"job {job.id}: {exc!r}")
         finally:
-            with self._lock:
-                if job.stop_requested and job.status != "Stopped":
+            with self._lock:  # the outputs are listed before the final status shows
+                job.pending_polls = self.faults.outputs_pending_polls
+                self._register_outputs(job)
+                if job.stop_requested:
                     if job.status != "Stopping":
                         job.statuses.append(self._status("Stopping"))
                     job.statuses.append(self._status("Stopped", "Stopped by user"))
-                job.pending_polls = self.faults.outputs_pending_polls
-                self._register_outputs(job)
+                else:
+                    job.statuses.append(self._status("Completed", "Completed successfully"))
             job.done.set()
 
     def _job_life(self, job: Job) -> None:
@@ -656,8 +658,6 @@ class RescaleSim:
                     job.returncode = _terminate(proc, self.kill_grace)
                     return
         _killpg(proc.pid, signal.SIGKILL)
-        with self._lock:
-            job.statuses.append(self._status("Completed", "Completed successfully"))
 
     def _register_outputs(self, job: Job) -> None:
         if not job.workdir.is_dir():
@@ -665,10 +665,12 @@ class RescaleSim:
         for path in sorted(job.workdir.rglob("*")):
             if not path.is_file() or path.is_symlink():
                 continue
-            data = path.read_bytes()
+            md5 = hashlib.md5()  # noqa: S324 - the service's checksum
+            with path.open("rb") as f:
+                while chunk := f.read(1 << 16):
+                    md5.update(chunk)
             item = File(new_id(), path.name, path, path.relative_to(job.workdir).as_posix(), 5,
-                        hashlib.md5(data).hexdigest(), len(data),  # noqa: S324
-                        uploaded=job.pending_polls == 0)
+                        md5.hexdigest(), path.stat().st_size, uploaded=job.pending_polls == 0)
             self.files[item.id] = item
             job.outputs.append(item)
 
