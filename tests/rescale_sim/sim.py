@@ -6,7 +6,6 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
-import os
 import secrets
 import shutil
 import signal
@@ -19,6 +18,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+# a job's process group: TERM, KILL after a grace (as the Fujitsu simulator stops its jobs)
+from fujitsu_sim.sim import _killpg, _terminate
 
 #: a job's statuses in order (the reference's example, oldest → newest)
 JOB_FLOW = ("Pending", "Queued", "Started", "Validated", "Executing", "Completed")
@@ -711,19 +713,3 @@ class RescaleSim:
 def _epoch(text: str) -> float:
     return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
         tzinfo=dt.timezone.utc).timestamp()
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def _terminate(proc: subprocess.Popen, grace: float) -> int:
-    _killpg(proc.pid, signal.SIGTERM)
-    try:
-        rc = proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        _killpg(proc.pid, signal.SIGKILL)
-        rc = proc.wait()
-    _killpg(proc.pid, signal.SIGKILL)
-    return rc

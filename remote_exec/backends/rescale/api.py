@@ -51,6 +51,7 @@ class ApiError(RemoteExecError):
 
     exit_code = ConnectError.exit_code
     transient = False
+    status = 0  # the HTTP status it answered
 
     @property  # type: ignore[override]
     def disposition(self) -> str:
@@ -329,9 +330,11 @@ class RescaleApi:
                              hint="try again later (`remote-exec resume`)")
             error.transient = True
             return error
-        return kind(f"{operation}: unexpected answer {answer.status} {_detail(answer)}".strip(),
-                    hint="the API may differ from what the README assumes; check the site's "
-                    "platform, api versions and hardware")
+        error = kind(f"{operation}: unexpected answer {answer.status} {_detail(answer)}".strip(),
+                     hint="the API may differ from what the README assumes; check the site's "
+                     "platform, api versions and hardware")
+        error.status = answer.status  # type: ignore[attr-defined]
+        return error
 
 
 def _has_id(body: Any) -> bool:

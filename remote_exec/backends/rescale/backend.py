@@ -457,6 +457,10 @@ class RescaleBackend(Backend):
                                    job=f"no {TITLE} job created yet")
             statuses = await self._blocking(self.api.job_statuses, record.job_id)
         except RemoteExecError as exc:
+            if getattr(exc, "status", 0) == 404:
+                return RemoteState(reachable=True, exists=False,
+                                   job=f"{TITLE} job {record.job_id} no longer exists "
+                                   "(deleted)")
             return RemoteState(reachable=False, error=exc.message)
         info = job_info(record.job_id, statuses)
         if record.exit_code is not None:
