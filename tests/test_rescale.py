@@ -172,7 +172,7 @@ def test_exit_code_propagates_and_the_job_is_kept(env: Env, work: Path,
 
 
 def test_status_shows_rescale_history(env: Env, work: Path) -> None:
-    env.solver.write_text(SOLVER.replace("#!/bin/sh\n", "#!/bin/sh\nsleep 2\n"))
+    env.solver.write_text(SOLVER.replace("#!/bin/sh\n", "#!/bin/sh\nsleep 3\n"))
     proc = env.spawn(*env.run_args(), cwd=work)
     run = env.wait_job(("Executing",))
     status = env.cli("status", run["id"], cwd=work)
@@ -197,7 +197,7 @@ def test_ctrl_c_stops_the_job(env: Env, work: Path, sim: RescaleSim) -> None:
 
 def test_timeout_stops_the_job(env: Env, work: Path, sim: RescaleSim) -> None:
     env.solver.write_text("#!/bin/sh\nsleep 60\n")
-    proc = env.cli(*env.run_args("rs", "--timeout", "3s"), cwd=work)
+    proc = env.cli(*env.run_args("rs", "--timeout", "4s"), cwd=work)
     assert proc.returncode == 124, proc.stderr
     run = env.newest()
     assert run["state"] == "timed_out"
