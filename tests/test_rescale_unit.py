@@ -153,3 +153,26 @@ def test_refusals(sim: RescaleSim) -> None:
     with pytest.raises(ApiError, match="keeps failing") as failing:
         list(good.jobs())
     assert failing.value.transient
+
+
+def test_key_from_either_variable_or_a_private_file(monkeypatch: pytest.MonkeyPatch,
+                                                    tmp_path: Path) -> None:
+    from remote_exec import redact
+    from remote_exec.backends.rescale.client import load_token
+
+    for name in ("REMOTE_EXEC_RESCALE_TOKEN", "RESCALE_API_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    key = tmp_path / "key"
+    key.write_text("from-the-file-123\n")
+    key.chmod(0o600)
+    s = settings("https://x", token_file=str(key))
+    assert load_token(s, "x") == "from-the-file-123"
+    monkeypatch.setenv("RESCALE_API_TOKEN", "seed-variable-456")  # seed 004's name
+    assert load_token(s, "x") == "seed-variable-456"
+    monkeypatch.setenv("REMOTE_EXEC_RESCALE_TOKEN", "ours-first-789")
+    assert load_token(s, "x") == "ours-first-789"
+    assert redact.redact("key ours-first-789 here") == "key *** here"
+    for name in ("REMOTE_EXEC_RESCALE_TOKEN", "RESCALE_API_TOKEN"):
+        monkeypatch.delenv(name)
+    with pytest.raises(AuthError, match="no Rescale API key"):
+        load_token(settings("https://x"), "x")
