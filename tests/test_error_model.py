@@ -33,6 +33,7 @@ from remote_exec import errors, localfs
 from remote_exec.backends.agent import AgentRefused
 from remote_exec.backends.batch import SchedulerUnavailable, SubmitError
 from remote_exec.backends.fujitsu.api import ApiError, ResultSyncError, SyncError
+from remote_exec.backends.rescale.api import ApiError as RescaleApiError
 from remote_exec.engine import _check_resumable, record_error
 from remote_exec.journal import Journal
 from remote_exec.sandbox import Sandbox
@@ -318,7 +319,7 @@ CLASSES: dict[type, str] = {
     SyncError: "created", errors.FetchError: "finished", localfs.PlacingError: "finished",
     errors.RemoteLostError: "launched", ResultSyncError: "launched",
     errors.LinkLostError: "staged", errors.RunBusyError: "launched",
-    SchedulerUnavailable: "launched", ApiError: "launched",
+    SchedulerUnavailable: "launched", ApiError: "launched", RescaleApiError: "launched",
     errors.RemoteExecError: "created",
 }
 

@@ -25,7 +25,9 @@ Built in:
   ``agent``    a restricted site: every step is a request to the agent the site
                installed (:mod:`.agent`); chosen by the site's ``restricted: true``;
   ``fujitsu``  the Fujitsu Cloud Service HPC WebAPI: files through its object storage,
-               the job through its REST calls (:mod:`.fujitsu`).
+               the job through its REST calls (:mod:`.fujitsu`);
+  ``rescale``  a Rescale job through its REST API, on demand or on a persistent cluster
+               (:mod:`.rescale`).
 
 Adding one: a module with a :class:`~.base.Backend` subclass (and its job script
 template, if any), and one :class:`Registered` line here.
@@ -125,6 +127,11 @@ BUILT_IN: tuple[Registered, ...] = (
                section_check="remote_exec.backends.pull.settings:check_section",
                commands="remote_exec.queue.commands:group",
                sandbox="remote_exec.sandbox_pull:PullSandbox"),
+    Registered("rescale", "remote_exec.backends.rescale.backend:RescaleBackend",
+               "a Rescale job through its REST API (on demand or a persistent cluster)",
+               over_ssh=False, section="rescale",
+               section_schema="remote_exec.backends.rescale.settings:SCHEMA",
+               section_check="remote_exec.backends.rescale.settings:check_section"),
 )
 
 _REGISTRY: dict[str, Registered] = {r.name: r for r in BUILT_IN}
