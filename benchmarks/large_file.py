@@ -270,7 +270,7 @@ class Bench:
             f"{size_text(cached)} ({100 * cached / self.size:.1f} %); "
             f"loopback traffic {size_text(moved) if moved >= 0 else '?'}"
             f"{f' (beyond out.bin: {100 * (moved - self.size) / self.size:.1f} % of the input)' if moved >= 0 else ''}; "
-            f"client VmHWM {peak / 1024:.0f} MiB")))
+            f"client VmHWM {peak / 1024:.0f} MiB, {self.holder_peak()} so far")))
 
     def holder_peak(self) -> str:
         proc = subprocess.run([*self.remote_exec, "holder", "status"], env=self.env,

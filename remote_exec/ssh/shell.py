@@ -167,10 +167,43 @@ async def start_request(conn: asyncssh.SSHClientConnection, request: Request,
     hold all they said."""
     mark = Mark()
     process = await conn.create_process(request(mark), encoding=encoding, **kwargs)
+    bound_receive_window(process.channel)
     separator: bytes | str = mark.line if encoding is None else mark.line.decode()
     banner, found = await skip_banner(process.stdout, separator)
     banner_err, _ = await skip_banner(process.stderr, separator)  # printed right after
     return Started(process, banner, banner_err, found)
+
+
+def bound_receive_window(channel: Any) -> bool:
+    """Keep what a channel holds for a slow reader within its receive window.
+
+    asyncssh (2.24) re-opens a channel's window each time it hands one packet to a
+    reader that paused, counting the packets still queued in the channel as read: a
+    sender faster than the reader grows that queue without bound. Fetching 1 GiB by
+    rsync through the tunnel (the bridge and rsync slower than AES-GCM) grew the
+    holder by 90-250 MiB. Here the queued bytes count as still outstanding, so the
+    queue and the sender's allowance together never exceed the window. It relies on
+    asyncssh internals (``_deliver_data``, ``_recv_window``, ``_init_recv_window``,
+    ``_recv_buf``): when one is missing it changes nothing and says so (False), and a
+    test checks that it applies to the installed asyncssh."""
+    deliver = getattr(channel, "_deliver_data", None)
+    if deliver is None or not all(hasattr(channel, name) for name in
+                                  ("_recv_window", "_init_recv_window", "_recv_buf")):
+        return False
+
+    def bounded(data: Any, datatype: Any) -> None:
+        queued = sum(len(item[0]) for item in channel._recv_buf)
+        allowed = channel._recv_window  # what the sender may still send
+        window = channel._init_recv_window
+        reopens = allowed + queued < window / 2
+        channel._recv_window = allowed + queued  # (asyncssh adjusts by window - this)
+        try:
+            deliver(data, datatype)
+        finally:
+            channel._recv_window = window - queued if reopens else allowed
+
+    channel._deliver_data = bounded
+    return True
 
 
 async def skip_banner(stream: asyncssh.SSHReader[Any],
