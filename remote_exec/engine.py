@@ -290,6 +290,7 @@ class _Driver:
         finally:
             if deadline is not None:
                 deadline.cancel()
+            await self.run.settle(stop=True)  # (a run that ended before its cleanup)
         code = self.run.exit_code
         assert code is not None
         failure = self.backend.failure_text(self.run)
@@ -462,7 +463,8 @@ class _Driver:
                       bytes=moved.size, method=moved.method)
 
     async def _cleanup(self) -> None:
-        """Remove the run place per policy."""
+        """Remove the run place per policy (once the work steps left beside them ends)."""
+        await self.run.settle()
         policy, code = self.site.cleanup, self.run.exit_code
         remove = (policy == "always") or (policy == "on-success" and code == 0)
         where = self.backend.where(self.run)

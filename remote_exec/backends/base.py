@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -193,6 +193,23 @@ class Run:
         self.fetch_total: int | None = None
         #: how many entries the run place held when it was last listed (None: unknown)
         self.remote_entries: int | None = None
+        self._beside: list[asyncio.Task[None]] = []
+
+    def beside(self, work: Coroutine[Any, Any, None]) -> None:
+        """Go on with ``work`` beside the next steps instead of waiting for it (a step's
+        own afterthought, such as adding the inputs just sent to the site's cache). It
+        must report its own failures (it never ends the run); the engine awaits it
+        before the run place is removed or kept, and stops it when the run ends
+        otherwise (:meth:`settle`)."""
+        self._beside.append(asyncio.ensure_future(work))
+
+    async def settle(self, stop: bool = False) -> None:
+        """Wait for the work :meth:`beside` started (``stop``: cancel it first)."""
+        tasks, self._beside = self._beside, []
+        if stop:
+            for task in tasks:
+                task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     @property
     def site(self) -> Site:

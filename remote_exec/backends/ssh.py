@@ -177,10 +177,12 @@ class SshBackend(OverSsh):
             raise
         finally:
             run.ui.progress_stop()
-        if cache is not None:
+        if cache is not None:  # (beside the run: the copy is checked against the digest,
+            #                      so an entrypoint changing its input meanwhile only
+            #                      keeps that input out of the cache)
             done = {id(c) for c in placed}
-            await self._into_cache(run, cache, [c for c in wanted
-                                                if c.digest and id(c) not in done])
+            run.beside(self._into_cache(run, cache, [c for c in wanted
+                                                     if c.digest and id(c) not in done]))
         return Moved(method, size=size, cached=cached)
 
     # -- the site's content cache (remote_exec/ssh/cache.py) ----------------------------------
@@ -218,14 +220,13 @@ class SshBackend(OverSsh):
 
     async def _into_cache(self, run: Run, cache: site_cache.SiteCache,
                           staged: list[site_cache.Candidate]) -> None:
-        """Add the cacheable inputs just sent to the cache, then trim it."""
+        """Add the cacheable inputs just sent to the cache, then trim it (beside the
+        run's next steps: a failure, a lost link included, is a warning)."""
         try:
             if staged:
                 await cache.insert(staged, run.rundir, run.run_id, self._uid)
             await cache.trim(self.site.cache_size, self.site.cache_max_age)
         except (asyncssh.Error, OSError, site_cache.CacheError) as exc:
-            if self.link.is_loss(exc):
-                raise
             run.ui.warn(f"could not update the site's content cache: {exc}")
 
     async def fetch(self, run: Run, partial: Path) -> Moved:
