@@ -385,3 +385,61 @@ def test_a_truncated_stream_leaves_no_half_written_file(places: tuple[Path, Path
     assert (dest / "a").read_bytes() == b"a" * 5000  # whole: kept
     assert not (dest / "b").exists()  # cut short: never took its name
     assert not (dest / TMP_NAME).exists()
+
+
+def stream_in(fmt: int, *members: tuple[tarfile.TarInfo, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as archive:
+        for info, data in members:
+            archive.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
+def test_names_long_and_hostile_come_through_each_header_format(
+        places: tuple[Path, Path], fmt: int) -> None:
+    """The extractor's own header reader: GNU long names, pax paths and ustar prefixes
+    give back the names byte for byte (spaces, newlines, ``$(...)``, non-ASCII), with
+    sizes across block boundaries and times kept."""
+    dest, outside = places
+    deep = "/".join(["dir with space"] * 6)  # (> 100 bytes: a long name, or a prefix)
+    names = [*HOSTILE, f"{deep}/x"] if fmt != tarfile.USTAR_FORMAT else [f"{deep}/x"]
+    members = [member(p, tarfile.DIRTYPE) for p in
+               ("/".join(["dir with space"] * k) for k in range(1, 7))]
+    members += [member(n, data=n.encode() * (i * 97 + 1)) for i, n in enumerate(names)]
+    members.append(member(f"{deep}/l", tarfile.SYMTYPE, link="../" * 3 + "x" * 120
+                          if fmt != tarfile.USTAR_FORMAT else "x"))
+    kinds = {info.name: {tarfile.DIRTYPE: DIR, tarfile.SYMTYPE: LNK}.get(info.type, REG)
+             for info, _ in members}
+    Extractor(dest, kinds).extract(io.BytesIO(stream_in(fmt, *members)))
+    for i, name in enumerate(names):
+        assert (dest / name).read_bytes() == name.encode() * (i * 97 + 1)
+        assert int((dest / name).stat().st_mtime) == 1_600_000_000
+    assert os.readlink(dest / deep / "l") == members[-1][0].linkname
+    assert list(outside.iterdir()) == []
+    assert not any(p.name.startswith("pwned") for p in dest.iterdir())
+
+
+def test_a_broken_or_foreign_stream_is_refused(places: tuple[Path, Path]) -> None:
+    dest, _ = places
+    good = stream(member("a", data=b"a" * 700))
+    bad_sum = bytearray(good)
+    bad_sum[0:1] = b"b"  # (the name changed, the checksum not)
+    with pytest.raises(tarfile.ReadError, match="checksum"):
+        Extractor(dest, {"a": REG, "b": REG}).extract(io.BytesIO(bytes(bad_sum)))
+    with pytest.raises(tarfile.ReadError, match="empty"):
+        Extractor(dest, {"a": REG}).extract(io.BytesIO(b""))
+    with pytest.raises(tarfile.ReadError, match="within a header"):
+        Extractor(dest, {"a": REG}).extract(io.BytesIO(good[:300]))
+    sparse = tarfile.TarInfo("s")
+    sparse.pax_headers = {"GNU.sparse.map": "0,10"}
+    with pytest.raises(Refused, match="sparse"):
+        Extractor(dest, {"s": REG}).extract(io.BytesIO(stream_in(tarfile.PAX_FORMAT,
+                                                                  (sparse, b""))))
+    glob = io.BytesIO()
+    with tarfile.open(fileobj=glob, mode="w", format=tarfile.PAX_FORMAT,
+                      pax_headers={"comment": "x"}) as archive:
+        archive.addfile(tarfile.TarInfo("a"), io.BytesIO(b""))
+    with pytest.raises(Refused):  # (a global pax header: its name is refused first)
+        Extractor(dest, {"a": REG}).extract(io.BytesIO(glob.getvalue()))
+    assert os.listdir(dest) == []
