@@ -42,6 +42,7 @@ Exit status 1 if any run failed; a missed goal is reported, not a failure.
 
 Run:
     python benchmarks/many_files.py [--files N] [--repeat R]    # defaults 20000, 1
+    python benchmarks/many_files.py --files 5000 --kinds re-auto,re-rsync   # (and legacy)
     python benchmarks/many_files.py --remote-exec "env PYTHONPATH=$PWD python3 -m remote_exec"
 """
 
@@ -226,10 +227,16 @@ def main() -> int:
                         help="small files staged, and as many fetched back (default 20000)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="repetitions of every kind, interleaved (default 1)")
+    parser.add_argument("--kinds", default=",".join(KINDS),
+                        help=f"the kinds to run, comma-separated (default {','.join(KINDS)}; "
+                        "legacy always runs: the ratios are against it)")
     add_remote_exec_option(parser)
     args = parser.parse_args()
     if args.repeat < 1 or args.files < 1:
         parser.error("--repeat and --files must be at least 1")
+    kinds = ["legacy", *(k for k in KINDS[1:] if k in args.kinds.split(","))]
+    if len(kinds) != len(set(args.kinds.split(",")) | {"legacy"}):
+        parser.error(f"--kinds: choose among {', '.join(KINDS)}")
 
     times: dict[str, list[float]] = {k: [] for k in KINDS}
     details: dict[str, list[str]] = {k: [] for k in KINDS}
@@ -241,11 +248,12 @@ def main() -> int:
                   f"python {sys.version.split()[0]}")
             print(f"{args.files} files in, {args.files} out (~100 bytes each, "
                   f"{FANOUT * FANOUT} directories); {args.repeat} repetition(s) of "
-                  f"{', '.join(KINDS)}, interleaved", flush=True)
+                  f"{', '.join(kinds)}, interleaved; load average "
+                  f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
             bench.make_source()
             print(f"  warm-up (starts the holder): {bench.warm_up()}", flush=True)
             for rep in range(args.repeat):
-                for kind in KINDS:
+                for kind in kinds:
                     result = bench.one(kind)
                     if result is None:
                         print(f"  rep {rep + 1}/{args.repeat} {kind:<9} FAILED", flush=True)
@@ -261,7 +269,8 @@ def main() -> int:
     print()
     print(f"{'kind':<10} {'n':>2} {'median':>9} {'vs legacy':>10} {'files/s':>9}  last run")
     legacy = statistics.median(times["legacy"]) if times["legacy"] else None
-    for kind in KINDS:
+    print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    for kind in kinds:
         if not times[kind]:
             print(f"{kind:<10} {0:>2} {'-':>9}")
             continue
@@ -270,7 +279,7 @@ def main() -> int:
         print(f"{kind:<10} {len(times[kind]):>2} {med:>8.2f}s {ratio:>10} "
               f"{2 * args.files / med:>9.0f}  {details[kind][-1]}")
     if legacy:
-        for kind in KINDS[1:]:
+        for kind in kinds[1:]:
             if times[kind]:
                 ratio = statistics.median(times[kind]) / legacy
                 print(f"{kind} / legacy: {ratio:.2f}x (goal <= {GOAL:g}x: "
