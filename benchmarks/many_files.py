@@ -24,7 +24,10 @@ each repetition runs, interleaved:
   re-auto     ``remote-exec run --config CFG --site bench --json --cmd 'python3 make_out.py
               N' tree make_out.py``: the site's default ``transfer: auto``;
   re-rsync    the same with ``--transfer rsync``;
-  re-sftp     the same with ``--transfer sftp``.
+  re-sftp     the same with ``--transfer sftp``;
+  before      with ``--before CMD``: ``re-auto`` run by another remote-exec (a checkout of
+              the code before a change, say), with a state directory and so a connection
+              holder of its own.
 
 Each remote-exec run is a fresh process in a fresh work directory (its wall time
 includes its own removal of the remote directory); its ``--json`` events give the
@@ -100,7 +103,8 @@ class Failed(Exception):
 
 
 class Bench:
-    def __init__(self, tmp: Path, site: dict, files: int, remote_exec: str | None) -> None:
+    def __init__(self, tmp: Path, site: dict, files: int, remote_exec: str | None,
+                 before: str | None = None) -> None:
         self.tmp = tmp
         self.files = files
         self.root = site["root"]
@@ -109,6 +113,8 @@ class Bench:
         self.rsh = " ".join(shlex.quote(w) for w in self.ssh)
         self.config, self.env = isolated_setup(tmp, site)
         self.remote_exec = remote_exec_command(remote_exec)
+        self.before = shlex.split(before) if before else None
+        self.before_env = {**self.env, "REMOTE_EXEC_STATE_DIR": str(tmp / "state-before")}
         self.command = f"python3 make_out.py {files}"
         self.source = tmp / "source"
         self.counter = 0
@@ -129,9 +135,10 @@ class Bench:
         shutil.copytree(self.source, work, copy_function=os.link)
         return work
 
-    def run(self, argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
-        return subprocess.run(argv, cwd=cwd, env=self.env, capture_output=True, text=True,
-                              timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+    def run(self, argv: list[str], cwd: Path,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(argv, cwd=cwd, env=env or self.env, capture_output=True,
+                              text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
 
     def verify(self, out: Path) -> None:
         found = sum(len(names) for _d, _s, names in os.walk(out))
@@ -144,6 +151,8 @@ class Bench:
     def stop_holder(self) -> None:
         try:
             self.run([*self.remote_exec, "holder", "stop"], cwd=self.tmp)
+            if self.before:
+                self.run([*self.before, "holder", "stop"], cwd=self.tmp, env=self.before_env)
         except (OSError, subprocess.TimeoutExpired):
             pass
 
@@ -173,13 +182,15 @@ class Bench:
 
     def remote_exec_run(self, method: str | None, work: Path | None = None,
                         names: tuple[str, ...] = ("tree", "make_out.py"),
-                        command: str | None = None) -> tuple[float, str]:
+                        command: str | None = None, before: bool = False,
+                        ) -> tuple[float, str]:
         work = work or self.fresh_work()
-        argv = [*self.remote_exec, "run", "--config", str(self.config), "--site", "bench",
+        command_words = self.before if before and self.before else self.remote_exec
+        argv = [*command_words, "run", "--config", str(self.config), "--site", "bench",
                 "--json", *(["--transfer", method] if method else []),
                 "--cmd", command or self.command, *names]
         start = time.perf_counter()
-        proc = self.run(argv, cwd=work)
+        proc = self.run(argv, work, self.before_env if before else None)
         wall = time.perf_counter() - start
         if proc.returncode != 0:
             raise Failed(f"{shlex.join(argv)} exited {proc.returncode}: "
@@ -204,18 +215,20 @@ class Bench:
         try:
             if kind == "legacy":
                 return self.legacy()
+            if kind == "before":
+                return self.remote_exec_run(None, before=True)
             method = kind.removeprefix("re-")
             return self.remote_exec_run(None if method == "auto" else method)
         except (Failed, subprocess.TimeoutExpired, OSError) as exc:
             self.failures.append(f"{kind}: {exc}")
             return None
 
-    def warm_up(self) -> str:
-        work = self.tmp / "warm"
+    def warm_up(self, before: bool = False) -> str:
+        work = self.tmp / ("warm-before" if before else "warm")
         work.mkdir()
         (work / "one").write_text("1\n")
         try:
-            wall, _ = self.remote_exec_run(None, work, ("one",), "true")
+            wall, _ = self.remote_exec_run(None, work, ("one",), "true", before=before)
         except (Failed, subprocess.TimeoutExpired) as exc:
             return f"FAILED: {exc}"
         return f"{wall:.2f}s"
@@ -230,20 +243,26 @@ def main() -> int:
     parser.add_argument("--kinds", default=",".join(KINDS),
                         help=f"the kinds to run, comma-separated (default {','.join(KINDS)}; "
                         "legacy always runs: the ratios are against it)")
+    parser.add_argument("--before", metavar="CMD",
+                        help="another remote-exec command (split like a shell would) timed "
+                        "as kind 'before', with transfer: auto")
     add_remote_exec_option(parser)
     args = parser.parse_args()
     if args.repeat < 1 or args.files < 1:
         parser.error("--repeat and --files must be at least 1")
-    kinds = ["legacy", *(k for k in KINDS[1:] if k in args.kinds.split(","))]
-    if len(kinds) != len(set(args.kinds.split(",")) | {"legacy"}):
+    chosen = set(args.kinds.split(",")) - {""}
+    if chosen - set(KINDS):
         parser.error(f"--kinds: choose among {', '.join(KINDS)}")
+    kinds = ["legacy", *(k for k in KINDS[1:] if k in chosen)]
+    if args.before:
+        kinds.append("before")
 
-    times: dict[str, list[float]] = {k: [] for k in KINDS}
-    details: dict[str, list[str]] = {k: [] for k in KINDS}
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    details: dict[str, list[str]] = {k: [] for k in kinds}
     with loopback_sshd("re-many-files-") as (tmp, site):
         bench: Bench | None = None
         try:
-            bench = Bench(tmp, site, args.files, args.remote_exec)
+            bench = Bench(tmp, site, args.files, args.remote_exec, args.before)
             print(f"remote-exec: {shlex.join(bench.remote_exec)}; "
                   f"python {sys.version.split()[0]}")
             print(f"{args.files} files in, {args.files} out (~100 bytes each, "
@@ -252,6 +271,8 @@ def main() -> int:
                   f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
             bench.make_source()
             print(f"  warm-up (starts the holder): {bench.warm_up()}", flush=True)
+            if args.before:
+                print(f"  warm-up of 'before': {bench.warm_up(before=True)}", flush=True)
             for rep in range(args.repeat):
                 for kind in kinds:
                     result = bench.one(kind)
