@@ -240,7 +240,10 @@ class SshBackend(OverSsh):
         keep = None
         if not return_filter.is_trivial(returns, site.never_return, site.only_return):
             keep = return_filter.predicate(returns, site.never_return, site.only_return)
-        entries = await self.list_rundir(run.rundir)
+        # (inputs of many entries: the run directory holds more, and find lists it at once)
+        many = await asyncio.to_thread(transfer.count_entries, run.request.inputs,
+                                       transfer.MANY_ENTRIES) > transfer.MANY_ENTRIES
+        entries = await self.list_rundir(run.rundir, many=many)
         run.remote_entries = len(entries)
         plan = transfer.plan_fetch(entries, keep, run.request.inputs)
         if plan.unchanged:
@@ -268,11 +271,13 @@ class SshBackend(OverSsh):
             run.ui.progress_stop()
         return Moved(method, size=plan.size, skipped=list(plan.skipped))
 
-    async def list_rundir(self, rundir: str) -> transfer.Entries:
+    async def list_rundir(self, rundir: str, many: bool = False) -> transfer.Entries:
         """The run directory's entries: over SFTP, or by one remote ``find`` when it holds
-        many (see transfer.MANY_ENTRIES)."""
+        many (see transfer.MANY_ENTRIES; with ``many``, known to: no SFTP walk first)."""
         sftp = await self.link.sftp()
-        entries = await transfer.walk_remote(sftp, rundir, limit=transfer.MANY_ENTRIES)
+        entries = None
+        if not many:
+            entries = await transfer.walk_remote(sftp, rundir, limit=transfer.MANY_ENTRIES)
         if entries is None:
             entries = await transfer.list_remote(await self.link.conn(), rundir)
         if entries is None:
