@@ -37,9 +37,10 @@ the method each transfer used. Every run's ``out/`` is checked file by file.
 One unrecorded warm-up run (one small file) starts remote-exec's connection holder
 first, as in single_run.py; the holder is stopped at the end.
 
-Printed: per run the wall times, then medians per kind, the ratio of each to the
-legacy flow (goal: remote-exec <= 1.0x), files moved per second (2N / wall time), and
-for remote-exec the staging and fetching times and methods.
+Printed: per run the wall times (and for remote-exec the client's peak memory, from
+wait4; the connection holder's, VmHWM, once at the end), then medians per kind, the
+ratio of each to the legacy flow (goal: remote-exec <= 1.0x), files moved per second
+(2N / wall time), and for remote-exec the staging and fetching times and methods.
 
 Exit status 1 if any run failed; a missed goal is reported, not a failure.
 
@@ -58,6 +59,8 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -148,6 +151,39 @@ class Bench:
             if (out / rel(i)).read_bytes() != content("out", i):
                 raise Failed(f"{out / rel(i)} is not what the entrypoint wrote")
 
+    def run_measured(self, argv: list[str], cwd: Path,
+                     env: dict | None) -> tuple[subprocess.CompletedProcess, int]:
+        """:meth:`run`, and the process's peak resident memory (kB, from wait4)."""
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+            proc = subprocess.Popen(argv, cwd=cwd, env=env or self.env, stdout=out,
+                                    stderr=err, stdin=subprocess.DEVNULL, text=True)
+            timer = threading.Timer(TIMEOUT, proc.kill)
+            timer.start()
+            try:
+                _pid, status, usage = os.wait4(proc.pid, 0)
+            finally:
+                timer.cancel()
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            out.seek(0)
+            err.seek(0)
+            return (subprocess.CompletedProcess(argv, proc.returncode, out.read(), err.read()),
+                    usage.ru_maxrss)
+
+    def holder_peak(self, before: bool = False) -> str:
+        """The connection holder's peak resident memory (VmHWM) so far."""
+        words = self.before if before and self.before else self.remote_exec
+        proc = self.run([*words, "holder", "status"], self.tmp,
+                        self.before_env if before else None)
+        try:
+            pid = int(proc.stdout.split()[1].rstrip(":"))
+            with open(f"/proc/{pid}/status") as status:
+                for line in status:
+                    if line.startswith("VmHWM:"):
+                        return f"{int(line.split()[1]) / 1024:.0f} MB"
+        except (IndexError, ValueError, OSError):
+            pass
+        return "?"
+
     def stop_holder(self) -> None:
         try:
             self.run([*self.remote_exec, "holder", "stop"], cwd=self.tmp)
@@ -190,7 +226,7 @@ class Bench:
                 "--json", *(["--transfer", method] if method else []),
                 "--cmd", command or self.command, *names]
         start = time.perf_counter()
-        proc = self.run(argv, work, self.before_env if before else None)
+        proc, peak = self.run_measured(argv, work, self.before_env if before else None)
         wall = time.perf_counter() - start
         if proc.returncode != 0:
             raise Failed(f"{shlex.join(argv)} exited {proc.returncode}: "
@@ -209,7 +245,7 @@ class Bench:
         shutil.rmtree(work)
         return wall, (f"stage {stage:.2f}s ({events['staged'].get('method')}), run {run:.2f}s, "
                       f"fetch+place {fetch:.2f}s ({events['fetched'].get('method')}), "
-                      f"remove {clean:.2f}s")
+                      f"remove {clean:.2f}s, client peak {peak / 1024:.0f} MB")
 
     def one(self, kind: str) -> tuple[float, str] | None:
         try:
@@ -283,6 +319,9 @@ def main() -> int:
                     details[kind].append(result[1])
                     print(f"  rep {rep + 1}/{args.repeat} {kind:<9} {result[0]:7.2f}s  "
                           f"{result[1]}", flush=True)
+            print(f"  connection holder's peak memory (VmHWM): {bench.holder_peak()}"
+                  + (f"; of 'before': {bench.holder_peak(before=True)}" if args.before
+                     else ""), flush=True)
         finally:
             if bench is not None:
                 bench.stop_holder()
