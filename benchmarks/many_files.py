@@ -13,7 +13,9 @@ The workload (built once, locally, in a temporary directory):
 
 Against one throwaway loopback sshd (``remote_exec.sandbox.Sandbox``, stock
 configuration: SFTP is the external ``sftp-server`` started through the login shell),
-each repetition runs, interleaved:
+each repetition runs, interleaved (each repetition starting one kind further on, and
+each kind after an untimed ``sync``: on a disk mounted with ``discard``, what one kind
+deleted otherwise slows the next one down):
 
   legacy      the documented flow of MInt's execute_remote_command.sample.py
               (``common.legacy_steps``): ``ssh mkdir``, one ``rsync -av -L`` per input,
@@ -310,7 +312,8 @@ def main() -> int:
             if args.before:
                 print(f"  warm-up of 'before': {bench.warm_up(before=True)}", flush=True)
             for rep in range(args.repeat):
-                for kind in kinds:
+                for kind in kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]:
+                    os.sync()  # (what the last kind deleted is settled before, untimed)
                     result = bench.one(kind)
                     if result is None:
                         print(f"  rep {rep + 1}/{args.repeat} {kind:<9} FAILED", flush=True)
