@@ -1,13 +1,15 @@
 """Many small result files come back as one tar stream (``transfer: auto``, whether the
-ends have rsync or not), unpacked locally without trusting it: byte-exact with hostile names, modes and times kept,
-symlinks kept as links (those leading out never placed), the return filter and the
-"unchanged inputs stay" rule of the fetch plan honoured; a site without tar falls back;
-a cut mid-fetch leaves nothing half-written and ``resume`` completes it; and a hostile
-stream (``..``, absolute names, a file through a symlink, devices, hard links) writes
-nothing outside the partial directory."""
+ends have rsync or not), unpacked locally without trusting it: byte-exact with hostile
+names, modes and times kept, symlinks kept as links (those leading out never placed),
+the return filter and the "unchanged inputs stay" rule of the fetch plan honoured; a
+site without tar falls back; a cut mid-fetch leaves nothing half-written and ``resume``
+completes it; and a hostile stream (``..``, absolute names, a file through a symlink,
+devices, hard links), crafted or sent by a hostile remote tar, writes nothing outside
+the partial directory; the header reader takes GNU, pax and ustar headers."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -442,3 +444,44 @@ def test_a_broken_or_foreign_stream_is_refused(places: tuple[Path, Path]) -> Non
     with pytest.raises(Refused):  # (a global pax header: its name is refused first)
         Extractor(dest, {"a": REG}).extract(io.BytesIO(glob.getvalue()))
     assert os.listdir(dest) == []
+
+
+@pytest.mark.parametrize("case", ["dotdot", "absolute", "link-then-file", "hardlink",
+                                  "device", "not-asked"])
+def test_a_hostile_remote_tar_fails_the_fetch(sshd, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              case: str) -> None:
+    """Through the real sshd: the remote 'tar' (a script sending a crafted stream, with
+    the plan's hostile names on its stdin) is refused with a FetchError that names the
+    member; nothing lands outside the partial directory, no temporary directory stays."""
+    from remote_exec.errors import FetchError
+    from remote_exec.ssh import tarfetch
+
+    rundir, dest, outside = tmp_path / "run", tmp_path / "partial", tmp_path / "outside"
+    for place in (rundir, dest, outside):
+        place.mkdir()
+    members, kinds, says = hostile_cases(outside)[case]
+    (rundir / "crafted.tar").write_bytes(stream(*members))
+    # the names really sent: the plan's, hostile ones among them (read and kept)
+    kinds = {**kinds, **{name: REG for name in HOSTILE}}
+    monkeypatch.setattr(tarfetch, "_TAR_CREATE",
+                        'cd -- "$1" && cat > names.got && cat crafted.tar')
+    entries = [(rel, asyncssh.SFTPAttrs(type=kind, size=1, mtime=0))
+               for rel, kind in kinds.items()]
+    site = sshd.site_definition()
+
+    async def go() -> None:
+        async with asyncssh.connect("127.0.0.1", port=site["port"], username=site["user"],
+                                    client_keys=[site["identity_file"]],
+                                    known_hosts=site["known_hosts"]) as conn:
+            await tarfetch.fetch_tar(conn, str(rundir), dest, None, entries)
+
+    with pytest.raises(FetchError, match="refused") as refused:
+        asyncio.run(go())
+    assert says in str(refused.value)
+    assert (rundir / "names.got").read_bytes().split(b"\0")[:-1] == [
+        os.fsencode(rel) for rel in kinds]
+    assert list(outside.iterdir()) == []
+    assert not (dest / TMP_NAME).exists()
+    for dirpath, _dirs, files in os.walk(dest):
+        assert not files or dirpath == str(dest), files
