@@ -123,6 +123,7 @@ class Bench:
         self.command = f"python3 make_out.py {files}"
         self.source = tmp / "source"
         self.counter = 0
+        self.holder_peaks: dict[bool, int] = {}
         self.failures: list[str] = []
 
     def make_source(self) -> None:
@@ -171,8 +172,9 @@ class Bench:
             return (subprocess.CompletedProcess(argv, proc.returncode, out.read(), err.read()),
                     usage.ru_maxrss)
 
-    def holder_peak(self, before: bool = False) -> str:
-        """The connection holder's peak resident memory (VmHWM) so far."""
+    def note_holder_peak(self, before: bool = False) -> None:
+        """Keep the connection holder's peak resident memory (VmHWM, kB) so far (read
+        after each run, untimed: an idle holder ends before the benchmark does)."""
         words = self.before if before and self.before else self.remote_exec
         proc = self.run([*words, "holder", "status"], self.tmp,
                         self.before_env if before else None)
@@ -181,10 +183,14 @@ class Bench:
             with open(f"/proc/{pid}/status") as status:
                 for line in status:
                     if line.startswith("VmHWM:"):
-                        return f"{int(line.split()[1]) / 1024:.0f} MB"
+                        self.holder_peaks[before] = max(self.holder_peaks.get(before, 0),
+                                                        int(line.split()[1]))
         except (IndexError, ValueError, OSError):
             pass
-        return "?"
+
+    def holder_peak(self, before: bool = False) -> str:
+        peak = self.holder_peaks.get(before)
+        return "?" if peak is None else f"{peak / 1024:.0f} MB"
 
     def stop_holder(self) -> None:
         try:
@@ -230,6 +236,7 @@ class Bench:
         start = time.perf_counter()
         proc, peak = self.run_measured(argv, work, self.before_env if before else None)
         wall = time.perf_counter() - start
+        self.note_holder_peak(before)
         if proc.returncode != 0:
             raise Failed(f"{shlex.join(argv)} exited {proc.returncode}: "
                          f"{proc.stderr.strip()[-800:]}")
