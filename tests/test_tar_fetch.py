@@ -485,3 +485,55 @@ def test_a_hostile_remote_tar_fails_the_fetch(sshd, tmp_path: Path,
     assert not (dest / TMP_NAME).exists()
     for dirpath, _dirs, files in os.walk(dest):
         assert not files or dirpath == str(dest), files
+
+
+def test_a_slow_unpacking_holds_the_stream_bounded(sshd, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """30 MB of files through the real sshd while the unpacking lags behind: what waits
+    in memory stays around the channel's window (Python's allocations traced), and
+    every file arrives whole."""
+    import threading
+    import tracemalloc
+
+    from remote_exec.ssh import tarfetch
+
+    rundir, dest = tmp_path / "run", tmp_path / "partial"
+    rundir.mkdir()
+    dest.mkdir()
+    for i in range(300):
+        (rundir / f"f{i}").write_bytes(bytes([i % 256]) * 100_000)
+    entries = [(f"f{i}", asyncssh.SFTPAttrs(type=REG, size=100_000, mtime=0))
+               for i in range(300)]
+    write = tarfetch.Extractor._write_file
+
+    def slow_write(self, *args: object) -> None:  # (the disk of a loaded machine)
+        time.sleep(0.01)
+        write(self, *args)
+
+    monkeypatch.setattr(tarfetch.Extractor, "_write_file", slow_write)
+    site = sshd.site_definition()
+    peak = [0]
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.02):
+            peak[0] = max(peak[0], tracemalloc.get_traced_memory()[0])
+
+    async def go() -> bool:
+        async with asyncssh.connect("127.0.0.1", port=site["port"], username=site["user"],
+                                    client_keys=[site["identity_file"]],
+                                    known_hosts=site["known_hosts"]) as conn:
+            tracemalloc.start()
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            try:
+                return await tarfetch.fetch_tar(conn, str(rundir), dest, None, entries)
+            finally:
+                stop.set()
+                watcher.join()
+                tracemalloc.stop()
+
+    assert asyncio.run(go())
+    assert peak[0] < 12 * 2**20, f"{peak[0] / 2**20:.1f} MiB held"
+    assert all((dest / f"f{i}").read_bytes() == bytes([i % 256]) * 100_000
+               for i in range(300))
