@@ -432,6 +432,12 @@ def test_a_broken_or_foreign_stream_is_refused(places: tuple[Path, Path]) -> Non
         Extractor(dest, {"a": REG}).extract(io.BytesIO(b""))
     with pytest.raises(tarfile.ReadError, match="within a header"):
         Extractor(dest, {"a": REG}).extract(io.BytesIO(good[:300]))
+    for pax in ({"size": "-5"}, {"mtime": "1000000000000000.5"}):
+        info = tarfile.TarInfo("a")
+        info.pax_headers = pax
+        with pytest.raises(tarfile.ReadError, match="out of range"):
+            Extractor(dest, {"a": REG}).extract(io.BytesIO(stream_in(tarfile.PAX_FORMAT,
+                                                                      (info, b""))))
     sparse = tarfile.TarInfo("s")
     sparse.pax_headers = {"GNU.sparse.map": "0,10"}
     with pytest.raises(Refused, match="sparse"):

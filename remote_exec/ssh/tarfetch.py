@@ -75,6 +75,8 @@ BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
 #: the largest GNU long name or pax header read (they are held whole)
 MAX_META = 1 << 20
+#: times beyond these (seconds either side of 1970) are refused (os.utime overflows)
+_TIME_RANGE = 1 << 40
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -486,7 +488,7 @@ def _members(stream: _Stream) -> Iterator[Header]:
         kind = block[156:157]
         size = _number(block[124:136])
         if size < 0:
-            raise tarfile.ReadError("a member of negative size")
+            raise tarfile.ReadError("a member's size or time is out of range")
         if kind == b"L" or kind == b"K":
             extra[b"path" if kind == b"L" else b"linkpath"] = \
                 stream.read(size).split(b"\0", 1)[0]
@@ -502,6 +504,8 @@ def _members(stream: _Stream) -> Iterator[Header]:
         if b"size" in extra:
             size = _pax_int(extra[b"size"])
         mtime = _pax_int(extra[b"mtime"]) if b"mtime" in extra else _number(block[136:148])
+        if size < 0 or not -_TIME_RANGE < mtime < _TIME_RANGE:
+            raise tarfile.ReadError("a member's size or time is out of range")
         link = extra.get(b"linkpath") or block[157:257].split(b"\0", 1)[0]
         if extra:
             extra = {}
