@@ -246,6 +246,7 @@ class SshBackend(OverSsh):
         entries = await self.list_rundir(run.rundir, many=many)
         run.remote_entries = len(entries)
         plan = transfer.plan_fetch(entries, keep, run.request.inputs)
+        del entries  # (what the plan left out, unchanged inputs mostly, need not stay)
         if plan.unchanged:
             run.ui.event("unchanged", f"{plan.unchanged} input file(s) came back unchanged: "
                          "not transferred", unchanged=plan.unchanged)
