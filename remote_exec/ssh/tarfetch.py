@@ -25,9 +25,9 @@ The stream is pulled from the channel as the unpacking thread needs it: memory s
 bounded whatever the number and size of the files. A remote without a usable tar (it
 fails having sent nothing) leaves everything as it was, for another method.
 
-``transfer: auto`` takes this for many small files where it would otherwise fetch by
-SFTP (``SshBackend._method``): where both ends have rsync, rsync's receiver is faster
-than :mod:`tarfile` (README *Measured*).
+``transfer: auto`` takes this for many small files (:func:`transfer.auto_wants_tar`,
+``SshBackend._method``), whether both ends have rsync or not: it beats rsync's
+receiver there (README *Measured*).
 """
 
 from __future__ import annotations
