@@ -13,7 +13,9 @@ The workload (built once, locally, in a temporary directory):
 
 Against one throwaway loopback sshd (``remote_exec.sandbox.Sandbox``, stock
 configuration: SFTP is the external ``sftp-server`` started through the login shell),
-each repetition runs, interleaved:
+each repetition runs, interleaved (each repetition starting one kind further on, and
+each kind after an untimed ``sync``: on a disk mounted with ``discard``, what one kind
+deleted otherwise slows the next one down):
 
   legacy      the documented flow of MInt's execute_remote_command.sample.py
               (``common.legacy_steps``): ``ssh mkdir``, one ``rsync -av -L`` per input,
@@ -24,7 +26,10 @@ each repetition runs, interleaved:
   re-auto     ``remote-exec run --config CFG --site bench --json --cmd 'python3 make_out.py
               N' tree make_out.py``: the site's default ``transfer: auto``;
   re-rsync    the same with ``--transfer rsync``;
-  re-sftp     the same with ``--transfer sftp``.
+  re-sftp     the same with ``--transfer sftp``;
+  before      with ``--before CMD``: ``re-auto`` run by another remote-exec (a checkout of
+              the code before a change, say), with a state directory and so a connection
+              holder of its own.
 
 Each remote-exec run is a fresh process in a fresh work directory (its wall time
 includes its own removal of the remote directory); its ``--json`` events give the
@@ -34,14 +39,16 @@ the method each transfer used. Every run's ``out/`` is checked file by file.
 One unrecorded warm-up run (one small file) starts remote-exec's connection holder
 first, as in single_run.py; the holder is stopped at the end.
 
-Printed: per run the wall times, then medians per kind, the ratio of each to the
-legacy flow (goal: remote-exec <= 1.0x), files moved per second (2N / wall time), and
-for remote-exec the staging and fetching times and methods.
+Printed: per run the wall times (and for remote-exec the client's peak memory, from
+wait4; the connection holder's, VmHWM, once at the end), then medians per kind, the
+ratio of each to the legacy flow (goal: remote-exec <= 1.0x), files moved per second
+(2N / wall time), and for remote-exec the staging and fetching times and methods.
 
 Exit status 1 if any run failed; a missed goal is reported, not a failure.
 
 Run:
     python benchmarks/many_files.py [--files N] [--repeat R]    # defaults 20000, 1
+    python benchmarks/many_files.py --files 5000 --kinds re-auto,re-rsync   # (and legacy)
     python benchmarks/many_files.py --remote-exec "env PYTHONPATH=$PWD python3 -m remote_exec"
 """
 
@@ -54,6 +61,8 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -99,7 +108,8 @@ class Failed(Exception):
 
 
 class Bench:
-    def __init__(self, tmp: Path, site: dict, files: int, remote_exec: str | None) -> None:
+    def __init__(self, tmp: Path, site: dict, files: int, remote_exec: str | None,
+                 before: str | None = None) -> None:
         self.tmp = tmp
         self.files = files
         self.root = site["root"]
@@ -108,9 +118,12 @@ class Bench:
         self.rsh = " ".join(shlex.quote(w) for w in self.ssh)
         self.config, self.env = isolated_setup(tmp, site)
         self.remote_exec = remote_exec_command(remote_exec)
+        self.before = shlex.split(before) if before else None
+        self.before_env = {**self.env, "REMOTE_EXEC_STATE_DIR": str(tmp / "state-before")}
         self.command = f"python3 make_out.py {files}"
         self.source = tmp / "source"
         self.counter = 0
+        self.holder_peaks: dict[bool, int] = {}
         self.failures: list[str] = []
 
     def make_source(self) -> None:
@@ -128,9 +141,10 @@ class Bench:
         shutil.copytree(self.source, work, copy_function=os.link)
         return work
 
-    def run(self, argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
-        return subprocess.run(argv, cwd=cwd, env=self.env, capture_output=True, text=True,
-                              timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+    def run(self, argv: list[str], cwd: Path,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(argv, cwd=cwd, env=env or self.env, capture_output=True,
+                              text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
 
     def verify(self, out: Path) -> None:
         found = sum(len(names) for _d, _s, names in os.walk(out))
@@ -140,9 +154,49 @@ class Bench:
             if (out / rel(i)).read_bytes() != content("out", i):
                 raise Failed(f"{out / rel(i)} is not what the entrypoint wrote")
 
+    def run_measured(self, argv: list[str], cwd: Path,
+                     env: dict | None) -> tuple[subprocess.CompletedProcess, int]:
+        """:meth:`run`, and the process's peak resident memory (kB, from wait4)."""
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+            proc = subprocess.Popen(argv, cwd=cwd, env=env or self.env, stdout=out,
+                                    stderr=err, stdin=subprocess.DEVNULL, text=True)
+            timer = threading.Timer(TIMEOUT, proc.kill)
+            timer.start()
+            try:
+                _pid, status, usage = os.wait4(proc.pid, 0)
+            finally:
+                timer.cancel()
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            out.seek(0)
+            err.seek(0)
+            return (subprocess.CompletedProcess(argv, proc.returncode, out.read(), err.read()),
+                    usage.ru_maxrss)
+
+    def note_holder_peak(self, before: bool = False) -> None:
+        """Keep the connection holder's peak resident memory (VmHWM, kB) so far (read
+        after each run, untimed: an idle holder ends before the benchmark does)."""
+        words = self.before if before and self.before else self.remote_exec
+        proc = self.run([*words, "holder", "status"], self.tmp,
+                        self.before_env if before else None)
+        try:
+            pid = int(proc.stdout.split()[1].rstrip(":"))
+            with open(f"/proc/{pid}/status") as status:
+                for line in status:
+                    if line.startswith("VmHWM:"):
+                        self.holder_peaks[before] = max(self.holder_peaks.get(before, 0),
+                                                        int(line.split()[1]))
+        except (IndexError, ValueError, OSError):
+            pass
+
+    def holder_peak(self, before: bool = False) -> str:
+        peak = self.holder_peaks.get(before)
+        return "?" if peak is None else f"{peak / 1024:.0f} MB"
+
     def stop_holder(self) -> None:
         try:
             self.run([*self.remote_exec, "holder", "stop"], cwd=self.tmp)
+            if self.before:
+                self.run([*self.before, "holder", "stop"], cwd=self.tmp, env=self.before_env)
         except (OSError, subprocess.TimeoutExpired):
             pass
 
@@ -172,14 +226,17 @@ class Bench:
 
     def remote_exec_run(self, method: str | None, work: Path | None = None,
                         names: tuple[str, ...] = ("tree", "make_out.py"),
-                        command: str | None = None) -> tuple[float, str]:
+                        command: str | None = None, before: bool = False,
+                        ) -> tuple[float, str]:
         work = work or self.fresh_work()
-        argv = [*self.remote_exec, "run", "--config", str(self.config), "--site", "bench",
+        command_words = self.before if before and self.before else self.remote_exec
+        argv = [*command_words, "run", "--config", str(self.config), "--site", "bench",
                 "--json", *(["--transfer", method] if method else []),
                 "--cmd", command or self.command, *names]
         start = time.perf_counter()
-        proc = self.run(argv, cwd=work)
+        proc, peak = self.run_measured(argv, work, self.before_env if before else None)
         wall = time.perf_counter() - start
+        self.note_holder_peak(before)
         if proc.returncode != 0:
             raise Failed(f"{shlex.join(argv)} exited {proc.returncode}: "
                          f"{proc.stderr.strip()[-800:]}")
@@ -197,24 +254,26 @@ class Bench:
         shutil.rmtree(work)
         return wall, (f"stage {stage:.2f}s ({events['staged'].get('method')}), run {run:.2f}s, "
                       f"fetch+place {fetch:.2f}s ({events['fetched'].get('method')}), "
-                      f"remove {clean:.2f}s")
+                      f"remove {clean:.2f}s, client peak {peak / 1024:.0f} MB")
 
     def one(self, kind: str) -> tuple[float, str] | None:
         try:
             if kind == "legacy":
                 return self.legacy()
+            if kind == "before":
+                return self.remote_exec_run(None, before=True)
             method = kind.removeprefix("re-")
             return self.remote_exec_run(None if method == "auto" else method)
         except (Failed, subprocess.TimeoutExpired, OSError) as exc:
             self.failures.append(f"{kind}: {exc}")
             return None
 
-    def warm_up(self) -> str:
-        work = self.tmp / "warm"
+    def warm_up(self, before: bool = False) -> str:
+        work = self.tmp / ("warm-before" if before else "warm")
         work.mkdir()
         (work / "one").write_text("1\n")
         try:
-            wall, _ = self.remote_exec_run(None, work, ("one",), "true")
+            wall, _ = self.remote_exec_run(None, work, ("one",), "true", before=before)
         except (Failed, subprocess.TimeoutExpired) as exc:
             return f"FAILED: {exc}"
         return f"{wall:.2f}s"
@@ -226,26 +285,42 @@ def main() -> int:
                         help="small files staged, and as many fetched back (default 20000)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="repetitions of every kind, interleaved (default 1)")
+    parser.add_argument("--kinds", default=",".join(KINDS),
+                        help=f"the kinds to run, comma-separated (default {','.join(KINDS)}; "
+                        "legacy always runs: the ratios are against it)")
+    parser.add_argument("--before", metavar="CMD",
+                        help="another remote-exec command (split like a shell would) timed "
+                        "as kind 'before', with transfer: auto")
     add_remote_exec_option(parser)
     args = parser.parse_args()
     if args.repeat < 1 or args.files < 1:
         parser.error("--repeat and --files must be at least 1")
+    chosen = set(args.kinds.split(",")) - {""}
+    if chosen - set(KINDS):
+        parser.error(f"--kinds: choose among {', '.join(KINDS)}")
+    kinds = ["legacy", *(k for k in KINDS[1:] if k in chosen)]
+    if args.before:
+        kinds.append("before")
 
-    times: dict[str, list[float]] = {k: [] for k in KINDS}
-    details: dict[str, list[str]] = {k: [] for k in KINDS}
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    details: dict[str, list[str]] = {k: [] for k in kinds}
     with loopback_sshd("re-many-files-") as (tmp, site):
         bench: Bench | None = None
         try:
-            bench = Bench(tmp, site, args.files, args.remote_exec)
+            bench = Bench(tmp, site, args.files, args.remote_exec, args.before)
             print(f"remote-exec: {shlex.join(bench.remote_exec)}; "
                   f"python {sys.version.split()[0]}")
             print(f"{args.files} files in, {args.files} out (~100 bytes each, "
                   f"{FANOUT * FANOUT} directories); {args.repeat} repetition(s) of "
-                  f"{', '.join(KINDS)}, interleaved", flush=True)
+                  f"{', '.join(kinds)}, interleaved; load average "
+                  f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
             bench.make_source()
             print(f"  warm-up (starts the holder): {bench.warm_up()}", flush=True)
+            if args.before:
+                print(f"  warm-up of 'before': {bench.warm_up(before=True)}", flush=True)
             for rep in range(args.repeat):
-                for kind in KINDS:
+                for kind in kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]:
+                    os.sync()  # (what the last kind deleted is settled before, untimed)
                     result = bench.one(kind)
                     if result is None:
                         print(f"  rep {rep + 1}/{args.repeat} {kind:<9} FAILED", flush=True)
@@ -254,6 +329,9 @@ def main() -> int:
                     details[kind].append(result[1])
                     print(f"  rep {rep + 1}/{args.repeat} {kind:<9} {result[0]:7.2f}s  "
                           f"{result[1]}", flush=True)
+            print(f"  connection holder's peak memory (VmHWM): {bench.holder_peak()}"
+                  + (f"; of 'before': {bench.holder_peak(before=True)}" if args.before
+                     else ""), flush=True)
         finally:
             if bench is not None:
                 bench.stop_holder()
@@ -261,7 +339,8 @@ def main() -> int:
     print()
     print(f"{'kind':<10} {'n':>2} {'median':>9} {'vs legacy':>10} {'files/s':>9}  last run")
     legacy = statistics.median(times["legacy"]) if times["legacy"] else None
-    for kind in KINDS:
+    print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    for kind in kinds:
         if not times[kind]:
             print(f"{kind:<10} {0:>2} {'-':>9}")
             continue
@@ -270,7 +349,7 @@ def main() -> int:
         print(f"{kind:<10} {len(times[kind]):>2} {med:>8.2f}s {ratio:>10} "
               f"{2 * args.files / med:>9.0f}  {details[kind][-1]}")
     if legacy:
-        for kind in KINDS[1:]:
+        for kind in kinds[1:]:
             if times[kind]:
                 ratio = statistics.median(times[kind]) / legacy
                 print(f"{kind} / legacy: {ratio:.2f}x (goal <= {GOAL:g}x: "

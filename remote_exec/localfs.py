@@ -247,17 +247,17 @@ def _make_safe(partial: Path, say: Warn) -> None:
             path = os.path.join(dirpath, name)
             st = os.lstat(path)
             what = kind_of(st.st_mode)
-            rel = os.path.relpath(path, partial)
             if what not in ("file", "directory", "symlink"):
                 os.unlink(path)
-                say(f"not fetched: {rel} (a {what}: only files, directories and symlinks "
-                    "come back)")
+                say(f"not fetched: {os.path.relpath(path, partial)} (a {what}: only files, "
+                    "directories and symlinks come back)")
                 continue
             if root and (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
                 os.lchown(path, os.geteuid(), os.getegid())
             if what != "symlink" and st.st_mode & ~SAFE_MODE_BITS & 0o7777:
                 os.chmod(path, stat.S_IMODE(st.st_mode) & SAFE_MODE_BITS)
-                say(f"not fetched: the setuid/setgid bit of {rel} (cleared)")
+                say(f"not fetched: the setuid/setgid bit of {os.path.relpath(path, partial)} "
+                    "(cleared)")
 
 
 def _settle_inputs(partial: Path, inputs: StagedInputs, say: Warn) -> list[str]:
@@ -316,8 +316,26 @@ def _drop_escaping_links(partial: Path, into: Path, say: Warn) -> None:
 
 
 def _links(top: Path) -> list[Path]:
-    return [Path(d, n) for d, dirs, files in os.walk(top)
-            for n in dirs + files if os.path.islink(os.path.join(d, n))]
+    """The symlinks under ``top``, in :func:`os.walk`'s order (its directories, then the
+    rest, each directory before what it holds), told by the directory entries' types:
+    no ``lstat`` an entry."""
+    found: list[Path] = []
+
+    def walk(path: str) -> None:
+        try:
+            with os.scandir(path) as listing:
+                entries = list(listing)
+        except OSError:  # (as os.walk: what cannot be listed is passed over)
+            return
+        dirs = [e for e in entries if e.is_dir()]
+        found.extend(Path(e.path) for e in dirs + [e for e in entries if not e.is_dir()]
+                     if e.is_symlink())
+        for entry in dirs:
+            if not entry.is_symlink():
+                walk(entry.path)
+
+    walk(str(top))
+    return found
 
 
 class _PlacedView:

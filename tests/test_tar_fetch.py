@@ -1,14 +1,15 @@
-"""Many small result files come back as one tar stream (``transfer: auto`` where rsync is
-missing at either end: where both have it, rsync stays, measured faster), unpacked
-locally without trusting it: byte-exact with hostile names, modes and times kept,
-symlinks kept as links (those leading out never placed), the return filter and the
-"unchanged inputs stay" rule of the fetch plan honoured; a site without tar falls back;
-a cut mid-fetch leaves nothing half-written and ``resume`` completes it; and a hostile
-stream (``..``, absolute names, a file through a symlink, devices, hard links) writes
-nothing outside the partial directory."""
+"""Many small result files come back as one tar stream (``transfer: auto``, whether the
+ends have rsync or not), unpacked locally without trusting it: byte-exact with hostile
+names, modes and times kept, symlinks kept as links (those leading out never placed),
+the return filter and the "unchanged inputs stay" rule of the fetch plan honoured; a
+site without tar falls back; a cut mid-fetch leaves nothing half-written and ``resume``
+completes it; and a hostile stream (``..``, absolute names, a file through a symlink,
+devices, hard links), crafted or sent by a hostile remote tar, writes nothing outside
+the partial directory; the header reader takes GNU, pax and ustar headers."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -181,11 +182,11 @@ def test_many_small_results_come_back_as_one_tar_stream(cli, workdir: Path, tmp_
 
 
 @pytest.mark.parametrize(("site", "transfer", "method"), [
-    ("loop", "auto", "rsync"),  # both ends have rsync: it stays (faster here)
+    ("loop", "auto", "tar"),  # both ends have rsync: one tar stream all the same
     ("loop", "rsync", "rsync"),
     ("norsync", "sftp", "sftp"),  # (where auto would take tar)
 ])
-def test_rsync_and_explicit_methods_keep_their_way(cli, workdir: Path, tmp_path: Path,
+def test_auto_and_explicit_methods_take_their_way(cli, workdir: Path, tmp_path: Path,
                                                    nosync_sshd, site: str, transfer: str,
                                                    method: str) -> None:
     write_make(workdir)
@@ -385,3 +386,160 @@ def test_a_truncated_stream_leaves_no_half_written_file(places: tuple[Path, Path
     assert (dest / "a").read_bytes() == b"a" * 5000  # whole: kept
     assert not (dest / "b").exists()  # cut short: never took its name
     assert not (dest / TMP_NAME).exists()
+
+
+def stream_in(fmt: int, *members: tuple[tarfile.TarInfo, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as archive:
+        for info, data in members:
+            archive.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
+def test_names_long_and_hostile_come_through_each_header_format(
+        places: tuple[Path, Path], fmt: int) -> None:
+    """The extractor's own header reader: GNU long names, pax paths and ustar prefixes
+    give back the names byte for byte (spaces, newlines, ``$(...)``, non-ASCII), with
+    sizes across block boundaries and times kept."""
+    dest, outside = places
+    deep = "/".join(["dir with space"] * 6)  # (> 100 bytes: a long name, or a prefix)
+    names = [*HOSTILE, f"{deep}/x"] if fmt != tarfile.USTAR_FORMAT else [f"{deep}/x"]
+    members = [member(p, tarfile.DIRTYPE) for p in
+               ("/".join(["dir with space"] * k) for k in range(1, 7))]
+    members += [member(n, data=n.encode() * (i * 97 + 1)) for i, n in enumerate(names)]
+    members.append(member(f"{deep}/l", tarfile.SYMTYPE, link="../" * 3 + "x" * 120
+                          if fmt != tarfile.USTAR_FORMAT else "x"))
+    kinds = {info.name: {tarfile.DIRTYPE: DIR, tarfile.SYMTYPE: LNK}.get(info.type, REG)
+             for info, _ in members}
+    Extractor(dest, kinds).extract(io.BytesIO(stream_in(fmt, *members)))
+    for i, name in enumerate(names):
+        assert (dest / name).read_bytes() == name.encode() * (i * 97 + 1)
+        assert int((dest / name).stat().st_mtime) == 1_600_000_000
+    assert os.readlink(dest / deep / "l") == members[-1][0].linkname
+    assert list(outside.iterdir()) == []
+    assert not any(p.name.startswith("pwned") for p in dest.iterdir())
+
+
+def test_a_broken_or_foreign_stream_is_refused(places: tuple[Path, Path]) -> None:
+    dest, _ = places
+    good = stream(member("a", data=b"a" * 700))
+    bad_sum = bytearray(good)
+    bad_sum[0:1] = b"b"  # (the name changed, the checksum not)
+    with pytest.raises(tarfile.ReadError, match="checksum"):
+        Extractor(dest, {"a": REG, "b": REG}).extract(io.BytesIO(bytes(bad_sum)))
+    with pytest.raises(tarfile.ReadError, match="empty"):
+        Extractor(dest, {"a": REG}).extract(io.BytesIO(b""))
+    with pytest.raises(tarfile.ReadError, match="within a header"):
+        Extractor(dest, {"a": REG}).extract(io.BytesIO(good[:300]))
+    for pax in ({"size": "-5"}, {"mtime": "1000000000000000.5"}):
+        info = tarfile.TarInfo("a")
+        info.pax_headers = pax
+        with pytest.raises(tarfile.ReadError, match="out of range"):
+            Extractor(dest, {"a": REG}).extract(io.BytesIO(stream_in(tarfile.PAX_FORMAT,
+                                                                      (info, b""))))
+    sparse = tarfile.TarInfo("s")
+    sparse.pax_headers = {"GNU.sparse.map": "0,10"}
+    with pytest.raises(Refused, match="sparse"):
+        Extractor(dest, {"s": REG}).extract(io.BytesIO(stream_in(tarfile.PAX_FORMAT,
+                                                                  (sparse, b""))))
+    glob = io.BytesIO()
+    with tarfile.open(fileobj=glob, mode="w", format=tarfile.PAX_FORMAT,
+                      pax_headers={"comment": "x"}) as archive:
+        archive.addfile(tarfile.TarInfo("a"), io.BytesIO(b""))
+    with pytest.raises(Refused):  # (a global pax header: its name is refused first)
+        Extractor(dest, {"a": REG}).extract(io.BytesIO(glob.getvalue()))
+    assert os.listdir(dest) == []
+
+
+@pytest.mark.parametrize("case", ["dotdot", "absolute", "link-then-file", "hardlink",
+                                  "device", "not-asked"])
+def test_a_hostile_remote_tar_fails_the_fetch(sshd, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              case: str) -> None:
+    """Through the real sshd: the remote 'tar' (a script sending a crafted stream, with
+    the plan's hostile names on its stdin) is refused with a FetchError that names the
+    member; nothing lands outside the partial directory, no temporary directory stays."""
+    from remote_exec.errors import FetchError
+    from remote_exec.ssh import tarfetch
+
+    rundir, dest, outside = tmp_path / "run", tmp_path / "partial", tmp_path / "outside"
+    for place in (rundir, dest, outside):
+        place.mkdir()
+    members, kinds, says = hostile_cases(outside)[case]
+    (rundir / "crafted.tar").write_bytes(stream(*members))
+    # the names really sent: the plan's, hostile ones among them (read and kept)
+    kinds = {**kinds, **{name: REG for name in HOSTILE}}
+    monkeypatch.setattr(tarfetch, "_TAR_CREATE",
+                        'cd -- "$1" && cat > names.got && cat crafted.tar')
+    entries = [(rel, asyncssh.SFTPAttrs(type=kind, size=1, mtime=0))
+               for rel, kind in kinds.items()]
+    site = sshd.site_definition()
+
+    async def go() -> None:
+        async with asyncssh.connect("127.0.0.1", port=site["port"], username=site["user"],
+                                    client_keys=[site["identity_file"]],
+                                    known_hosts=site["known_hosts"]) as conn:
+            await tarfetch.fetch_tar(conn, str(rundir), dest, None, entries)
+
+    with pytest.raises(FetchError, match="refused") as refused:
+        asyncio.run(go())
+    assert says in str(refused.value)
+    assert (rundir / "names.got").read_bytes().split(b"\0")[:-1] == [
+        os.fsencode(rel) for rel in kinds]
+    assert list(outside.iterdir()) == []
+    assert not (dest / TMP_NAME).exists()
+    for dirpath, _dirs, files in os.walk(dest):
+        assert not files or dirpath == str(dest), files
+
+
+def test_a_slow_unpacking_holds_the_stream_bounded(sshd, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """30 MB of files through the real sshd while the unpacking lags behind: what waits
+    in memory stays around the channel's window (Python's allocations traced), and
+    every file arrives whole."""
+    import threading
+    import tracemalloc
+
+    from remote_exec.ssh import tarfetch
+
+    rundir, dest = tmp_path / "run", tmp_path / "partial"
+    rundir.mkdir()
+    dest.mkdir()
+    for i in range(300):
+        (rundir / f"f{i}").write_bytes(bytes([i % 256]) * 100_000)
+    entries = [(f"f{i}", asyncssh.SFTPAttrs(type=REG, size=100_000, mtime=0))
+               for i in range(300)]
+    write = tarfetch.Extractor._write_file
+
+    def slow_write(self, *args: object) -> None:  # (the disk of a loaded machine)
+        time.sleep(0.01)
+        write(self, *args)
+
+    monkeypatch.setattr(tarfetch.Extractor, "_write_file", slow_write)
+    site = sshd.site_definition()
+    peak = [0]
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.02):
+            peak[0] = max(peak[0], tracemalloc.get_traced_memory()[0])
+
+    async def go() -> bool:
+        async with asyncssh.connect("127.0.0.1", port=site["port"], username=site["user"],
+                                    client_keys=[site["identity_file"]],
+                                    known_hosts=site["known_hosts"]) as conn:
+            tracemalloc.start()
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            try:
+                return await tarfetch.fetch_tar(conn, str(rundir), dest, None, entries)
+            finally:
+                stop.set()
+                watcher.join()
+                tracemalloc.stop()
+
+    assert asyncio.run(go())
+    assert peak[0] < 12 * 2**20, f"{peak[0] / 2**20:.1f} MiB held"
+    assert all((dest / f"f{i}").read_bytes() == bytes([i % 256]) * 100_000
+               for i in range(300))

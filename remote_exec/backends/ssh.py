@@ -152,24 +152,28 @@ class SshBackend(OverSsh):
         # (a local tree is walked in a thread, and only as far as the choice needs)
         files = await asyncio.to_thread(transfer.count_entries, inputs,
                                         transfer.AUTO_RSYNC_FILES)
-        method = await self._method(size - cached, files)
-        many_small = (self.site.transfer == "auto" and not placed
+        many_small = (self.site.transfer == "auto" and not placed and bool(inputs)
                       and transfer.auto_wants_tar(size, files, self.site.rsync_threshold))
+        # (one tar stream needs no rsync: the remote is asked about it only if tar fails)
+        method = "tar" if many_small else await self._method(size - cached, files)
         run.ui.progress_start("staging", size - cached)
         try:
             if not inputs:
                 pass
             elif many_small and await transfer.stage_tar(await self.link.conn(), inputs,
                                                          run.rundir, run.ui.progress_fn):
-                method = "tar"
-            elif method == "rsync":  # (placed copies have the inputs' size and time:
-                #                       rsync's quick check leaves them)
-                await transfer.stage_rsync(await self.link.rsh(), inputs, run.rundir,
-                                           run.ui.show_progress)
+                pass
             else:
-                await transfer.stage_sftp(
-                    sftp, inputs, run.rundir, run.ui.progress_fn, resume=run.retrying,
-                    placed=None if cache is None else {c.target for c in placed})
+                if many_small:  # (no tar at one end)
+                    method = await self._method(size - cached, files)
+                if method == "rsync":  # (placed copies have the inputs' size and time:
+                    #                     rsync's quick check leaves them)
+                    await transfer.stage_rsync(await self.link.rsh(), inputs, run.rundir,
+                                               run.ui.show_progress)
+                else:
+                    await transfer.stage_sftp(
+                        sftp, inputs, run.rundir, run.ui.progress_fn, resume=run.retrying,
+                        placed=None if cache is None else {c.target for c in placed})
         except StageError as exc:
             if not run.retrying and not self.link.is_loss(exc):
                 with contextlib.suppress(Exception):
@@ -237,9 +241,13 @@ class SshBackend(OverSsh):
         keep = None
         if not return_filter.is_trivial(returns, site.never_return, site.only_return):
             keep = return_filter.predicate(returns, site.never_return, site.only_return)
-        entries = await self.list_rundir(run.rundir)
+        # (inputs of many entries: the run directory holds more, and find lists it at once)
+        many = await asyncio.to_thread(transfer.count_entries, run.request.inputs,
+                                       transfer.MANY_ENTRIES) > transfer.MANY_ENTRIES
+        entries = await self.list_rundir(run.rundir, many=many)
         run.remote_entries = len(entries)
         plan = transfer.plan_fetch(entries, keep, run.request.inputs)
+        del entries  # (what the plan left out, unchanged inputs mostly, need not stay)
         if plan.unchanged:
             run.ui.event("unchanged", f"{plan.unchanged} input file(s) came back unchanged: "
                          "not transferred", unchanged=plan.unchanged)
@@ -265,11 +273,13 @@ class SshBackend(OverSsh):
             run.ui.progress_stop()
         return Moved(method, size=plan.size, skipped=list(plan.skipped))
 
-    async def list_rundir(self, rundir: str) -> transfer.Entries:
+    async def list_rundir(self, rundir: str, many: bool = False) -> transfer.Entries:
         """The run directory's entries: over SFTP, or by one remote ``find`` when it holds
-        many (see transfer.MANY_ENTRIES)."""
+        many (see transfer.MANY_ENTRIES; with ``many``, known to: no SFTP walk first)."""
         sftp = await self.link.sftp()
-        entries = await transfer.walk_remote(sftp, rundir, limit=transfer.MANY_ENTRIES)
+        entries = None
+        if not many:
+            entries = await transfer.walk_remote(sftp, rundir, limit=transfer.MANY_ENTRIES)
         if entries is None:
             entries = await transfer.list_remote(await self.link.conn(), rundir)
         if entries is None:
@@ -292,18 +302,15 @@ class SshBackend(OverSsh):
 
     async def _method(self, size: int, files: int, tar: bool = False) -> str:
         """The method for ``files`` entries of ``size`` bytes (see transfer.choose_method);
-        with ``tar`` (a fetch), ``tar`` instead of SFTP for many small files under
-        ``transfer: auto`` (:func:`transfer.auto_wants_tar`) unless the remote was found
-        to have no usable tar. (rsync, where both ends have it, stays: its C receiver
-        unpacks many small files faster than tarfile does here; README *Measured*.)"""
-        method = await transfer.choose_method(
-            await self.link.conn(), self.site.transfer, size, self.site.rsync_threshold,
-            self._rsync_cache, files=files)
-        if (tar and method == "sftp" and self.site.transfer == "auto"
-                and self._rsync_cache.get("tar", True)
+        with ``tar`` (a fetch), ``tar`` for many small files under ``transfer: auto``
+        (:func:`transfer.auto_wants_tar`; rsync or not: README *Measured*) unless the
+        remote was found to have no usable tar. Choosing tar asks the remote nothing."""
+        if (tar and self.site.transfer == "auto" and self._rsync_cache.get("tar", True)
                 and transfer.auto_wants_tar(size, files, self.site.rsync_threshold)):
             return "tar"
-        return method
+        return await transfer.choose_method(
+            await self.link.conn(), self.site.transfer, size, self.site.rsync_threshold,
+            self._rsync_cache, files=files)
 
     # -- while it runs -----------------------------------------------------------------------
     async def follow_log(self, run: Run, stop: asyncio.Event) -> None:
