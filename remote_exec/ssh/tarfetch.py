@@ -63,10 +63,10 @@ _TAR_CREATE = ('cd -- "$1" && exec tar -c -f - --format=gnu --null --verbatim-fi
 #: renamed into place (never the name of a fetched entry: the control directory is not
 #: listed)
 TMP_NAME = CONTROL_DIR
-#: bytes asked of the channel at once: asyncssh's channel window (2 MiB). Taking less
-#: lets its buffer grow without bound while the unpacking lags: each read resumes the
-#: paused channel, which grants the peer a whole window again whatever it still holds
-#: (17 MB held at 20,000 files with 256 KiB reads)
+#: bytes asked of the channel at once: asyncssh's channel window (2 MiB). Before
+#: :func:`shell.bound_receive_window` (which every channel started by ``shell`` gets),
+#: smaller reads let the channel's queue grow while the unpacking lagged (17 MB held at
+#: 20,000 files with 256 KiB reads); whole windows also mean fewer wake-ups
 CHUNK = 1 << 21
 #: stderr of the remote tar kept for the error message
 STDERR_KEEP = 8192
