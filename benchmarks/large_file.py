@@ -34,7 +34,8 @@ copy) and re 3 (``--no-cache``).
 One unrecorded warm-up run (a tiny file) starts remote-exec's connection holder
 first; the holder is stopped at the end. Printed per run: wall seconds, MB/s (input
 plus output size / wall time), each step's seconds and MB/s (the flow's push, run and
-pull; remote-exec's staging, run and fetch, from its ``--json`` events), for remote-exec the bytes sent and taken from the cache (its
+pull; remote-exec's staging, run and fetch, from its ``--json`` events), for
+remote-exec the bytes sent and taken from the cache (its
 ``staged`` event) as a % of the input and the staging time, and the peak memory
 (VmHWM, from ``wait4``'s ru_maxrss) of the client process, and the bytes that went
 over the loopback interface during the run (measured, in /proc/net/dev: all of the
@@ -258,7 +259,6 @@ class Bench:
             return
         events = run_events(err, argv)
         staged = events["staged"]
-        created = events["created"]
         sent, cached = staged["sent_bytes"], staged["cached_bytes"]
         self.check_sum(kind, into)
         at = {name: event["elapsed"] for name, event in events.items()}
@@ -268,9 +268,15 @@ class Bench:
             f"{self.rate('fetch', at['fetched'] - at['finished'], self.size)}; "
             f"sent {size_text(sent)} ({100 * sent / self.size:.1f} %), from the cache "
             f"{size_text(cached)} ({100 * cached / self.size:.1f} %); "
-            f"loopback traffic {size_text(moved) if moved >= 0 else '?'}"
-            f"{f' (beyond out.bin: {100 * (moved - self.size) / self.size:.1f} % of the input)' if moved >= 0 else ''}; "
+            f"loopback traffic {self.traffic(moved)}; "
             f"client VmHWM {peak / 1024:.0f} MiB, {self.holder_peak()} so far")))
+
+    def traffic(self, moved: int) -> str:
+        """The loopback bytes of a run, and those beyond out.bin's as a % of the input."""
+        if moved < 0:
+            return "?"
+        beyond = 100 * (moved - self.size) / self.size
+        return f"{size_text(moved)} (beyond out.bin: {beyond:.1f} % of the input)"
 
     def holder_peak(self) -> str:
         proc = subprocess.run([*self.remote_exec, "holder", "status"], env=self.env,

@@ -424,7 +424,7 @@ def _compiled_validator(spec: dict[str, Any]) -> Any:
     directory = state_dir() / "compiled"
     path = directory / f"config-schema-{key}.marshal"
     try:
-        code = marshal.loads(path.read_bytes())
+        code = marshal.loads(path.read_bytes())  # noqa: S302 - our own file, 0700 dir
     except (OSError, EOFError, ValueError, TypeError):
         code = compile(fastjsonschema.compile_to_code(spec), "<config schema>", "exec")
         with contextlib.suppress(OSError):

@@ -4,51 +4,31 @@ following seeds/000 field by field) backed by a real S3 emulation (moto's server
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 from fujitsu_sim import FujitsuSim
+from service_env import SOLVER, ServiceEnv
 
 pytestmark = pytest.mark.timeout(240)
 
-SOLVER = """#!/bin/sh
-# a tiny solver: reads its input, writes results and a log
-cat input.dat > copy.dat
-mkdir -p result && echo "sum $(wc -c < input.dat)" > result/summary.txt
-echo "solver ran with: $*"
-exit "${EXIT:-0}"
-"""
 
-
-class Env:
+class Env(ServiceEnv):
     """A configuration with a fujitsu site (and the loopback SSH site for comparison)."""
 
+    site = "fcs"
+    cleared = ("AWS_", "REMOTE_EXEC")
+
     def __init__(self, tmp: Path, sim: FujitsuSim, sshd, auth: str) -> None:
-        self.sim, self.tmp = sim, tmp
-        self.state = tmp / "state"
-        programs = tmp / "programs"
-        programs.mkdir()
-        solver = programs / "solver.sh"
-        solver.write_text(SOLVER)
-        solver.chmod(0o755)
-        self.solver = solver
+        self.sim = sim
         fujitsu = {"api_url": sim.url, "bucket": sim.bucket, "s3_endpoint": sim.s3_endpoint,
                    "region": sim.region, "auth": auth, "hpc_dir": "remote-exec",
                    "poll_max": 0.5}
-        sites = {"fcs": {"backend": "fujitsu", "fujitsu": fujitsu, "templates": ["generic"],
-                         "retry_max_interval": 0.2, "cancel_grace": 2}}
-        if sshd is not None:
-            root = tmp / "ssh-runs"
-            root.mkdir()
-            sites["ssh"] = dict(sshd.site_definition(), root=str(root), templates=["generic"])
-        self.config = tmp / "remote-exec.yaml"
-        self.config.write_text(yaml.safe_dump({"sites": sites}))
+        super().__init__(tmp, {"fcs": {"backend": "fujitsu", "fujitsu": fujitsu,
+                                       "templates": ["generic"], "retry_max_interval": 0.2,
+                                       "cancel_grace": 2}}, sshd, solver_dir=tmp / "programs")
         self.secrets = {"AWS_ACCESS_KEY_ID": sim.s3_credentials["aws_access_key_id"],
                         "AWS_SECRET_ACCESS_KEY": sim.s3_credentials["aws_secret_access_key"]}
         if auth == "bearer":
@@ -58,41 +38,7 @@ class Env:
             self.secrets["REMOTE_EXEC_FUJITSU_SECRET_KEY"] = sim.secret_key
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "REMOTE_EXEC"))}
-        env.update(REMOTE_EXEC_CONFIG=str(self.config), REMOTE_EXEC_STATE_DIR=str(self.state),
-                   REMOTE_EXEC_HOLDER="0", AWS_EC2_METADATA_DISABLED="true", **self.secrets)
-        env.update(extra)
-        return env
-
-    def cli(self, *args: str, cwd: Path, timeout: float = 120, **extra: str
-            ) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "remote_exec", *args], cwd=cwd,
-                              env=self.env(**extra), capture_output=True, text=True,
-                              timeout=timeout)
-
-    def spawn(self, *args: str, cwd: Path) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "remote_exec", *args], cwd=cwd,
-                                env=self.env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-
-    def run_args(self, site: str = "fcs", *more: str) -> list[str]:
-        return ["run", "--site", site, "-t", "generic", "-p", f"program={self.solver}",
-                "-p", "args=one", "-p", "args=two words", *more, "input.dat"]
-
-    def newest(self) -> dict:
-        out = self.cli("list", "--json", "-n", "1", cwd=self.tmp).stdout
-        return json.loads(out.splitlines()[0])
-
-    def wait_job(self, states: tuple[str, ...], timeout: float = 30) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            out = self.cli("list", "--json", "-n", "1", cwd=self.tmp).stdout
-            if out.strip():
-                run = json.loads(out.splitlines()[0])
-                if (run.get("job_info") or {}).get("native") in states:
-                    return run
-            time.sleep(0.2)
-        raise AssertionError(f"no job reached {states}")
+        return super().env(AWS_EC2_METADATA_DISABLED="true", **extra)
 
 
 @pytest.fixture(scope="module")

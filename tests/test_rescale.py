@@ -5,96 +5,36 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from rescale_sim import JOB_FLOW, RescaleSim
+from service_env import SOLVER, ServiceEnv
 
 pytestmark = pytest.mark.timeout(120)
 
-SOLVER = """#!/bin/sh
-# a tiny solver: reads its input, writes results and a log
-cat input.dat > copy.dat
-mkdir -p result && echo "sum $(wc -c < input.dat)" > result/summary.txt
-echo "solver ran with: $*"
-exit "${EXIT:-0}"
-"""
 ENV_KEY = "REMOTE_EXEC_RESCALE_TOKEN"
 
 
-class Env:
+class Env(ServiceEnv):
     """A configuration with a rescale site (and the loopback SSH site for comparison)."""
 
+    site = "rs"
+    cleared = ("REMOTE_EXEC", "RESCALE")
+    timeout = 90
+
     def __init__(self, tmp: Path, sim: RescaleSim, sshd: Any = None) -> None:
-        self.sim, self.tmp = sim, tmp
-        self.state = tmp / "state"
-        solver = tmp / "solver.sh"
-        solver.write_text(SOLVER)
-        solver.chmod(0o755)
-        self.solver = solver
+        self.sim = sim
         self.section: dict[str, Any] = {
             "platform": sim.url, "hardware": {"coreType": "hpc-3", "coresPerSlot": 2,
                                               "slots": 1, "walltime": 10},
             "low_priority": True, "poll_max": 0.2}
-        self.sites: dict[str, Any] = {"rs": {"backend": "rescale", "rescale": self.section,
-                                             "templates": ["generic"], "retry_tries": 3,
-                                             "retry_max_interval": 0.2, "cancel_grace": 2}}
-        if sshd is not None:
-            root = tmp / "ssh-runs"
-            root.mkdir()
-            self.sites["ssh"] = dict(sshd.site_definition(), root=str(root),
-                                     templates=["generic"])
-        self.config = tmp / "remote-exec.yaml"
-        self.write()
+        super().__init__(tmp, {"rs": {"backend": "rescale", "rescale": self.section,
+                                      "templates": ["generic"], "retry_tries": 3,
+                                      "retry_max_interval": 0.2, "cancel_grace": 2}}, sshd)
         self.secrets = {ENV_KEY: sim.token}
-
-    def write(self) -> None:
-        self.config.write_text(yaml.safe_dump({"sites": self.sites}))
-
-    def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("REMOTE_EXEC", "RESCALE"))}
-        env.update(REMOTE_EXEC_CONFIG=str(self.config), REMOTE_EXEC_STATE_DIR=str(self.state),
-                   REMOTE_EXEC_HOLDER="0", **self.secrets)
-        env.update(extra)
-        return env
-
-    def cli(self, *args: str, cwd: Path, timeout: float = 90, **extra: str
-            ) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "remote_exec", *args], cwd=cwd,
-                              env=self.env(**extra), capture_output=True, text=True,
-                              timeout=timeout)
-
-    def spawn(self, *args: str, cwd: Path) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "remote_exec", *args], cwd=cwd,
-                                env=self.env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-
-    def run_args(self, site: str = "rs", *more: str) -> list[str]:
-        return ["run", "--site", site, "-t", "generic", "-p", f"program={self.solver}",
-                "-p", "args=one", "-p", "args=two words", *more, "input.dat"]
-
-    def newest(self) -> dict:
-        out = self.cli("list", "--json", "-n", "1", cwd=self.tmp).stdout
-        return json.loads(out.splitlines()[0])
-
-    def wait_job(self, states: tuple[str, ...], timeout: float = 30) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            out = self.cli("list", "--json", "-n", "1", cwd=self.tmp).stdout
-            if out.strip():
-                run = json.loads(out.splitlines()[0])
-                if (run.get("job_info") or {}).get("native") in states:
-                    return run
-            time.sleep(0.2)
-        raise AssertionError(f"no job reached {states}")
 
 
 @pytest.fixture(scope="module")
