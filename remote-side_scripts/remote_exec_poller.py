@@ -1192,10 +1192,12 @@ class Job:
                     files.append((rel, full))
             held_back = [rel for rel in report["skipped"]
                          if agent.is_returned(rel, asked, [], []) and not check_relpath(rel)]
-            # an input the entrypoint left as it came is not sent back (MInt has it)
+            # an input the entrypoint left as it came is not sent back (MInt has it): the
+            # agent's outbox leaves out those it saw unchanged since launch, and the
+            # digest check below catches the rest (a run launched by an older agent)
             inputs = dict((i.get("path"), i.get("sha256")) for i in self.job.get("inputs") or [])
             outputs = []
-            unchanged = 0
+            unchanged = report.get("unchanged", 0)
             for rel, full in files:
                 digest = sha256_file(full)
                 if inputs.get(rel) == digest:
