@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+from remote_exec.errors import ConfigError
+
 if TYPE_CHECKING:
     from remote_exec.backends.scheduler import JobInfo
     from remote_exec.config import Site
@@ -357,3 +359,19 @@ class Backend(ABC):
 
 __all__ = ["Backend", "Launched", "Leftover", "Moved", "NoSession", "RemoteState", "Run",
            "Session", "Trimmed"]
+
+
+# -- what a backend without a remote shell answers (a WebAPI: fujitsu, rescale) ----------
+def no_live_log(record: RunRecord, runs_as: str) -> ConfigError:
+    """``logs``/``--follow`` of a run whose log comes back only with its files."""
+    return ConfigError(f"run {record.id} runs {runs_as}: its log comes back with its files, "
+                       "after the job",
+                       hint=f"`remote-exec status {record.id[:8]}` shows the job meanwhile")
+
+
+def no_leftover_listing(site: Site, runs_as: str, hint: str) -> ConfigError:
+    """``cleanup SITE`` where there are no run directories to list (``hint``: what
+    removes a run's remains instead)."""
+    return ConfigError(f"site {site.name!r} runs {runs_as}: `cleanup` removes leftover run "
+                       "directories over SSH", hint=hint)
+

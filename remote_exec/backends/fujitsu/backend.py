@@ -24,6 +24,8 @@ from remote_exec.backends.base import (
     NoSession,
     RemoteState,
     Run,
+    no_leftover_listing,
+    no_live_log,
 )
 from remote_exec.backends.batch import describe_job, job_name, render_job_script
 from remote_exec.backends.fujitsu.api import (
@@ -36,7 +38,7 @@ from remote_exec.backends.fujitsu.client import TITLE, FujitsuService, job_info
 from remote_exec.backends.pjm import PjmScheduler
 from remote_exec.backends.scheduler import COMPLETED, FAILED, JobInfo, Resources
 from remote_exec.backoff import REMOTE_POLL
-from remote_exec.errors import ConfigError, ConnectError, RemoteExecError
+from remote_exec.errors import ConnectError, RemoteExecError
 from remote_exec.inputs import CONTROL_DIR
 from remote_exec.journal import RunRecord
 from remote_exec.site.rows import FAIL, OK, Row
@@ -302,9 +304,7 @@ class FujitsuBackend(Backend):
                            job=describe(info))
 
     async def read_log(self, record: RunRecord, ui: Reporter, follow: bool) -> None:
-        raise ConfigError(f"run {record.id} runs through the Fujitsu HPC WebAPI: its log "
-                          "comes back with its files, after the job",
-                          hint=f"`remote-exec status {record.id[:8]}` shows the job meanwhile")
+        raise no_live_log(record, "through the Fujitsu HPC WebAPI")
 
     async def cancel_recorded(self, record: RunRecord) -> tuple[str, int | None]:
         job_id = record.job_id or await self._adopt(record.id)  # (a submission may have
@@ -314,10 +314,10 @@ class FujitsuBackend(Backend):
 
     async def cleanup_runs(self, decide: Callable[[Leftover], bool],
                            ui: Reporter) -> list[Leftover]:
-        raise ConfigError(f"site {self.site.name!r} runs through the Fujitsu HPC WebAPI: "
-                          "`cleanup` removes leftover run directories over SSH",
-                          hint="a run's objects are removed from the bucket per the site's "
-                          "`cleanup` policy; remove others with the bucket's own tools")
+        raise no_leftover_listing(self.site, "through the Fujitsu HPC WebAPI",
+                                  hint="a run's objects are removed from the bucket per the "
+                                  "site's `cleanup` policy; remove others with the bucket's "
+                                  "own tools")
 
     async def check(self) -> list[Row]:
         return await asyncio.to_thread(self._rows)

@@ -29,6 +29,8 @@ from remote_exec.backends.base import (
     NoSession,
     RemoteState,
     Run,
+    no_leftover_listing,
+    no_live_log,
 )
 from remote_exec.backends.rescale.api import ApiError
 from remote_exec.backends.rescale.client import (
@@ -42,7 +44,7 @@ from remote_exec.backends.rescale.client import (
 from remote_exec.backends.scheduler import RUN_SCRIPT, JobInfo
 from remote_exec.backoff import REMOTE_POLL
 from remote_exec.entrypoint import EXIT_CODE_FILE, NO_RUN_DIR, TERMINATED
-from remote_exec.errors import ConfigError, ConnectError, FetchError, RemoteExecError, StageError
+from remote_exec.errors import ConnectError, FetchError, RemoteExecError, StageError
 from remote_exec.inputs import CONTROL_DIR, Input
 from remote_exec.journal import RunRecord
 from remote_exec.localfs import input_files
@@ -469,9 +471,7 @@ class RescaleBackend(Backend):
                            job=describe(info))
 
     async def read_log(self, record: RunRecord, ui: Reporter, follow: bool) -> None:
-        raise ConfigError(f"run {record.id} runs as a {TITLE} job: its log comes back with "
-                          "its files, after the job",
-                          hint=f"`remote-exec status {record.id[:8]}` shows the job meanwhile")
+        raise no_live_log(record, f"as a {TITLE} job")
 
     async def cancel_recorded(self, record: RunRecord) -> tuple[str, int | None]:
         job_id = record.job_id or await self._find(record.id)
@@ -483,10 +483,9 @@ class RescaleBackend(Backend):
 
     async def cleanup_runs(self, decide: Callable[[Leftover], bool],
                            ui: Reporter) -> list[Leftover]:
-        raise ConfigError(f"site {self.site.name!r} runs as {TITLE} jobs: `cleanup` removes "
-                          "leftover run directories over SSH",
-                          hint="a run's job is deleted per the site's `cleanup` policy; "
-                          "delete others in Rescale's web interface")
+        raise no_leftover_listing(self.site, f"as {TITLE} jobs",
+                                  hint="a run's job is deleted per the site's `cleanup` "
+                                  "policy; delete others in Rescale's web interface")
 
     async def check(self) -> list[Row]:
         return await asyncio.to_thread(self._rows)
