@@ -91,3 +91,10 @@ class ServiceEnv:
                     return run
             time.sleep(0.2)
         raise AssertionError(f"no job reached {states}")
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every file under ``root`` (relative name -> text)."""
+    return {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+

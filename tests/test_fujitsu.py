@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 from fujitsu_sim import FujitsuSim
-from service_env import SOLVER, ServiceEnv
+from service_env import SOLVER, ServiceEnv, tree
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -60,11 +60,6 @@ def work(tmp_path: Path) -> Path:
     work.mkdir()
     (work / "input.dat").write_text("0123456789\n")
     return work
-
-
-def tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*"))
-            if p.is_file()}
 
 
 def test_same_outputs_as_the_ssh_backend(env: Env, work: Path, sim: FujitsuSim) -> None:

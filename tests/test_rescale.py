@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from rescale_sim import JOB_FLOW, RescaleSim
-from service_env import SOLVER, ServiceEnv
+from service_env import SOLVER, ServiceEnv, tree
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -58,11 +58,6 @@ def work(tmp_path: Path) -> Path:
     work.mkdir()
     (work / "input.dat").write_text("0123456789\n")
     return work
-
-
-def tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*"))
-            if p.is_file()}
 
 
 def count(sim: RescaleSim, method: str, suffix: str) -> int:
