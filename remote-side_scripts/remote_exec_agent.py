@@ -2495,6 +2495,8 @@ class Journal:
         self.command = command
         self.verdict = None
         self.done = False
+        #: who asked (the SSH client's address; None: from SSH_CONNECTION)
+        self.client = None
 
     def record(self, verdict, details=None):
         if self.done:
@@ -2507,7 +2509,7 @@ class Journal:
         shown = repr(self.command)
         if len(shown) > 300:
             shown = shown[:297] + "..."
-        client = (os.environ.get("SSH_CONNECTION") or "-").split(" ")[0] or "-"
+        client = self.client or (os.environ.get("SSH_CONNECTION") or "-").split(" ")[0] or "-"
         client = re.sub(r"[^0-9A-Za-z.:%_-]", "?", client)[:64]
         line = "%s pid=%d from=%s command=%s %s\n" % (
             _now_iso(), os.getpid(), client, shown, verdict.replace("\n", " "))
@@ -2650,6 +2652,8 @@ def main(argv=None):
     else:
         command = strip_mark(os.environ.get("SSH_ORIGINAL_COMMAND"))
     journal = Journal(os.path.join(os.path.dirname(allowlist), "agent.log"), command)
+    if batch_job is not None:
+        journal.client = "-"  # (no SSH client: a job the scheduler started)
     return _serve(allowlist, command, journal, batch_job)
 
 
