@@ -9,17 +9,20 @@ agent run the way a Slurm batch script runs it (``exec`` of the ``job_command`` 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from test_agent_unit import AGENT, Site, sha256
 
 from remote_exec.config import Site as SiteConfig
+from remote_exec.errors import RemoteExecError
 from remote_exec.site.install import allowlist_text
 
 pytestmark = pytest.mark.timeout(120)
@@ -368,3 +371,55 @@ def test_allowlist_text_token_command() -> None:
     assert "token_command" not in json.loads(allowlist_text(plain, "/r", "/a", {}))
     other = SiteConfig(name="hpc", host="login", settings={"slurmrest": {"url": "x"}})
     assert "token_command" not in json.loads(allowlist_text(other, "/r", "/a", {}))
+
+
+# ---------------------------------------------------------------------------------------
+# remote-exec's side: the client of the protocol (AgentClient), over a stand-in connection
+# ---------------------------------------------------------------------------------------
+
+class AgentConnection:
+    """Stands in for an SSH connection whose key runs only the agent: ``run`` runs the
+    agent with the request as ``SSH_ORIGINAL_COMMAND``, as sshd would."""
+
+    def __init__(self, site: Site) -> None:
+        self.site = site
+
+    async def run(self, command: str, input: str | None = None,
+                  check: bool = False) -> SimpleNamespace:
+        proc = self.site.run(command, (input or "").encode())
+        return SimpleNamespace(exit_status=proc.returncode, stdout=proc.stdout.decode(),
+                               stderr=proc.stderr.decode())
+
+    def is_closed(self) -> bool:
+        return False
+
+
+def test_agent_client_launch_batch_and_token(site: Site) -> None:
+    from remote_exec.backends.agent_protocol import AgentClient, AgentRefused
+
+    client = AgentClient("hpc")
+    conn = AgentConnection(site)
+    run_id = site.new_run()
+    command = asyncio.run(client.launch_batch(conn, run_id, "generic",
+                                              {"program": "/bin/true"}))
+    assert command[2:] == ["--allowlist", str(site.allowlist), "--batch-job", run_id]
+    # a retried request (ALREADY_LAUNCHED) answers the command the run was prepared with
+    assert asyncio.run(client.launch_batch(conn, run_id, "generic",
+                                           {"program": "/bin/true"})) == command
+    plain = site.new_run()
+    assert site.launch(plain, "generic", {"program": "/bin/true"}).returncode == 0
+    with pytest.raises(RemoteExecError, match="already launched, not for a batch job"):
+        asyncio.run(client.launch_batch(conn, plain, "generic", {"program": "/bin/true"}))
+    with pytest.raises(AgentRefused, match="not in the allowlist"):
+        asyncio.run(client.launch_batch(conn, site.new_run(), "nope", {}))
+    with pytest.raises(AgentRefused, match="no token_command"):
+        asyncio.run(client.token(conn))
+    script = site.conf / "token.sh"
+    script.write_text("#!/bin/sh\necho SLURM_JWT=a.b.c\n")
+    script.chmod(0o755)
+    site.spec["token_command"] = [str(script)]
+    site.save()
+    assert asyncio.run(client.token(conn)) == "SLURM_JWT=a.b.c\n"
+    assert run_job(site, command).returncode == 0
+    status = asyncio.run(client.status(conn, run_id))
+    assert status["batch"] is True and status["exit_code"] == 0
