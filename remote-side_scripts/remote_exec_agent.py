@@ -1564,6 +1564,18 @@ def run_batch_job(cfg, run_id, journal):
     host = os.uname()[1]
     _write_atomic(run.ctl(JOB_HOST_FILE), host + "\n")
     where = "on %s%s" % (host, "" if job_id is None else " (job %s)" % job_id)
+    try:
+        return _batch_entrypoint(cfg, run, where, journal)
+    except Failure as exc:  # (after the guard: the run gets an exit code all the same)
+        if run.exit_code() is None:
+            _note_in_log(run, "the batch job could not start the entrypoint: %s" % exc)
+            _write_atomic(run.ctl(EXIT_CODE_FILE), "127\n")
+        raise
+
+
+def _batch_entrypoint(cfg, run, where, journal):
+    """The batch job once its guard is taken: the entrypoint, unless the run was
+    cancelled or the entrypoint is no longer the approved one; its exit code."""
     if run.cancelled() or _Stop.signum is not None:
         if run.exit_code() is None:
             _write_atomic(run.ctl(EXIT_CODE_FILE), "%d\n" % EXIT_TERMINATED)

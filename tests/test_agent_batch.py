@@ -309,6 +309,16 @@ def test_reapproved_entrypoint_is_not_the_one_launched(site: Site) -> None:
     assert not (site.root / run_id / "env.txt").exists()
 
 
+def test_a_job_that_cannot_start_still_records_an_exit_code(site: Site) -> None:
+    run_id, command = prepare(site, "generic", {"program": "/bin/true"})
+    (site.state / run_id / "batch.json").write_text('["not what launch wrote"]')
+    job = run_job(site, command)
+    assert job.returncode == 1 and b"is not what launch --batch writes" in job.stderr
+    assert site.ok("status " + run_id)["exit_code"] == 127
+    assert "the batch job could not start the entrypoint" in run_log(site, run_id)
+    assert not (site.root / run_id / "env.txt").exists()
+
+
 # ---------------------------------------------------------------------------------------
 # token, hello
 # ---------------------------------------------------------------------------------------
