@@ -16,12 +16,19 @@ own commands and refuses everything else (one line on stderr, exit status 2)::
     status RUN_ID                   where a run stands (JSON)
     launch RUN_ID ENTRYPOINT        run an allowlisted entrypoint once, detached;
                                     parameters as a JSON object on stdin
+    launch RUN_ID ENTRYPOINT --batch
+                                    the same checks and records, but prepare the run
+                                    for a batch job instead of starting it: prints
+                                    the job's command (see "Batch jobs" below)
     wait RUN_ID                     block until the run has an exit code
     log RUN_ID [--offset N] [--follow]
                                     the run's output, raw bytes
     cancel RUN_ID [GRACE_SECONDS]   TERM the run's process group, KILL after GRACE
+                                    (a batch run: its job does, on its own node)
     remove RUN_ID                   delete a run that is not running
     list                            all runs (JSON)
+    token                           a Slurm REST token: the output of the allowlist's
+                                    ``token_command`` (never logged)
     cache-place RUN_ID              copy the inputs the site's content cache holds into
                                     the run directory (files listed as JSON on stdin)
     cache-insert RUN_ID             after staging: add the run's new inputs to the cache
@@ -42,6 +49,22 @@ entrypoint runs from where the administrator installed it (it may use files besi
 it), after its sha256 was checked twice: when the launch is accepted and again right
 before it starts; the approved bytes are kept with the run in
 ``<state>/<RUN_ID>/entrypoint``.
+
+Batch jobs (a site whose runs go through Slurm's REST API, the run directory on a
+file system the compute nodes share): ``launch RUN_ID ENTRYPOINT --batch`` checks and
+records the launch as ``launch`` does, writes ``<state>/<RUN_ID>/batch.json`` (the
+entrypoint and the variables the agent adds for it) and prints
+``{"prepared": true, "job_command": [PYTHON, AGENT, "--allowlist", ALLOWLIST,
+"--batch-job", RUN_ID]}``. The client submits a job whose script is ``exec`` of that
+command; on the compute node the agent (``--batch-job``, an option of the command line
+that no SSH request can reach) starts the entrypoint once, after checking its sha256
+again, and stops it (TERM to its process group, KILL after the grace) when the run is
+cancelled or the job gets TERM, INT or HUP (``scancel``). It records ``job_id``,
+``job_host``, ``started_at`` and the exit code as a launch does, never a ``pgid`` (the
+login host must never signal a process of a compute node), and exits with the
+entrypoint's exit code. ``cancel`` on a batch run only marks it cancelled (after
+writing the grace it was given into ``cancel_grace``, which the job uses) and waits
+GRACE + 3 seconds for the job to record an exit code.
 
 Exit status: 0 ok, 1 failure, 2 refused, 3 a run was lost (``wait``), 96 the run was
 already launched; ``launch`` itself exits with the entrypoint's exit code.
@@ -96,6 +119,14 @@ PGID_FILE = "pgid"
 EXIT_CODE_FILE = "exit_code"
 #: (the agent's own, in the run's state directory) the run's files when it was launched
 STAGED_FILE = "staged.json"
+#: (the agent's own) a run prepared for a batch job: ``{"entrypoint", "env"}``; the
+#: job's once-only guard (a directory, refreshed while the job runs); the Slurm job id
+#: and host the job recorded; the grace a ``cancel`` asked for (seconds)
+BATCH_FILE = "batch.json"
+JOB_STARTED = "job_started"
+JOB_ID_FILE = "job_id"
+JOB_HOST_FILE = "job_host"
+CANCEL_GRACE_FILE = "cancel_grace"
 
 #: the entrypoint's output, inside the run directory (as remote-exec's own flow names it)
 LOG_NAME = "remote_program_exec.log"
@@ -103,7 +134,7 @@ RUN_ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f
 ENTRYPOINT_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 IDENTIFIER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
-COMMAND_LIST = ("hello, create, status, launch, wait, log, cancel, remove, list, "
+COMMAND_LIST = ("hello, create, status, launch, wait, log, cancel, remove, list, token, "
                 "cache-place, cache-insert, cache-trim, rsync --server")
 ONLY_AGENT = "this key runs only the remote-exec agent (commands: %s)" % COMMAND_LIST
 SFTP_REFUSAL = ("SFTP is not available through the remote-exec agent; files move with "
@@ -124,7 +155,10 @@ PARAMETER_KEYS = frozenset(["type", "items", "required", "default", "pattern", "
 ENTRYPOINT_KEYS = frozenset(["path", "sha256", "interpreter", "parameters", "returns",
                              "description"])
 ALLOWLIST_KEYS = frozenset(["version", "root", "state", "log", "entrypoints", "returns",
-                            "cache"])
+                            "cache", "token_command"])
+#: what ``hello`` says this agent can do beyond version 2's requests (a client tells an
+#: older agent by their absence)
+FEATURES = ["batch", "token"]
 _TRUE = frozenset(["1", "true", "yes", "on"])
 _FALSE = frozenset(["0", "false", "no", "off"])
 
@@ -151,6 +185,15 @@ LOG_POLL_SECONDS = 0.25
 PGID_WAIT_SECONDS = 5.0
 #: seconds between TERM and KILL when a cancel does not say
 DEFAULT_CANCEL_GRACE = 10
+#: a batch job refreshes its ``job_started`` guard this often (seconds); a guard older
+#: than BATCH_STALE_SECONDS without an exit code is a job that is gone
+BATCH_HEARTBEAT_SECONDS = 5.0
+BATCH_STALE_SECONDS = 60.0
+#: extra seconds a ``cancel`` of a batch run waits for its job, beyond the grace
+BATCH_CANCEL_SLACK = 3
+#: the token command's time limit (seconds) and the number of words it may have
+TOKEN_TIMEOUT = 30
+MAX_TOKEN_COMMAND_WORDS = 16
 FETCH_LOCK_SECONDS = 30.0
 MAX_PARAMETERS_BYTES = 1024 * 1024
 
@@ -802,6 +845,7 @@ class Config:
         self.cache = True  # whether the content cache may be used
         self.cache_max_size = None  # the site's caps (None: the client's values)
         self.cache_max_age = None
+        self.token_command = None  # the program that prints a Slurm REST token
 
     def load(self):
         where = "allowlist %s" % self.path
@@ -856,6 +900,15 @@ class Config:
         self.never = check_patterns(returns.get("never", []), "%s: returns.never" % where, True)
         self.only = check_patterns(returns.get("only", []), "%s: returns.only" % where, True)
         self._load_cache(data.get("cache", True), where)
+        if "token_command" in data:
+            command = data["token_command"]
+            if not isinstance(command, list) or not 1 <= len(command) <= \
+                    MAX_TOKEN_COMMAND_WORDS or not all(isinstance(w, str) and w
+                                                       for w in command):
+                raise ValueError("%s: 'token_command' must be a list of 1 to %d non-empty "
+                                 "strings (the program that prints a Slurm token and its "
+                                 "arguments)" % (where, MAX_TOKEN_COMMAND_WORDS))
+            self.token_command = list(command)
         for what, path in (("root", self.root), ("state", self.state)):
             try:
                 os.makedirs(path, 0o700, exist_ok=True)
@@ -1025,10 +1078,30 @@ class Run:
         except OSError:
             return None
 
+    def batch(self):
+        """Whether the run was prepared for a batch job (``launch ... --batch``)."""
+        return os.path.lexists(self.ctl(BATCH_FILE))
+
+    def job_started(self):
+        return _isdir_nofollow(self.ctl(JOB_STARTED))
+
+    def job_id(self):
+        text = _read_text(self.ctl(JOB_ID_FILE))
+        return text if text and text.isdigit() else None
+
     def running(self):
-        """Whether the entrypoint may still be running (launched, no exit code, not gone)."""
+        """Whether the entrypoint may still be running (launched, no exit code, not gone).
+
+        A batch run: while its job may still come (not cancelled) or its job's guard
+        was refreshed lately (the job refreshes it while it runs)."""
         if not self.launched() or self.exit_code() is not None:
             return False
+        if self.batch():
+            try:
+                age = time.time() - os.lstat(self.ctl(JOB_STARTED)).st_mtime
+            except OSError:
+                return not self.cancelled()
+            return age < BATCH_STALE_SECONDS
         alive = self.alive()
         if alive is None:  # a launch under way has not recorded its group yet
             age = self.launched_age()
@@ -1103,6 +1176,7 @@ def cmd_hello(cfg, args, journal):
         "agent_forwarding": "SSH_AUTH_SOCK" in os.environ,
         "user": _login_name(),
         "home": os.environ.get("HOME") or os.path.expanduser("~"),
+        "features": list(FEATURES),
     })
     return EXIT_OK
 
@@ -1141,6 +1215,7 @@ def cmd_status(cfg, args, journal):
     run = Run(cfg, _run_id(args[0]))
     exists = run.exists()
     pgid = run.pgid() if exists else None
+    batch = exists and run.batch()
     _print_json({
         "exists": exists,
         "rundir": run.dir,
@@ -1148,9 +1223,13 @@ def cmd_status(cfg, args, journal):
         "cancelled": exists and run.cancelled(),
         "entrypoint": _read_text(run.ctl("entrypoint_name")) if exists else None,
         "pgid": pgid,
-        "alive": None if pgid is None else _group_alive(pgid),
+        "alive": None if pgid is None or batch else _group_alive(pgid),
         "exit_code": run.exit_code() if exists else None,
         "started_at": _read_text(run.ctl("started_at")) if exists else None,
+        "batch": batch,
+        "job_id": run.job_id() if batch else None,
+        "job_host": (_read_text(run.ctl(JOB_HOST_FILE)) or None) if batch else None,
+        "job_command": batch_job_command(cfg, run) if batch else None,
     })
     return EXIT_OK
 
@@ -1180,18 +1259,29 @@ def _read_parameters():
     return _read_json_stdin(MAX_PARAMETERS_BYTES, "parameters", "{\"NAME\": \"value\", ...}")
 
 
-def _entrypoint_env(run, entrypoint, values):
+def _entrypoint_vars(run, entrypoint, values):
+    """The variables the agent adds for the entrypoint: ``RE_<name>`` of each parameter
+    that has a value, and the run's id, directory and params.json."""
+    added = {}
+    for name, param in entrypoint.parameters.items():
+        value = values.get(name)
+        if value is not None:
+            added["RE_" + name] = param.env_text(value)
+    added["REMOTE_EXEC_RUN_ID"] = run.id
+    added["REMOTE_EXEC_RUN_DIR"] = run.dir
+    added["REMOTE_EXEC_PARAMS"] = run.ctl("params.json")
+    return added
+
+
+def _entrypoint_env(entrypoint, added):
+    """The agent's environment without the SSH session's request and agent socket and
+    without any ``RE_<parameter>`` of its own, plus ``added``."""
     env = dict(os.environ)
     for name in ("SSH_ORIGINAL_COMMAND", "SSH_AUTH_SOCK"):
         env.pop(name, None)
-    for name, param in entrypoint.parameters.items():
+    for name in entrypoint.parameters:
         env.pop("RE_" + name, None)
-        value = values.get(name)
-        if value is not None:
-            env["RE_" + name] = param.env_text(value)
-    env["REMOTE_EXEC_RUN_ID"] = run.id
-    env["REMOTE_EXEC_RUN_DIR"] = run.dir
-    env["REMOTE_EXEC_PARAMS"] = run.ctl("params.json")
+    env.update(added)
     return env
 
 
@@ -1292,12 +1382,15 @@ def approved_entrypoint(cfg, name):
     return entrypoint, code
 
 
-def cmd_launch(cfg, args, journal):
-    _arguments(args, "launch RUN_ID ENTRYPOINT (parameters as a JSON object on stdin)", 2, 2)
-    run = _existing_run(cfg, args[0])
+def _accept_launch(cfg, run_id, name):
+    """What ``launch`` and ``launch --batch`` check and record before the entrypoint can
+    start: the run exists and was not cancelled, the entrypoint is approved (its
+    sha256), the parameters bind, the run log can be one; then the launch-once guard
+    (AlreadyLaunched) and the records of the run (the approved bytes, params.json, the
+    entrypoint's name, the staged inputs). Returns ``(run, entrypoint, values)``."""
+    run = _existing_run(cfg, run_id)
     if run.cancelled():
         raise Refused("the run was cancelled; create a new run")
-    name = args[1]
     entrypoint, code = approved_entrypoint(cfg, name)
     values = entrypoint.bind(_read_parameters())
     log_path = os.path.join(run.dir, LOG_NAME)
@@ -1327,9 +1420,24 @@ def cmd_launch(cfg, args, journal):
         _write_new(run.ctl(STAGED_FILE), json.dumps(staged_files(run.dir)).encode("utf-8"))
     except OSError:
         pass  # (then all of them do)
+    return run, entrypoint, values
+
+
+def _parameter_names(values):
+    return ", ".join(sorted(n for n in values if values[n] is not None)) or "none"
+
+
+def cmd_launch(cfg, args, journal):
+    usage = "launch RUN_ID ENTRYPOINT [--batch] (parameters as a JSON object on stdin)"
+    batch = len(args) == 3 and args[2] == "--batch"
+    _arguments(args[:2] if batch else args, usage, 2, 2)
+    run, entrypoint, values = _accept_launch(cfg, args[0], args[1])
+    name = entrypoint.name
+    if batch:
+        return _prepare_batch(cfg, run, entrypoint, values, journal)
     log_fd = _open_run_log(run)
     argv = list(entrypoint.interpreter) + [entrypoint.path]
-    env = _entrypoint_env(run, entrypoint, values)
+    env = _entrypoint_env(entrypoint, _entrypoint_vars(run, entrypoint, values))
 
     sys.stdout.flush()
     sys.stderr.flush()
@@ -1358,11 +1466,203 @@ def cmd_launch(cfg, args, journal):
     except OSError:
         pass  # the client went away; the run goes on
     journal.record("launched pgid %d (entrypoint %s; parameters: %s)"
-                   % (pid, name, ", ".join(sorted(n for n in values
-                                                  if values[n] is not None)) or "none"))
+                   % (pid, name, _parameter_names(values)))
     os.waitpid(pid, 0)
     code = run.exit_code()
     return EXIT_FAILURE if code is None else code
+
+
+# --------------------------------------------------------------------------------------
+# Batch jobs
+# --------------------------------------------------------------------------------------
+
+def batch_job_command(cfg, run):
+    """The command a batch job runs on its compute node to start the run's entrypoint."""
+    return [sys.executable, os.path.abspath(__file__), "--allowlist",
+            os.path.abspath(cfg.path), "--batch-job", run.id]
+
+
+def _prepare_batch(cfg, run, entrypoint, values, journal):
+    """``launch ... --batch`` once the launch is accepted: batch.json, then the job's
+    command for the client (which submits the job)."""
+    batch = {"entrypoint": entrypoint.name,
+             "env": _entrypoint_vars(run, entrypoint, values)}
+    _write_new(run.ctl(BATCH_FILE), (json.dumps(batch, indent=1) + "\n").encode("utf-8"))
+    journal.verdict = ("ok: prepared for a batch job (entrypoint %s; parameters: %s)"
+                       % (entrypoint.name, _parameter_names(values)))
+    _print_json({"prepared": True, "job_command": batch_job_command(cfg, run)})
+    return EXIT_OK
+
+
+def _read_batch(run):
+    """batch.json: ``(entrypoint name, {variable: value})`` (Failure if malformed)."""
+    try:
+        with open(run.ctl(BATCH_FILE), "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise Failure("%s cannot be read: %s" % (run.ctl(BATCH_FILE), exc)) from None
+    name = data.get("entrypoint") if isinstance(data, dict) else None
+    env = data.get("env") if isinstance(data, dict) else None
+    if not isinstance(name, str) or not isinstance(env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise Failure("%s is not what launch --batch writes" % run.ctl(BATCH_FILE))
+    return name, env
+
+
+def _cancel_grace(run):
+    """The grace a ``cancel`` asked for, else DEFAULT_CANCEL_GRACE."""
+    grace = _read_int(run.ctl(CANCEL_GRACE_FILE))
+    return DEFAULT_CANCEL_GRACE if grace is None or grace < 0 else grace
+
+
+class _Stop:
+    """The signal that asked a batch job to stop (TERM, INT or HUP), if any."""
+
+    signum = None
+
+    @classmethod
+    def handler(cls, signum, frame):
+        if cls.signum is None:
+            cls.signum = signum
+
+
+def _note_in_log(run, text):
+    """One line of the agent's own in the run log (appended; never fails)."""
+    path = os.path.join(run.dir, LOG_NAME)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            _write_all(fd, (SAY_PREFIX + text + "\n").encode("utf-8", "replace"))
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def run_batch_job(cfg, run_id, journal):
+    """``--batch-job RUN_ID`` (on the compute node, as the job's own process): start the
+    prepared run's entrypoint once, stop it when the run is cancelled or the job is
+    signalled, record its exit code; returns that code (0..255)."""
+    if "SSH_ORIGINAL_COMMAND" in os.environ:
+        raise Refused("--batch-job is run by a batch job, never through SSH")
+    run = _existing_run(cfg, run_id)
+    if not run.launched() or not run.batch():
+        raise Refused("run %s was not prepared for a batch job (launch RUN_ID ENTRYPOINT "
+                      "--batch)" % run.id)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _Stop.handler)
+    try:
+        os.mkdir(run.ctl(JOB_STARTED), 0o700)
+    except FileExistsError:
+        raise Failure("the batch job of run %s was started before; it runs only once"
+                      % run.id) from None
+    job_id = os.environ.get("SLURM_JOB_ID", "")
+    if re.fullmatch(r"[0-9]{1,20}", job_id):
+        _write_atomic(run.ctl(JOB_ID_FILE), job_id + "\n")
+    else:
+        job_id = None
+    host = os.uname()[1]
+    _write_atomic(run.ctl(JOB_HOST_FILE), host + "\n")
+    where = "on %s%s" % (host, "" if job_id is None else " (job %s)" % job_id)
+    try:
+        return _batch_entrypoint(cfg, run, where, journal)
+    except Failure as exc:  # (after the guard: the run gets an exit code all the same)
+        if run.exit_code() is None:
+            _note_in_log(run, "the batch job could not start the entrypoint: %s" % exc)
+            _write_atomic(run.ctl(EXIT_CODE_FILE), "127\n")
+        raise
+
+
+def _batch_entrypoint(cfg, run, where, journal):
+    """The batch job once its guard is taken: the entrypoint, unless the run was
+    cancelled or the entrypoint is no longer the approved one; its exit code."""
+    if run.cancelled() or _Stop.signum is not None:
+        if run.exit_code() is None:
+            _write_atomic(run.ctl(EXIT_CODE_FILE), "%d\n" % EXIT_TERMINATED)
+        journal.verdict = "ok: batch job %s: the run was cancelled; not started" % where
+        return EXIT_OK
+    name, added = _read_batch(run)
+    try:
+        entrypoint, code = approved_entrypoint(cfg, name)
+        if code != _read_bytes(run.ctl("entrypoint")):  # the allowlist was changed since
+            raise DigestMismatch("entrypoint %s (%s) is not the one approved at launch"
+                                 % (name, entrypoint.path))
+    except (Refused, Failure) as exc:
+        _note_in_log(run, "entrypoint %s changed after it was checked; not run: %s"
+                     % (name, exc))
+        _write_atomic(run.ctl(EXIT_CODE_FILE), "126\n")
+        journal.verdict = "error: batch job %s: %s; not run (exit 126)" % (where, exc)
+        return 126
+    log_fd = _open_run_log(run)
+    argv = list(entrypoint.interpreter) + [entrypoint.path]
+    try:
+        proc = subprocess.Popen(argv, cwd=run.dir, stdin=subprocess.DEVNULL, stdout=log_fd,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                env=_entrypoint_env(entrypoint, added))
+    except OSError as exc:
+        _note_in_log(run, "cannot start the entrypoint (%s): %s" % (" ".join(argv), exc))
+        _write_atomic(run.ctl(EXIT_CODE_FILE), "127\n")
+        journal.verdict = "error: batch job %s: cannot start the entrypoint" % where
+        return 127
+    finally:
+        os.close(log_fd)
+    try:
+        _write_atomic(run.ctl("started_at"), _now_iso() + "\n")
+    except OSError:
+        pass
+    journal.write(
+        "batch job %s: started entrypoint %s (pid %d)" % (where, name, proc.pid))
+    code = _supervise(run, proc)
+    if code < 0:
+        code = 128 - code
+    _write_atomic(run.ctl(EXIT_CODE_FILE), "%d\n" % code)
+    journal.verdict = "ok: batch job %s: the entrypoint ended with exit code %d%s" % (
+        where, code, "" if _Stop.signum is None else " (stopped: signal %d)" % _Stop.signum)
+    return min(max(code, 0), 255)
+
+
+def _supervise(run, proc):
+    """Wait for the batch job's entrypoint; on a cancel mark or a signal to the job,
+    TERM its process group, then KILL it after the grace. Its returncode."""
+    stop_at = kill_at = None
+    beat = time.monotonic()
+    while True:
+        code = proc.poll()
+        if code is not None:
+            break
+        now = time.monotonic()
+        if stop_at is None and (_Stop.signum is not None or run.cancelled()):
+            stop_at = now
+            kill_at = now + _cancel_grace(run)
+            _signal_group(proc.pid, signal.SIGTERM)
+        elif kill_at is not None and now >= kill_at:
+            kill_at = None
+            _signal_group(proc.pid, signal.SIGKILL)
+        if now - beat >= BATCH_HEARTBEAT_SECONDS:
+            beat = now
+            try:
+                os.utime(run.ctl(JOB_STARTED))
+            except OSError:
+                pass
+        time.sleep(POLL_SECONDS)
+    if stop_at is not None:
+        _signal_group(proc.pid, signal.SIGKILL)  # what is left of its group
+    return code
+
+
+def _signal_group(pgid, signum):
+    try:
+        os.killpg(pgid, signum)
+    except OSError:
+        pass  # (gone)
+
+
+def _read_bytes(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
 
 
 def cmd_wait(cfg, args, journal):
@@ -1370,6 +1670,11 @@ def cmd_wait(cfg, args, journal):
     run = _existing_run(cfg, args[0])
     if not run.launched():
         raise Refused("run %s was not launched; launch it first" % run.id)
+    if run.batch():  # its job runs elsewhere: the client asks the scheduler
+        code = run.exit_code()
+        _print_json({"exit_code": code} if code is not None
+                    else {"exit_code": None, "batch": True})
+        return EXIT_OK
     while True:
         code = run.exit_code()
         if code is not None:
@@ -1468,6 +1773,8 @@ def cmd_cancel(cfg, args, journal):
         _print_json({"result": text})
         return code
 
+    if run.exit_code() is None:  # (the grace a batch job uses once it sees the mark)
+        _write_atomic(run.ctl(CANCEL_GRACE_FILE), "%d\n" % grace)
     fd = os.open(run.ctl(CANCELLED), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     os.close(fd)
     try:
@@ -1478,8 +1785,11 @@ def cmd_cancel(cfg, args, journal):
         _write_atomic(run.ctl(EXIT_CODE_FILE), "%d\n" % EXIT_TERMINATED)
         return result("not started")
     deadline = time.monotonic() + PGID_WAIT_SECONDS
-    while run.pgid() is None and run.exit_code() is None and time.monotonic() < deadline:
+    while run.pgid() is None and run.exit_code() is None and not run.batch() \
+            and time.monotonic() < deadline:
         time.sleep(0.1)
+    if run.batch():  # its job stops it, on its own node: never a signal from here
+        return _cancel_batch(run, grace, result)
     pgid = run.pgid()
     if pgid is None:
         if run.exit_code() is not None:  # a launch that saw the cancel and never started
@@ -1512,6 +1822,20 @@ def cmd_cancel(cfg, args, journal):
     if run.exit_code() is None:
         _write_atomic(run.ctl(EXIT_CODE_FILE), "%d\n" % EXIT_KILLED)
     return result("killed")
+
+
+def _cancel_batch(run, grace, result):
+    """``cancel`` of a batch run, once the cancel mark is there."""
+    if run.exit_code() is not None:
+        return result("already finished")
+    if not run.job_started():
+        return result("marked cancelled: its job exits as soon as it starts")
+    deadline = time.monotonic() + grace + BATCH_CANCEL_SLACK
+    while run.exit_code() is None and time.monotonic() < deadline:
+        time.sleep(POLL_SECONDS)
+    if run.exit_code() is not None:
+        return result("stopped by its job")
+    return result("marked cancelled: its job stops the entrypoint")
 
 
 def cmd_remove(cfg, args, journal):
@@ -1570,6 +1894,40 @@ def cmd_list(cfg, args, journal):
                              "state": state, "exit_code": code}))
     runs.sort(key=lambda r: (r[0], r[1]["id"]))
     _print_json({"runs": [r[1] for r in runs]})
+    return EXIT_OK
+
+
+def cmd_token(cfg, args, journal):
+    """A Slurm REST token: what the allowlist's ``token_command`` prints, as it is (the
+    output is never written to the agent log)."""
+    _arguments(args, "token", 0, 0)
+    if cfg.token_command is None:
+        raise Refused("this site gives no Slurm tokens: its allowlist has no token_command")
+    env = dict(os.environ)
+    env.pop("SSH_ORIGINAL_COMMAND", None)
+    shown = cfg.token_command[0]
+    try:
+        proc = subprocess.Popen(cfg.token_command, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    except OSError as exc:
+        raise Failure("the token command %s cannot be started: %s"
+                      % (shown, exc.strerror or exc)) from None
+    try:
+        out, err = proc.communicate(timeout=TOKEN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise Failure("the token command %s did not finish within %d s"
+                      % (shown, TOKEN_TIMEOUT)) from None
+    if proc.returncode != 0:
+        lines = [line.strip() for line in err.decode("utf-8", "replace").splitlines()
+                 if line.strip()]
+        raise Failure("the token command %s failed with exit status %d%s" % (
+            shown, proc.returncode if proc.returncode >= 0 else 128 - proc.returncode,
+            ": " + lines[-1][:500] if lines else " (and wrote nothing on stderr)"))
+    sys.stdout.buffer.write(out)
+    sys.stdout.flush()
+    journal.verdict = "ok: printed the token command's output (%d bytes)" % len(out)
     return EXIT_OK
 
 
@@ -2133,6 +2491,7 @@ COMMANDS = {
     "cancel": cmd_cancel,
     "remove": cmd_remove,
     "list": cmd_list,
+    "token": cmd_token,
     "cache-place": cmd_cache_place,
     "cache-insert": cmd_cache_insert,
     "cache-trim": cmd_cache_trim,
@@ -2148,15 +2507,21 @@ class Journal:
         self.command = command
         self.verdict = None
         self.done = False
+        #: who asked (the SSH client's address; None: from SSH_CONNECTION)
+        self.client = None
 
     def record(self, verdict, details=None):
         if self.done:
             return
         self.done = True
+        self.write(verdict, details)
+
+    def write(self, verdict, details=None):
+        """One line, whether or not this invocation's verdict was recorded already."""
         shown = repr(self.command)
         if len(shown) > 300:
             shown = shown[:297] + "..."
-        client = (os.environ.get("SSH_CONNECTION") or "-").split(" ")[0] or "-"
+        client = self.client or (os.environ.get("SSH_CONNECTION") or "-").split(" ")[0] or "-"
         client = re.sub(r"[^0-9A-Za-z.:%_-]", "?", client)[:64]
         line = "%s pid=%d from=%s command=%s %s\n" % (
             _now_iso(), os.getpid(), client, shown, verdict.replace("\n", " "))
@@ -2219,13 +2584,18 @@ def dispatch(cfg, command, journal):
     return handler(cfg, argv[1:], journal)
 
 
-def _serve(allowlist, command, journal):
+def _serve(allowlist, command, journal, batch_job=None):
+    """Load the allowlist, then run the client's ``command`` (or, with ``batch_job``,
+    that run's batch job); the exit status."""
     try:
         cfg = Config(allowlist)
         journal.path = cfg.log
         cfg.load()
         journal.path = cfg.log
-        code = dispatch(cfg, command, journal)
+        if batch_job is not None:
+            code = run_batch_job(cfg, batch_job, journal)
+        else:
+            code = dispatch(cfg, command, journal)
         journal.record(journal.verdict or ("ok" if code == EXIT_OK else "exit %d" % code))
         return code
     except Refused as exc:
@@ -2264,6 +2634,7 @@ def _serve(allowlist, command, journal):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     allowlist = None
+    batch_job = None
     i = 0
     while i < len(argv):
         word = argv[i]
@@ -2278,15 +2649,24 @@ def main(argv=None):
             allowlist = word[len("--allowlist="):]
             i += 1
             continue
+        if word == "--batch-job" and i + 1 < len(argv) and batch_job is None:
+            batch_job = argv[i + 1]
+            i += 2
+            continue
         _say("error: unknown agent option %r (the forced command takes only --allowlist PATH "
-             "and --version)" % word)
+             "and --version; a batch job --batch-job RUN_ID)" % word)
         return EXIT_FAILURE
     if allowlist is None:
         allowlist = os.path.join(os.path.dirname(os.path.abspath(__file__)), "allowlist.json")
     allowlist = os.path.abspath(os.path.expanduser(allowlist))
-    command = strip_mark(os.environ.get("SSH_ORIGINAL_COMMAND"))
+    if batch_job is not None:  # (a batch job's own process; run_batch_job refuses SSH)
+        command = "--batch-job " + batch_job
+    else:
+        command = strip_mark(os.environ.get("SSH_ORIGINAL_COMMAND"))
     journal = Journal(os.path.join(os.path.dirname(allowlist), "agent.log"), command)
-    return _serve(allowlist, command, journal)
+    if batch_job is not None:
+        journal.client = "-"  # (no SSH client: a job the scheduler started)
+    return _serve(allowlist, command, journal, batch_job)
 
 
 if __name__ == "__main__":

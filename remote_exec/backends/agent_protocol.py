@@ -12,6 +12,12 @@ file the administrator owns. Here is the client of that protocol:
   ``launch RUN_ID NAME``       run approved entrypoint NAME (pinned by sha256), the
                                parameters as JSON on stdin; answers ``started PGID``
                                and ends with the entrypoint's exit code;
+  ``launch RUN_ID NAME --batch``  the same checks and records, but the entrypoint is
+                               left for a batch job: answers the command the job runs
+                               on its compute node (``--batch-job RUN_ID``, which no
+                               SSH request can reach);
+  ``token``                    a Slurm REST token: what the allowlist's
+                               ``token_command`` prints;
   ``cache-place RUN_ID``       before rsync: the inputs the site's content cache may
                                hold (name, size, sha256 and time, JSON on stdin); the
                                agent copies and verifies those it has, answers which;
@@ -181,6 +187,41 @@ class AgentClient:
             else str(started.banner_err)
         _raise_for(process.exit_status, err, f"launch {entry}", self.site)
         raise AssertionError("unreachable")
+
+    async def launch_batch(self, conn: asyncssh.SSHClientConnection, run_id: str, entry: str,
+                           params: dict[str, Any]) -> list[str]:
+        """Prepare run ``run_id`` for a batch job that runs approved entrypoint ``entry``;
+        the command the job must run (its script: ``exec`` of it). A run prepared before
+        (a retried request) answers the command it was prepared with, as :meth:`launch`
+        answers a run launched before."""
+        result = await shell.run_request(conn, agent_request("launch", run_id, entry, "--batch"),
+                                         input=json.dumps(params))
+        if result.exit_status is None and conn.is_closed():
+            raise asyncssh.ConnectionLost("the connection closed while preparing the job")
+        if result.exit_status == ALREADY_LAUNCHED:
+            command = (await self.status(conn, run_id)).get("job_command")
+            if not isinstance(command, list):
+                raise RemoteExecError(f"{self.site}: run {run_id} was already launched, "
+                                      "not for a batch job")
+            return [str(word) for word in command]
+        if result.exit_status != 0:
+            _raise_for(result.exit_status, result.stderr or result.banner_err,
+                       f"launch {entry}", self.site)
+        try:
+            command = json.loads(result.stdout)["job_command"]
+        except (ValueError, KeyError, TypeError):
+            raise RemoteExecError(f"{self.site}: the agent's answer to launch --batch is not "
+                                  f"its job's command: {_first_line(result.stdout)[:200]}"
+                                  ) from None
+        return [str(word) for word in command]
+
+    async def token(self, conn: asyncssh.SSHClientConnection) -> str:
+        """A Slurm REST token: what the site's ``token_command`` printed, as it is."""
+        result = await shell.run_request(conn, agent_request("token"))
+        if result.exit_status != 0:
+            _raise_for(result.exit_status, result.stderr or result.banner_err,
+                       "give a Slurm token", self.site)
+        return result.stdout
 
     async def status(self, conn: asyncssh.SSHClientConnection, run_id: str) -> dict[str, Any]:
         return await self.call(conn, "status", run_id, what="report the run's status")

@@ -178,7 +178,9 @@ def site_entry(path: str, data: bytes) -> dict[str, Any]:
 
 def allowlist_text(site: Site, root: str, agent_dir: str, entries: dict[str, Any]) -> bytes:
     """The agent's allowlist.json: the runs root, the agent's state and log, the
-    approved entrypoints and the site's never/only return patterns."""
+    approved entrypoints and the site's never/only return patterns; and the command
+    that prints a Slurm REST token (``token``) when the site's ``slurmrest`` section
+    has a ``token_command``."""
     allowlist = {
         "version": 1,
         "root": root,
@@ -187,6 +189,9 @@ def allowlist_text(site: Site, root: str, agent_dir: str, entries: dict[str, Any
         "entrypoints": entries,
         "returns": {"never": list(site.never_return), "only": list(site.only_return)},
     }
+    token_command = site.settings.get("slurmrest", {}).get("token_command")
+    if isinstance(token_command, list) and token_command:  # a Slurm REST site's tokens
+        allowlist["token_command"] = [str(word) for word in token_command]
     return (json.dumps(allowlist, indent=2) + "\n").encode("utf-8")
 
 
