@@ -50,21 +50,22 @@ it), after its sha256 was checked twice: when the launch is accepted and again r
 before it starts; the approved bytes are kept with the run in
 ``<state>/<RUN_ID>/entrypoint``.
 
-Batch jobs (a site whose runs go through Slurm's REST API, the run directory on a
-file system the compute nodes share): ``launch RUN_ID ENTRYPOINT --batch`` checks and
-records the launch as ``launch`` does, writes ``<state>/<RUN_ID>/batch.json`` (the
-entrypoint and the variables the agent adds for it) and prints
-``{"prepared": true, "job_command": [PYTHON, AGENT, "--allowlist", ALLOWLIST,
-"--batch-job", RUN_ID]}``. The client submits a job whose script is ``exec`` of that
+Batch jobs (a site whose runs go through Slurm's REST API, the run directory on a file
+system the compute nodes share): ``launch RUN_ID ENTRYPOINT --batch`` checks and records
+the launch as ``launch`` does, writes ``<state>/<RUN_ID>/batch.json`` (the entrypoint
+and the variables the agent adds for it) and prints ``{"prepared": true, "job_command":
+[PYTHON, AGENT, "--allowlist", ALLOWLIST, "--batch-job", RUN_ID], "job_output": PATH}``
+(where the scheduler is to write the job's own output: the run's state, beside the
+agent's other records of it). The client submits a job whose script is ``exec`` of that
 command; on the compute node the agent (``--batch-job``, an option of the command line
 that no SSH request can reach) starts the entrypoint once, after checking its sha256
 again, and stops it (TERM to its process group, KILL after the grace) when the run is
 cancelled or the job gets TERM, INT or HUP (``scancel``). It records ``job_id``,
 ``job_host``, ``started_at`` and the exit code as a launch does, never a ``pgid`` (the
 login host must never signal a process of a compute node), and exits with the
-entrypoint's exit code. ``cancel`` on a batch run only marks it cancelled (after
-writing the grace it was given into ``cancel_grace``, which the job uses) and waits
-GRACE + 3 seconds for the job to record an exit code.
+entrypoint's exit code. ``cancel`` on a batch run only marks it cancelled (after writing
+the grace it was given into ``cancel_grace``, which the job uses) and waits GRACE + 3
+seconds for the job to record an exit code.
 
 Exit status: 0 ok, 1 failure, 2 refused, 3 a run was lost (``wait``), 96 the run was
 already launched; ``launch`` itself exits with the entrypoint's exit code.
@@ -121,12 +122,14 @@ EXIT_CODE_FILE = "exit_code"
 STAGED_FILE = "staged.json"
 #: (the agent's own) a run prepared for a batch job: ``{"entrypoint", "env"}``; the
 #: job's once-only guard (a directory, refreshed while the job runs); the Slurm job id
-#: and host the job recorded; the grace a ``cancel`` asked for (seconds)
+#: and host the job recorded; the grace a ``cancel`` asked for (seconds); the
+#: scheduler's own output of the job
 BATCH_FILE = "batch.json"
 JOB_STARTED = "job_started"
 JOB_ID_FILE = "job_id"
 JOB_HOST_FILE = "job_host"
 CANCEL_GRACE_FILE = "cancel_grace"
+JOB_OUTPUT_FILE = "job.out"
 
 #: the entrypoint's output, inside the run directory (as remote-exec's own flow names it)
 LOG_NAME = "remote_program_exec.log"
@@ -1230,6 +1233,7 @@ def cmd_status(cfg, args, journal):
         "job_id": run.job_id() if batch else None,
         "job_host": (_read_text(run.ctl(JOB_HOST_FILE)) or None) if batch else None,
         "job_command": batch_job_command(cfg, run) if batch else None,
+        "job_output": run.ctl(JOB_OUTPUT_FILE) if batch else None,
     })
     return EXIT_OK
 
@@ -1490,7 +1494,8 @@ def _prepare_batch(cfg, run, entrypoint, values, journal):
     _write_new(run.ctl(BATCH_FILE), (json.dumps(batch, indent=1) + "\n").encode("utf-8"))
     journal.verdict = ("ok: prepared for a batch job (entrypoint %s; parameters: %s)"
                        % (entrypoint.name, _parameter_names(values)))
-    _print_json({"prepared": True, "job_command": batch_job_command(cfg, run)})
+    _print_json({"prepared": True, "job_command": batch_job_command(cfg, run),
+                 "job_output": run.ctl(JOB_OUTPUT_FILE)})
     return EXIT_OK
 
 

@@ -39,7 +39,8 @@ def prepare(site: Site, entrypoint: str, params: dict) -> tuple[str, list[str]]:
     """A new run prepared for a batch job: its id and its job's command."""
     run_id = site.new_run()
     answer = site.ok(f"launch {run_id} {entrypoint} --batch", params)
-    assert set(answer) == {"prepared", "job_command"} and answer["prepared"] is True
+    assert set(answer) == {"prepared", "job_command", "job_output"}
+    assert answer["prepared"] is True and answer["job_output"].endswith(f"/{run_id}/job.out")
     return run_id, answer["job_command"]
 
 
@@ -410,12 +411,14 @@ def test_agent_client_launch_batch_and_token(site: Site) -> None:
     client = AgentClient("hpc")
     conn = AgentConnection(site)
     run_id = site.new_run()
-    command = asyncio.run(client.launch_batch(conn, run_id, "generic",
-                                              {"program": "/bin/true"}))
-    assert command[2:] == ["--allowlist", str(site.allowlist), "--batch-job", run_id]
-    # a retried request (ALREADY_LAUNCHED) answers the command the run was prepared with
-    assert asyncio.run(client.launch_batch(conn, run_id, "generic",
-                                           {"program": "/bin/true"})) == command
+    prepared = asyncio.run(client.launch_batch(conn, run_id, "generic",
+                                               {"program": "/bin/true"}))
+    assert prepared.command[2:] == ["--allowlist", str(site.allowlist), "--batch-job", run_id]
+    assert prepared.output.endswith(f"/{run_id}/job.out") and not prepared.before
+    # a retried request (ALREADY_LAUNCHED) answers what the run was prepared with
+    again = asyncio.run(client.launch_batch(conn, run_id, "generic", {"program": "/bin/true"}))
+    assert (again.command, again.output, again.before) == (prepared.command, prepared.output,
+                                                           True)
     plain = site.new_run()
     assert site.launch(plain, "generic", {"program": "/bin/true"}).returncode == 0
     with pytest.raises(RemoteExecError, match="already launched, not for a batch job"):
@@ -430,6 +433,6 @@ def test_agent_client_launch_batch_and_token(site: Site) -> None:
     site.spec["token_command"] = [str(script)]
     site.save()
     assert asyncio.run(client.token(conn)) == "SLURM_JWT=a.b.c\n"
-    assert run_job(site, command).returncode == 0
+    assert run_job(site, prepared.command).returncode == 0
     status = asyncio.run(client.status(conn, run_id))
     assert status["batch"] is True and status["exit_code"] == 0

@@ -365,7 +365,8 @@ def test_create_status_remove(site: Site) -> None:
     assert status == {"exists": True, "rundir": str(rundir), "launched": False,
                       "cancelled": False, "entrypoint": None, "pgid": None, "alive": None,
                       "exit_code": None, "started_at": None, "batch": False,
-                      "job_id": None, "job_host": None, "job_command": None}
+                      "job_id": None, "job_host": None, "job_command": None,
+                      "job_output": None}
     (listed,) = site.ok("list")["runs"]
     assert listed.pop("age_seconds") in (0, 1, 2)
     assert listed == {"id": run_id, "state": "not launched", "exit_code": None}

@@ -167,6 +167,19 @@ def test_backend_on_a_restricted_site_is_refused():
     assert "restricted" in (caught.value.hint or "")
 
 
+def test_slurmrest_on_a_restricted_site_goes_through_the_agent():
+    with pytest.raises(ConfigError, match="restricted") as caught:
+        build_request(restricted(), backend="slurm")
+    assert "slurmrest" in (caught.value.hint or "")  # what does work there
+    request = build_request(restricted(), backend="slurmrest", template="generic",
+                            params=["program=~/x"], resources=["walltime=1:00:00"])
+    assert request.backend == "slurmrest-agent"
+    assert request.entrypoint.kind == "approved"
+    assert request.resources["walltime_s"] == 3600
+    with pytest.raises(ConfigError, match="cannot be chosen"):
+        build_request(site(), backend="slurmrest-agent", command="true")
+
+
 def test_a_command_on_a_restricted_site_is_refused_unless_it_is_the_sites_own():
     with pytest.raises(ConfigError, match="not a command line") as caught:
         build_request(restricted(), command="./solve")

@@ -380,3 +380,188 @@ def test_api_down_longer_than_the_retries_interrupts_then_resume(
     assert resumed.returncode == 0, resumed.stderr
     assert (work / "back" / "l.txt").read_text() == "later\n"
     assert jobs_named(cluster, run["id"]) == [impatient.newest()["job_id"]]
+
+
+# -- on a restricted site: the agent stages, fetches and starts the approved entrypoint -------
+
+@pytest.fixture(scope="module")
+def locked(cluster: SlurmCluster, relay: Relay, tmp_path_factory: pytest.TempPathFactory):
+    """A restricted site (`site install --apply` locked the key to the agent) whose runs
+    are Slurm jobs submitted through slurmrestd; the token comes from the agent, which
+    runs the allowlist's token_command."""
+    import asyncssh
+
+    from remote_exec.sandbox import Sandbox
+
+    base = tmp_path_factory.mktemp("slurmrest-locked")
+    box = Sandbox(base / "sshd", extra_config=[f"SetEnv SLURM_CONF={cluster.conf}"])
+    box.up()
+    key = asyncssh.generate_private_key("ssh-ed25519", comment="mint key")
+    mint_key = base / "mint_key"
+    key.write_private_key(str(mint_key))
+    os.chmod(mint_key, 0o600)
+    root = base / "runs"
+    root.mkdir()
+    scripts = base / "site-scripts"
+    scripts.mkdir()
+    for name, body in {
+        "work.sh": 'cat in.txt > out.txt; echo "job=$SLURM_JOB_ID" >> out.txt\n'
+                   "echo s3cret > key.secret\nexit \"${1:-0}\"\n",
+        "nap.sh": "touch ran\necho napping\nexec sleep 120\n",
+        "slow.sh": "echo working\nsleep 6\necho done > result.txt\nexit 5\n",
+    }.items():
+        (scripts / name).write_text("#!/bin/sh\n" + body)
+        (scripts / name).chmod(0o755)
+    site = {"host": "127.0.0.1", "port": box.port, "user": box.site_definition()["user"],
+            "identity_file": str(mint_key), "known_hosts": str(box.known_hosts),
+            "root": str(root), "agent_dir": str(base / "agent"), "restricted": True,
+            "backend": "slurmrest", "templates": ["generic"], "never_return": ["*.secret"],
+            "cancel_grace": 2, "resources": {"walltime": "10m"},
+            "slurmrest": {"url": relay.url,
+                          "token_command": ["scontrol", "token", "lifespan=3600"]}}
+    config = base / "remote-exec.yaml"
+    config.write_text(yaml.safe_dump({"sites": {"locked": site}}))
+    locked = BatchSite(box=box, config=config, state=base / "state", root=root, name="locked")
+    locked.scripts = scripts  # type: ignore[attr-defined]
+    locked.agent_log = base / "agent" / "agent.log"  # type: ignore[attr-defined]
+    proc = locked.cli("site", "install", "locked", "--apply", "--admin-identity",
+                      str(box.user_key), "--authorized-keys", str(box.authorized_keys), cwd=base)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    yield locked
+    locked.stop()
+
+
+def approved(locked: BatchSite, program: str, *args: str) -> list[str]:
+    """``run`` arguments of the site's approved `generic` entrypoint running ``program``."""
+    words = ["run", "--site", "locked", "--template", "generic",
+             "-p", f"program={locked.scripts / program}"]  # type: ignore[attr-defined]
+    for arg in args:
+        words += ["-p", f"args={arg}"]
+    return words
+
+
+def test_restricted_site_runs_the_approved_entrypoint_as_a_job(
+        locked: BatchSite, cluster: SlurmCluster, relay: Relay, work: Path) -> None:
+    submits = relay.count("POST", "/job/submit")
+    proc = locked.cli(*approved(locked, "work.sh"), "in.txt", "--into", "back", cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    out = (work / "back" / "out.txt").read_text()
+    assert out.startswith("hello rest\njob=")
+    job_id = out.split("job=")[1].strip()
+    assert f"submitted Slurm job {job_id} through slurmrestd" in proc.stderr
+    assert not (work / "back" / "key.secret").exists()  # the site's never_return holds
+    assert relay.count("POST", "/job/submit") == submits + 1
+    run = locked.newest()
+    assert run["backend"] == "slurmrest-agent" and run["job_id"] == job_id
+    assert run["job_info"]["native"] == "COMPLETED"
+    fields = cluster.job(job_id)
+    assert fields["Requeue"] == "0" and fields["TimeLimit"] == "00:10:00"
+    # the job ran the agent, which checked the entrypoint again and ran it
+    log = locked.agent_log.read_text()  # type: ignore[attr-defined]
+    assert "--batch" in log and "batch job" in log
+    assert "eyJ" not in proc.stderr + proc.stdout + log  # the token never shows
+    text = locked.cli("status", run["id"], cwd=work).stdout
+    assert f"Slurm job {job_id}: COMPLETED" in text
+
+
+def test_restricted_exit_code_three(locked: BatchSite, work: Path) -> None:
+    proc = locked.cli(*approved(locked, "work.sh", "3"), "in.txt", cwd=work)
+    assert proc.returncode == 3, proc.stderr
+    run = locked.newest()
+    assert run["state"] == "failed" and run["job_info"]["exit_code"] == 3
+
+
+def test_restricted_refusals_submit_nothing(locked: BatchSite, relay: Relay,
+                                            work: Path) -> None:
+    submits = relay.count("POST", "/job/submit")
+    proc = locked.cli("run", "--site", "locked", "--template", "python", "-p",
+                      "script=x.py", cwd=work)
+    assert proc.returncode == 78 and "not allowed" in proc.stderr  # not a site template
+    proc = locked.cli(*approved(locked, "work.sh"), "--backend", "slurm", cwd=work)
+    assert proc.returncode != 0 and "slurmrest" in proc.stderr, proc.stderr
+    proc = locked.cli("run", "--site", "locked", "--template", "generic",
+                      "-p", "program=/bin/sh;id", cwd=work)
+    assert proc.returncode == 78 and "does not match the pattern" in proc.stderr
+    # the site's own check: an approved entrypoint changed on the host
+    entrypoint = locked.agent_log.parent / "entrypoints" / "generic.sh"  # type: ignore[attr-defined]
+    approved_bytes = entrypoint.read_bytes()
+    entrypoint.write_bytes(approved_bytes + b"\nid\n")
+    try:
+        proc = locked.cli(*approved(locked, "work.sh"), cwd=work)
+    finally:
+        entrypoint.write_bytes(approved_bytes)
+    assert proc.returncode == 77 and "re-approve" in proc.stderr, proc.stderr
+    assert relay.count("POST", "/job/submit") == submits
+
+
+def test_restricted_cancel_while_pending(locked: BatchSite, cluster: SlurmCluster,
+                                         work: Path) -> None:
+    blocker = cluster.hold_node()
+    try:
+        proc = locked.spawn_run(*approved(locked, "nap.sh")[1:], cwd=work)
+        status = locked.wait_job(("queued",))
+        cancel = locked.cli("cancel", status["id"], cwd=work)
+        assert cancel.returncode == 0, cancel.stderr
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 143, err
+        assert cluster.job(status["job_id"])["JobState"] == "CANCELLED"
+        assert not (Path(status["rundir"]) / "ran").exists()
+    finally:
+        cluster.run("scancel", blocker, check=False)
+
+
+def test_restricted_ctrl_c_while_running(locked: BatchSite, cluster: SlurmCluster,
+                                         work: Path) -> None:
+    proc = locked.spawn_run(*approved(locked, "nap.sh")[1:], cwd=work)
+    status = locked.wait_job(("running",))
+    deadline = time.monotonic() + 30
+    while not (Path(status["rundir"]) / "ran").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    cluster.wait_job_state(status["job_id"], "CANCELLED")
+    assert locked.newest()["state"] == "cancelled"
+
+
+def test_restricted_driver_killed_then_resume_submits_once(
+        locked: BatchSite, cluster: SlurmCluster, relay: Relay, work: Path) -> None:
+    submits = relay.count("POST", "/job/submit")
+    proc = locked.spawn_run(*approved(locked, "slow.sh")[1:], "--into", "back", cwd=work)
+    status = locked.wait_job(("running",))
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 20
+    logs = locked.cli("logs", status["id"], cwd=work)
+    while "working" not in logs.stdout and time.monotonic() < deadline:
+        time.sleep(0.5)
+        logs = locked.cli("logs", status["id"], cwd=work)
+    assert "working" in logs.stdout, logs.stdout + logs.stderr  # the agent serves the log
+    resumed = locked.cli("resume", status["id"], cwd=work)
+    assert resumed.returncode == 5, resumed.stderr
+    assert (work / "back" / "result.txt").read_text() == "done\n"
+    run = locked.newest()
+    assert run["exit_code"] == 5 and run["job_info"]["native"] == "FAILED"
+    assert relay.count("POST", "/job/submit") == submits + 1
+    assert jobs_named(cluster, run["id"]) == [run["job_id"]]
+
+
+def test_restricted_lost_submit_answer_finds_the_job(locked: BatchSite, cluster: SlurmCluster,
+                                                     relay: Relay, work: Path) -> None:
+    submits = relay.count("POST", "/job/submit")
+    relay.lose_next_submit = True
+    proc = locked.cli(*approved(locked, "work.sh"), "in.txt", "--into", "back", cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    assert relay.count("POST", "/job/submit") == submits + 1
+    assert "answer was lost: found job" in proc.stderr
+    run = locked.newest()
+    assert jobs_named(cluster, run["id"]) == [run["job_id"]]
+
+
+def test_restricted_site_check(locked: BatchSite, work: Path) -> None:
+    proc = locked.cli("site", "check", "locked", "--json", cwd=work)
+    rows = {r["check"]: r for r in json.loads(proc.stdout)}
+    assert rows["access"]["status"] == "ok"
+    assert rows["batch jobs"]["status"] == "ok", rows["batch jobs"]
+    assert rows["slurmrestd"]["status"] == "ok", rows["slurmrestd"]
+    assert "token expires" in rows["slurmrestd"]["detail"]

@@ -21,7 +21,9 @@ Built in:
                one module per scheduler for its commands and formats);
   ``slurmrest`` a Slurm job submitted, asked about and cancelled through a REST API
                (slurmrestd, or the FRCE kind), the run directory over SSH
-               (:mod:`.slurmrest`);
+               (:mod:`.slurmrest`); on a restricted site ``slurmrest-agent`` stands for
+               it: the agent stages, fetches and starts the approved entrypoint inside
+               the job (:mod:`.slurmrest.restricted`);
   ``agent``    a restricted site: every step is a request to the agent the site
                installed (:mod:`.agent`); chosen by the site's ``restricted: true``;
   ``fujitsu``  the Fujitsu Cloud Service HPC WebAPI: files through its object storage,
@@ -81,6 +83,9 @@ class Registered:
     #: the local stand-in of a site for ``remote-exec demo --backend NAME`` ("module:Class"
     #: with ``site_name``, ``up()`` giving the site's definition, and ``describe(definition)``)
     sandbox: str = ""
+    #: the backend that stands for this one on a restricted site (the site's agent does
+    #: what needs the host there); empty: not supported on restricted sites
+    restricted_as: str = ""
 
     def load(self) -> type[Backend]:
         cls: type[Backend] = resolve(self.target)
@@ -111,7 +116,12 @@ BUILT_IN: tuple[Registered, ...] = (
                "a Slurm job through slurmrestd or an FRCE-style REST API (files over SSH)",
                takes_resources=True, section="slurmrest",
                section_schema="remote_exec.backends.slurmrest.settings:SCHEMA",
-               section_check="remote_exec.backends.slurmrest.settings:check_section"),
+               section_check="remote_exec.backends.slurmrest.settings:check_section",
+               restricted_as="slurmrest-agent"),
+    Registered("slurmrest-agent",
+               "remote_exec.backends.slurmrest.restricted:RestrictedSlurmRestBackend",
+               "slurmrest on a restricted site (the agent stages, fetches and starts the "
+               "approved entrypoint in the job)", choosable=False, takes_resources=True),
     Registered("agent", "remote_exec.backends.agent:AgentBackend",
                "a restricted site's agent (the site's `restricted: true`)", choosable=False),
     Registered("fujitsu", "remote_exec.backends.fujitsu.backend:FujitsuBackend",
@@ -199,11 +209,15 @@ def for_site(site: Site, override: str | None = None) -> str:
     name = override or site.backend or DEFAULT
     entry = get(name)
     if site.restricted:
-        if name != DEFAULT:
-            raise ConfigError(f"site {site.name!r} is restricted: its agent runs approved "
-                              f"entrypoints itself; backend {name!r} is not supported there",
-                              hint="drop --backend (or the site's `backend`)")
-        return RESTRICTED
+        if name == DEFAULT:
+            return RESTRICTED
+        if entry.restricted_as:
+            return entry.restricted_as
+        takers = [r.name for r in _REGISTRY.values() if r.restricted_as]
+        raise ConfigError(f"site {site.name!r} is restricted: its agent runs approved "
+                          f"entrypoints itself; backend {name!r} is not supported there",
+                          hint="drop --backend (or the site's `backend`); on a restricted "
+                          f"site the agent also works with: {', '.join(takers)}")
     if not entry.choosable:
         raise ConfigError(f"backend {name!r} cannot be chosen: {entry.summary}")
     return name

@@ -36,6 +36,7 @@ import os
 import posixpath
 import shlex
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -60,6 +61,23 @@ from remote_exec.ssh.transfer import RSYNC_FETCH_OPTIONS, FetchReport, rsync_hin
 
 class AgentRefused(AuthError):
     """The site's agent refused the request (its policy, not a fault: final, exit 77)."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A run the agent prepared for a batch job (``launch --batch``)."""
+
+    command: list[str]  # what the job runs: ``exec`` of it
+    output: str  # where the scheduler writes the job's own output
+    before: bool  # prepared by an earlier request (a job may exist)
+
+    @classmethod
+    def of(cls, answer: dict[str, Any], before: bool) -> Prepared:
+        """From the agent's answer to ``launch --batch`` or ``status``."""
+        command = answer["job_command"]
+        if not isinstance(command, list) or not command:
+            raise TypeError("no job command")
+        return cls([str(w) for w in command], str(answer.get("job_output") or ""), before)
 
 
 
@@ -189,31 +207,30 @@ class AgentClient:
         raise AssertionError("unreachable")
 
     async def launch_batch(self, conn: asyncssh.SSHClientConnection, run_id: str, entry: str,
-                           params: dict[str, Any]) -> list[str]:
-        """Prepare run ``run_id`` for a batch job that runs approved entrypoint ``entry``;
-        the command the job must run (its script: ``exec`` of it). A run prepared before
-        (a retried request) answers the command it was prepared with, as :meth:`launch`
-        answers a run launched before."""
+                           params: dict[str, Any]) -> Prepared:
+        """Prepare run ``run_id`` for a batch job that runs approved entrypoint ``entry``:
+        the command the job must run (its script: ``exec`` of it) and where the scheduler
+        writes the job's output. A run prepared before (a retried request) answers what
+        it was prepared with, ``before`` set: a job may have been submitted already."""
         result = await shell.run_request(conn, agent_request("launch", run_id, entry, "--batch"),
                                          input=json.dumps(params))
         if result.exit_status is None and conn.is_closed():
             raise asyncssh.ConnectionLost("the connection closed while preparing the job")
         if result.exit_status == ALREADY_LAUNCHED:
-            command = (await self.status(conn, run_id)).get("job_command")
-            if not isinstance(command, list):
+            status = await self.status(conn, run_id)
+            if not isinstance(status.get("job_command"), list):
                 raise RemoteExecError(f"{self.site}: run {run_id} was already launched, "
                                       "not for a batch job")
-            return [str(word) for word in command]
+            return Prepared.of(status, before=True)
         if result.exit_status != 0:
             _raise_for(result.exit_status, result.stderr or result.banner_err,
                        f"launch {entry}", self.site)
         try:
-            command = json.loads(result.stdout)["job_command"]
+            return Prepared.of(json.loads(result.stdout), before=False)
         except (ValueError, KeyError, TypeError):
             raise RemoteExecError(f"{self.site}: the agent's answer to launch --batch is not "
                                   f"its job's command: {_first_line(result.stdout)[:200]}"
                                   ) from None
-        return [str(word) for word in command]
 
     async def token(self, conn: asyncssh.SSHClientConnection) -> str:
         """A Slurm REST token: what the site's ``token_command`` printed, as it is."""

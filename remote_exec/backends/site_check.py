@@ -61,6 +61,7 @@ async def ssh_site_rows(site: Site, more: More) -> list[Row]:
             # the forced command starts through the login shell too: does it print?
             login = await shell.run_request(conn, agent_request("hello"))
             rows.append(_login_shell_row("the login shell", login))
+            rows += await more(conn)
         else:
             rows += await _open_rows(site, conn, more)
     return rows

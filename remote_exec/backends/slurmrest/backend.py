@@ -161,19 +161,8 @@ class SlurmRestBackend(BatchBackend):
                 "answers again (the job is never submitted twice)") from None
 
     async def _launch(self, run: Run) -> Launched:
-        sftp, rundir = await self.link.sftp(), run.rundir
-        control = posixpath.join(rundir, CONTROL_DIR)
-        if not await sftp.exists(posixpath.join(control, LAUNCHED_MARK)):
-            await self._write(sftp, {JOB_SCRIPT: self._job_script(rundir),
-                                     BATCH_SCRIPT: SUBMITTER}, rundir)
-        try:
-            await sftp.mkdir(posixpath.join(control, LAUNCHED_MARK))  # the guard
-            claimed = True
-        except asyncssh.SFTPError:
-            claimed = False
-        if not claimed:
-            if await read_control(sftp, rundir, CANCELLED_MARK) is not None and \
-                    await read_control(sftp, rundir, "submit.rc") is None:
+        if not await self._claim(run):
+            if await self._cancelled_unsubmitted(run):
                 raise SubmitError("the run was cancelled before its job was submitted")
             job_id = await self._find_lost(run)
             if job_id:
@@ -181,10 +170,51 @@ class SlurmRestBackend(BatchBackend):
             run.ui.warn("an earlier attempt took the submit guard but Slurm has no job of "
                         "this run: submitting it now")
         job_id = await self._submit(run)
-        await self._write(sftp, {f"{CONTROL_DIR}/submit.out": f"{job_id}\n",
-                                 f"{CONTROL_DIR}/submit.err": "",
-                                 f"{CONTROL_DIR}/submit.rc": "0\n"}, rundir)
+        await self._record_submitted(run, job_id)
         return Launched(job_id=job_id)
+
+    # -- where the run's control files are: the run directory, over SFTP ---------------------
+    # (a restricted site's agent keeps them itself: :mod:`.restricted` overrides these)
+    async def _claim(self, run: Run) -> bool:
+        """Take the submit-once guard (writing the job script first): False if an
+        earlier attempt took it."""
+        sftp, rundir = await self.link.sftp(), run.rundir
+        control = posixpath.join(rundir, CONTROL_DIR)
+        if not await sftp.exists(posixpath.join(control, LAUNCHED_MARK)):
+            await self._write(sftp, {JOB_SCRIPT: self._job_script(rundir),
+                                     BATCH_SCRIPT: SUBMITTER}, rundir)
+        try:
+            await sftp.mkdir(posixpath.join(control, LAUNCHED_MARK))  # the guard
+        except asyncssh.SFTPError:
+            return False
+        return True
+
+    async def _cancelled_unsubmitted(self, run: Run) -> bool:
+        sftp = await self.link.sftp()
+        return (await read_control(sftp, run.rundir, CANCELLED_MARK) is not None
+                and await read_control(sftp, run.rundir, "submit.rc") is None)
+
+    async def _record_submitted(self, run: Run, job_id: str) -> None:
+        await self._write(await self.link.sftp(), {f"{CONTROL_DIR}/submit.out": f"{job_id}\n",
+                                                   f"{CONTROL_DIR}/submit.err": "",
+                                                   f"{CONTROL_DIR}/submit.rc": "0\n"},
+                          run.rundir)
+
+    async def _recorded_id(self, run: Run) -> str | None:
+        return await self._recorded_in(await self.link.sftp(), run.rundir)
+
+    async def _jobs_before(self, run: Run) -> set[str]:
+        """FRCE: the jobs :meth:`_note_jobs_before` noted before the submission."""
+        sftp = await self.link.sftp()
+        return set(json.loads(await read_control(sftp, run.rundir, BEFORE_FILE) or "[]"))
+
+    async def _keep_jobs_before(self, run: Run, ids: list[str]) -> None:
+        await self._write(await self.link.sftp(), {BEFORE_FILE_PATH: json.dumps(ids)},
+                          run.rundir)
+
+    def _job_output(self, run: Run) -> str:
+        """Where Slurm writes the job's own output."""
+        return posixpath.join(run.rundir, SCHEDULER_OUTPUT)
 
     def _job_script(self, rundir: str) -> str:
         return render_job_script(
@@ -195,9 +225,9 @@ class SlurmRestBackend(BatchBackend):
             grace_ticks=str(max(1, int(self.site.cancel_grace))),
             watch=self.frce and self.settings.cancel == "mark", tick=str(MARK_TICK))
 
-    def _launcher(self, rundir: str) -> str:
+    def _launcher(self, run: Run) -> str:
         """The script body the API receives: a shebang and the job script's path."""
-        return f"#!/bin/sh\nexec /bin/sh {quote(posixpath.join(rundir, JOB_SCRIPT))}\n"
+        return f"#!/bin/sh\nexec /bin/sh {quote(posixpath.join(run.rundir, JOB_SCRIPT))}\n"
 
     async def _submit(self, run: Run) -> str:
         """Send the submission; an answer that leaves it unknown whether Slurm took the
@@ -241,7 +271,7 @@ class SlurmRestBackend(BatchBackend):
 
     async def _post(self, run: Run) -> tuple[str | None, str, str, bool]:
         """One submission: (job id, why not, hint, whether the refusal is definite)."""
-        script = self._launcher(run.rundir)
+        script = self._launcher(run)
         if self.frce:
             body = dialects.frce_body(script, self.job)
             self._check_size(body)
@@ -257,8 +287,7 @@ class SlurmRestBackend(BatchBackend):
         except SchedulerUnavailable as exc:
             raise _NotSent(exc.message) from None
         body = dialects.submit_body(script, name=job_name(run.run_id), rundir=run.rundir,
-                                    output=posixpath.join(run.rundir, SCHEDULER_OUTPUT),
-                                    r=self.job)
+                                    output=self._job_output(run), r=self.job)
         answer = await self._slurm("POST", "job/submit", body, retry=False)
         return (dialects.parse_submitted(answer), summary(answer) or f"HTTP {answer.status}",
                 "", not dialects.transient(answer))
@@ -270,7 +299,7 @@ class SlurmRestBackend(BatchBackend):
                               f"{self.settings.body_limit}",
                               hint="use a shorter `root` for the site")
 
-    async def _recorded_id(self, sftp: asyncssh.SFTPClient, rundir: str) -> str | None:
+    async def _recorded_in(self, sftp: asyncssh.SFTPClient, rundir: str) -> str | None:
         """The job id an earlier attempt recorded, or the job script wrote at its start."""
         if await read_control(sftp, rundir, "submit.rc") == "0":
             text = await read_control(sftp, rundir, "submit.out") or ""
@@ -282,8 +311,7 @@ class SlurmRestBackend(BatchBackend):
     async def _find_lost(self, run: Run) -> str | None:
         """The job of a submission whose answer was lost; None when Slurm surely has
         none. Raises SchedulerUnavailable when that cannot be told now."""
-        sftp = await self.link.sftp()
-        recorded = await self._recorded_id(sftp, run.rundir)
+        recorded = await self._recorded_id(run)
         if recorded or not self.frce:
             if recorded:
                 return recorded
@@ -292,11 +320,11 @@ class SlurmRestBackend(BatchBackend):
                 raise SchedulerUnavailable(f"slurmrestd could not list jobs: "
                                            f"{summary(answer) or answer.status}")
             return dialects.find_job(answer, job_name(run.run_id), run.rundir) or \
-                await self._recorded_id(sftp, run.rundir)
+                await self._recorded_id(run)
         # FRCE's records carry no name nor directory: a job that appeared since the
         # submission may be ours; the job script says so when it starts. Wait until it
         # does, or until every such job ended without saying so (then none was ours).
-        before = set(json.loads(await read_control(sftp, run.rundir, BEFORE_FILE) or "[]"))
+        before = await self._jobs_before(run)
         waited = False
         for delay in POLL.capped(30.0).delays():
             answer = await self.client.call("GET", "/query_status")
@@ -304,7 +332,7 @@ class SlurmRestBackend(BatchBackend):
                 live = dialects.frce_new_jobs(answer, before, self.job.queue)
             except ValueError as exc:
                 raise SchedulerUnavailable(f"the FRCE API did not list jobs: {exc}") from None
-            found = await self._recorded_id(sftp, run.rundir)
+            found = await self._recorded_id(run)
             if found or not live:
                 return found
             if not waited:
@@ -317,9 +345,8 @@ class SlurmRestBackend(BatchBackend):
     async def _note_jobs_before(self, run: Run) -> None:
         """FRCE: the jobs listed before a submission (a lost answer's job is a new one)."""
         answer = await self.client.call("GET", "/query_status")
-        ids = dialects.frce_new_jobs(answer, set(), None, live_only=False)
-        await self._write(await self.link.sftp(), {BEFORE_FILE_PATH: json.dumps(ids)},
-                          run.rundir)
+        await self._keep_jobs_before(
+            run, dialects.frce_new_jobs(answer, set(), None, live_only=False))
 
     async def _write(self, sftp: asyncssh.SFTPClient, files: dict[str, str],
                      rundir: str) -> None:
@@ -377,7 +404,7 @@ class SlurmRestBackend(BatchBackend):
             return "the job was not submitted yet (it never will be)"
         if not job_id:
             async with await shell.open_sftp(conn) as sftp:
-                job_id = await self._recorded_id(sftp, rundir)
+                job_id = await self._recorded_in(sftp, rundir)
         if not job_id:
             return ("the run is marked cancelled: its job, if Slurm has one, ends as soon as "
                     "it starts")
