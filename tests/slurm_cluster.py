@@ -381,10 +381,14 @@ class SlurmCluster:
             time.sleep(0.2)
 
     # -- slurmctld restart, slurmrestd --------------------------------------------------
-    def stop_ctld(self) -> None:
-        """Stop slurmctld (TERM: it saves its state); slurmd and slurmrestd keep running."""
+    def stop_ctld(self, kill: bool = False) -> None:
+        """Stop slurmctld (TERM: it saves its state; ``kill``: KILL, as a crash, so it
+        restarts from what it saved last); slurmd and slurmrestd keep running."""
         proc = self._procs.pop("slurmctld", None)
         for pid in dict.fromkeys([self._daemon_pid("slurmctld"), proc and proc.pid]):
+            if pid and kill:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             if pid:
                 _stop_pid(pid)
         if proc is not None:

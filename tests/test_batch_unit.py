@@ -354,6 +354,41 @@ def test_an_ended_job_without_exit_file(state: str, native: str, code: int | Non
 
     backend = BatchBackend(SimpleNamespace(name="s"), "run", scheduler="slurm")
     backend.poll = nothing  # type: ignore[method-assign]  # the wrapper wrote nothing
+    backend.wrapper_started = nothing  # type: ignore[method-assign]  # (it never started)
     info = JobInfo(job_id="7", native=native, state=state, exit_code=code)  # never started
     run = SimpleNamespace(rundir="/r", job_id="7")
     assert asyncio.run(backend.exit_of_ended_job(run, info)) == expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("late", [4, None])
+def test_a_started_wrappers_own_code_beats_the_schedulers_word(
+        late: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a controller crash Slurm may call a job that runs on CANCELLED: a wrapper
+    that started is given time to record its code, which wins; none in time: Slurm's."""
+    import asyncio
+
+    from remote_exec.backends import batch
+    from remote_exec.backends.batch import BatchBackend
+
+    monkeypatch.setattr(batch, "WRAPPER_WORD_WAIT", 2.5)
+    polls: list[int] = []
+
+    async def poll(*_: object) -> int | None:
+        polls.append(1)
+        return late if len(polls) >= 3 else None
+
+    async def started(*_: object) -> bool:
+        return True
+
+    backend = BatchBackend(SimpleNamespace(name="s"), "run", scheduler="slurm")
+    backend.poll = poll  # type: ignore[method-assign]
+    backend.wrapper_started = started  # type: ignore[method-assign]
+    warned: list[str] = []
+    run = SimpleNamespace(rundir="/r", job_id="7", ui=SimpleNamespace(warn=warned.append),
+                          exit_code=None, job_info=None)
+    info = JobInfo(job_id="7", native="CANCELLED", state="cancelled", exit_code=0)
+    code = asyncio.run(backend.exit_of_ended_job(run, info))  # type: ignore[arg-type]
+    assert code == (143 if late is None else late)
+    assert "recorded no exit code" in warned[0]
+    run.job_info, run.exit_code = info, code
+    assert batch.cancelled_by_scheduler(run) is (late is None)  # type: ignore[arg-type]

@@ -293,3 +293,73 @@ def test_each_documented_reason_is_read(sim: FrceSim, reason: str) -> None:
     job_id, why, _, later = dialects.frce_submitted(answer)
     assert job_id is None and f"({reason})" in why
     assert later == (reason == "backend_query_malloc_failed")
+
+
+# -- on a restricted site: the agent prepares the run, the job runs the agent ----------------
+
+@pytest.fixture(scope="module")
+def locked(sim: FrceSim, tmp_path_factory: pytest.TempPathFactory):
+    """A restricted site (its key locked to the agent by `site install --apply`) whose
+    runs go to the FRCE API; the job's script is the agent's batch-job command."""
+    import asyncssh
+
+    from remote_exec.sandbox import Sandbox
+
+    base = tmp_path_factory.mktemp("frce-locked")
+    box = Sandbox(base / "sshd")
+    box.up()
+    key = asyncssh.generate_private_key("ssh-ed25519", comment="mint key")
+    mint_key = base / "mint_key"
+    key.write_private_key(str(mint_key))
+    os.chmod(mint_key, 0o600)
+    root = base / "runs"
+    root.mkdir()
+    program = base / "solve.sh"
+    program.write_text("#!/bin/sh\ntouch ran\ncat in.txt > out.txt\necho s3cret > key.secret\n"
+                       "sleep \"${1:-0}\"\n")
+    program.chmod(0o755)
+    site = {"host": "127.0.0.1", "port": box.port, "user": box.site_definition()["user"],
+            "identity_file": str(mint_key), "known_hosts": str(box.known_hosts),
+            "root": str(root), "agent_dir": str(base / "agent"), "restricted": True,
+            "backend": "slurmrest", "templates": ["generic"], "never_return": ["*.secret"],
+            "cancel_grace": 2, "resources": {"queue": "norm", "walltime": "10m"},
+            "slurmrest": {"dialect": "frce", "url": sim.url, "auth": "none"}}
+    config = base / "remote-exec.yaml"
+    config.write_text(yaml.safe_dump({"sites": {"frce-locked": site}}))
+    locked = BatchSite(box=box, config=config, state=base / "state", root=root,
+                       name="frce-locked")
+    locked.program = program  # type: ignore[attr-defined]
+    proc = locked.cli("site", "install", "frce-locked", "--apply", "--admin-identity",
+                      str(box.user_key), "--authorized-keys", str(box.authorized_keys), cwd=base)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    yield locked
+    locked.stop()
+
+
+def test_restricted_site_runs_the_approved_entrypoint(locked: BatchSite, sim: FrceSim,
+                                                      work: Path) -> None:
+    before = len(submits(sim))
+    proc = locked.cli("run", "--site", "frce-locked", "--template", "generic", "-p",
+                      f"program={locked.program}", "in.txt", "--into", "back",  # type: ignore[attr-defined]
+                      cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    assert (work / "back" / "out.txt").read_text() == "hello frce\n"
+    assert not (work / "back" / "key.secret").exists()
+    (body,) = [r.body for r in submits(sim)[before:]]
+    assert "--batch-job" in body["script-body"] and body["partition"] == "norm"
+    assert locked.newest()["backend"] == "slurmrest-agent"
+
+
+def test_restricted_cancel_stops_the_job_at_the_agents_mark(locked: BatchSite, sim: FrceSim,
+                                                            work: Path) -> None:
+    proc = locked.spawn_run("--site", "frce-locked", "--template", "generic", "-p",
+                            f"program={locked.program}", "-p", "args=120",  # type: ignore[attr-defined]
+                            "in.txt", cwd=work)
+    status = locked.wait_job(("running",))
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "marked cancelled" in err or "stopped by its job" in err, err
+    job = sim.wait_job(status["job_id"], timeout=30)
+    assert job.state in ("COMPLETED", "FAILED")  # the agent stopped the entrypoint itself
+    assert locked.newest()["state"] == "cancelled"

@@ -251,17 +251,28 @@ def test_token_that_expires_mid_run_is_renewed(site: BatchSite, work: Path) -> N
     assert calls >= 2, f"the token was fetched {calls} time(s) in a run longer than its life"
 
 
-def test_slurmctld_restarted_mid_run(site: BatchSite, cluster: SlurmCluster,
-                                     work: Path) -> None:
+def test_slurmctld_killed_and_restarted_mid_run(site: BatchSite, cluster: SlurmCluster,
+                                                work: Path) -> None:
+    """A crash right after the job started, before slurmctld saved that: restarted, it
+    thinks the job pending, fails to start it again on the node that runs it ("Duplicate
+    jobid": the node is drained) and calls it CANCELLED, while the job runs on. The
+    wrapper's own exit code is the run's, not Slurm's word."""
     proc = site.spawn_run("--site", "rest", "--cmd", "sleep 8; echo ok > r.txt; exit 4",
                           "--into", "back", cwd=work)
-    site.wait_job(("running",))
-    cluster.stop_ctld()
-    time.sleep(4)
-    cluster.start_ctld()
-    _, err = proc.communicate(timeout=240)
+    try:
+        site.wait_job(("running",))
+        cluster.stop_ctld(kill=True)  # a crash: SIGKILL
+        time.sleep(4)
+        cluster.start_ctld()
+        _, err = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+        if "drain" in cluster.node_state():  # what an administrator does after that
+            cluster.resume()
+            cluster.wait_idle(60)
     assert proc.returncode == 4, err
     assert (work / "back" / "r.txt").read_text() == "ok\n"
+    assert site.newest()["state"] == "failed"  # exit 4: not "cancelled remotely"
 
 
 def test_lost_submit_answer_finds_the_job(site: BatchSite, cluster: SlurmCluster,

@@ -39,7 +39,9 @@ from remote_exec.entrypoint import (
     ALREADY_LAUNCHED,
     CANCELLED_MARK,
     ENTER_RUN_DIR,
+    KILLED,
     LAUNCHED_MARK,
+    TERMINATED,
     cancel_unlaunched,
     launch_once,
 )
@@ -57,6 +59,12 @@ from remote_exec.journal import RunRecord
 from remote_exec.site.rows import FAIL, OK, Row
 from remote_exec.sizes import duration_text
 from remote_exec.ssh import shell
+
+#: seconds the wrapper's exit code is awaited when the scheduler says the job ended after
+#: the wrapper started: a scheduler restarted from older saved state (a controller
+#: crash) may call a job that runs on CANCELLED or FAILED; a job really stopped leaves
+#: its code at once (the wrapper outlives a TERM to record it)
+WRAPPER_WORD_WAIT = 30.0
 
 JOB_SCRIPT = f"{CONTROL_DIR}/job.sh"
 BATCH_SCRIPT = f"{CONTROL_DIR}/batch.sh"
@@ -258,6 +266,18 @@ class BatchBackend(SshBackend):
                 return code
             if attempt + 1 < tries:
                 await asyncio.sleep(1.0)
+        if await self.wrapper_started(run):
+            run.ui.warn(f"{self.scheduler.title} says job {info.job_id} ended ({info.native}) "
+                        "but its wrapper, which started, recorded no exit code: waiting up "
+                        f"to {WRAPPER_WORD_WAIT:.0f} s for it (a restarted controller can "
+                        "be wrong about a job that runs on)")
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + WRAPPER_WORD_WAIT
+            while loop.time() < deadline:
+                await asyncio.sleep(1.0)
+                code = await self.poll(run)
+                if code is not None:
+                    return code
         if info.state == CANCELLED:
             return info.exit_code or EXIT_SIGNAL_BASE + 15
         if info.state == COMPLETED and info.exit_code is not None:
@@ -289,9 +309,11 @@ class BatchBackend(SshBackend):
             await run.note_job(info, self.describe_job(info), self.scheduler.explain(info))
 
     async def cancelled_remotely(self, run: Run) -> bool:
-        if run.job_info is not None and run.job_info.state == CANCELLED:
-            return True  # scancel / qdel / pjdel from elsewhere
-        return await super().cancelled_remotely(run)
+        return cancelled_by_scheduler(run) or await super().cancelled_remotely(run)
+
+    async def wrapper_started(self, run: Run) -> bool:
+        """Whether the job's wrapper started (it notes when, before the entrypoint)."""
+        return await read_control(await self.link.sftp(), run.rundir, "started_at") is not None
 
     def failure_text(self, run: Run) -> str:
         info = run.job_info
@@ -405,6 +427,14 @@ class BatchBackend(SshBackend):
             if lines:
                 detail += "; " + "; ".join(lines[:4]) + (" …" if len(lines) > 4 else "")
         return [Row("scheduler", OK, detail)]
+
+
+def cancelled_by_scheduler(run: Run) -> bool:
+    """Whether the job was cancelled from elsewhere (scancel / qdel / pjdel): the
+    scheduler says so and the wrapper's exit code is a stopped one (a code of its own
+    means the entrypoint ended by itself, whatever a restarted controller says)."""
+    return (run.job_info is not None and run.job_info.state == CANCELLED
+            and run.exit_code in (None, TERMINATED, KILLED, EXIT_SIGNAL_BASE + 15))
 
 
 def describe_job(scheduler: Scheduler, info: JobInfo) -> str:

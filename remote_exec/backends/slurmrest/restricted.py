@@ -29,7 +29,8 @@ import asyncssh
 
 from remote_exec.backends.agent import AgentBackend, AgentRefused
 from remote_exec.backends.base import Launched, RemoteState, Run
-from remote_exec.backends.scheduler import CANCELLED, RUNNING, JobInfo
+from remote_exec.backends.batch import cancelled_by_scheduler
+from remote_exec.backends.scheduler import RUNNING, JobInfo
 from remote_exec.backends.site_check import ssh_site_rows
 from remote_exec.backends.slurmrest.backend import SlurmRestBackend
 from remote_exec.errors import ConfigError, RemoteExecError
@@ -133,9 +134,11 @@ class RestrictedSlurmRestBackend(AgentBackend, SlurmRestBackend):
                        reason="started; not in query_status (it lists 24 hours)")
 
     async def cancelled_remotely(self, run: Run) -> bool:
-        if run.job_info is not None and run.job_info.state == CANCELLED:
-            return True
-        return await AgentBackend.cancelled_remotely(self, run)
+        return cancelled_by_scheduler(run) or await AgentBackend.cancelled_remotely(self, run)
+
+    async def wrapper_started(self, run: Run) -> bool:
+        status = await self.agent.status(await self.link.conn(), run.run_id)
+        return status.get("started_at") is not None
 
     async def exit_before_cancel(self, run: Run, what: str) -> int | None:
         return None  # the agent's cancel answers how it found the run
