@@ -33,9 +33,7 @@ class BatchSite:
     @classmethod
     def start(cls, base: Path, name: str, backend: str, env: dict[str, str],
               **site: Any) -> BatchSite:
-        setenv = " ".join(f"{k}={v}" for k, v in env.items())
-        box = Sandbox(base / "sshd", extra_config=[f"SetEnv {setenv}"] if env else [])
-        box.up()
+        box = _sshd(base, env)
         root = base / "runs"
         root.mkdir()
         entry = dict(box.site_definition(), root=str(root), backend=backend, cancel_grace=2,
@@ -43,6 +41,33 @@ class BatchSite:
         config = base / "remote-exec.yaml"
         config.write_text(yaml.safe_dump({"sites": {name: entry}}))
         return cls(box=box, config=config, state=base / "state", root=root, name=name)
+
+    @classmethod
+    def start_locked(cls, base: Path, name: str, env: dict[str, str], **site: Any) -> BatchSite:
+        """A restricted site: an ordinary site whose key `site install --apply` then locked
+        to the agent (under ``base/agent``), with a key of its own; runs under
+        ``base/runs``. ``env`` reaches every sshd session, as in :meth:`start`."""
+        import asyncssh
+
+        box = _sshd(base, env)
+        mint_key = base / "mint_key"
+        asyncssh.generate_private_key("ssh-ed25519", comment="mint key").write_private_key(
+            str(mint_key))
+        os.chmod(mint_key, 0o600)
+        root = base / "runs"
+        root.mkdir()
+        entry = {"host": "127.0.0.1", "port": box.port, "user": box.site_definition()["user"],
+                 "identity_file": str(mint_key), "known_hosts": str(box.known_hosts),
+                 "root": str(root), "agent_dir": str(base / "agent"), "restricted": True,
+                 "cancel_grace": 2, **site}
+        config = base / "remote-exec.yaml"
+        config.write_text(yaml.safe_dump({"sites": {name: entry}}))
+        locked = cls(box=box, config=config, state=base / "state", root=root, name=name)
+        proc = locked.cli("site", "install", name, "--apply", "--admin-identity",
+                          str(box.user_key), "--authorized-keys", str(box.authorized_keys),
+                          cwd=base)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return locked
 
     def env(self, holder: bool = False) -> dict[str, str]:
         return dict(os.environ, REMOTE_EXEC_CONFIG=str(self.config),
@@ -98,6 +123,14 @@ class BatchSite:
     def stop(self) -> None:
         self.cli("holder", "stop", cwd=self.root)
         self.box.down()
+
+
+def _sshd(base: Path, env: dict[str, str]) -> Sandbox:
+    """The site's loopback sshd, passing ``env`` to every session."""
+    setenv = " ".join(f"{k}={v}" for k, v in env.items())
+    box = Sandbox(base / "sshd", extra_config=[f"SetEnv {setenv}"] if env else [])
+    box.up()
+    return box
 
 
 def slurm_cluster(tmp_path_factory: Any, name: str, *, rest: bool = False) -> Any:

@@ -301,37 +301,16 @@ def test_each_documented_reason_is_read(sim: FrceSim, reason: str) -> None:
 def locked(sim: FrceSim, tmp_path_factory: pytest.TempPathFactory):
     """A restricted site (its key locked to the agent by `site install --apply`) whose
     runs go to the FRCE API; the job's script is the agent's batch-job command."""
-    import asyncssh
-
-    from remote_exec.sandbox import Sandbox
-
     base = tmp_path_factory.mktemp("frce-locked")
-    box = Sandbox(base / "sshd")
-    box.up()
-    key = asyncssh.generate_private_key("ssh-ed25519", comment="mint key")
-    mint_key = base / "mint_key"
-    key.write_private_key(str(mint_key))
-    os.chmod(mint_key, 0o600)
-    root = base / "runs"
-    root.mkdir()
     program = base / "solve.sh"
     program.write_text("#!/bin/sh\ntouch ran\ncat in.txt > out.txt\necho s3cret > key.secret\n"
                        "sleep \"${1:-0}\"\n")
     program.chmod(0o755)
-    site = {"host": "127.0.0.1", "port": box.port, "user": box.site_definition()["user"],
-            "identity_file": str(mint_key), "known_hosts": str(box.known_hosts),
-            "root": str(root), "agent_dir": str(base / "agent"), "restricted": True,
-            "backend": "slurmrest", "templates": ["generic"], "never_return": ["*.secret"],
-            "cancel_grace": 2, "resources": {"queue": "norm", "walltime": "10m"},
-            "slurmrest": {"dialect": "frce", "url": sim.url, "auth": "none"}}
-    config = base / "remote-exec.yaml"
-    config.write_text(yaml.safe_dump({"sites": {"frce-locked": site}}))
-    locked = BatchSite(box=box, config=config, state=base / "state", root=root,
-                       name="frce-locked")
+    locked = BatchSite.start_locked(
+        base, "frce-locked", {}, backend="slurmrest", templates=["generic"],
+        never_return=["*.secret"], resources={"queue": "norm", "walltime": "10m"},
+        slurmrest={"dialect": "frce", "url": sim.url, "auth": "none"})
     locked.program = program  # type: ignore[attr-defined]
-    proc = locked.cli("site", "install", "frce-locked", "--apply", "--admin-identity",
-                      str(box.user_key), "--authorized-keys", str(box.authorized_keys), cwd=base)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
     yield locked
     locked.stop()
 

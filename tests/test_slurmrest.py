@@ -400,19 +400,7 @@ def locked(cluster: SlurmCluster, relay: Relay, tmp_path_factory: pytest.TempPat
     """A restricted site (`site install --apply` locked the key to the agent) whose runs
     are Slurm jobs submitted through slurmrestd; the token comes from the agent, which
     runs the allowlist's token_command."""
-    import asyncssh
-
-    from remote_exec.sandbox import Sandbox
-
     base = tmp_path_factory.mktemp("slurmrest-locked")
-    box = Sandbox(base / "sshd", extra_config=[f"SetEnv SLURM_CONF={cluster.conf}"])
-    box.up()
-    key = asyncssh.generate_private_key("ssh-ed25519", comment="mint key")
-    mint_key = base / "mint_key"
-    key.write_private_key(str(mint_key))
-    os.chmod(mint_key, 0o600)
-    root = base / "runs"
-    root.mkdir()
     scripts = base / "site-scripts"
     scripts.mkdir()
     for name, body in {
@@ -423,21 +411,12 @@ def locked(cluster: SlurmCluster, relay: Relay, tmp_path_factory: pytest.TempPat
     }.items():
         (scripts / name).write_text("#!/bin/sh\n" + body)
         (scripts / name).chmod(0o755)
-    site = {"host": "127.0.0.1", "port": box.port, "user": box.site_definition()["user"],
-            "identity_file": str(mint_key), "known_hosts": str(box.known_hosts),
-            "root": str(root), "agent_dir": str(base / "agent"), "restricted": True,
-            "backend": "slurmrest", "templates": ["generic"], "never_return": ["*.secret"],
-            "cancel_grace": 2, "resources": {"walltime": "10m"},
-            "slurmrest": {"url": relay.url,
-                          "token_command": ["scontrol", "token", "lifespan=3600"]}}
-    config = base / "remote-exec.yaml"
-    config.write_text(yaml.safe_dump({"sites": {"locked": site}}))
-    locked = BatchSite(box=box, config=config, state=base / "state", root=root, name="locked")
+    locked = BatchSite.start_locked(
+        base, "locked", {"SLURM_CONF": str(cluster.conf)}, backend="slurmrest",
+        templates=["generic"], never_return=["*.secret"], resources={"walltime": "10m"},
+        slurmrest={"url": relay.url, "token_command": ["scontrol", "token", "lifespan=3600"]})
     locked.scripts = scripts  # type: ignore[attr-defined]
     locked.agent_log = base / "agent" / "agent.log"  # type: ignore[attr-defined]
-    proc = locked.cli("site", "install", "locked", "--apply", "--admin-identity",
-                      str(box.user_key), "--authorized-keys", str(box.authorized_keys), cwd=base)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
     yield locked
     locked.stop()
 
