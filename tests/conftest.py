@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """With pytest-xdist (``-n 2 --dist loadgroup``, see pyproject.toml) a test file runs
+    """With pytest-xdist (``-n 3 --dist loadgroup``, see pyproject.toml) a test file runs
     whole on one worker, as with ``--dist loadfile``: its module fixtures (an sshd, remote
     accounts, a Slurm cluster) are made once. Files that share one machine-wide resource
     name a group of their own (the Slurm files: ``xdist_group("slurm")``)."""
