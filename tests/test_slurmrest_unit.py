@@ -264,3 +264,37 @@ def test_every_secret_file_follows_one_rule(tmp_path: Path) -> None:
     assert _from_file(str(path), "s") == {"REMOTE_EXEC_FUJITSU_TOKEN": "abcd1234"}
     with pytest.raises(ConfigError, match="cannot read"):
         read_secret_file(str(tmp_path / "missing"), "Slurm token file")
+
+
+def test_an_agent_older_than_batch_jobs_is_named() -> None:
+    """A restricted site's agent from before `launch --batch` refuses it with its usage
+    line: the run stops before anything is submitted, naming `site install`."""
+    from types import SimpleNamespace
+
+    from remote_exec import backends
+    from remote_exec.backends.agent_protocol import AgentRefused
+    from remote_exec.config import Config
+
+    config = Config(path=Path("test.yaml"), defaults={}, legacy={}, sites={"hpc": {
+        "host": "h", "restricted": True, "backend": "slurmrest", "templates": ["generic"],
+        "slurmrest": {"url": "https://slurm.example:6820", "token_file": "/nonexistent"}}})
+    site = config.site("hpc")
+    name = backends.for_site(site)
+    backend = backends.make_backend(name, site, "run")
+    old_usage = ("unexpected arguments; usage: launch RUN_ID ENTRYPOINT (parameters as a "
+                 "JSON object on stdin)")  # what agent 2 before batch jobs answers
+
+    class OldAgent:
+        async def launch_batch(self, *args: object) -> None:
+            raise AgentRefused(old_usage)
+
+    async def conn() -> object:
+        return object()
+
+    backend.agent = OldAgent()  # type: ignore[attr-defined]
+    backend.link = SimpleNamespace(conn=conn)  # type: ignore[attr-defined]
+    run = SimpleNamespace(run_id="run", request=SimpleNamespace(
+        entrypoint=SimpleNamespace(text="generic", params={})))
+    with pytest.raises(ConfigError, match="cannot prepare batch jobs") as caught:
+        asyncio.run(backend._claim(run))  # type: ignore[attr-defined]
+    assert "site install hpc --apply" in (caught.value.hint or "")

@@ -65,7 +65,7 @@ class RestrictedSlurmRestBackend(AgentBackend, SlurmRestBackend):
             prepared = await self.agent.launch_batch(await self.link.conn(), run.run_id,
                                                      entry.text, entry.params)
         except AgentRefused as exc:
-            if "--batch" in exc.message:  # an agent older than batch jobs
+            if "unexpected arguments" in exc.message:  # an agent older than batch jobs
                 raise ConfigError(
                     f"the agent of site {self.site.name!r} cannot prepare batch jobs (it "
                     "is older than this remote-exec)",
