@@ -251,6 +251,22 @@ def test_token_that_expires_mid_run_is_renewed(site: BatchSite, work: Path) -> N
     assert calls >= 2, f"the token was fetched {calls} time(s) in a run longer than its life"
 
 
+def settle_after_a_crash(cluster: SlurmCluster, job_id: str) -> None:
+    """Once slurmctld has settled the job it recovered (ended, perhaps a moment after the
+    run did), resume the node it drained on the way, as an administrator would: the
+    module's later tests need it."""
+    deadline = time.monotonic() + 60
+    while job_id and time.monotonic() < deadline:
+        if cluster.job(job_id).get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING",
+                                                       "COMPLETING"):
+            break
+        time.sleep(0.5)
+    time.sleep(1)
+    if "drain" in cluster.node_state():
+        cluster.resume()
+    cluster.wait_idle(60)
+
+
 def test_slurmctld_killed_and_restarted_mid_run(site: BatchSite, cluster: SlurmCluster,
                                                 work: Path) -> None:
     """A crash right after the job started, before slurmctld saved that: restarted, it
@@ -259,17 +275,16 @@ def test_slurmctld_killed_and_restarted_mid_run(site: BatchSite, cluster: SlurmC
     wrapper's own exit code is the run's, not Slurm's word."""
     proc = site.spawn_run("--site", "rest", "--cmd", "sleep 8; echo ok > r.txt; exit 4",
                           "--into", "back", cwd=work)
+    job_id = ""
     try:
-        site.wait_job(("running",))
+        job_id = site.wait_job(("running",))["job_id"]
         cluster.stop_ctld(kill=True)  # a crash: SIGKILL
         time.sleep(4)
         cluster.start_ctld()
         _, err = proc.communicate(timeout=240)
     finally:
         proc.kill()
-        if "drain" in cluster.node_state():  # what an administrator does after that
-            cluster.resume()
-            cluster.wait_idle(60)
+        settle_after_a_crash(cluster, job_id)
     assert proc.returncode == 4, err
     assert (work / "back" / "r.txt").read_text() == "ok\n"
     assert site.newest()["state"] == "failed"  # exit 4: not "cancelled remotely"
