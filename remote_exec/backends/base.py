@@ -357,8 +357,48 @@ class Backend(ABC):
         return f"job {info.job_id}: {info.native}"
 
 
+class WebApiBackend(Backend):
+    """A backend that reaches its service through an API client of its own, no SSH
+    (fujitsu, rescale): the service (settings, credentials, client) is made once, on first
+    use, and checked before the run is recorded; an answer that never came (after the
+    client's own retries) interrupts the run, for ``resume``."""
+
+    #: who answers, in the hint of an interrupted run ("Rescale", "the WebAPI")
+    answers: ClassVar[str] = "the service"
+
+    def __init__(self, site: Site, run_id: str = "", resources: dict[str, Any] | None = None,
+                 **options: Any) -> None:
+        super().__init__(site, run_id, resources, **options)
+        self._service: Any = None
+
+    @abstractmethod
+    def make_service(self) -> Any:
+        """The site's service: settings, credentials and ``api`` (called once)."""
+
+    @abstractmethod
+    def lost(self, exc: BaseException) -> bool:
+        """Whether ``exc`` says the service did not answer (a lost link)."""
+
+    @property
+    def service(self) -> Any:
+        if self._service is None:
+            self._service = self.make_service()
+        return self._service
+
+    @property
+    def api(self) -> Any:
+        return self.service.api
+
+    def validate(self) -> None:
+        self.service  # noqa: B018 - settings and credentials, before the run is recorded
+
+    async def open(self, ui: Reporter, **how: Any) -> NoSession:
+        return NoSession(self.lost, hint=f"`remote-exec resume {self.run_id[:8]}` once "
+                         f"{self.answers} answers again")
+
+
 __all__ = ["Backend", "Launched", "Leftover", "Moved", "NoSession", "RemoteState", "Run",
-           "Session", "Trimmed"]
+           "Session", "Trimmed", "WebApiBackend"]
 
 
 # -- what a backend without a remote shell answers (a WebAPI: fujitsu, rescale) ----------

@@ -17,13 +17,12 @@ from typing import Any, TypeVar
 
 from remote_exec import returns as return_filter
 from remote_exec.backends.base import (
-    Backend,
     Launched,
     Leftover,
     Moved,
-    NoSession,
     RemoteState,
     Run,
+    WebApiBackend,
     no_leftover_listing,
     no_live_log,
 )
@@ -58,35 +57,23 @@ def _lost(exc: BaseException) -> bool:
     return isinstance(exc, ConnectError) or (isinstance(exc, ApiError) and exc.transient)
 
 
-class FujitsuBackend(Backend):
+class FujitsuBackend(WebApiBackend):
     """One run through the Fujitsu Cloud Service HPC WebAPI."""
 
     name = "fujitsu"
     place_noun = "bucket prefix"
+    answers = "the WebAPI"
 
     def __init__(self, site: Any, run_id: str = "", resources: dict[str, Any] | None = None,
                  **options: Any) -> None:
         super().__init__(site, run_id, resources, **options)
-        self._service: FujitsuService | None = None
         self._submitting: asyncio.Future[str] | None = None
 
-    @property
-    def service(self) -> FujitsuService:
-        """The site's settings, credentials, WebAPI client and bucket (loaded once)."""
-        if self._service is None:
-            self._service = FujitsuService(self.site, self.run_id)
-        return self._service
+    def make_service(self) -> FujitsuService:
+        return FujitsuService(self.site, self.run_id)
 
-    @property
-    def api(self) -> Any:
-        return self.service.api
-
-    def validate(self) -> None:
-        self.service  # noqa: B018 - settings and credentials, before the run is recorded
-
-    async def open(self, ui: Reporter, **how: Any) -> NoSession:
-        return NoSession(_lost, hint=f"`remote-exec resume {self.run_id[:8]}` once the "
-                         "WebAPI answers again")
+    def lost(self, exc: BaseException) -> bool:
+        return _lost(exc)
 
     async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in a worker thread; boto3's errors in our words."""

@@ -22,13 +22,12 @@ from typing import Any, TypeVar
 
 from remote_exec import returns as return_filter
 from remote_exec.backends.base import (
-    Backend,
     Launched,
     Leftover,
     Moved,
-    NoSession,
     RemoteState,
     Run,
+    WebApiBackend,
     no_leftover_listing,
     no_live_log,
 )
@@ -124,37 +123,25 @@ def _safe(rel: str) -> bool:
     return bool(rel) and not rel.startswith("/") and ".." not in parts and "" not in parts
 
 
-class RescaleBackend(Backend):
+class RescaleBackend(WebApiBackend):
     """One run as a Rescale job."""
 
     name = "rescale"
     place_noun = "Rescale job"
+    answers = "Rescale"
 
     def __init__(self, site: Any, run_id: str = "", resources: dict[str, Any] | None = None,
                  **options: Any) -> None:
         super().__init__(site, run_id, resources, **options)
-        self._service: RescaleService | None = None
         self._pending: asyncio.Future[Any] | None = None  # a create or submit in flight
         self._ended_first = False  # the job had ended when the stop reached it
         self._stopped_by_us = False
 
-    @property
-    def service(self) -> RescaleService:
-        """The site's settings, key and API client (loaded once)."""
-        if self._service is None:
-            self._service = RescaleService(self.site)
-        return self._service
+    def make_service(self) -> RescaleService:
+        return RescaleService(self.site)
 
-    @property
-    def api(self) -> Any:
-        return self.service.api
-
-    def validate(self) -> None:
-        self.service  # noqa: B018 - settings and key, before the run is recorded
-
-    async def open(self, ui: Reporter, **how: Any) -> NoSession:
-        return NoSession(_lost, hint=f"`remote-exec resume {self.run_id[:8]}` once Rescale "
-                         "answers again")
+    def lost(self, exc: BaseException) -> bool:
+        return _lost(exc)
 
     async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.to_thread(fn, *args)
